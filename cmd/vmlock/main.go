@@ -1,0 +1,74 @@
+// Command vmlock is the command-line client of vmlockd: the lock monitor,
+// acquire/release/inquire for scripts, the `run` supervisor, and the
+// project's benchmarks.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+// exitError carries a process exit status out of a command (for `run`,
+// whose status is its child's).
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+// run executes the CLI and returns its exit status: 0 ok, and otherwise the
+// lockmgr error code of the failure (2 usage or invalid argument, 3 busy,
+// 4 stale state, 5 permission denied, 6 timeout, 7 not registered,
+// 8 unsupported, 9 not held, 1 anything else).
+func run(args []string) int {
+	root := newRootCmd()
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	fmt.Fprintln(os.Stderr, "vmlock:", err)
+	var ue usageError
+	if errors.As(err, &ue) {
+		return int(lockmgr.CodeInvalidArgument)
+	}
+	return int(lockmgr.CodeOf(err))
+}
+
+// usageError marks errors in the command line itself.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// globals are the flags every subcommand shares.
+type globals struct {
+	socket string
+	output string
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "vmlock",
+		Short:         "vmlock: the client of vmlockd, the lock manager for virtual machines",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.PersistentFlags().StringVar(&g.socket, "socket", "", "vmlockd's socket (default $VMLOCK_SOCKET, else /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	root.AddCommand(newBenchCmd())
+	return root
+}

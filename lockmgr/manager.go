@@ -1,0 +1,544 @@
+package lockmgr
+
+import (
+	"cmp"
+	"context"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Observer is told of every grant and release, synchronously, before the
+// Manager call that made it returns. The daemon uses it to hand lease files
+// to its lock-holder process and to count metrics. Calls for one object are
+// never concurrent; calls for different objects may be.
+type Observer interface {
+	Granted(o Object, leases []Lease, since time.Time)
+	Released(o Object, leases []Lease)
+}
+
+// Options configure a Manager. The zero value is usable.
+type Options struct {
+	// Now returns the current time; time.Now if nil.
+	Now func() time.Time
+	// Observer, if set, is told of grants and releases.
+	Observer Observer
+}
+
+// Manager is the lock manager of one process: it keeps the objects, the
+// resources each one uses, and which of them are held, and calls a Driver to
+// take and release the real locks.
+//
+// Invariants, kept under mu:
+//   - a resource key is in held only while at least one object holds it, and
+//     every holder listed there has the entry in its own resources;
+//   - two holders of one key never have conflicting modes (the driver
+//     enforces this across processes; the table mirrors it for this one and
+//     names holders in busy errors without a system call).
+//
+// Driver calls are made without mu held, so a slow driver never blocks
+// calls about other objects. Calls about one object are serialised by the
+// object's own lock.
+type Manager struct {
+	driver Driver
+	now    func() time.Time
+	obs    Observer
+
+	mu      sync.Mutex
+	objects map[string]*object // by UUID
+	held    map[string]*heldResource
+}
+
+type object struct {
+	op   sync.Mutex // serialises operations on this object; taken before Manager.mu
+	obj  Object
+	uses []*use // in the order they were added
+	gone bool   // unregistered; operations that waited on op must fail
+}
+
+// use is one resource an object uses; lease is nil while it is not held.
+// A read-only use is "held" without a lease once acquired.
+type use struct {
+	res   Resource
+	lease Lease
+	held  bool
+	token uint64
+	since time.Time
+}
+
+type heldResource struct {
+	res     Resource // the key's identity; Mode is that of the first holder
+	holders map[string]*use
+	objs    map[string]*object
+}
+
+// NewManager returns a Manager that locks through d.
+func NewManager(d Driver, opt Options) *Manager {
+	now := opt.Now
+	if now == nil {
+		now = time.Now
+	}
+	return &Manager{driver: d, now: now, obs: opt.Observer,
+		objects: make(map[string]*object), held: make(map[string]*heldResource)}
+}
+
+// Driver returns the Manager's driver.
+func (m *Manager) Driver() Driver { return m.driver }
+
+// Register adds an object. Its UUID must be new to this Manager.
+func (m *Manager) Register(o Object) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if prev, ok := m.objects[o.UUID]; ok {
+		return Errorf(CodeNotRegistered, "object %s is already registered (name %q, pid %d)", o.UUID, prev.obj.Name, prev.obj.PID)
+	}
+	m.objects[o.UUID] = &object{obj: o}
+	return nil
+}
+
+// lookup returns the object with its op lock held, or a not-registered error.
+func (m *Manager) lookup(uuid string) (*object, error) {
+	u, err := ParseUUID(uuid)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	ob := m.objects[u]
+	m.mu.Unlock()
+	if ob == nil {
+		return nil, Errorf(CodeNotRegistered, "object %s is not registered", u)
+	}
+	ob.op.Lock()
+	if ob.gone {
+		ob.op.Unlock()
+		return nil, Errorf(CodeNotRegistered, "object %s is not registered", u)
+	}
+	return ob, nil
+}
+
+// Object returns the identity of a registered object.
+func (m *Manager) Object(uuid string) (Object, error) {
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return Object{}, err
+	}
+	defer ob.op.Unlock()
+	return ob.obj, nil
+}
+
+// AddResource records that the object uses r; it is locked by the next
+// Acquire. The name is canonicalised first (see Canonical).
+func (m *Manager) AddResource(uuid string, r Resource) error {
+	r, err := Canonical(r)
+	if err != nil {
+		return err
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	if ob.find(r.Key()) != nil {
+		return invalid("object %s already uses %s", ob.obj.UUID, r)
+	}
+	ob.uses = append(ob.uses, &use{res: r})
+	return nil
+}
+
+func (ob *object) find(key string) *use {
+	for _, u := range ob.uses {
+		if u.res.Key() == key {
+			return u
+		}
+	}
+	return nil
+}
+
+// Acquire takes every resource of the object that it does not hold yet, all
+// or nothing: when one cannot be granted, none of this call's grants remain
+// and the error names the resource that failed. state, if not empty, is a
+// state string from Release or Inquire (possibly on another host): every
+// resource it lists must be one the object uses, and is granted only if its
+// token is still current (else a *StaleStateError).
+func (m *Manager) Acquire(ctx context.Context, uuid string, state string) error {
+	st, err := ParseState(state)
+	if err != nil {
+		return err
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	expect := make(map[string]uint64, len(st))
+	for _, e := range st {
+		r, err := Canonical(e.Resource)
+		if err != nil {
+			return err
+		}
+		if ob.find(r.Key()) == nil {
+			return invalid("state names %s, which object %s does not use", r, ob.obj.UUID)
+		}
+		expect[r.Key()] = e.Token
+	}
+	var todo []*use
+	for _, u := range ob.uses {
+		if !u.held {
+			todo = append(todo, u)
+		}
+	}
+	return m.acquire(ctx, ob, todo, expect)
+}
+
+// AcquireResource adds r to a running object and takes it at once: the
+// hotplug path. On failure the object is as it was.
+func (m *Manager) AcquireResource(ctx context.Context, uuid string, r Resource) error {
+	r, err := Canonical(r)
+	if err != nil {
+		return err
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	if ob.find(r.Key()) != nil {
+		return invalid("object %s already uses %s", ob.obj.UUID, r)
+	}
+	u := &use{res: r}
+	if err := m.acquire(ctx, ob, []*use{u}, nil); err != nil {
+		return err
+	}
+	ob.uses = append(ob.uses, u)
+	return nil
+}
+
+// acquire grants todo to ob. Called with ob.op held.
+func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect map[string]uint64) error {
+	if len(todo) == 0 {
+		return nil
+	}
+	holder := Holder{Name: ob.obj.Name, UUID: ob.obj.UUID, PID: ob.obj.PID, Host: ob.obj.Host}
+	var reqs []Request
+	var locked []*use
+	m.mu.Lock()
+	for _, u := range todo {
+		if u.res.Mode == ReadOnly {
+			continue
+		}
+		if err := m.conflictLocked(ob, u.res); err != nil {
+			m.mu.Unlock()
+			return err
+		}
+		h := holder
+		h.Mode = u.res.Mode
+		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.res.Key()], Holder: h})
+		locked = append(locked, u)
+	}
+	m.mu.Unlock()
+
+	var leases []Lease
+	if len(reqs) > 0 {
+		var err error
+		leases, err = Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, reqs) },
+			func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })
+		if err != nil {
+			return m.nameHolder(err)
+		}
+	}
+	now := m.now()
+	m.mu.Lock()
+	for i, u := range locked {
+		u.lease, u.token = leases[i], leases[i].Token()
+	}
+	for _, u := range todo {
+		u.held, u.since = true, now
+		m.addHeldLocked(ob, u)
+	}
+	m.mu.Unlock()
+	if m.obs != nil && len(leases) > 0 {
+		m.obs.Granted(ob.obj, leases, now)
+	}
+	return nil
+}
+
+// conflictLocked returns a BusyError if another object of this Manager holds
+// r's key in a conflicting mode.
+func (m *Manager) conflictLocked(ob *object, r Resource) error {
+	h := m.held[r.Key()]
+	if h == nil {
+		return nil
+	}
+	for id, u := range h.holders {
+		if id != ob.obj.UUID && u.res.Mode.Conflicts(r.Mode) {
+			o := h.objs[id].obj
+			return &BusyError{Resource: r, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since}}
+		}
+	}
+	return nil
+}
+
+// nameHolder fills in the holder of a driver's busy error from the table
+// when the driver could not name it (another Manager in this process, or a
+// race with a grant that is being recorded).
+func (m *Manager) nameHolder(err error) error {
+	be, ok := err.(*BusyError)
+	if !ok || be.Holder.UUID != "" {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if h := m.held[be.Resource.Key()]; h != nil {
+		for id, u := range h.holders {
+			if u.res.Mode != ReadOnly {
+				o := h.objs[id].obj
+				return &BusyError{Resource: be.Resource, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since}}
+			}
+		}
+	}
+	return err
+}
+
+func (m *Manager) addHeldLocked(ob *object, u *use) {
+	k := u.res.Key()
+	h := m.held[k]
+	if h == nil {
+		h = &heldResource{res: u.res, holders: make(map[string]*use, 1), objs: make(map[string]*object, 1)}
+		m.held[k] = h
+	}
+	h.holders[ob.obj.UUID] = u
+	h.objs[ob.obj.UUID] = ob
+}
+
+func (m *Manager) dropHeldLocked(ob *object, u *use) {
+	k := u.res.Key()
+	if h := m.held[k]; h != nil {
+		delete(h.holders, ob.obj.UUID)
+		delete(h.objs, ob.obj.UUID)
+		if len(h.holders) == 0 {
+			delete(m.held, k)
+		}
+	}
+}
+
+// Release releases every held resource of the object (r == nil), or only r
+// (unplug: r is also forgotten). It returns the state string of what it
+// released, for a later Acquire elsewhere. After a release of all, the
+// object stays registered with its resources, so that Acquire takes them
+// again (a paused VM that resumes).
+func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string, error) {
+	var key string
+	if r != nil {
+		c, err := Canonical(*r)
+		if err != nil {
+			return "", err
+		}
+		key = c.Key()
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return "", err
+	}
+	defer ob.op.Unlock()
+	var rel []*use
+	if r != nil {
+		u := ob.find(key)
+		if u == nil {
+			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not used by object " + ob.obj.UUID}
+		}
+		if !u.held {
+			ob.remove(u)
+			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not held by object " + ob.obj.UUID}
+		}
+		rel = []*use{u}
+	} else {
+		for _, u := range ob.uses {
+			if u.held {
+				rel = append(rel, u)
+			}
+		}
+	}
+	state := stateOf(rel).String()
+	err = m.release(ctx, ob, rel)
+	if r != nil && err == nil {
+		ob.remove(rel[0])
+	}
+	return state, err
+}
+
+func (ob *object) remove(u *use) {
+	ob.uses = slices.DeleteFunc(ob.uses, func(x *use) bool { return x == u })
+}
+
+// release releases rel; called with ob.op held. A driver failure leaves the
+// failed uses marked as not held all the same: the driver's lease is gone
+// or unusable, and keeping it would block the object forever.
+func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
+	var leases []Lease
+	m.mu.Lock()
+	for _, u := range rel {
+		if u.lease != nil {
+			leases = append(leases, u.lease)
+		}
+		u.lease, u.held = nil, false
+		m.dropHeldLocked(ob, u)
+	}
+	m.mu.Unlock()
+	if len(leases) == 0 {
+		return nil
+	}
+	if m.obs != nil {
+		m.obs.Released(ob.obj, leases)
+	}
+	_, err := Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
+	return err
+}
+
+func stateOf(uses []*use) State {
+	st := make(State, 0, len(uses))
+	for _, u := range uses {
+		st = append(st, StateEntry{Resource: u.res, Token: u.token})
+	}
+	return st
+}
+
+// Inquire returns the state string of everything the object holds, without
+// releasing it.
+func (m *Manager) Inquire(uuid string) (string, error) {
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return "", err
+	}
+	defer ob.op.Unlock()
+	var held []*use
+	for _, u := range ob.uses {
+		if u.held {
+			held = append(held, u)
+		}
+	}
+	return stateOf(held).String(), nil
+}
+
+// Unregister releases everything the object holds and forgets it.
+func (m *Manager) Unregister(ctx context.Context, uuid string) error {
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	var held []*use
+	for _, u := range ob.uses {
+		if u.held {
+			held = append(held, u)
+		}
+	}
+	err = m.release(ctx, ob, held)
+	ob.gone = true
+	m.mu.Lock()
+	delete(m.objects, ob.obj.UUID)
+	m.mu.Unlock()
+	return err
+}
+
+// Restore registers o as holding leases that were taken before (by an
+// earlier run of this daemon, kept by its lock-holder process). It is how a
+// restarted daemon takes back its locks; no driver call is made.
+func (m *Manager) Restore(o Object, leases []Lease, readonly []Resource, since time.Time) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.objects[o.UUID]; ok {
+		return Errorf(CodeNotRegistered, "object %s is already registered", o.UUID)
+	}
+	ob := &object{obj: o}
+	for _, l := range leases {
+		u := &use{res: l.Resource(), lease: l, held: true, token: l.Token(), since: since}
+		ob.uses = append(ob.uses, u)
+		m.addHeldLocked(ob, u)
+	}
+	for _, r := range readonly {
+		u := &use{res: r, held: true, since: since}
+		ob.uses = append(ob.uses, u)
+		m.addHeldLocked(ob, u)
+	}
+	m.objects[o.UUID] = ob
+	return nil
+}
+
+// LockInfo is one resource in the lock monitor.
+type LockInfo struct {
+	Resource Resource  `json:"resource"` // Mode is the strongest held mode
+	Token    uint64    `json:"token"`    // the newest grant's token
+	Holders  []Holder  `json:"holders"`
+	Since    time.Time `json:"since"` // the oldest holder's grant
+}
+
+// Locks returns every held resource, sorted by type and name, with its
+// holders sorted by grant time.
+func (m *Manager) Locks() []LockInfo {
+	m.mu.Lock()
+	out := make([]LockInfo, 0, len(m.held))
+	for _, h := range m.held {
+		li := LockInfo{Resource: h.res, Holders: make([]Holder, 0, len(h.holders))}
+		li.Resource.Mode = ReadOnly
+		for id, u := range h.holders {
+			o := h.objs[id].obj
+			li.Holders = append(li.Holders, Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since})
+			if u.res.Mode < li.Resource.Mode {
+				li.Resource.Mode = u.res.Mode
+			}
+			li.Token = max(li.Token, u.token)
+			if li.Since.IsZero() || u.since.Before(li.Since) {
+				li.Since = u.since
+			}
+		}
+		out = append(out, li)
+	}
+	m.mu.Unlock()
+	for i := range out {
+		slices.SortFunc(out[i].Holders, func(a, b Holder) int {
+			return cmp.Or(a.Since.Compare(b.Since), cmp.Compare(a.UUID, b.UUID))
+		})
+	}
+	slices.SortFunc(out, func(a, b LockInfo) int {
+		return cmp.Or(cmp.Compare(a.Resource.Type, b.Resource.Type), cmp.Compare(a.Resource.Name, b.Resource.Name))
+	})
+	return out
+}
+
+// Objects returns every registered object, sorted by UUID.
+func (m *Manager) Objects() []Object {
+	m.mu.Lock()
+	out := make([]Object, 0, len(m.objects))
+	for _, ob := range m.objects {
+		out = append(out, ob.obj)
+	}
+	m.mu.Unlock()
+	slices.SortFunc(out, func(a, b Object) int { return cmp.Compare(a.UUID, b.UUID) })
+	return out
+}
+
+// Held returns the leases an object holds (for the daemon's bookkeeping).
+func (m *Manager) Held(uuid string) ([]Lease, []Resource, error) {
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ob.op.Unlock()
+	var ls []Lease
+	var ro []Resource
+	for _, u := range ob.uses {
+		switch {
+		case u.lease != nil:
+			ls = append(ls, u.lease)
+		case u.held:
+			ro = append(ro, u.res)
+		}
+	}
+	return ls, ro, nil
+}

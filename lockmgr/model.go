@@ -1,0 +1,351 @@
+package lockmgr
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+)
+
+// Mode is how a resource is held.
+type Mode uint8
+
+const (
+	// Exclusive is read-write use by one holder. It is the zero value, so a
+	// Resource that does not say otherwise is locked exclusively.
+	Exclusive Mode = iota
+	// Shared is shared-write use: many holders, and it excludes Exclusive.
+	Shared
+	// ReadOnly takes no lock at all; the use is recorded and shown.
+	ReadOnly
+)
+
+var modeNames = [...]string{Exclusive: "exclusive", Shared: "shared", ReadOnly: "readonly"}
+
+func (m Mode) String() string {
+	if int(m) < len(modeNames) {
+		return modeNames[m]
+	}
+	return "mode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// Adverb is the mode as it reads in "locked exclusively".
+func (m Mode) Adverb() string {
+	switch m {
+	case Exclusive:
+		return "exclusively"
+	case Shared:
+		return "shared"
+	case ReadOnly:
+		return "read-only"
+	}
+	return m.String()
+}
+
+// Conflicts reports whether a holder in mode m excludes a request in mode o.
+func (m Mode) Conflicts(o Mode) bool {
+	if m == ReadOnly || o == ReadOnly {
+		return false
+	}
+	return m == Exclusive || o == Exclusive
+}
+
+// ParseMode parses a mode name. The empty string is Exclusive, the default.
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "", "exclusive", "excl", "rw":
+		return Exclusive, nil
+	case "shared", "share", "shareable":
+		return Shared, nil
+	case "readonly", "ro", "read-only":
+		return ReadOnly, nil
+	}
+	return 0, invalid("unknown mode %q (want exclusive, shared or readonly)", s)
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (m Mode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (m *Mode) UnmarshalText(b []byte) error {
+	v, err := ParseMode(string(b))
+	if err == nil {
+		*m = v
+	}
+	return err
+}
+
+// ResourceType names what kind of thing a resource is. Disk and Lease are
+// built in (TypeDisk, TypeLease); any other valid name is a custom type chosen by the management
+// application, locked like a lease in the driver's "custom" namespace.
+type ResourceType string
+
+const (
+	// TypeDisk is a disk image, named by its path.
+	TypeDisk ResourceType = "disk"
+	// TypeLease is a named lease, "LOCKSPACE/KEY".
+	TypeLease ResourceType = "lease"
+)
+
+// Limits on names. They bound what a state string or a request can make the
+// daemon allocate, and keep lease file names within NAME_MAX.
+const (
+	MaxNameLen     = 255  // a lockspace, a lease key, a custom type
+	MaxPathLen     = 4096 // a disk path, a custom resource name
+	maxTypeLen     = 32
+	maxObjectField = 1024
+)
+
+// Resource is one thing an object uses. Name is a disk's path, a lease's
+// "LOCKSPACE/KEY", or a custom type's name.
+type Resource struct {
+	Type ResourceType `json:"type"`
+	Name string       `json:"name"`
+	Mode Mode         `json:"mode"`
+}
+
+// DiskResource returns the disk resource for path.
+func DiskResource(path string, m Mode) Resource { return Resource{Type: TypeDisk, Name: path, Mode: m} }
+
+// LeaseResource returns the lease resource lockspace/key.
+func LeaseResource(lockspace, key string, m Mode) Resource {
+	return Resource{Type: TypeLease, Name: lockspace + "/" + key, Mode: m}
+}
+
+// Key identifies the locked thing independently of the mode: two resources
+// with one Key are one lock.
+func (r Resource) Key() string { return string(r.Type) + ":" + r.Name }
+
+// String is how errors and the monitor name a resource: "disk /a.qcow2".
+func (r Resource) String() string { return string(r.Type) + " " + r.Name }
+
+// SplitLease returns a lease's lockspace and key. It fails for a name that
+// is not exactly two valid names joined by a slash.
+func (r Resource) SplitLease() (lockspace, key string, err error) {
+	ls, k, ok := strings.Cut(r.Name, "/")
+	if !ok {
+		return "", "", invalid("lease %q: want LOCKSPACE/KEY", r.Name)
+	}
+	if err := ValidName("lockspace", ls); err != nil {
+		return "", "", err
+	}
+	if err := ValidName("lease key", k); err != nil {
+		return "", "", err
+	}
+	return ls, k, nil
+}
+
+// ValidName checks a name that becomes one path component (a lockspace or a
+// lease key): non-empty, at most MaxNameLen bytes, valid UTF-8, no slash, no
+// NUL or other control character, and not "." or "..". What names say about
+// themselves ("what") appears in the error.
+func ValidName(what, s string) error {
+	switch {
+	case s == "":
+		return invalid("%s name is empty", what)
+	case len(s) > MaxNameLen:
+		return invalid("%s name is %d bytes long (at most %d)", what, len(s), MaxNameLen)
+	case s == "." || s == "..":
+		return invalid("%s name %q would escape its directory", what, s)
+	case strings.ContainsRune(s, '/'):
+		return invalid("%s name %q contains a slash", what, s)
+	case !utf8.ValidString(s):
+		return invalid("%s name %q is not valid UTF-8", what, s)
+	case strings.ContainsFunc(s, isControl):
+		return invalid("%s name %q contains a control character", what, s)
+	}
+	return nil
+}
+
+func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
+
+func validType(t ResourceType) error {
+	s := string(t)
+	if s == "" {
+		return invalid("resource type is empty")
+	}
+	if len(s) > maxTypeLen {
+		return invalid("resource type %q is longer than %d bytes", s, maxTypeLen)
+	}
+	for i, c := range s {
+		ok := c >= 'a' && c <= 'z' || i > 0 && (c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.')
+		if !ok {
+			return invalid("resource type %q: want lowercase letters, digits, '-', '_' or '.', starting with a letter", s)
+		}
+	}
+	return nil
+}
+
+// Validate checks r without touching the file system.
+func (r Resource) Validate() error {
+	if err := validType(r.Type); err != nil {
+		return err
+	}
+	if r.Mode > ReadOnly {
+		return invalid("%s: unknown mode %d", r, r.Mode)
+	}
+	switch r.Type {
+	case TypeDisk:
+		switch {
+		case r.Name == "":
+			return invalid("disk path is empty")
+		case len(r.Name) > MaxPathLen:
+			return invalid("disk path is %d bytes long (at most %d)", len(r.Name), MaxPathLen)
+		case strings.IndexByte(r.Name, 0) >= 0:
+			return invalid("disk path %q contains a NUL byte", r.Name)
+		}
+	case TypeLease:
+		if _, _, err := r.SplitLease(); err != nil {
+			return err
+		}
+	default:
+		switch {
+		case r.Name == "":
+			return invalid("%s resource name is empty", r.Type)
+		case len(r.Name) > MaxPathLen:
+			return invalid("%s resource name is %d bytes long (at most %d)", r.Type, len(r.Name), MaxPathLen)
+		case strings.IndexByte(r.Name, 0) >= 0:
+			return invalid("%s resource name %q contains a NUL byte", r.Type, r.Name)
+		}
+	}
+	return nil
+}
+
+// Canonical validates r and returns it in the form that is keyed: a disk path
+// made absolute with every symlink resolved, so that two spellings of one
+// file are one lock. A disk that does not exist yet is keyed by its cleaned
+// absolute path (its directory's symlinks resolved), because a management
+// application may lock an image before it creates it.
+func Canonical(r Resource) (Resource, error) {
+	if err := r.Validate(); err != nil {
+		return Resource{}, err
+	}
+	if r.Type != TypeDisk {
+		return r, nil
+	}
+	p, err := canonicalPath(r.Name)
+	if err != nil {
+		return Resource{}, &Error{Code: CodeInvalidArgument, Resource: r.String(), Msg: "cannot resolve path", Err: err}
+	}
+	r.Name = p
+	return r, nil
+}
+
+func canonicalPath(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	real, err := filepath.EvalSymlinks(abs)
+	if err == nil {
+		return real, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return "", err
+	}
+	// The file does not exist: resolve its directory, keep its base name. A
+	// dangling symlink is an error, not a new file, since its target is
+	// what would be opened.
+	if _, lerr := os.Lstat(abs); lerr == nil {
+		return "", err
+	}
+	dir, err := filepath.EvalSymlinks(filepath.Dir(abs))
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, filepath.Base(abs)), nil
+}
+
+// Object is what holds locks, usually a domain (a VM). UUID is its identity;
+// the other fields describe it. PID is the process that uses the resources:
+// its locks live as long as it does.
+type Object struct {
+	UUID string `json:"uuid"`
+	Name string `json:"name,omitempty"`
+	ID   int    `json:"id,omitempty"`
+	PID  int    `json:"pid,omitempty"`
+	URI  string `json:"uri,omitempty"`
+	Host string `json:"host,omitempty"`
+}
+
+// ObjectKeys are the keys Set accepts.
+var objectKeys = []string{"uuid", "name", "id", "pid", "uri", "host"}
+
+// Set sets the field named key from its text form, as management APIs pass
+// identity as key/value parameters. An unknown key is an invalid-argument
+// error, never silently ignored.
+func (o *Object) Set(key, value string) error {
+	switch key {
+	case "uuid":
+		u, err := ParseUUID(value)
+		if err != nil {
+			return err
+		}
+		o.UUID = u
+	case "name":
+		o.Name = value
+	case "id", "pid":
+		n, err := strconv.Atoi(value)
+		if err != nil || n < 0 {
+			return invalid("object %s %q: want a non-negative integer", key, value)
+		}
+		if key == "id" {
+			o.ID = n
+		} else {
+			o.PID = n
+		}
+	case "uri":
+		o.URI = value
+	case "host":
+		o.Host = value
+	default:
+		return invalid("unknown object key %q (known: %s)", key, strings.Join(objectKeys, ", "))
+	}
+	return nil
+}
+
+// Validate checks o and canonicalises its UUID in place.
+func (o *Object) Validate() error {
+	u, err := ParseUUID(o.UUID)
+	if err != nil {
+		return err
+	}
+	o.UUID = u
+	if o.ID < 0 || o.PID < 0 {
+		return invalid("object %s: negative id or pid", u)
+	}
+	for _, f := range [...]struct{ k, v string }{{"name", o.Name}, {"uri", o.URI}, {"host", o.Host}} {
+		if len(f.v) > maxObjectField {
+			return invalid("object %s: %s is longer than %d bytes", u, f.k, maxObjectField)
+		}
+		if !utf8.ValidString(f.v) || strings.ContainsFunc(f.v, isControl) {
+			return invalid("object %s: %s %q contains a control character or invalid UTF-8", u, f.k, f.v)
+		}
+	}
+	return nil
+}
+
+// ParseUUID validates a UUID in the 8-4-4-4-12 hex form and returns it in
+// lower case.
+func ParseUUID(s string) (string, error) {
+	if len(s) != 36 {
+		return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
+	}
+	b := []byte(strings.ToLower(s))
+	for i, c := range b {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+				return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
+			}
+		}
+	}
+	return string(b), nil
+}
