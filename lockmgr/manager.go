@@ -511,6 +511,13 @@ func (m *Manager) Locks() []LockInfo {
 	return out
 }
 
+// HeldCount returns the number of resources held.
+func (m *Manager) HeldCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.held)
+}
+
 // Objects returns every registered object, sorted by UUID.
 func (m *Manager) Objects() []Object {
 	m.mu.Lock()

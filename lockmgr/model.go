@@ -217,8 +217,10 @@ func (r Resource) Validate() error {
 // Canonical validates r and returns it in the form that is keyed: a disk path
 // made absolute with every symlink resolved, so that two spellings of one
 // file are one lock. A disk that does not exist yet is keyed by its cleaned
-// absolute path (its directory's symlinks resolved), because a management
-// application may lock an image before it creates it.
+// absolute path (the symlinks of its deepest existing ancestor resolved),
+// because a management
+// application may lock an image before it creates it (and the etcd driver
+// locks paths that live on other hosts' storage).
 func Canonical(r Resource) (Resource, error) {
 	if err := r.Validate(); err != nil {
 		return Resource{}, err
@@ -246,17 +248,26 @@ func canonicalPath(p string) (string, error) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		return "", err
 	}
-	// The file does not exist: resolve its directory, keep its base name. A
-	// dangling symlink is an error, not a new file, since its target is
-	// what would be opened.
+	// The file does not exist: resolve the deepest ancestor that does, keep
+	// the rest as written (cleaned). A dangling symlink is an error, not a
+	// new file, since its target is what would be opened.
 	if _, lerr := os.Lstat(abs); lerr == nil {
 		return "", err
 	}
-	dir, err := filepath.EvalSymlinks(filepath.Dir(abs))
-	if err != nil {
-		return "", err
+	rest := filepath.Base(abs)
+	for dir := filepath.Dir(abs); ; dir = filepath.Dir(dir) {
+		real, err := filepath.EvalSymlinks(dir)
+		if err == nil {
+			return filepath.Join(real, rest), nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) || dir == "/" {
+			return "", err
+		}
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			return "", err // a dangling symlink in the middle
+		}
+		rest = filepath.Join(filepath.Base(dir), rest)
 	}
-	return filepath.Join(dir, filepath.Base(abs)), nil
 }
 
 // Object is what holds locks, usually a domain (a VM). UUID is its identity;

@@ -69,6 +69,7 @@ func newRootCmd() *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "vmlockd's socket (default $VMLOCK_SOCKET, else /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	addCommands(root, g)
 	root.AddCommand(newBenchCmd())
 	return root
 }

@@ -1,0 +1,157 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// DefaultSocket is where vmlockd listens unless told otherwise: under /run
+// for root, under $XDG_RUNTIME_DIR for other users.
+func DefaultSocket() string {
+	if os.Geteuid() != 0 {
+		if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+			return filepath.Join(d, "vmlock", "vmlockd.sock")
+		}
+	}
+	return "/run/vmlock/vmlockd.sock"
+}
+
+// Client is a connection to vmlockd. It is safe for concurrent use. Every
+// method returns lockmgr errors (see FromStatus).
+type Client struct {
+	conn *grpc.ClientConn
+	rpc  vmlockpb.VMLockClient
+}
+
+// Dial connects to the daemon at socket. It fails at once, with an error
+// that says so, when nothing listens there; once connected, calls wait
+// through a reload of the daemon (whose listening socket stays open) until
+// their own deadline.
+func Dial(ctx context.Context, socket string) (*Client, error) {
+	probe, err := (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal,
+			Msg: fmt.Sprintf("vmlockd is not running or not reachable at %s (start it, or set --socket / VMLOCK_SOCKET)", socket), Err: err}
+	}
+	probe.Close()
+	conn, err := grpc.NewClient("passthrough:///vmlockd",
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+		}),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
+	)
+	if err != nil {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "connecting to vmlockd", Err: err}
+	}
+	return &Client{conn: conn, rpc: vmlockpb.NewVMLockClient(conn)}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// RPC returns the raw gRPC client, for calls this type does not wrap.
+func (c *Client) RPC() vmlockpb.VMLockClient { return c.rpc }
+
+// Acquire registers o (if new) and takes rs, all or nothing; state, if not
+// empty, makes the grant conditional on its tokens. It returns the state of
+// everything o holds.
+func (c *Client) Acquire(ctx context.Context, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
+	req := &vmlockpb.AcquireRequest{Object: ObjectToPB(o), State: state}
+	for _, r := range rs {
+		req.Resources = append(req.Resources, ResourceToPB(r))
+	}
+	rep, err := c.rpc.Acquire(ctx, req)
+	return rep.GetState(), FromStatus(err)
+}
+
+// Release releases rs of the object uuid, or everything if rs is empty, and
+// returns the state of what it released.
+func (c *Client) Release(ctx context.Context, uuid string, rs ...lockmgr.Resource) (string, error) {
+	req := &vmlockpb.ReleaseRequest{Uuid: uuid}
+	for _, r := range rs {
+		req.Resources = append(req.Resources, ResourceToPB(r))
+	}
+	rep, err := c.rpc.Release(ctx, req)
+	return rep.GetState(), FromStatus(err)
+}
+
+// Inquire returns the state of what the object holds.
+func (c *Client) Inquire(ctx context.Context, uuid string) (string, error) {
+	rep, err := c.rpc.Inquire(ctx, &vmlockpb.InquireRequest{Uuid: uuid})
+	return rep.GetState(), FromStatus(err)
+}
+
+// Lock is one entry of the lock monitor.
+type Lock struct {
+	Resource lockmgr.Resource `json:"resource"`
+	Token    uint64           `json:"token"`
+	Holders  []lockmgr.Holder `json:"holders"`
+	Since    time.Time        `json:"since,omitzero"`
+	Waiters  int              `json:"waiters"`
+}
+
+// Locks returns the lock monitor's entries.
+func (c *Client) Locks(ctx context.Context) ([]Lock, error) {
+	rep, err := c.rpc.Locks(ctx, &vmlockpb.LocksRequest{})
+	if err != nil {
+		return nil, FromStatus(err)
+	}
+	out := make([]Lock, 0, len(rep.Locks))
+	for _, l := range rep.Locks {
+		r, err := ResourceFromPB(l.Resource)
+		if err != nil {
+			return nil, fmt.Errorf("vmlockd sent a bad resource: %w", err)
+		}
+		lk := Lock{Resource: r, Token: l.Token, Since: fromUnixNano(l.SinceUnixNano), Waiters: int(l.Waiters)}
+		for _, h := range l.Holders {
+			lk.Holders = append(lk.Holders, HolderFromPB(h))
+		}
+		out = append(out, lk)
+	}
+	return out, nil
+}
+
+// Status returns the daemon's status.
+func (c *Client) Status(ctx context.Context) (*vmlockpb.StatusReply, error) {
+	rep, err := c.rpc.Status(ctx, &vmlockpb.StatusRequest{})
+	return rep, FromStatus(err)
+}
+
+// Revoke kills the holders of r and returns their pids once they are gone.
+// grace is how long they have between SIGTERM and SIGKILL (0: the daemon's
+// default).
+func (c *Client) Revoke(ctx context.Context, r lockmgr.Resource, grace time.Duration) ([]int, error) {
+	rep, err := c.rpc.Revoke(ctx, &vmlockpb.RevokeRequest{Resource: ResourceToPB(r), GraceMs: grace.Milliseconds()})
+	if err != nil {
+		return nil, FromStatus(err)
+	}
+	pids := make([]int, len(rep.KilledPids))
+	for i, p := range rep.KilledPids {
+		pids[i] = int(p)
+	}
+	return pids, nil
+}
+
+// Reload asks the daemon to re-execute itself; it returns the daemon's pid.
+func (c *Client) Reload(ctx context.Context) (int, error) {
+	rep, err := c.rpc.Reload(ctx, &vmlockpb.ReloadRequest{})
+	return int(rep.GetPid()), FromStatus(err)
+}
+
+// IsNotRunning reports whether err says the daemon could not be reached.
+func IsNotRunning(err error) bool {
+	var le *lockmgr.Error
+	return errors.As(err, &le) && le.Code == lockmgr.CodeInternal && errors.Is(le.Err, os.ErrNotExist)
+}

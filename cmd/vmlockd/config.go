@@ -1,0 +1,120 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is vmlockd's configuration file (TOML). Every key is documented in
+// docs/operations.md; an unknown key is an error, never ignored. Command-line
+// flags override the file.
+type Config struct {
+	Socket         string   `toml:"socket"`
+	SocketGroup    string   `toml:"socket_group"`
+	StateDir       string   `toml:"state_dir"`
+	Driver         string   `toml:"driver"`
+	Host           string   `toml:"host"`
+	MetricsAddr    string   `toml:"metrics_addr"`
+	RequestTimeout Duration `toml:"request_timeout"`
+	LogLevel       string   `toml:"log_level"`
+	LogFormat      string   `toml:"log_format"`
+
+	Revoke struct {
+		Grace       Duration `toml:"grace"`
+		KillCommand []string `toml:"kill_command"`
+	} `toml:"revoke"`
+
+	Lockspace struct {
+		LeaseDir     string `toml:"lease_dir"`
+		DiskLeaseDir string `toml:"disk_lease_dir"`
+	} `toml:"lockspace"`
+}
+
+// Duration is a time.Duration written as "5s" in the file.
+type Duration struct{ time.Duration }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	if v < 0 {
+		return fmt.Errorf("negative duration %s", v)
+	}
+	d.Duration = v
+	return nil
+}
+
+// defaults returns the configuration used without a file: paths under /run
+// and /var/lib for root, under the user's runtime and state directories
+// otherwise.
+func defaults() Config {
+	var c Config
+	c.Driver = "lockspace"
+	c.LogLevel = "info"
+	c.LogFormat = "text"
+	if os.Geteuid() == 0 {
+		c.Socket = "/run/vmlock/vmlockd.sock"
+		c.StateDir = "/var/lib/vmlock"
+	} else {
+		run := os.Getenv("XDG_RUNTIME_DIR")
+		if run == "" {
+			run = filepath.Join(os.TempDir(), fmt.Sprintf("vmlock-%d", os.Geteuid()))
+		}
+		c.Socket = filepath.Join(run, "vmlock", "vmlockd.sock")
+		state := os.Getenv("XDG_STATE_HOME")
+		if state == "" {
+			home, _ := os.UserHomeDir()
+			state = filepath.Join(home, ".local", "state")
+		}
+		c.StateDir = filepath.Join(state, "vmlock")
+	}
+	return c
+}
+
+// loadConfig reads path over the defaults. Unknown keys are an error.
+func loadConfig(path string) (Config, error) {
+	c := defaults()
+	if path == "" {
+		return c, nil
+	}
+	md, err := toml.DecodeFile(path, &c)
+	if err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		sort.Strings(keys)
+		return c, fmt.Errorf("config %s: unknown key(s): %s (see docs/operations.md)", path, strings.Join(keys, ", "))
+	}
+	return c, c.validate()
+}
+
+func (c *Config) validate() error {
+	switch c.Driver {
+	case "lockspace", "nop":
+	default:
+		return fmt.Errorf("driver %q: want lockspace or nop", c.Driver)
+	}
+	if c.StateDir == "" || !filepath.IsAbs(c.StateDir) {
+		return errors.New("state_dir must be an absolute path")
+	}
+	if c.Socket == "" {
+		return errors.New("socket must not be empty")
+	}
+	if len(c.Socket) >= 108 {
+		return fmt.Errorf("socket path %q is too long for a unix socket (at most 107 bytes)", c.Socket)
+	}
+	return nil
+}

@@ -1,0 +1,249 @@
+// Command vmlockd is the vmlock daemon: it serves the lock table on a unix
+// socket and keeps every lock through its own restart or crash.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/daemon"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// Environment variables that carry descriptors across a reload's exec.
+const (
+	envListenFD = "VMLOCKD_LISTEN_FD"
+	envLockFD   = "VMLOCKD_LOCK_FD"
+	envReloads  = "VMLOCKD_RELOADS"
+)
+
+func main() {
+	if err := newRootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "vmlockd:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCmd() *cobra.Command {
+	var configPath string
+	var flags Config
+	root := &cobra.Command{
+		Use:           "vmlockd",
+		Short:         "vmlockd: the lock manager daemon for virtual machines",
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(configPath)
+			if err != nil {
+				return err
+			}
+			override(cmd, &cfg, &flags)
+			if err := cfg.validate(); err != nil {
+				return err
+			}
+			return serve(cfg)
+		},
+	}
+	f := root.Flags()
+	f.StringVar(&configPath, "config", "", "configuration file (TOML; keys in docs/operations.md)")
+	f.StringVar(&flags.Socket, "socket", "", "API socket (default /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
+	f.StringVar(&flags.StateDir, "state-dir", "", "state directory (default /var/lib/vmlock as root)")
+	f.StringVar(&flags.Driver, "driver", "", "lock driver: lockspace (default) or nop")
+	f.StringVar(&flags.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address (host:port); off if empty")
+	f.StringVar(&flags.Host, "host", "", "this host's name in lock records (default: the hostname)")
+	f.StringVar(&flags.SocketGroup, "socket-group", "", "group whose members may use the API besides root")
+	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error")
+	f.StringVar(&flags.Lockspace.DiskLeaseDir, "disk-lease-dir", "", "lockspace driver: take indirect disk leases in this directory instead of locking images directly")
+
+	holder := &cobra.Command{
+		Use:    "lock-holder",
+		Short:  "the lock-holder process (started by vmlockd itself)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			dir, _ := cmd.Flags().GetString("state-dir")
+			// The holder only waits on one socket: keep it small.
+			debug.SetGCPercent(50)
+			signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGPIPE)
+			return lockholder.Serve(context.Background(), dir)
+		},
+	}
+	holder.Flags().String("state-dir", "", "state directory")
+	root.AddCommand(holder)
+	return root
+}
+
+// override copies the flags that were set over the file's values.
+func override(cmd *cobra.Command, c, f *Config) {
+	set := func(name string, dst *string, v string) {
+		if cmd.Flags().Changed(name) {
+			*dst = v
+		}
+	}
+	set("socket", &c.Socket, f.Socket)
+	set("state-dir", &c.StateDir, f.StateDir)
+	set("driver", &c.Driver, f.Driver)
+	set("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
+	set("host", &c.Host, f.Host)
+	set("socket-group", &c.SocketGroup, f.SocketGroup)
+	set("log-level", &c.LogLevel, f.LogLevel)
+	set("disk-lease-dir", &c.Lockspace.DiskLeaseDir, f.Lockspace.DiskLeaseDir)
+}
+
+func newLogger(c Config) *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		lvl = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+func newDriver(c Config) (lockmgr.Driver, error) {
+	switch c.Driver {
+	case "nop":
+		return lockmgr.NopDriver{}, nil
+	case "lockspace":
+		leaseDir := c.Lockspace.LeaseDir
+		if leaseDir == "" {
+			leaseDir = filepath.Join(c.StateDir, "lockspaces")
+		}
+		return lockspace.New(lockspace.Config{StateDir: c.StateDir, LeaseDir: leaseDir, DiskLeaseDir: c.Lockspace.DiskLeaseDir})
+	}
+	return nil, fmt.Errorf("unknown driver %q", c.Driver)
+}
+
+func serve(c Config) error {
+	log := newLogger(c)
+	drv, err := newDriver(c)
+	if err != nil {
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	lockF, ln, err := inherited()
+	if err != nil {
+		return err
+	}
+	reloads, _ := strconv.Atoi(os.Getenv(envReloads))
+	metrics := daemon.NewMetrics()
+	dcfg := daemon.Config{
+		Socket: c.Socket, SocketGroup: c.SocketGroup, StateDir: c.StateDir, Driver: drv, Host: c.Host,
+		RequestTimeout: c.RequestTimeout.Duration, KillGrace: c.Revoke.Grace.Duration, KillCommand: c.Revoke.KillCommand,
+		Logger: log, Version: version, Listener: ln, Metrics: metrics, Reloads: reloads,
+		HolderCommand: func() error {
+			return lockholder.StartDetached(lockholder.Command(exe, "lock-holder", "--state-dir", c.StateDir))
+		},
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	d, err := daemon.New(ctx, dcfg, lockF)
+	if err != nil {
+		return err
+	}
+	if c.MetricsAddr != "" {
+		ml, err := net.Listen("tcp", c.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		go func() {
+			srv := &http.Server{Handler: promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
+			_ = srv.Serve(ml)
+		}()
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		<-hup
+		d.Reload()
+	}()
+	err = d.Run(ctx)
+	if !errors.Is(err, daemon.ErrReload) {
+		return err
+	}
+	return reexec(exe, d, reloads+1)
+}
+
+// inherited returns the state-directory lock and the listening socket handed
+// over by the process image we replaced, or by systemd's socket activation.
+func inherited() (*os.File, *net.UnixListener, error) {
+	var lockF *os.File
+	var ln *net.UnixListener
+	if s := os.Getenv(envLockFD); s != "" {
+		fd, err := strconv.Atoi(s)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s=%q: %w", envLockFD, s, err)
+		}
+		unix.CloseOnExec(fd)
+		lockF = os.NewFile(uintptr(fd), "vmlockd.pid")
+	}
+	fd := -1
+	if s := os.Getenv(envListenFD); s != "" {
+		fd, _ = strconv.Atoi(s)
+	} else if os.Getenv("LISTEN_PID") == strconv.Itoa(os.Getpid()) && os.Getenv("LISTEN_FDS") != "" {
+		fd = 3 // systemd socket activation: SD_LISTEN_FDS_START
+	}
+	os.Unsetenv(envLockFD)
+	os.Unsetenv(envListenFD)
+	os.Unsetenv("LISTEN_PID")
+	os.Unsetenv("LISTEN_FDS")
+	if fd >= 0 {
+		unix.CloseOnExec(fd)
+		l, err := net.FileListener(os.NewFile(uintptr(fd), "listener"))
+		if err != nil {
+			return nil, nil, fmt.Errorf("inherited listener: %w", err)
+		}
+		ul, ok := l.(*net.UnixListener)
+		if !ok {
+			return nil, nil, errors.New("inherited listener is not a unix socket")
+		}
+		ln = ul
+	}
+	return lockF, ln, nil
+}
+
+// reexec replaces this process image with a fresh one of the same binary,
+// handing over the listening socket and the state-directory lock. The pid
+// stays the same, so systemd and the lock-holder see one daemon.
+func reexec(exe string, d *daemon.Daemon, reloads int) error {
+	lf, lockF, err := d.InheritedFiles()
+	if err != nil {
+		return err
+	}
+	for _, f := range []*os.File{lf, lockF} {
+		if _, err := unix.FcntlInt(f.Fd(), unix.F_SETFD, 0); err != nil {
+			return err
+		}
+	}
+	env := append(os.Environ(),
+		envListenFD+"="+strconv.Itoa(int(lf.Fd())),
+		envLockFD+"="+strconv.Itoa(int(lockF.Fd())),
+		envReloads+"="+strconv.Itoa(reloads))
+	return syscall.Exec(exe, os.Args, env)
+}

@@ -1,0 +1,595 @@
+// Package daemon is vmlockd: it serves a lockmgr.Manager over the native
+// gRPC API on a unix socket, ties every object's locks to its owner process,
+// revokes locks by killing their holders, and keeps every lock through its
+// own restart or crash.
+//
+// # Owners
+//
+// An object's locks belong to its pid. The daemon pins each owner with a
+// pidfd (never a bare pid number, which the kernel reuses) and learns of its
+// exit from the runtime poller; the exit releases every lock of every object
+// the process owned.
+//
+// # Surviving a crash
+//
+// Every lock descriptor is duplicated into the lock-holder process (package
+// lockholder) before the client is told it holds the lock, together with a
+// record of the grant. The holder keeps the OFD locks alive while vmlockd is
+// down, whether it was reloaded, stopped or killed. On start, vmlockd lists
+// the holder's entries and rebuilds its table from them; owners that exited
+// meanwhile have their locks released then. The records are keyed
+//
+//	O/<uuid>            the object: identity, owner start time, registrant uid, read-only uses
+//	L/<uuid>/<res key>  one lease: resource, token, and the lease file
+//
+// A lease entry without its object record is a grant whose client never got
+// an answer (the daemon died in between); it is released on restart.
+//
+// # Reload
+//
+// Reload (SIGHUP, or the Reload call) stops accepting, lets in-flight calls
+// finish, and re-executes the binary in place with the listening socket and
+// the state-directory lock inherited, so that clients queue in the socket's
+// backlog instead of failing, and no second daemon can slip in.
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// Config configures a Daemon. Zero fields take the defaults documented on
+// each.
+type Config struct {
+	// Socket is the API socket's path.
+	Socket string
+	// SocketGroup, if set, is the group (name or number) whose members may
+	// use the API besides root; the socket is made group-accessible to it.
+	SocketGroup string
+	// StateDir holds the daemon's lock file and the lock-holder's socket.
+	StateDir string
+	// Driver takes the real locks; required.
+	Driver lockmgr.Driver
+	// Host names this host in holder records; os.Hostname() if empty.
+	Host string
+	// RequestTimeout bounds every call; 10 s if zero.
+	RequestTimeout time.Duration
+	// KillGrace is how long a revoked holder has between SIGTERM and
+	// SIGKILL; 5 s if zero.
+	KillGrace time.Duration
+	// KillCommand, if set, is run instead of sending SIGTERM to a revoked
+	// holder; "{pid}", "{uuid}" and "{name}" in its arguments are replaced.
+	// SIGKILL still follows after KillGrace if the process survives it.
+	KillCommand []string
+	// HolderCommand starts the lock-holder process (see lockholder.Connect).
+	HolderCommand func() error
+	// Logger receives the daemon's structured logs; slog.Default() if nil.
+	Logger *slog.Logger
+	// Version is reported by Status.
+	Version string
+	// Listener, if set, is used instead of creating Socket (socket
+	// activation, or a listener inherited across a reload).
+	Listener *net.UnixListener
+	// Metrics, if set, receives the daemon's metrics.
+	Metrics *Metrics
+	// Reloads is how many times this daemon re-executed itself, for Status.
+	Reloads int
+}
+
+func (c *Config) setDefaults() error {
+	if c.Driver == nil {
+		return errors.New("daemon: no driver")
+	}
+	if c.StateDir == "" {
+		return errors.New("daemon: no state directory")
+	}
+	if c.Socket == "" && c.Listener == nil {
+		return errors.New("daemon: no socket")
+	}
+	if c.Host == "" {
+		c.Host, _ = os.Hostname()
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 10 * time.Second
+	}
+	if c.KillGrace == 0 {
+		c.KillGrace = 5 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics()
+	}
+	return nil
+}
+
+// ErrReload is returned by Run when the daemon stopped to re-execute itself.
+var ErrReload = errors.New("daemon: reload requested")
+
+// Daemon is a running vmlockd. Create it with New, then call Run.
+type Daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	mgr     *lockmgr.Manager
+	holder  *lockholder.Client
+	lockF   *os.File // the state directory's lock, held while we run
+	ln      *net.UnixListener
+	srv     *grpc.Server
+	started time.Time
+	reloads int
+	gid     int // the socket group, or -1
+
+	reloadOnce sync.Once
+	reloadCh   chan struct{}
+	inheritLn  *os.File // the listening socket kept for a reload
+
+	mu     sync.Mutex
+	owners map[string]*owner    // by uuid
+	procs  map[int]*processRefs // by pid
+}
+
+// owner is the daemon's record of an object beyond the lock table.
+type owner struct {
+	obj   lockmgr.Object
+	uid   int // the uid that registered it
+	proc  *process
+	since time.Time
+}
+
+type processRefs struct {
+	p     *process
+	uuids map[string]bool
+}
+
+// objectRecord is what the lock-holder keeps for an object.
+type objectRecord struct {
+	Object   lockmgr.Object     `json:"object"`
+	UID      int                `json:"uid"`
+	Start    uint64             `json:"start"`
+	Since    time.Time          `json:"since"`
+	ReadOnly []lockmgr.Resource `json:"readonly,omitempty"`
+}
+
+// leaseRecord is what the lock-holder keeps for a lease.
+type leaseRecord struct {
+	Resource lockmgr.Resource `json:"resource"`
+	Token    uint64           `json:"token"`
+}
+
+// New prepares a daemon: it takes the state directory's lock (failing with a
+// clear message if another vmlockd runs there), connects to the lock-holder,
+// takes back every lock the holder kept, and opens the API socket. lockFile,
+// if not nil, is an already-locked state-directory lock inherited across a
+// reload.
+func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, started: time.Now(), gid: -1, reloads: cfg.Reloads, reloadCh: make(chan struct{}),
+		owners: make(map[string]*owner), procs: make(map[int]*processRefs)}
+	d.mgr = lockmgr.NewManager(cfg.Driver, lockmgr.Options{Observer: (*observer)(d)})
+	cfg.Metrics.register(d)
+	if lockFile == nil {
+		var err error
+		if lockFile, err = LockStateDir(cfg.StateDir); err != nil {
+			return nil, err
+		}
+	}
+	d.lockF = lockFile
+	if cfg.SocketGroup != "" {
+		g, err := lookupGroup(cfg.SocketGroup)
+		if err != nil {
+			d.lockF.Close()
+			return nil, err
+		}
+		d.gid = g
+	}
+	start := cfg.HolderCommand
+	if start == nil {
+		start = func() error { return errors.New("no way to start the lock-holder configured") }
+	}
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	h, err := lockholder.Connect(hctx, cfg.StateDir, start)
+	if err != nil {
+		d.lockF.Close()
+		return nil, err
+	}
+	d.holder = h
+	if err := d.restore(ctx); err != nil {
+		d.holder.Close()
+		d.lockF.Close()
+		return nil, err
+	}
+	if err := d.listen(); err != nil {
+		d.holder.Close()
+		d.lockF.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// LockStateDir takes the exclusive lock that makes a state directory one
+// daemon's, and writes our pid into it.
+func LockStateDir(dir string) (*os.File, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	path := filepath.Join(dir, "vmlockd.pid")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("state directory lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		f.Close()
+		other := strings.TrimSpace(string(b))
+		if other == "" {
+			other = "unknown"
+		}
+		return nil, fmt.Errorf("another vmlockd (pid %s) is running on state directory %s; stop it first, or use another --state-dir", other, dir)
+	}
+	if err := f.Truncate(0); err == nil {
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return f, nil
+}
+
+func (d *Daemon) listen() error {
+	if d.cfg.Listener != nil {
+		d.ln = d.cfg.Listener
+		d.ln.SetUnlinkOnClose(false)
+		return nil
+	}
+	path := d.cfg.Socket
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	// We hold the state directory's lock, so a socket left at path is a dead
+	// daemon's, unless another daemon with another state directory uses the
+	// same path: refuse then.
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return fmt.Errorf("another daemon already listens on %s (with another state directory); use another --socket", path)
+	}
+	_ = os.Remove(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", path, err)
+	}
+	mode := os.FileMode(0o600)
+	if d.gid >= 0 {
+		mode = 0o660
+		if err := os.Chown(path, -1, d.gid); err != nil {
+			ln.Close()
+			return fmt.Errorf("socket group: %w", err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return err
+	}
+	ln.SetUnlinkOnClose(false)
+	d.ln = ln
+	return nil
+}
+
+// Manager returns the daemon's lock table (for in-process endpoints such as
+// the libvirt compatibility server).
+func (d *Daemon) Manager() *lockmgr.Manager { return d.mgr }
+
+// Run serves the API until ctx is done (a graceful stop: every lock of a
+// running owner stays held by the lock-holder) or a reload is requested
+// (ErrReload; the caller then calls Exec). A graceful stop waits at most
+// RequestTimeout for calls in progress.
+func (d *Daemon) Run(ctx context.Context) error {
+	d.srv = grpc.NewServer(
+		grpc.Creds(peerCredentials{}),
+		grpc.ChainUnaryInterceptor(d.intercept),
+	)
+	vmlockpb.RegisterVMLockServer(d.srv, &service{d: d})
+	errc := make(chan error, 1)
+	go func() { errc <- d.srv.Serve(d.ln) }()
+	d.log.Info("vmlockd serving", "socket", d.ln.Addr().String(), "driver", d.cfg.Driver.Name(),
+		"state_dir", d.cfg.StateDir, "objects", len(d.mgr.Objects()), "pid", os.Getpid())
+	sdNotify("READY=1\nSTATUS=serving\nMAINPID=" + strconv.Itoa(os.Getpid()))
+	var result error
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serving: %w", err)
+	case <-ctx.Done():
+		sdNotify("STOPPING=1")
+		d.log.Info("stopping; locks of running owners stay held by the lock-holder")
+	case <-d.reloadCh:
+		sdNotify("RELOADING=1")
+		d.log.Info("reloading: re-executing in place; every lock stays held")
+		result = ErrReload
+		// Keep the listening socket open across the stop and the exec, so
+		// that clients wait in its backlog instead of being refused.
+		f, err := d.ln.File()
+		if err != nil {
+			return fmt.Errorf("reload: keeping the listening socket: %w", err)
+		}
+		d.inheritLn = f
+	}
+	stopped := make(chan struct{})
+	go func() { d.srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(d.cfg.RequestTimeout):
+		d.srv.Stop()
+	}
+	// Owner watches end with the process image: nothing is released.
+	d.holder.Close()
+	return result
+}
+
+// requestReload makes Run return ErrReload.
+func (d *Daemon) requestReload() { d.reloadOnce.Do(func() { close(d.reloadCh) }) }
+
+// Reload asks the running daemon to re-execute itself (SIGHUP).
+func (d *Daemon) Reload() { d.requestReload() }
+
+// InheritedFiles returns the listening socket and the state-directory lock
+// after Run returned ErrReload, for the new process image to inherit.
+func (d *Daemon) InheritedFiles() (listener, lock *os.File, err error) {
+	if d.inheritLn == nil {
+		return nil, nil, errors.New("daemon: no reload in progress")
+	}
+	return d.inheritLn, d.lockF, nil
+}
+
+// restore takes back what the lock-holder kept.
+func (d *Daemon) restore(ctx context.Context) error {
+	entries, err := d.holder.List()
+	if err != nil {
+		return err
+	}
+	if len(entries) == 0 {
+		return nil
+	}
+	t0 := time.Now()
+	objs := map[string]*objectRecord{}
+	leases := map[string][]lockholder.Entry{}
+	for _, e := range entries {
+		switch {
+		case strings.HasPrefix(e.Key, "O/"):
+			var rec objectRecord
+			if err := json.Unmarshal(e.Meta, &rec); err != nil {
+				d.log.Error("lock-holder: unreadable object record; dropping it", "key", e.Key, "err", err)
+				_ = d.holder.Drop(e.Key)
+				continue
+			}
+			objs[rec.Object.UUID] = &rec
+		case strings.HasPrefix(e.Key, "L/"):
+			uuid, _, _ := strings.Cut(e.Key[2:], "/")
+			leases[uuid] = append(leases[uuid], e)
+		default:
+			_ = d.holder.Drop(e.Key)
+			if e.File != nil {
+				e.File.Close()
+			}
+		}
+	}
+	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
+	restored, released := 0, 0
+	for uuid, es := range leases {
+		var ls []lockmgr.Lease
+		for _, e := range es {
+			var lr leaseRecord
+			if err := json.Unmarshal(e.Meta, &lr); err != nil || adopter == nil {
+				d.log.Error("lock-holder: cannot take back a lease; dropping it", "key", e.Key, "err", err, "driver", d.cfg.Driver.Name())
+				_ = d.holder.Drop(e.Key)
+				if e.File != nil {
+					e.File.Close()
+				}
+				continue
+			}
+			l, err := adopter.Adopt(lr.Resource, lr.Token, e.File)
+			if err != nil {
+				d.log.Error("lock-holder: cannot take back a lease; dropping it", "key", e.Key, "err", err)
+				_ = d.holder.Drop(e.Key)
+				continue
+			}
+			ls = append(ls, l)
+		}
+		rec := objs[uuid]
+		var proc *process
+		if rec != nil {
+			proc, err = openProcess(rec.Object.PID, rec.Start)
+		}
+		if rec == nil || err != nil {
+			// The owner exited while we were down, or the grant was never
+			// answered: release it now.
+			if rerr := d.cfg.Driver.Release(ctx, ls); rerr != nil {
+				d.log.Error("releasing a lease of a gone owner", "uuid", uuid, "err", rerr)
+			}
+			_ = d.holder.DropPrefix("L/" + uuid + "/")
+			_ = d.holder.Drop("O/" + uuid)
+			delete(objs, uuid)
+			released += len(ls)
+			continue
+		}
+		if err := d.mgr.Restore(rec.Object, ls, rec.ReadOnly, rec.Since); err != nil {
+			d.log.Error("restoring an object", "uuid", uuid, "err", err)
+			proc.close()
+			continue
+		}
+		d.adoptOwner(rec, proc)
+		delete(objs, uuid)
+		restored++
+	}
+	// Objects with only read-only uses have no lease entries.
+	for uuid, rec := range objs {
+		proc, err := openProcess(rec.Object.PID, rec.Start)
+		if err != nil {
+			_ = d.holder.Drop("O/" + uuid)
+			continue
+		}
+		if err := d.mgr.Restore(rec.Object, nil, rec.ReadOnly, rec.Since); err != nil {
+			proc.close()
+			continue
+		}
+		d.adoptOwner(rec, proc)
+		restored++
+	}
+	d.log.Info("took back the locks kept by the lock-holder", "objects", restored, "released_of_gone_owners", released,
+		"took", time.Since(t0))
+	return nil
+}
+
+func (d *Daemon) adoptOwner(rec *objectRecord, p *process) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.owners[rec.Object.UUID] = &owner{obj: rec.Object, uid: rec.UID, proc: p, since: rec.Since}
+	d.watchLocked(rec.Object.UUID, p)
+}
+
+// watchLocked ties uuid's locks to p's life. Called with d.mu held.
+func (d *Daemon) watchLocked(uuid string, p *process) {
+	pr := d.procs[p.pid]
+	if pr == nil {
+		pr = &processRefs{p: p, uuids: map[string]bool{}}
+		d.procs[p.pid] = pr
+		go d.onExit(pr)
+	} else if pr.p != p {
+		p.close() // we already watch this process
+	}
+	pr.uuids[uuid] = true
+}
+
+// onExit releases every object of a process when it exits.
+func (d *Daemon) onExit(pr *processRefs) {
+	<-pr.p.done
+	if !pr.p.dead {
+		return // we stopped watching it: not an exit
+	}
+	d.mu.Lock()
+	if d.procs[pr.p.pid] == pr {
+		delete(d.procs, pr.p.pid)
+	}
+	uuids := make([]string, 0, len(pr.uuids))
+	for u := range pr.uuids {
+		uuids = append(uuids, u)
+	}
+	d.mu.Unlock()
+	pr.p.close()
+	for _, u := range uuids {
+		ctx, cancel := context.WithTimeout(context.Background(), d.cfg.RequestTimeout)
+		err := d.forget(ctx, u)
+		cancel()
+		if err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
+			d.log.Error("releasing the locks of an exited owner", "uuid", u, "pid", pr.p.pid, "err", err)
+			continue
+		}
+		if err == nil {
+			d.log.Info("owner exited; its locks are released", "uuid", u, "pid", pr.p.pid)
+		}
+	}
+}
+
+// forget releases everything of uuid and drops its records.
+func (d *Daemon) forget(ctx context.Context, uuid string) error {
+	err := d.mgr.Unregister(ctx, uuid)
+	if err != nil && errors.Is(err, lockmgr.ErrNotRegistered) {
+		return err
+	}
+	_ = d.holder.DropPrefix("L/" + uuid + "/")
+	_ = d.holder.Drop("O/" + uuid)
+	d.mu.Lock()
+	if o := d.owners[uuid]; o != nil {
+		delete(d.owners, uuid)
+		if pr := d.procs[o.proc.pid]; pr != nil && pr.p == o.proc {
+			delete(pr.uuids, uuid)
+			if len(pr.uuids) == 0 && !pr.p.exited() {
+				delete(d.procs, o.proc.pid)
+				pr.p.close() // ends its wait; onExit finds no uuids
+			}
+		}
+	}
+	d.mu.Unlock()
+	return err
+}
+
+func (d *Daemon) ownerCount() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.owners)
+}
+
+// putObject records (or re-records) an object in the lock-holder.
+func (d *Daemon) putObject(o *owner) error {
+	_, ro, err := d.mgr.Held(o.obj.UUID)
+	if err != nil {
+		return err
+	}
+	b, err := json.Marshal(objectRecord{Object: o.obj, UID: o.uid, Start: o.proc.start, Since: o.since, ReadOnly: ro})
+	if err != nil {
+		return err
+	}
+	return d.holder.Put("O/"+o.obj.UUID, b, nil)
+}
+
+// observer hands every grant to the lock-holder before the call that made
+// it returns, and drops every release.
+type observer Daemon
+
+func (ob *observer) Granted(o lockmgr.Object, leases []lockmgr.Lease, _ time.Time) {
+	d := (*Daemon)(ob)
+	for _, l := range leases {
+		b, _ := json.Marshal(leaseRecord{Resource: l.Resource(), Token: l.Token()})
+		var f *os.File
+		if fl, ok := l.(lockmgr.FileLease); ok {
+			f = fl.File()
+		}
+		if err := d.holder.Put("L/"+o.UUID+"/"+l.Resource().Key(), b, f); err != nil {
+			// The lock is held, but would not survive our crash: say so loudly.
+			d.log.Error("lock-holder: cannot hand over a lock; it will not survive a crash of vmlockd", "uuid", o.UUID, "resource", l.Resource().String(), "err", err)
+		}
+	}
+}
+
+func (ob *observer) Released(o lockmgr.Object, leases []lockmgr.Lease) {
+	d := (*Daemon)(ob)
+	for _, l := range leases {
+		_ = d.holder.Drop("L/" + o.UUID + "/" + l.Resource().Key())
+	}
+}
+
+// sdNotify tells systemd about our state when it runs us as Type=notify.
+func sdNotify(state string) {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return
+	}
+	if path[0] == '@' {
+		path = "\x00" + path[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	_, _ = c.Write([]byte(state))
+}

@@ -1,0 +1,483 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// peerCredentials authenticates API clients by SO_PEERCRED: the kernel's
+// word on the uid, gid and pid of the process at the other end of the unix
+// socket. There is no encryption to add on a local socket.
+type peerCredentials struct{}
+
+type peerInfo struct {
+	credentials.CommonAuthInfo
+	ucred unix.Ucred
+}
+
+func (peerInfo) AuthType() string { return "peercred" }
+
+func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return nil, nil, errors.New("vmlockd serves unix sockets only")
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return nil, nil, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return nil, nil, err
+	}
+	if cerr != nil {
+		return nil, nil, cerr
+	}
+	return c, peerInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}, ucred: *cred}, nil
+}
+
+func (peerCredentials) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("peerCredentials is for the server side")
+}
+func (peerCredentials) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "peercred"}
+}
+func (p peerCredentials) Clone() credentials.TransportCredentials { return p }
+func (peerCredentials) OverrideServerName(string) error          { return nil }
+
+// caller is the authenticated client of a call.
+type caller struct {
+	uid, pid int
+}
+
+func (c caller) root() bool { return c.uid == 0 }
+
+type callerKey struct{}
+
+func callerOf(ctx context.Context) caller { return ctx.Value(callerKey{}).(caller) }
+
+// intercept authenticates, bounds and measures every call, and turns its
+// error into an API status.
+func (d *Daemon) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	t0 := time.Now()
+	method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
+	p, ok := peer.FromContext(ctx)
+	pi, ok2 := p.AuthInfo.(peerInfo)
+	if !ok || !ok2 {
+		return nil, api.ToStatus(lockmgr.Errorf(lockmgr.CodePermission, "no peer credentials"))
+	}
+	c := caller{uid: int(pi.ucred.Uid), pid: int(pi.ucred.Pid)}
+	if err := d.authorize(c, int(pi.ucred.Gid)); err != nil {
+		d.log.Warn("refused a client", "uid", c.uid, "pid", c.pid, "method", method)
+		return nil, api.ToStatus(err)
+	}
+	ctx = context.WithValue(ctx, callerKey{}, c)
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := h(ctx, req)
+	d.cfg.Metrics.latency.WithLabelValues(method).Observe(time.Since(t0).Seconds())
+	if err != nil {
+		return nil, api.ToStatus(err)
+	}
+	return resp, nil
+}
+
+// authorize admits root and members of the socket group.
+func (d *Daemon) authorize(c caller, gid int) error {
+	if c.root() {
+		return nil
+	}
+	if d.gid >= 0 {
+		if gid == d.gid {
+			return nil
+		}
+		if _, gids, err := procIDs(c.pid); err == nil && slices.Contains(gids, d.gid) {
+			return nil
+		}
+	}
+	return lockmgr.Errorf(lockmgr.CodePermission, "uid %d may not use vmlockd: only root and members of the socket group (%s) may", c.uid, groupName(d.gid))
+}
+
+func groupName(gid int) string {
+	if gid < 0 {
+		return "none configured"
+	}
+	if g, err := user.LookupGroupId(strconv.Itoa(gid)); err == nil {
+		return g.Name
+	}
+	return strconv.Itoa(gid)
+}
+
+func lookupGroup(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	g, err := user.LookupGroup(s)
+	if err != nil {
+		return -1, fmt.Errorf("socket group %q: %w", s, err)
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// mayAct checks that c may change the object o: root, or the uid that
+// registered it.
+func (d *Daemon) mayAct(c caller, uuid string) error {
+	if c.root() {
+		return nil
+	}
+	d.mu.Lock()
+	o := d.owners[uuid]
+	d.mu.Unlock()
+	if o != nil && o.uid != c.uid {
+		return lockmgr.Errorf(lockmgr.CodePermission, "object %s was registered by uid %d; uid %d may not change it", uuid, o.uid, c.uid)
+	}
+	return nil
+}
+
+type service struct {
+	vmlockpb.UnimplementedVMLockServer
+	d *Daemon
+}
+
+func (s *service) Status(ctx context.Context, _ *vmlockpb.StatusRequest) (*vmlockpb.StatusReply, error) {
+	d := s.d
+	return &vmlockpb.StatusReply{
+		Version: d.cfg.Version, Driver: d.cfg.Driver.Name(), UptimeSeconds: time.Since(d.started).Seconds(),
+		Objects: int64(len(d.mgr.Objects())), Locks: int64(d.mgr.HeldCount()), Pid: int64(os.Getpid()),
+		Host: d.cfg.Host, StateDir: d.cfg.StateDir, StartedUnixNano: d.started.UnixNano(), Reloads: int64(d.reloads),
+	}, nil
+}
+
+func (s *service) Acquire(ctx context.Context, req *vmlockpb.AcquireRequest) (*vmlockpb.StateReply, error) {
+	d := s.d
+	st, err := d.acquire(ctx, callerOf(ctx), req)
+	res := "ok"
+	if err != nil {
+		res = strings.ReplaceAll(lockmgr.CodeOf(err).String(), " ", "_")
+		if errors.Is(err, lockmgr.ErrBusy) {
+			d.cfg.Metrics.busy.Inc()
+		}
+	}
+	d.cfg.Metrics.acquires.WithLabelValues(res).Inc()
+	if err != nil {
+		return nil, err
+	}
+	return &vmlockpb.StateReply{State: st}, nil
+}
+
+func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireRequest) (string, error) {
+	o := api.ObjectFromPB(req.Object)
+	if err := o.Validate(); err != nil {
+		return "", err
+	}
+	if o.Host == "" {
+		o.Host = d.cfg.Host
+	}
+	rs := make([]lockmgr.Resource, 0, len(req.Resources))
+	for _, pr := range req.Resources {
+		r, err := api.ResourceFromPB(pr)
+		if err != nil {
+			return "", err
+		}
+		rs = append(rs, r)
+	}
+	if o.PID <= 0 {
+		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: a pid is required (its locks live as long as that process)", o.UUID)
+	}
+	if !c.root() {
+		uid, _, err := procIDs(o.PID)
+		if err != nil {
+			return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: no process %d", o.UUID, o.PID)
+		}
+		if uid != c.uid {
+			return "", lockmgr.Errorf(lockmgr.CodePermission, "object %s: process %d belongs to uid %d, not to the caller (uid %d)", o.UUID, o.PID, uid, c.uid)
+		}
+	}
+	if err := d.mgr.Register(o); err == nil {
+		return d.acquireNew(ctx, c, o, rs, req.State)
+	} else if !errors.Is(err, lockmgr.ErrNotRegistered) {
+		return "", err
+	}
+	return d.hotplug(ctx, c, o, rs, req.State)
+}
+
+// acquireNew takes the resources of a just-registered object; on any
+// failure the object is forgotten again.
+func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
+	fail := func(err error) (string, error) {
+		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
+		return "", err
+	}
+	p, err := openProcess(o.PID, 0)
+	if err != nil {
+		if errors.Is(err, errGone) {
+			err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: process %d does not exist", o.UUID, o.PID)
+		}
+		return fail(err)
+	}
+	for _, r := range rs {
+		if err := d.mgr.AddResource(o.UUID, r); err != nil {
+			p.close()
+			return fail(err)
+		}
+	}
+	if err := d.mgr.Acquire(ctx, o.UUID, state); err != nil {
+		p.close()
+		return fail(err)
+	}
+	ow := &owner{obj: o, uid: c.uid, proc: p, since: time.Now()}
+	d.mu.Lock()
+	d.owners[o.UUID] = ow
+	d.watchLocked(o.UUID, p)
+	d.mu.Unlock()
+	if err := d.putObject(ow); err != nil {
+		d.log.Error("lock-holder: cannot record an object; its locks will not survive a crash of vmlockd", "uuid", o.UUID, "err", err)
+	}
+	d.log.Debug("acquired", "uuid", o.UUID, "name", o.Name, "pid", o.PID, "resources", len(rs))
+	return d.mgr.Inquire(o.UUID)
+}
+
+// hotplug adds resources to a registered object, all or nothing.
+func (d *Daemon) hotplug(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
+	if err := d.mayAct(c, o.UUID); err != nil {
+		return "", err
+	}
+	d.mu.Lock()
+	ow := d.owners[o.UUID]
+	d.mu.Unlock()
+	if ow == nil {
+		return "", lockmgr.Errorf(lockmgr.CodeNotRegistered, "object %s is being registered or released by another call; retry", o.UUID)
+	}
+	if ow.obj.PID != o.PID {
+		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s is already registered with pid %d, not %d", o.UUID, ow.obj.PID, o.PID)
+	}
+	if state != "" {
+		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s already holds locks; a state applies only to its first acquire", o.UUID)
+	}
+	var took []lockmgr.Resource
+	for _, r := range rs {
+		if err := d.mgr.AcquireResource(ctx, o.UUID, r); err != nil {
+			for _, t := range took {
+				_, _ = d.mgr.Release(context.WithoutCancel(ctx), o.UUID, &t)
+			}
+			return "", err
+		}
+		took = append(took, r)
+	}
+	if err := d.putObject(ow); err != nil {
+		d.log.Error("lock-holder: cannot record an object", "uuid", o.UUID, "err", err)
+	}
+	return d.mgr.Inquire(o.UUID)
+}
+
+func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*vmlockpb.StateReply, error) {
+	d := s.d
+	uuid, err := lockmgr.ParseUUID(req.Uuid)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.mayAct(callerOf(ctx), uuid); err != nil {
+		return nil, err
+	}
+	if len(req.Resources) == 0 {
+		st, err := d.mgr.Release(ctx, uuid, nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := d.forget(ctx, uuid); err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
+			return nil, err
+		}
+		return &vmlockpb.StateReply{State: st}, nil
+	}
+	var st lockmgr.State
+	for _, pr := range req.Resources {
+		r, err := api.ResourceFromPB(pr)
+		if err != nil {
+			return nil, err
+		}
+		one, err := d.mgr.Release(ctx, uuid, &r)
+		if err != nil {
+			return nil, err
+		}
+		part, _ := lockmgr.ParseState(one)
+		st = append(st, part...)
+	}
+	ls, ro, err := d.mgr.Held(uuid)
+	if err == nil && len(ls) == 0 && len(ro) == 0 {
+		_ = d.forget(ctx, uuid)
+	} else if err == nil {
+		d.mu.Lock()
+		ow := d.owners[uuid]
+		d.mu.Unlock()
+		if ow != nil {
+			_ = d.putObject(ow)
+		}
+	}
+	return &vmlockpb.StateReply{State: st.String()}, nil
+}
+
+func (s *service) Inquire(ctx context.Context, req *vmlockpb.InquireRequest) (*vmlockpb.StateReply, error) {
+	st, err := s.d.mgr.Inquire(req.Uuid)
+	if err != nil {
+		return nil, err
+	}
+	return &vmlockpb.StateReply{State: st}, nil
+}
+
+func (s *service) Locks(ctx context.Context, _ *vmlockpb.LocksRequest) (*vmlockpb.LocksReply, error) {
+	locks := s.d.mgr.Locks()
+	rep := &vmlockpb.LocksReply{Locks: make([]*vmlockpb.Lock, 0, len(locks))}
+	for _, l := range locks {
+		pl := &vmlockpb.Lock{Resource: api.ResourceToPB(l.Resource), Token: l.Token, SinceUnixNano: l.Since.UnixNano()}
+		for _, h := range l.Holders {
+			pl.Holders = append(pl.Holders, api.HolderToPB(h))
+		}
+		rep.Locks = append(rep.Locks, pl)
+	}
+	return rep, nil
+}
+
+func (s *service) Reload(ctx context.Context, _ *vmlockpb.ReloadRequest) (*vmlockpb.ReloadReply, error) {
+	if !callerOf(ctx).root() {
+		return nil, lockmgr.Errorf(lockmgr.CodePermission, "only root may reload vmlockd")
+	}
+	// Run stops the server gracefully, so this reply goes out first.
+	s.d.requestReload()
+	return &vmlockpb.ReloadReply{Pid: int64(os.Getpid())}, nil
+}
+
+func (s *service) Revoke(ctx context.Context, req *vmlockpb.RevokeRequest) (*vmlockpb.RevokeReply, error) {
+	r, err := api.ResourceFromPB(req.Resource)
+	if err != nil {
+		return nil, err
+	}
+	grace := time.Duration(req.GraceMs) * time.Millisecond
+	if grace <= 0 {
+		grace = s.d.cfg.KillGrace
+	}
+	pids, err := s.d.revoke(ctx, callerOf(ctx), r, grace)
+	if err != nil {
+		return nil, err
+	}
+	rep := &vmlockpb.RevokeReply{}
+	for _, p := range pids {
+		rep.KilledPids = append(rep.KilledPids, int64(p))
+	}
+	return rep, nil
+}
+
+// revoke kills every holder of r and waits until they are gone and their
+// locks released.
+func (d *Daemon) revoke(ctx context.Context, c caller, r lockmgr.Resource, grace time.Duration) ([]int, error) {
+	r, err := lockmgr.Canonical(r)
+	if err != nil {
+		return nil, err
+	}
+	var victims []*owner
+	for _, l := range d.mgr.Locks() {
+		if l.Resource.Key() != r.Key() {
+			continue
+		}
+		for _, h := range l.Holders {
+			d.mu.Lock()
+			o := d.owners[h.UUID]
+			d.mu.Unlock()
+			if o != nil {
+				victims = append(victims, o)
+			}
+		}
+	}
+	if len(victims) == 0 {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "not held by any owner of this vmlockd"}
+	}
+	for _, o := range victims {
+		if err := d.mayAct(c, o.obj.UUID); err != nil {
+			return nil, err
+		}
+	}
+	// Killing may take the whole grace period and more: the call's own
+	// deadline is extended to cover it.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace+d.cfg.RequestTimeout)
+	defer cancel()
+	var pids []int
+	for _, o := range victims {
+		d.log.Warn("revoking: killing the holder", "resource", r.String(), "uuid", o.obj.UUID, "name", o.obj.Name, "pid", o.obj.PID)
+		if err := d.kill(ctx, o, grace); err != nil {
+			return pids, err
+		}
+		d.cfg.Metrics.revocations.Inc()
+		pids = append(pids, o.obj.PID)
+	}
+	// The exit handler releases the locks; wait for it, so that the resource
+	// is free when we answer.
+	for {
+		busy := false
+		for _, o := range victims {
+			if _, err := d.mgr.Object(o.obj.UUID); err == nil {
+				busy = true
+			}
+		}
+		if !busy {
+			return pids, nil
+		}
+		select {
+		case <-ctx.Done():
+			return pids, lockmgr.Errorf(lockmgr.CodeTimeout, "the holders of %s were killed but their locks were not released in time", r)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// kill ends a holder: the kill command or SIGTERM, then SIGKILL after grace.
+func (d *Daemon) kill(ctx context.Context, o *owner, grace time.Duration) error {
+	p := o.proc
+	if len(d.cfg.KillCommand) > 0 {
+		args := make([]string, len(d.cfg.KillCommand))
+		rep := strings.NewReplacer("{pid}", strconv.Itoa(o.obj.PID), "{uuid}", o.obj.UUID, "{name}", o.obj.Name)
+		for i, a := range d.cfg.KillCommand {
+			args[i] = rep.Replace(a)
+		}
+		cctx, cancel := context.WithTimeout(ctx, grace)
+		out, err := exec.CommandContext(cctx, args[0], args[1:]...).CombinedOutput()
+		cancel()
+		if err != nil {
+			d.log.Error("kill command failed; falling back to SIGKILL after the grace period", "cmd", args, "err", err, "output", string(out))
+		}
+	} else if err := p.signal(syscall.SIGTERM); err != nil {
+		return fmt.Errorf("SIGTERM to pid %d: %w", o.obj.PID, err)
+	}
+	gctx, cancel := context.WithTimeout(ctx, grace)
+	err := p.waitExit(gctx)
+	cancel()
+	if err == nil {
+		return nil
+	}
+	d.log.Warn("holder survived the grace period; sending SIGKILL", "pid", o.obj.PID, "grace", grace)
+	if err := p.signal(syscall.SIGKILL); err != nil {
+		return fmt.Errorf("SIGKILL to pid %d: %w", o.obj.PID, err)
+	}
+	if err := p.waitExit(ctx); err != nil {
+		return lockmgr.Errorf(lockmgr.CodeTimeout, "pid %d did not die after SIGKILL (uninterruptible sleep?); its locks stay held", o.obj.PID)
+	}
+	return nil
+}

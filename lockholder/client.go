@@ -1,0 +1,169 @@
+package lockholder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Client is vmlockd's connection to its lock-holder. It is safe for
+// concurrent use; operations are applied by the holder in the order their
+// calls returned.
+type Client struct {
+	mu sync.Mutex
+	fd int
+}
+
+// Connect connects to the holder of stateDir, starting one with start if
+// none serves it. start must launch a process that calls Serve(stateDir) in
+// a session of its own (so that it outlives the caller); Command returns the
+// usual one.
+func Connect(ctx context.Context, stateDir string, start func() error) (*Client, error) {
+	path := filepath.Join(stateDir, SocketName)
+	started := false
+	for {
+		fd, err := dial(path)
+		if err == nil {
+			return &Client{fd: fd}, nil
+		}
+		if !started {
+			if err := start(); err != nil {
+				return nil, fmt.Errorf("starting the lock-holder: %w", err)
+			}
+			started = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the lock-holder did not start listening on %s: %w (last: %v)", path, ctx.Err(), err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func dial(path string) (int, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// Command returns the command that starts a holder: exe with args, in a new
+// session, with no standard streams, so that it survives the daemon and its
+// process group.
+func Command(exe string, args ...string) *exec.Cmd {
+	cmd := exec.Command(exe, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	return cmd
+}
+
+// StartDetached starts cmd and does not wait for it; the holder is
+// reparented when its parent exits.
+func StartDetached(cmd *exec.Cmd) error {
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	go cmd.Wait() // reap it if it exits while we live
+	return nil
+}
+
+// Put hands the holder a record and, if f is not nil, a duplicate of f. It
+// replaces any entry with the same key. When Put returns nil, the holder
+// keeps f's open file description even if the caller dies at once.
+func (c *Client) Put(key string, meta []byte, f *os.File) error {
+	msg, err := encode(opPut, key, meta)
+	if err != nil {
+		return err
+	}
+	return c.send(msg, f)
+}
+
+// Drop makes the holder close and forget key's entry.
+func (c *Client) Drop(key string) error {
+	msg, err := encode(opDrop, key, nil)
+	if err != nil {
+		return err
+	}
+	return c.send(msg, nil)
+}
+
+// DropPrefix makes the holder forget every entry whose key has prefix.
+func (c *Client) DropPrefix(prefix string) error {
+	msg, err := encode(opDropPrefix, prefix, nil)
+	if err != nil {
+		return err
+	}
+	return c.send(msg, nil)
+}
+
+func (c *Client) send(msg []byte, f *os.File) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return errClosed
+	}
+	if err := sendmsg(c.fd, msg, f); err != nil {
+		return fmt.Errorf("lockholder: %w", err)
+	}
+	return nil
+}
+
+var errClosed = errors.New("lockholder: client closed")
+
+// List returns every entry the holder keeps, with its descriptor (owned by
+// the caller from now on; the holder keeps its own copy).
+func (c *Client) List() ([]Entry, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	msg, _ := encode(opList, "", nil)
+	if err := sendmsg(c.fd, msg, nil); err != nil {
+		return nil, fmt.Errorf("lockholder: %w", err)
+	}
+	buf := make([]byte, maxMsg)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	var out []Entry
+	for {
+		m, f, err := recvmsg(c.fd, buf, oob)
+		if err != nil {
+			for _, e := range out {
+				if e.File != nil {
+					e.File.Close()
+				}
+			}
+			return nil, fmt.Errorf("lockholder: listing: %w", err)
+		}
+		op, key, meta, err := decode(m)
+		if err != nil {
+			return nil, err
+		}
+		if op == opEnd {
+			return out, nil
+		}
+		out = append(out, Entry{Key: key, Meta: append([]byte(nil), meta...), File: f})
+	}
+}
+
+// Close closes the connection. The holder keeps every entry; if it holds
+// none, it exits.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return nil
+	}
+	err := unix.Close(c.fd)
+	c.fd = -1
+	return err
+}

@@ -1,0 +1,344 @@
+package lockmgr
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// memDriver is an in-memory driver for testing the Manager's logic: it
+// enforces modes across Managers that share it, keeps tokens, and can be
+// made to hang.
+type memDriver struct {
+	mu     sync.Mutex
+	excl   map[string]bool
+	shared map[string]int
+	tokens map[string]uint64
+	hang   chan struct{} // if not nil, Acquire blocks until it is closed
+}
+
+func newMemDriver() *memDriver {
+	return &memDriver{excl: map[string]bool{}, shared: map[string]int{}, tokens: map[string]uint64{}}
+}
+
+type memLease struct {
+	r   Resource
+	tok uint64
+}
+
+func (l *memLease) Resource() Resource { return l.r }
+func (l *memLease) Token() uint64      { return l.tok }
+
+func (d *memDriver) Name() string { return "mem" }
+func (d *memDriver) Close() error { return nil }
+
+func (d *memDriver) Acquire(ctx context.Context, reqs []Request) ([]Lease, error) {
+	if d.hang != nil {
+		<-d.hang
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []Lease
+	for _, q := range reqs {
+		k := q.Resource.Key()
+		busy := d.excl[k] || q.Resource.Mode == Exclusive && d.shared[k] > 0
+		var err error
+		switch {
+		case busy:
+			err = &BusyError{Resource: q.Resource}
+		case q.Expect != 0 && q.Expect != d.tokens[k]:
+			err = &StaleStateError{Resource: q.Resource, Want: q.Expect, Current: d.tokens[k]}
+		}
+		if err != nil {
+			d.releaseLocked(out)
+			return nil, err
+		}
+		if q.Resource.Mode == Exclusive {
+			d.excl[k] = true
+		} else {
+			d.shared[k]++
+		}
+		d.tokens[k]++
+		out = append(out, &memLease{q.Resource, d.tokens[k]})
+	}
+	return out, nil
+}
+
+func (d *memDriver) releaseLocked(ls []Lease) {
+	for _, l := range ls {
+		k := l.Resource().Key()
+		if l.Resource().Mode == Exclusive {
+			delete(d.excl, k)
+		} else {
+			d.shared[k]--
+		}
+	}
+}
+
+func (d *memDriver) Release(_ context.Context, ls []Lease) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.releaseLocked(ls)
+	return nil
+}
+
+func (d *memDriver) token(k string) uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.tokens[k]
+}
+
+func (d *memDriver) held(k string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.excl[k] || d.shared[k] > 0
+}
+
+const (
+	uuidA = "aaaaaaaa-0000-0000-0000-000000000001"
+	uuidB = "bbbbbbbb-0000-0000-0000-000000000002"
+)
+
+func register(t *testing.T, m *Manager, uuid, name string, rs ...Resource) {
+	t.Helper()
+	if err := m.Register(Object{UUID: uuid, Name: name, PID: 100, Host: "h1"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		if err := m.AddResource(uuid, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestAcquireAllOrNothing(t *testing.T) {
+	d := newMemDriver()
+	m := NewManager(d, Options{})
+	register(t, m, uuidB, "other", DiskResource("/img/c", Exclusive))
+	if err := m.Acquire(context.Background(), uuidB, ""); err != nil {
+		t.Fatal(err)
+	}
+	register(t, m, uuidA, "web1", DiskResource("/img/a", Exclusive), DiskResource("/img/b", Exclusive), DiskResource("/img/c", Exclusive))
+	err := m.Acquire(context.Background(), uuidA, "")
+	var be *BusyError
+	if !errors.As(err, &be) {
+		t.Fatalf("Acquire = %v, want busy", err)
+	}
+	if be.Resource.Name != "/img/c" || be.Holder.UUID != uuidB || be.Holder.Name != "other" {
+		t.Fatalf("busy error names %v held by %+v, want /img/c held by %s", be.Resource, be.Holder, uuidB)
+	}
+	for _, p := range []string{"/img/a", "/img/b"} {
+		if d.held("disk:" + p) {
+			t.Errorf("%s still held after a failed all-or-nothing acquire", p)
+		}
+	}
+	if st, _ := m.Inquire(uuidA); st != "v1:" {
+		t.Errorf("Inquire after failure = %q, want nothing held", st)
+	}
+}
+
+func TestModesBetweenObjects(t *testing.T) {
+	cases := []struct {
+		first, second Mode
+		busy          bool
+	}{
+		{Exclusive, Exclusive, true},
+		{Exclusive, Shared, true},
+		{Shared, Exclusive, true},
+		{Shared, Shared, false},
+		{ReadOnly, Exclusive, false},
+		{Exclusive, ReadOnly, false},
+	}
+	for _, c := range cases {
+		t.Run(c.first.String()+"/"+c.second.String(), func(t *testing.T) {
+			m := NewManager(newMemDriver(), Options{})
+			register(t, m, uuidA, "a", DiskResource("/img/x", c.first))
+			register(t, m, uuidB, "b", DiskResource("/img/x", c.second))
+			if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+				t.Fatal(err)
+			}
+			err := m.Acquire(context.Background(), uuidB, "")
+			if got := errors.Is(err, ErrBusy); got != c.busy {
+				t.Fatalf("second acquire = %v, want busy=%v", err, c.busy)
+			}
+		})
+	}
+}
+
+func TestReleaseStateAndStaleHandover(t *testing.T) {
+	d := newMemDriver()
+	src := NewManager(d, Options{})
+	dst := NewManager(d, Options{}) // another host sharing the driver
+	other := NewManager(d, Options{})
+	ctx := context.Background()
+	register(t, src, uuidA, "vm", DiskResource("/img/a", Exclusive))
+	if err := src.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	state, err := src.Release(ctx, uuidA, nil)
+	if err != nil || !strings.Contains(state, ":1:") {
+		t.Fatalf("Release = %q, %v; want a state with token 1", state, err)
+	}
+	// Handover succeeds while nobody took the disk in between.
+	register(t, dst, uuidA, "vm", DiskResource("/img/a", Exclusive))
+	if err := dst.Acquire(ctx, uuidA, state); err != nil {
+		t.Fatalf("handover acquire: %v", err)
+	}
+	st2, _ := dst.Release(ctx, uuidA, nil)
+	// Someone else takes and releases it: the old state is stale now.
+	register(t, other, uuidB, "intruder", DiskResource("/img/a", Exclusive))
+	other.Acquire(ctx, uuidB, "")
+	other.Release(ctx, uuidB, nil)
+	err = src.Acquire(ctx, uuidA, st2)
+	var se *StaleStateError
+	if !errors.As(err, &se) || se.Want != 2 || se.Current != 3 {
+		t.Fatalf("stale acquire = %v, want StaleStateError want 2 current 3", err)
+	}
+	if d.held("disk:/img/a") {
+		t.Fatal("a stale acquire left the disk held")
+	}
+	// A state naming a resource the object does not use is refused.
+	if err := src.Acquire(ctx, uuidA, "v1:disk:exclusive:3:%2Fimg%2Fzzz"); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("acquire with foreign state = %v, want invalid argument", err)
+	}
+}
+
+func TestHotplugAndUnplug(t *testing.T) {
+	d := newMemDriver()
+	m := NewManager(d, Options{})
+	ctx := context.Background()
+	register(t, m, uuidA, "vm", DiskResource("/img/a", Exclusive))
+	m.Acquire(ctx, uuidA, "")
+	if err := m.AcquireResource(ctx, uuidA, DiskResource("/img/b", Shared)); err != nil {
+		t.Fatal(err)
+	}
+	if !d.held("disk:/img/b") {
+		t.Fatal("hotplugged disk not held")
+	}
+	r := DiskResource("/img/b", Shared)
+	st, err := m.Release(ctx, uuidA, &r)
+	if err != nil || !strings.Contains(st, "img%2Fb") || strings.Contains(st, "img%2Fa") {
+		t.Fatalf("unplug state = %q, %v", st, err)
+	}
+	if d.held("disk:/img/b") || !d.held("disk:/img/a") {
+		t.Fatal("unplug released the wrong disk")
+	}
+	if _, err := m.Release(ctx, uuidA, &r); !errors.Is(err, ErrNotHeld) {
+		t.Fatalf("second unplug = %v, want not held", err)
+	}
+	// A failed hotplug leaves the object as it was.
+	register(t, m, uuidB, "other", DiskResource("/img/c", Exclusive))
+	m.Acquire(ctx, uuidB, "")
+	if err := m.AcquireResource(ctx, uuidA, DiskResource("/img/c", Exclusive)); !errors.Is(err, ErrBusy) {
+		t.Fatalf("hotplug of a busy disk = %v", err)
+	}
+	if st, _ := m.Inquire(uuidA); strings.Contains(st, "img%2Fc") {
+		t.Fatalf("failed hotplug is recorded: %q", st)
+	}
+}
+
+func TestHungDriverTimesOutAndUndoesLateGrant(t *testing.T) {
+	d := newMemDriver()
+	d.hang = make(chan struct{})
+	m := NewManager(d, Options{})
+	register(t, m, uuidA, "vm", DiskResource("/img/a", Exclusive))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	err := m.Acquire(ctx, uuidA, "")
+	if !errors.Is(err, ErrTimeout) {
+		t.Fatalf("Acquire on a hung driver = %v, want timeout", err)
+	}
+	// Other objects are not blocked while the driver hangs for this one.
+	if err := m.Register(Object{UUID: uuidB, PID: 1}); err != nil {
+		t.Fatal(err)
+	}
+	close(d.hang) // the late grant must be released, not leaked
+	deadline := time.Now().Add(5 * time.Second)
+	for d.held("disk:/img/a") || d.token("disk:/img/a") == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("late grant of a timed-out acquire was leaked")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+type recordingObserver struct {
+	mu                sync.Mutex
+	granted, released int
+}
+
+func (r *recordingObserver) Granted(_ Object, ls []Lease, _ time.Time) {
+	r.mu.Lock()
+	r.granted += len(ls)
+	r.mu.Unlock()
+}
+func (r *recordingObserver) Released(_ Object, ls []Lease) {
+	r.mu.Lock()
+	r.released += len(ls)
+	r.mu.Unlock()
+}
+
+func TestLocksMonitorObserverAndRestore(t *testing.T) {
+	d := newMemDriver()
+	obs := &recordingObserver{}
+	m := NewManager(d, Options{Observer: obs})
+	ctx := context.Background()
+	register(t, m, uuidA, "a", DiskResource("/img/s", Shared), DiskResource("/img/ro", ReadOnly))
+	register(t, m, uuidB, "b", DiskResource("/img/s", Shared))
+	m.Acquire(ctx, uuidA, "")
+	m.Acquire(ctx, uuidB, "")
+	locks := m.Locks()
+	if len(locks) != 2 || locks[0].Resource.Name != "/img/ro" || locks[1].Resource.Name != "/img/s" {
+		t.Fatalf("Locks = %+v", locks)
+	}
+	if len(locks[1].Holders) != 2 || locks[1].Resource.Mode != Shared || locks[1].Token != 2 {
+		t.Fatalf("shared lock entry = %+v", locks[1])
+	}
+	if locks[0].Resource.Mode != ReadOnly || locks[0].Holders[0].UUID != uuidA {
+		t.Fatalf("read-only entry = %+v", locks[0])
+	}
+	if obs.granted != 2 {
+		t.Fatalf("observer saw %d grants, want 2 (read-only takes no lease)", obs.granted)
+	}
+	if err := m.Unregister(ctx, uuidB); err != nil || obs.released != 1 {
+		t.Fatalf("Unregister: %v, released %d", err, obs.released)
+	}
+	// A restarted daemon restores a holder without calling the driver.
+	ls, ro, _ := m.Held(uuidA)
+	m2 := NewManager(d, Options{})
+	if err := m2.Restore(Object{UUID: uuidA, Name: "a", PID: 100}, ls, ro, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	register(t, m2, uuidB, "b", DiskResource("/img/s", Exclusive))
+	err := m2.Acquire(ctx, uuidB, "")
+	var be *BusyError
+	if !errors.As(err, &be) || be.Holder.UUID != uuidA {
+		t.Fatalf("acquire against a restored holder = %v", err)
+	}
+	if _, err := m2.Release(ctx, uuidA, nil); err != nil || d.held("disk:/img/s") {
+		t.Fatalf("releasing a restored holder: %v (still held %v)", err, d.held("disk:/img/s"))
+	}
+}
+
+func TestRegisterErrors(t *testing.T) {
+	m := NewManager(NopDriver{}, Options{})
+	if err := m.Register(Object{UUID: "nope"}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("bad uuid: %v", err)
+	}
+	register(t, m, uuidA, "a")
+	if err := m.Register(Object{UUID: uuidA}); !errors.Is(err, ErrNotRegistered) {
+		t.Fatalf("double register: %v", err)
+	}
+	if err := m.Acquire(context.Background(), uuidB, ""); !errors.Is(err, ErrNotRegistered) {
+		t.Fatalf("acquire unknown: %v", err)
+	}
+	if err := m.AddResource(uuidA, DiskResource("/x/../..", Exclusive)); err != nil {
+		t.Fatalf("a path with .. is fine once canonical: %v", err)
+	}
+	if err := m.AddResource(uuidA, DiskResource("/", Exclusive)); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("adding the same canonical resource twice: %v", err)
+	}
+}
