@@ -152,6 +152,7 @@ func serve(c Config) error {
 		return err
 	}
 	reloads, _ := strconv.Atoi(os.Getenv(envReloads))
+	os.Unsetenv(envReloads)
 	metrics := daemon.NewMetrics()
 	dcfg := daemon.Config{
 		Socket: c.Socket, SocketGroup: c.SocketGroup, StateDir: c.StateDir, Driver: drv, Host: c.Host,
@@ -214,8 +215,9 @@ func inherited() (*os.File, *net.UnixListener, error) {
 	os.Unsetenv("LISTEN_PID")
 	os.Unsetenv("LISTEN_FDS")
 	if fd >= 0 {
-		unix.CloseOnExec(fd)
-		l, err := net.FileListener(os.NewFile(uintptr(fd), "listener"))
+		f := os.NewFile(uintptr(fd), "listener")
+		l, err := net.FileListener(f) // a duplicate: f is closed below
+		f.Close()
 		if err != nil {
 			return nil, nil, fmt.Errorf("inherited listener: %w", err)
 		}
