@@ -63,7 +63,7 @@ func (peerCredentials) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "peercred"}
 }
 func (p peerCredentials) Clone() credentials.TransportCredentials { return p }
-func (peerCredentials) OverrideServerName(string) error          { return nil }
+func (peerCredentials) OverrideServerName(string) error           { return nil }
 
 // caller is the authenticated client of a call.
 type caller struct {
