@@ -50,7 +50,6 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
-	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -308,7 +307,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		grpc.Creds(peerCredentials{}),
 		grpc.ChainUnaryInterceptor(d.intercept),
 	)
-	vmlockpb.RegisterVMLockServer(d.srv, &service{d: d})
+	for _, register := range d.services() {
+		register(d.srv)
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.srv.Serve(d.ln) }()
 	d.log.Info("vmlockd serving", "socket", d.ln.Addr().String(), "driver", d.cfg.Driver.Name(),

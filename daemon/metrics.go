@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // Metrics are the daemon's Prometheus metrics, on a registry of their own
@@ -33,7 +34,7 @@ func NewMetrics() *Metrics {
 		}, []string{"method"}),
 	}
 	m.Registry.MustRegister(m.acquires, m.busy, m.revocations, m.latency,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

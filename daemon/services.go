@@ -1,0 +1,15 @@
+package daemon
+
+import (
+	"google.golang.org/grpc"
+
+	"github.com/vmlock/vmlock/api/vmlockpb"
+)
+
+// services lists the gRPC services vmlockd serves on its API socket. Each
+// feature (hierarchical locks, QEMU supervision, ...) adds one line.
+func (d *Daemon) services() []func(*grpc.Server) {
+	return []func(*grpc.Server){
+		func(s *grpc.Server) { vmlockpb.RegisterVMLockServer(s, &service{d: d}) },
+	}
+}
