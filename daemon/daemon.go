@@ -147,10 +147,11 @@ type Daemon struct {
 
 // owner is the daemon's record of an object beyond the lock table.
 type owner struct {
-	obj   lockmgr.Object
-	uid   int // the uid that registered it
-	proc  *process
-	since time.Time
+	obj    lockmgr.Object
+	uid    int // the uid that registered it
+	proc   *process
+	since  time.Time
+	chunks int // how many holder records the object spans now
 }
 
 type processRefs struct {
@@ -158,20 +159,26 @@ type processRefs struct {
 	uuids map[string]bool
 }
 
-// objectRecord is what the lock-holder keeps for an object.
+// objectRecord is what the lock-holder keeps for an object, one per chunk
+// of at most lockholder.MaxFiles lease files. Chunk 0 has the identity.
 type objectRecord struct {
 	Object   lockmgr.Object     `json:"object"`
 	UID      int                `json:"uid"`
 	Start    uint64             `json:"start"`
 	Since    time.Time          `json:"since"`
 	ReadOnly []lockmgr.Resource `json:"readonly,omitempty"`
+	Leases   []leaseRecord      `json:"leases,omitempty"`
 }
 
-// leaseRecord is what the lock-holder keeps for a lease.
+// leaseRecord is one lease of an object record. File indexes the record's
+// descriptors, or is -1 for a driver that keeps no file.
 type leaseRecord struct {
 	Resource lockmgr.Resource `json:"resource"`
 	Token    uint64           `json:"token"`
+	File     int              `json:"file"`
 }
+
+func recordKey(uuid string, chunk int) string { return "O/" + uuid + "/" + strconv.Itoa(chunk) }
 
 // New prepares a daemon: it takes the state directory's lock (failing with a
 // clear message if another vmlockd runs there), connects to the lock-holder,
@@ -371,88 +378,85 @@ func (d *Daemon) restore(ctx context.Context) error {
 		return nil
 	}
 	t0 := time.Now()
-	objs := map[string]*objectRecord{}
-	leases := map[string][]lockholder.Entry{}
-	for _, e := range entries {
-		switch {
-		case strings.HasPrefix(e.Key, "O/"):
-			var rec objectRecord
-			if err := json.Unmarshal(e.Meta, &rec); err != nil {
-				d.log.Error("lock-holder: unreadable object record; dropping it", "key", e.Key, "err", err)
-				_ = d.holder.Drop(e.Key)
-				continue
-			}
-			objs[rec.Object.UUID] = &rec
-		case strings.HasPrefix(e.Key, "L/"):
-			uuid, _, _ := strings.Cut(e.Key[2:], "/")
-			leases[uuid] = append(leases[uuid], e)
-		default:
-			_ = d.holder.Drop(e.Key)
-			if e.File != nil {
-				e.File.Close()
-			}
-		}
+	type restoring struct {
+		rec    *objectRecord // chunk 0
+		leases []lockmgr.Lease
+		ro     []lockmgr.Resource
+		chunks int
 	}
+	objs := map[string]*restoring{}
 	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
-	restored, released := 0, 0
-	for uuid, es := range leases {
-		var ls []lockmgr.Lease
-		for _, e := range es {
-			var lr leaseRecord
-			if err := json.Unmarshal(e.Meta, &lr); err != nil || adopter == nil {
-				d.log.Error("lock-holder: cannot take back a lease; dropping it", "key", e.Key, "err", err, "driver", d.cfg.Driver.Name())
-				_ = d.holder.Drop(e.Key)
-				if e.File != nil {
-					e.File.Close()
+	for i := range entries {
+		e := &entries[i]
+		var rec objectRecord
+		uuid, chunk, ok := parseRecordKey(e.Key)
+		if ok {
+			ok = json.Unmarshal(e.Meta, &rec) == nil && rec.Object.UUID == uuid
+		}
+		if !ok {
+			d.log.Error("lock-holder: unreadable record; dropping it", "key", e.Key)
+			_ = d.holder.Drop(e.Key)
+			e.Close()
+			continue
+		}
+		r := objs[uuid]
+		if r == nil {
+			r = &restoring{}
+			objs[uuid] = r
+		}
+		r.chunks++
+		if chunk == 0 {
+			r.rec = &rec
+			r.ro = rec.ReadOnly
+		}
+		for _, lr := range rec.Leases {
+			var f *os.File
+			if lr.File >= 0 && lr.File < len(e.Files) {
+				f = e.Files[lr.File]
+				e.Files[lr.File] = nil
+			}
+			if adopter == nil {
+				d.log.Error("lock-holder: the driver cannot take back a lease", "driver", d.cfg.Driver.Name(), "resource", lr.Resource.String())
+				if f != nil {
+					f.Close()
 				}
 				continue
 			}
-			l, err := adopter.Adopt(lr.Resource, lr.Token, e.File)
+			l, err := adopter.Adopt(lr.Resource, lr.Token, f)
 			if err != nil {
-				d.log.Error("lock-holder: cannot take back a lease; dropping it", "key", e.Key, "err", err)
-				_ = d.holder.Drop(e.Key)
+				d.log.Error("lock-holder: cannot take back a lease", "uuid", uuid, "resource", lr.Resource.String(), "err", err)
 				continue
 			}
-			ls = append(ls, l)
+			r.leases = append(r.leases, l)
 		}
-		rec := objs[uuid]
-		var proc *process
-		if rec != nil {
-			proc, err = openProcess(rec.Object.PID, rec.Start)
-		}
-		if rec == nil || err != nil {
-			// The owner exited while we were down, or the grant was never
-			// answered: release it now.
-			if rerr := d.cfg.Driver.Release(ctx, ls); rerr != nil {
-				d.log.Error("releasing a lease of a gone owner", "uuid", uuid, "err", rerr)
-			}
-			_ = d.holder.DropPrefix("L/" + uuid + "/")
-			_ = d.holder.Drop("O/" + uuid)
-			delete(objs, uuid)
-			released += len(ls)
-			continue
-		}
-		if err := d.mgr.Restore(rec.Object, ls, rec.ReadOnly, rec.Since); err != nil {
-			d.log.Error("restoring an object", "uuid", uuid, "err", err)
-			proc.close()
-			continue
-		}
-		d.adoptOwner(rec, proc)
-		delete(objs, uuid)
-		restored++
+		e.Close() // descriptors no lease claimed
 	}
-	// Objects with only read-only uses have no lease entries.
-	for uuid, rec := range objs {
-		proc, err := openProcess(rec.Object.PID, rec.Start)
+	restored, released := 0, 0
+	for uuid, r := range objs {
+		var proc *process
+		err := errGone
+		if r.rec != nil {
+			proc, err = openProcess(r.rec.Object.PID, r.rec.Start)
+		}
+		if err == nil {
+			err = d.mgr.Restore(r.rec.Object, r.leases, r.ro, r.rec.Since)
+			if err != nil {
+				proc.close()
+			}
+		}
 		if err != nil {
-			_ = d.holder.Drop("O/" + uuid)
+			// The owner exited while we were down: release its locks now.
+			if rerr := d.cfg.Driver.Release(ctx, r.leases); rerr != nil {
+				d.log.Error("releasing the locks of a gone owner", "uuid", uuid, "err", rerr)
+			}
+			_ = d.holder.DropPrefix("O/" + uuid + "/")
+			released += len(r.leases)
 			continue
 		}
-		if err := d.mgr.Restore(rec.Object, nil, rec.ReadOnly, rec.Since); err != nil {
-			proc.close()
-			continue
-		}
-		d.adoptOwner(rec, proc)
+		d.mu.Lock()
+		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks}
+		d.watchLocked(uuid, proc)
+		d.mu.Unlock()
 		restored++
 	}
 	d.log.Info("took back the locks kept by the lock-holder", "objects", restored, "released_of_gone_owners", released,
@@ -460,11 +464,17 @@ func (d *Daemon) restore(ctx context.Context) error {
 	return nil
 }
 
-func (d *Daemon) adoptOwner(rec *objectRecord, p *process) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.owners[rec.Object.UUID] = &owner{obj: rec.Object, uid: rec.UID, proc: p, since: rec.Since}
-	d.watchLocked(rec.Object.UUID, p)
+func parseRecordKey(k string) (uuid string, chunk int, ok bool) {
+	rest, ok := strings.CutPrefix(k, "O/")
+	if !ok {
+		return "", 0, false
+	}
+	uuid, c, ok := strings.Cut(rest, "/")
+	if !ok {
+		return "", 0, false
+	}
+	chunk, err := strconv.Atoi(c)
+	return uuid, chunk, err == nil && chunk >= 0
 }
 
 // watchLocked ties uuid's locks to p's life. Called with d.mu held.
@@ -478,6 +488,19 @@ func (d *Daemon) watchLocked(uuid string, p *process) {
 		p.close() // we already watch this process
 	}
 	pr.uuids[uuid] = true
+}
+
+// pinLocked returns the watched process pid, opening a pidfd only if it is
+// not watched yet. Watches are kept until the process exits, so an owner
+// that locks and releases in a loop costs one pidfd_open, not one a call.
+// Called with d.mu held.
+func (d *Daemon) pinLocked(pid int) (*process, error) {
+	// A watched process that still answers signal 0 is alive, so its pid
+	// cannot have been reused.
+	if pr := d.procs[pid]; pr != nil && pr.p.alive() {
+		return pr.p, nil
+	}
+	return openProcess(pid, 0)
 }
 
 // onExit releases every object of a process when it exits.
@@ -510,23 +533,18 @@ func (d *Daemon) onExit(pr *processRefs) {
 	}
 }
 
-// forget releases everything of uuid and drops its records.
+// forget releases everything of uuid and forgets it. The Manager's
+// observer drops its holder records.
 func (d *Daemon) forget(ctx context.Context, uuid string) error {
 	err := d.mgr.Unregister(ctx, uuid)
 	if err != nil && errors.Is(err, lockmgr.ErrNotRegistered) {
 		return err
 	}
-	_ = d.holder.DropPrefix("L/" + uuid + "/")
-	_ = d.holder.Drop("O/" + uuid)
 	d.mu.Lock()
 	if o := d.owners[uuid]; o != nil {
 		delete(d.owners, uuid)
-		if pr := d.procs[o.proc.pid]; pr != nil && pr.p == o.proc {
+		if pr := d.procs[o.proc.pid]; pr != nil {
 			delete(pr.uuids, uuid)
-			if len(pr.uuids) == 0 && !pr.p.exited() {
-				delete(d.procs, o.proc.pid)
-				pr.p.close() // ends its wait; onExit finds no uuids
-			}
 		}
 	}
 	d.mu.Unlock()
@@ -539,43 +557,73 @@ func (d *Daemon) ownerCount() int {
 	return len(d.owners)
 }
 
-// putObject records (or re-records) an object in the lock-holder.
-func (d *Daemon) putObject(o *owner) error {
-	_, ro, err := d.mgr.Held(o.obj.UUID)
-	if err != nil {
-		return err
-	}
-	b, err := json.Marshal(objectRecord{Object: o.obj, UID: o.uid, Start: o.proc.start, Since: o.since, ReadOnly: ro})
-	if err != nil {
-		return err
-	}
-	return d.holder.Put("O/"+o.obj.UUID, b, nil)
-}
-
-// observer hands every grant to the lock-holder before the call that made
-// it returns, and drops every release.
+// observer keeps the lock-holder's records in step with the lock table:
+// after every change of an object it rewrites the object's record, with
+// every lease file attached, before the call that made the change returns.
 type observer Daemon
 
-func (ob *observer) Granted(o lockmgr.Object, leases []lockmgr.Lease, _ time.Time) {
+func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) {
 	d := (*Daemon)(ob)
-	for _, l := range leases {
-		b, _ := json.Marshal(leaseRecord{Resource: l.Resource(), Token: l.Token()})
-		var f *os.File
-		if fl, ok := l.(lockmgr.FileLease); ok {
-			f = fl.File()
+	d.mu.Lock()
+	ow := d.owners[o.UUID]
+	var rec objectRecord
+	prev := 1
+	if ow != nil {
+		rec = objectRecord{Object: o, UID: ow.uid, Start: ow.proc.start, Since: ow.since, ReadOnly: ro}
+		prev = ow.chunks
+	} else {
+		rec = objectRecord{Object: o, UID: -1, Since: time.Now(), ReadOnly: ro}
+	}
+	d.mu.Unlock()
+	if len(leases) == 0 && len(ro) == 0 {
+		_ = d.holder.DropPrefix("O/" + o.UUID + "/")
+		d.setChunks(o.UUID, 0)
+		return
+	}
+	// Write the new records first, then drop the chunks no longer used:
+	// the holder never goes without a record of a lock that is held.
+	chunks := 0
+	for first := 0; first == 0 || first < len(leases); first += lockholder.MaxFiles {
+		part := leases[first:min(first+lockholder.MaxFiles, len(leases))]
+		r := rec
+		if chunks > 0 {
+			r.ReadOnly = nil
 		}
-		if err := d.holder.Put("L/"+o.UUID+"/"+l.Resource().Key(), b, f); err != nil {
-			// The lock is held, but would not survive our crash: say so loudly.
-			d.log.Error("lock-holder: cannot hand over a lock; it will not survive a crash of vmlockd", "uuid", o.UUID, "resource", l.Resource().String(), "err", err)
+		r.Leases = make([]leaseRecord, 0, len(part))
+		var files []*os.File
+		for _, l := range part {
+			lr := leaseRecord{Resource: l.Resource(), Token: l.Token(), File: -1}
+			if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
+				lr.File = len(files)
+				files = append(files, fl.File())
+			}
+			r.Leases = append(r.Leases, lr)
+		}
+		b, err := json.Marshal(r)
+		if err == nil {
+			err = d.holder.Put(recordKey(o.UUID, chunks), b, files)
+		}
+		if err != nil {
+			// The locks are held, but would not survive our crash: say so loudly.
+			d.log.Error("lock-holder: cannot record an object's locks; they will not survive a crash of vmlockd", "uuid", o.UUID, "err", err)
+		}
+		chunks++
+		if len(leases) == 0 {
+			break
 		}
 	}
+	for c := chunks; c < prev; c++ {
+		_ = d.holder.Drop(recordKey(o.UUID, c))
+	}
+	d.setChunks(o.UUID, chunks)
 }
 
-func (ob *observer) Released(o lockmgr.Object, leases []lockmgr.Lease) {
-	d := (*Daemon)(ob)
-	for _, l := range leases {
-		_ = d.holder.Drop("L/" + o.UUID + "/" + l.Resource().Key())
+func (d *Daemon) setChunks(uuid string, n int) {
+	d.mu.Lock()
+	if ow := d.owners[uuid]; ow != nil {
+		ow.chunks = n
 	}
+	d.mu.Unlock()
 }
 
 // sdNotify tells systemd about our state when it runs us as Type=notify.

@@ -91,6 +91,20 @@ func (p *process) signal(sig syscall.Signal) error {
 	return serr
 }
 
+// alive reports whether the process still runs (or is a zombie not yet
+// reaped: its pid is still its own either way).
+func (p *process) alive() bool {
+	rc, err := p.file.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), 0, nil, 0) }); err != nil {
+		return false
+	}
+	return serr == nil
+}
+
 // exited reports whether the process has exited.
 func (p *process) exited() bool {
 	select {

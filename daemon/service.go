@@ -224,34 +224,33 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 // acquireNew takes the resources of a just-registered object; on any
 // failure the object is forgotten again.
 func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
-	fail := func(err error) (string, error) {
-		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
-		return "", err
+	d.mu.Lock()
+	p, err := d.pinLocked(o.PID)
+	if err == nil {
+		// The owner is known before the first grant, so that the observer
+		// records its uid and start time with the locks.
+		d.owners[o.UUID] = &owner{obj: o, uid: c.uid, proc: p, since: time.Now()}
+		d.watchLocked(o.UUID, p)
 	}
-	p, err := openProcess(o.PID, 0)
+	d.mu.Unlock()
 	if err != nil {
+		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
 		if errors.Is(err, errGone) {
 			err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: process %d does not exist", o.UUID, o.PID)
 		}
-		return fail(err)
+		return "", err
 	}
 	for _, r := range rs {
-		if err := d.mgr.AddResource(o.UUID, r); err != nil {
-			p.close()
-			return fail(err)
+		if err = d.mgr.AddResource(o.UUID, r); err != nil {
+			break
 		}
 	}
-	if err := d.mgr.Acquire(ctx, o.UUID, state); err != nil {
-		p.close()
-		return fail(err)
+	if err == nil {
+		err = d.mgr.Acquire(ctx, o.UUID, state)
 	}
-	ow := &owner{obj: o, uid: c.uid, proc: p, since: time.Now()}
-	d.mu.Lock()
-	d.owners[o.UUID] = ow
-	d.watchLocked(o.UUID, p)
-	d.mu.Unlock()
-	if err := d.putObject(ow); err != nil {
-		d.log.Error("lock-holder: cannot record an object; its locks will not survive a crash of vmlockd", "uuid", o.UUID, "err", err)
+	if err != nil {
+		_ = d.forget(context.WithoutCancel(ctx), o.UUID)
+		return "", err
 	}
 	d.log.Debug("acquired", "uuid", o.UUID, "name", o.Name, "pid", o.PID, "resources", len(rs))
 	return d.mgr.Inquire(o.UUID)
@@ -283,9 +282,6 @@ func (d *Daemon) hotplug(ctx context.Context, c caller, o lockmgr.Object, rs []l
 			return "", err
 		}
 		took = append(took, r)
-	}
-	if err := d.putObject(ow); err != nil {
-		d.log.Error("lock-holder: cannot record an object", "uuid", o.UUID, "err", err)
 	}
 	return d.mgr.Inquire(o.UUID)
 }
@@ -322,16 +318,8 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		part, _ := lockmgr.ParseState(one)
 		st = append(st, part...)
 	}
-	ls, ro, err := d.mgr.Held(uuid)
-	if err == nil && len(ls) == 0 && len(ro) == 0 {
+	if ls, ro, err := d.mgr.Held(uuid); err == nil && len(ls) == 0 && len(ro) == 0 {
 		_ = d.forget(ctx, uuid)
-	} else if err == nil {
-		d.mu.Lock()
-		ow := d.owners[uuid]
-		d.mu.Unlock()
-		if ow != nil {
-			_ = d.putObject(ow)
-		}
 	}
 	return &vmlockpb.StateReply{State: st.String()}, nil
 }

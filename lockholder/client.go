@@ -79,15 +79,19 @@ func StartDetached(cmd *exec.Cmd) error {
 	return nil
 }
 
-// Put hands the holder a record and, if f is not nil, a duplicate of f. It
-// replaces any entry with the same key. When Put returns nil, the holder
-// keeps f's open file description even if the caller dies at once.
-func (c *Client) Put(key string, meta []byte, f *os.File) error {
+// Put hands the holder a record and duplicates of files (at most
+// MaxFiles). It replaces any entry with the same key. When Put returns nil,
+// the holder keeps the files' open file descriptions even if the caller
+// dies at once.
+func (c *Client) Put(key string, meta []byte, files []*os.File) error {
+	if len(files) > MaxFiles {
+		return fmt.Errorf("lockholder: %d descriptors in one entry (at most %d)", len(files), MaxFiles)
+	}
 	msg, err := encode(opPut, key, meta)
 	if err != nil {
 		return err
 	}
-	return c.send(msg, f)
+	return c.send(msg, files)
 }
 
 // Drop makes the holder close and forget key's entry.
@@ -108,13 +112,13 @@ func (c *Client) DropPrefix(prefix string) error {
 	return c.send(msg, nil)
 }
 
-func (c *Client) send(msg []byte, f *os.File) error {
+func (c *Client) send(msg []byte, files []*os.File) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.fd < 0 {
 		return errClosed
 	}
-	if err := sendmsg(c.fd, msg, f); err != nil {
+	if err := sendmsg(c.fd, msg, files); err != nil {
 		return fmt.Errorf("lockholder: %w", err)
 	}
 	return nil
@@ -122,8 +126,8 @@ func (c *Client) send(msg []byte, f *os.File) error {
 
 var errClosed = errors.New("lockholder: client closed")
 
-// List returns every entry the holder keeps, with its descriptor (owned by
-// the caller from now on; the holder keeps its own copy).
+// List returns every entry the holder keeps, with its descriptors (owned by
+// the caller from now on; the holder keeps its own copies).
 func (c *Client) List() ([]Entry, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -132,15 +136,13 @@ func (c *Client) List() ([]Entry, error) {
 		return nil, fmt.Errorf("lockholder: %w", err)
 	}
 	buf := make([]byte, maxMsg)
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	oob := make([]byte, oobSize)
 	var out []Entry
 	for {
-		m, f, err := recvmsg(c.fd, buf, oob)
+		m, files, err := recvmsg(c.fd, buf, oob)
 		if err != nil {
-			for _, e := range out {
-				if e.File != nil {
-					e.File.Close()
-				}
+			for i := range out {
+				out[i].Close()
 			}
 			return nil, fmt.Errorf("lockholder: listing: %w", err)
 		}
@@ -151,7 +153,7 @@ func (c *Client) List() ([]Entry, error) {
 		if op == opEnd {
 			return out, nil
 		}
-		out = append(out, Entry{Key: key, Meta: append([]byte(nil), meta...), File: f})
+		out = append(out, Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files})
 	}
 }
 

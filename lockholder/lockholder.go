@@ -22,7 +22,7 @@
 //
 // The wire format is one SOCK_SEQPACKET message per operation:
 //
-//	op(1) keylen(2, LE) key meta  [+ 0 or 1 descriptor]
+//	op(1) keylen(2, LE) key meta  [+ up to MaxFiles descriptors]
 //
 // with op 'P' put (replace), 'D' drop key, 'X' drop every key with the
 // prefix, 'L' list; a list is answered by one 'E' message per entry and a
@@ -47,7 +47,10 @@ const (
 	opEnd        = 'Z'
 
 	// MaxMeta bounds an entry's record; a larger Put is refused by the client.
-	MaxMeta = 32 << 10
+	MaxMeta = 64 << 10
+	// MaxFiles bounds the descriptors of one entry (the kernel's SCM_MAX_FD
+	// is 253).
+	MaxFiles = 250
 	maxKey  = 8 << 10
 	maxMsg  = 1 + 2 + maxKey + MaxMeta
 )
@@ -58,11 +61,19 @@ const (
 	LockName   = "lockholder.lock"
 )
 
-// Entry is one kept grant.
+// Entry is one kept record with its descriptors.
 type Entry struct {
-	Key  string
-	Meta []byte
-	File *os.File // nil for grants without a descriptor (a driver that keeps no file)
+	Key   string
+	Meta  []byte
+	Files []*os.File // the lock descriptors, in the order they were put
+}
+
+// Close closes the entry's descriptors.
+func (e *Entry) Close() {
+	for _, f := range e.Files {
+		f.Close()
+	}
+	e.Files = nil
 }
 
 func encode(op byte, key string, meta []byte) ([]byte, error) {
@@ -92,10 +103,11 @@ func decode(b []byte) (op byte, key string, meta []byte, err error) {
 	return b[0], string(b[3 : 3+n]), b[3+n:], nil
 }
 
-// recvmsg reads one message and the descriptors that came with it. A
-// message with more than one descriptor is a protocol error: the extra ones
-// are closed.
-func recvmsg(fd int, buf, oob []byte) (msg []byte, file *os.File, err error) {
+// oobSize is the control buffer for MaxFiles descriptors.
+var oobSize = unix.CmsgSpace(MaxFiles * 4)
+
+// recvmsg reads one message and the descriptors that came with it.
+func recvmsg(fd int, buf, oob []byte) (msg []byte, files []*os.File, err error) {
 	n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
 	if err != nil {
 		return nil, nil, err
@@ -108,30 +120,29 @@ func recvmsg(fd int, buf, oob []byte) (msg []byte, file *os.File, err error) {
 		if err != nil {
 			return nil, nil, err
 		}
-		var fds []int
 		for _, s := range scms {
-			got, err := unix.ParseUnixRights(&s)
-			if err == nil {
-				fds = append(fds, got...)
+			fds, err := unix.ParseUnixRights(&s)
+			if err != nil {
+				continue
 			}
-		}
-		for i, f := range fds {
-			if i == 0 {
-				file = os.NewFile(uintptr(f), "lease")
-			} else {
-				unix.Close(f)
+			for _, f := range fds {
+				files = append(files, os.NewFile(uintptr(f), "lease"))
 			}
 		}
 	}
-	return buf[:n], file, nil
+	return buf[:n], files, nil
 }
 
 var errEOF = errors.New("lockholder: connection closed")
 
-func sendmsg(fd int, msg []byte, f *os.File) error {
+func sendmsg(fd int, msg []byte, files []*os.File) error {
 	var oob []byte
-	if f != nil {
-		oob = unix.UnixRights(int(f.Fd()))
+	if len(files) > 0 {
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		oob = unix.UnixRights(fds...)
 	}
 	for {
 		err := unix.Sendmsg(fd, msg, oob, nil, 0)

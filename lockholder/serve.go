@@ -11,11 +11,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Serve runs the holder for stateDir until its last controller has gone and
-// it holds nothing, or ctx is done. It refuses to run (returning an error)
-// while another holder serves the same directory. idle bounds how long a
-// fresh holder waits for its first controller before giving up if it holds
-// nothing.
+// Serve runs the holder for stateDir until its controller has gone and it
+// holds nothing, or ctx is done. It refuses to run (returning an error)
+// while another holder serves the same directory.
 func Serve(ctx context.Context, stateDir string) error {
 	lock, err := os.OpenFile(filepath.Join(stateDir, LockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -78,23 +76,21 @@ type holder struct {
 
 func (h *holder) serve(fd int) {
 	buf := make([]byte, maxMsg)
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	oob := make([]byte, oobSize)
 	for {
-		msg, f, err := recvmsg(fd, buf, oob)
+		msg, files, err := recvmsg(fd, buf, oob)
 		if err != nil {
 			return
 		}
 		op, key, meta, err := decode(msg)
 		if err != nil {
-			if f != nil {
-				f.Close()
-			}
+			closeAll(files)
 			return
 		}
 		switch op {
 		case opPut:
 			h.drop(key)
-			h.entries[key] = &Entry{Key: key, Meta: append([]byte(nil), meta...), File: f}
+			h.entries[key] = &Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}
 			continue
 		case opDrop:
 			h.drop(key)
@@ -109,22 +105,22 @@ func (h *holder) serve(fd int) {
 				return
 			}
 		default:
-			if f != nil {
-				f.Close()
-			}
+			closeAll(files)
 			return
 		}
-		if f != nil {
-			f.Close()
-		}
+		closeAll(files) // only a put carries descriptors
+	}
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
 	}
 }
 
 func (h *holder) drop(key string) {
 	if e := h.entries[key]; e != nil {
-		if e.File != nil {
-			e.File.Close()
-		}
+		e.Close()
 		delete(h.entries, key)
 	}
 }
@@ -135,7 +131,7 @@ func (h *holder) list(fd int) error {
 		if err != nil {
 			return err
 		}
-		if err := sendmsg(fd, msg, e.File); err != nil {
+		if err := sendmsg(fd, msg, e.Files); err != nil {
 			return err
 		}
 	}

@@ -8,13 +8,15 @@ import (
 	"time"
 )
 
-// Observer is told of every grant and release, synchronously, before the
-// Manager call that made it returns. The daemon uses it to hand lease files
-// to its lock-holder process and to count metrics. Calls for one object are
-// never concurrent; calls for different objects may be.
+// Observer is told, synchronously and before the Manager call returns,
+// what an object holds after every change of it (a grant, a release, an
+// unregistration): its leases and its read-only uses. Both are empty when
+// it holds nothing. The daemon uses it to hand lease files to its
+// lock-holder process. Calls for one object are never concurrent and come
+// in the order of the changes; calls for different objects may be
+// concurrent.
 type Observer interface {
-	Granted(o Object, leases []Lease, since time.Time)
-	Released(o Object, leases []Lease)
+	Changed(o Object, leases []Lease, readonly []Resource)
 }
 
 // Options configure a Manager. The zero value is usable.
@@ -209,10 +211,11 @@ func (m *Manager) AcquireResource(ctx context.Context, uuid string, r Resource) 
 		return invalid("object %s already uses %s", ob.obj.UUID, r)
 	}
 	u := &use{res: r}
+	ob.uses = append(ob.uses, u)
 	if err := m.acquire(ctx, ob, []*use{u}, nil); err != nil {
+		ob.remove(u)
 		return err
 	}
-	ob.uses = append(ob.uses, u)
 	return nil
 }
 
@@ -259,10 +262,26 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		m.addHeldLocked(ob, u)
 	}
 	m.mu.Unlock()
-	if m.obs != nil && len(leases) > 0 {
-		m.obs.Granted(ob.obj, leases, now)
-	}
+	m.notify(ob)
 	return nil
+}
+
+// notify tells the observer what ob holds now. Called with ob.op held.
+func (m *Manager) notify(ob *object) {
+	if m.obs == nil {
+		return
+	}
+	var ls []Lease
+	var ro []Resource
+	for _, u := range ob.uses {
+		switch {
+		case u.lease != nil:
+			ls = append(ls, u.lease)
+		case u.held:
+			ro = append(ro, u.res)
+		}
+	}
+	m.obs.Changed(ob.obj, ls, ro)
 }
 
 // conflictLocked returns a BusyError if another object of this Manager holds
@@ -387,11 +406,15 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 		m.dropHeldLocked(ob, u)
 	}
 	m.mu.Unlock()
-	if len(leases) == 0 {
+	if len(rel) == 0 {
 		return nil
 	}
-	if m.obs != nil {
-		m.obs.Released(ob.obj, leases)
+	// The observer hears of the release before the driver unlocks: whoever
+	// keeps copies of the lease files drops them first, so no copy outlives
+	// the lock it stood for.
+	m.notify(ob)
+	if len(leases) == 0 {
+		return nil
 	}
 	_, err := Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
 	return err

@@ -265,19 +265,18 @@ func TestHungDriverTimesOutAndUndoesLateGrant(t *testing.T) {
 	}
 }
 
+// recordingObserver keeps the last holding reported for each object.
 type recordingObserver struct {
-	mu                sync.Mutex
-	granted, released int
+	mu   sync.Mutex
+	last map[string][2]int // leases, read-only uses
 }
 
-func (r *recordingObserver) Granted(_ Object, ls []Lease, _ time.Time) {
+func (r *recordingObserver) Changed(o Object, ls []Lease, ro []Resource) {
 	r.mu.Lock()
-	r.granted += len(ls)
-	r.mu.Unlock()
-}
-func (r *recordingObserver) Released(_ Object, ls []Lease) {
-	r.mu.Lock()
-	r.released += len(ls)
+	if r.last == nil {
+		r.last = map[string][2]int{}
+	}
+	r.last[o.UUID] = [2]int{len(ls), len(ro)}
 	r.mu.Unlock()
 }
 
@@ -300,11 +299,11 @@ func TestLocksMonitorObserverAndRestore(t *testing.T) {
 	if locks[0].Resource.Mode != ReadOnly || locks[0].Holders[0].UUID != uuidA {
 		t.Fatalf("read-only entry = %+v", locks[0])
 	}
-	if obs.granted != 2 {
-		t.Fatalf("observer saw %d grants, want 2 (read-only takes no lease)", obs.granted)
+	if got := obs.last[uuidA]; got != [2]int{1, 1} {
+		t.Fatalf("observer says a holds %v, want 1 lease and 1 read-only use", got)
 	}
-	if err := m.Unregister(ctx, uuidB); err != nil || obs.released != 1 {
-		t.Fatalf("Unregister: %v, released %d", err, obs.released)
+	if err := m.Unregister(ctx, uuidB); err != nil || obs.last[uuidB] != [2]int{0, 0} {
+		t.Fatalf("Unregister: %v, observer says b holds %v", err, obs.last[uuidB])
 	}
 	// A restarted daemon restores a holder without calling the driver.
 	ls, ro, _ := m.Held(uuidA)

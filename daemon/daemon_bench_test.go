@@ -1,0 +1,68 @@
+package daemon
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
+)
+
+// startInProcess runs a daemon in this process with the lock-holder served
+// by a goroutine (the real one is a process of its own; its protocol is the
+// same).
+func startInProcess(tb testing.TB) (*api.Client, string) {
+	tb.Helper()
+	dir := tb.TempDir()
+	state := filepath.Join(dir, "state")
+	drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	os.MkdirAll(state, 0o700)
+	go lockholder.Serve(ctx, state)
+	d, err := New(ctx, Config{Socket: filepath.Join(dir, "s.sock"), StateDir: state, Driver: drv,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), HolderCommand: func() error { return nil }}, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { d.Run(ctx); close(done) }()
+	c, err := api.Dial(ctx, filepath.Join(dir, "s.sock"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close(); cancel(); <-done })
+	return c, dir
+}
+
+func BenchmarkAPIAcquireRelease(b *testing.B) {
+	c, dir := startInProcess(b)
+	owner := exec.Command("sleep", "600")
+	if err := owner.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { owner.Process.Kill(); owner.Wait() }()
+	disk := filepath.Join(dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	o := lockmgr.Object{UUID: "b0000000-0000-4000-8000-000000000001", PID: owner.Process.Pid}
+	rs := []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}
+	ctx := context.Background()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := c.Acquire(ctx, o, rs, ""); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.Release(ctx, o.UUID); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

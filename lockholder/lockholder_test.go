@@ -1,0 +1,157 @@
+package lockholder
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// lockedFile opens path and takes an OFD write lock on byte 0.
+func lockedFile(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Len: 1}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// free reports whether a new open file description can lock byte 0.
+func free(t *testing.T, path string) bool {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Len: 1}
+	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
+	if err != nil && !errors.Is(err, unix.EAGAIN) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+func serve(t *testing.T, dir string) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, dir) }()
+	return func() { cancel(); <-done }
+}
+
+func connect(t *testing.T, dir string) *Client {
+	t.Helper()
+	c, err := Connect(context.Background(), dir, func() error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestHolderKeepsLocksAfterTheSenderClosesItsCopies(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	fa, fb := lockedFile(t, a), lockedFile(t, b)
+	c := connect(t, dir)
+	if err := c.Put("O/x/0", []byte(`{"n":1}`), []*os.File{fa, fb}); err != nil {
+		t.Fatal(err)
+	}
+	// The sender's copies go away, as when vmlockd is killed.
+	fa.Close()
+	fb.Close()
+	c.Close()
+	if free(t, a) || free(t, b) {
+		t.Fatal("a lock went away with the sender's descriptors")
+	}
+	// A new controller gets the record and the descriptors back, in order.
+	c2 := connect(t, dir)
+	defer c2.Close()
+	es, err := c2.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || es[0].Key != "O/x/0" || string(es[0].Meta) != `{"n":1}` || len(es[0].Files) != 2 {
+		t.Fatalf("List = %+v", es)
+	}
+	var st unix.Stat_t
+	unix.Fstat(int(es[0].Files[1].Fd()), &st)
+	var want unix.Stat_t
+	unix.Stat(b, &want)
+	if st.Ino != want.Ino {
+		t.Fatal("descriptors came back out of order")
+	}
+	// Dropping the entry (and our copies) frees the locks.
+	for _, f := range es[0].Files {
+		f.Close()
+	}
+	if err := c2.DropPrefix("O/x/"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.List(); err != nil { // a round trip: the drop was applied
+		t.Fatal(err)
+	}
+	if !free(t, a) || !free(t, b) {
+		t.Fatal("a dropped entry still holds its lock")
+	}
+}
+
+func TestPutReplacesAndDropForgets(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	p := filepath.Join(dir, "a")
+	f := lockedFile(t, p)
+	c := connect(t, dir)
+	defer c.Close()
+	c.Put("k", []byte("1"), []*os.File{f})
+	f.Close()
+	c.Put("k", []byte("2"), nil) // the new record keeps no descriptor
+	c.Put("other", []byte("3"), nil)
+	c.Drop("other")
+	es, err := c.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || string(es[0].Meta) != "2" || len(es[0].Files) != 0 {
+		t.Fatalf("List = %+v", es)
+	}
+	if !free(t, p) {
+		t.Fatal("a replaced entry's descriptor was kept")
+	}
+}
+
+func TestOneHolderPerDirectoryAndBadMessages(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	c := connect(t, dir)
+	if err := Serve(context.Background(), dir); err == nil {
+		t.Fatal("a second holder on the same directory started")
+	}
+	if err := c.Put(string(make([]byte, maxKey+1)), nil, nil); err == nil {
+		t.Fatal("an over-long key was accepted")
+	}
+	if err := c.Put("k", make([]byte, MaxMeta+1), nil); err == nil {
+		t.Fatal("an over-long record was accepted")
+	}
+	c.Put("kept", []byte("x"), nil)
+	// Garbage ends that controller's connection, nothing else.
+	if err := c.send([]byte{'?'}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c2 := connect(t, dir)
+	defer c2.Close()
+	es, err := c2.List()
+	if err != nil || len(es) != 1 || es[0].Key != "kept" {
+		t.Fatalf("after garbage: %+v, %v", es, err)
+	}
+}
