@@ -105,16 +105,6 @@ func (p *process) alive() bool {
 	return serr == nil
 }
 
-// exited reports whether the process has exited.
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return p.dead
-	default:
-		return false
-	}
-}
-
 // waitExit waits for the process to exit or ctx to end.
 func (p *process) waitExit(ctx context.Context) error {
 	select {

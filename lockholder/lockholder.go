@@ -51,8 +51,8 @@ const (
 	// MaxFiles bounds the descriptors of one entry (the kernel's SCM_MAX_FD
 	// is 253).
 	MaxFiles = 250
-	maxKey  = 8 << 10
-	maxMsg  = 1 + 2 + maxKey + MaxMeta
+	maxKey   = 8 << 10
+	maxMsg   = 1 + 2 + maxKey + MaxMeta
 )
 
 // SocketName and LockName are the holder's files in the state directory.

@@ -8,8 +8,15 @@ func newBenchCmd() *cobra.Command {
 		Short: "run one of the project's benchmarks; prints one JSON object (docs/benchmarks.md)",
 	}
 	// One constructor per scenario, each in its own bench_<scenario>.go.
-	for _, sub := range []func() *cobra.Command{} {
+	for _, sub := range []func() *cobra.Command{
+		newBenchDaemonCmd,
+		newBenchScaleCmd,
+		newBenchEtcdCmd,
+		newBenchDriverCmd,
+		newBenchHierlockCmd,
+	} {
 		c.AddCommand(sub())
 	}
+	c.AddCommand(newBenchInternalCmds()...)
 	return c
 }
