@@ -42,6 +42,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -313,6 +314,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.srv = grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
 		grpc.ChainUnaryInterceptor(d.intercept),
+		// A fixed pool of stream workers instead of a goroutine per call.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
 	for _, register := range d.services() {
 		register(d.srv)

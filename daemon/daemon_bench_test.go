@@ -17,20 +17,30 @@ import (
 
 // startInProcess runs a daemon in this process with the lock-holder served
 // by a goroutine (the real one is a process of its own; its protocol is the
-// same).
-func startInProcess(tb testing.TB) (*api.Client, string) {
+// same). cfg's zero fields get test defaults: the lockspace driver, a
+// socket and state directory in a temporary directory.
+func startInProcess(tb testing.TB, cfgs ...Config) (*api.Client, string) {
 	tb.Helper()
 	dir := tb.TempDir()
 	state := filepath.Join(dir, "state")
-	drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
-	if err != nil {
-		tb.Fatal(err)
+	var cfg Config
+	if len(cfgs) > 0 {
+		cfg = cfgs[0]
 	}
+	if cfg.Driver == nil {
+		drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		cfg.Driver = drv
+	}
+	cfg.Socket, cfg.StateDir = filepath.Join(dir, "s.sock"), state
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg.HolderCommand = func() error { return nil }
 	ctx, cancel := context.WithCancel(context.Background())
 	os.MkdirAll(state, 0o700)
 	go lockholder.Serve(ctx, state)
-	d, err := New(ctx, Config{Socket: filepath.Join(dir, "s.sock"), StateDir: state, Driver: drv,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), HolderCommand: func() error { return nil }}, nil)
+	d, err := New(ctx, cfg, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
