@@ -1,0 +1,124 @@
+// Package etcdlock is vmlock's cluster lock driver ("etcd"): locks that hold
+// across hosts without a shared file system, kept in an etcd cluster.
+//
+// # Sessions
+//
+// Each host (one Driver, named by Config.Host) keeps one etcd lease, its
+// session, with a TTL (default 10 s). Every lock the host is granted is a key
+// attached to that lease, so the locks of a host that dies vanish when its
+// lease expires. The driver renews the lease itself, every TTL/3, with
+// LeaseKeepAliveOnce, so that it knows when each renewal was confirmed (see
+// "Self-fencing" below). The lease ID is written to Config.StateDir; a daemon
+// that restarts within the TTL re-attaches to its lease and takes its locks
+// back with Adopt.
+//
+// # Key layout
+//
+// With P the prefix (default "/vmlock/") and K a resource's Key()
+// ("disk:/var/lib/images/a.qcow2") escaped with url.PathEscape, so that it is
+// one path component and no resource's keys are a prefix of another's (a
+// name longer than 256 bytes escaped is replaced by "~" and its SHA-256):
+//
+//	P hosts/HOST          the host's session key, on its lease; one live session per host name
+//	P res/K/e             the exclusive holder, on the holder host's lease
+//	P res/K/s/HOST.RAND   one key per shared holder grant, on the holder host's lease
+//	P tok/K               the token key: not leased, never deleted
+//
+// The value of a holder key is the JSON of {resource, holder} (the
+// lockmgr.Holder with the driver's host name), so that a busy error names the
+// holder — vm name, uuid, pid, host and since when — whichever host asks.
+// "e" sorts before "s/", so a range over P res/K/ with limit 1 returns the
+// exclusive holder if there is one, else a shared one.
+//
+// # The grant transaction
+//
+// A grant of N resources is one etcd transaction, all or nothing:
+//
+//	If:   for an exclusive request   CreateRevision(P res/K/ as a prefix range) == 0  (no holder at all)
+//	      for a shared request       CreateRevision(P res/K/e) == 0                  (no exclusive holder)
+//	      if Request.Expect != 0     ModRevision(P tok/K) == Expect                  (the state is current)
+//	Then: Put(holder key, record, lease) and Put(P tok/K) for every request
+//	Else: Get(P res/K/, prefix, limit 1) and Get(P tok/K) for every request
+//
+// The fencing token of every resource of a grant is the transaction's
+// revision, which the Then branch also makes the token key's ModRevision:
+// it is strictly greater than every earlier grant's, since etcd's revision
+// only grows, and it survives releases (the token key is never deleted) and
+// compaction. A failed transaction's Else branch is read at the same revision
+// as its comparisons, so the error is exact: a *lockmgr.StaleStateError when
+// the token key moved (checked first: waiting cannot help), else a
+// *lockmgr.BusyError naming the first conflicting holder.
+//
+// Each request costs at most two comparisons, two puts and two gets, and etcd
+// refuses a transaction with more than MaxTxnOps (default 128) operations in
+// any branch, so a grant holds at most MaxTxnOps/2 = 64 resources. A larger
+// grant is refused with an invalid-argument error rather than split, because
+// a split grant is no longer atomic to other hosts; set Config.MaxTxnOps when
+// the cluster runs with a larger --max-txn-ops.
+//
+// Release deletes the holder keys in one transaction of nested transactions,
+// each deleting its key only if its CreateRevision is still the lease's token,
+// so a release never deletes somebody else's later grant.
+//
+// # Migration handover
+//
+// The destination acquires with Request.Expect set to the token from the
+// source's state string. Shared-write handover: both sides hold the disk
+// shared (shared never conflicts with shared), the destination's grant is
+// refused only if someone else was granted the disk since the state string
+// was made. Exclusive handover: the source releases, then the destination
+// acquires with Expect; the token key still holds the source's token, so the
+// grant succeeds unless a third party took the disk in between (stale state).
+// While the source still holds the disk exclusively the destination gets a
+// busy error.
+//
+// # Waiting
+//
+// AcquireWait retries a busy grant when the conflicting holder goes away. It
+// watches the conflicting resource's holder keys for DELETE events (a watch
+// created at the current revision, which etcd serves from its synced group
+// and notifies at once), then re-reads the keys once so that a release that
+// happened before the watch was created is not missed, and sleeps on the
+// watch: it never polls. etcd's concurrency.Mutex watches from an older
+// revision, which the server only catches up on every 100 ms; that is its
+// hand-off quantum.
+//
+// # Self-fencing
+//
+// Let t be the local monotonic time at which a renewal (or the grant) of the
+// lease was sent, for the newest renewal whose reply confirmed the lease. The
+// etcd leader received that request after t and then set the lease to expire
+// TTL later on its own clock; a leader change only extends leases (the new
+// leader restarts every lease at its full TTL) and expiry is checked every
+// 500 ms, which only delays it. (This assumes etcd's lease checkpointing
+// stays off, its default: with it, a leader that dies right after a renewal
+// may hand the lease on with the remaining TTL of an older checkpoint.)
+// Another host can be granted one of our
+// resources only after the revocation that follows expiry is committed. So
+// no other host is granted a resource before t + TTL in server time.
+//
+// The driver calls OnFence at t + (TTL − FenceMargin) on its monotonic clock
+// if no later renewal was confirmed (and at once when the server says the
+// lease is gone), and refuses from then on to return grants: a grant whose
+// reply arrives after the fence deadline is withdrawn. OnFence must kill
+// every process holding the host's locks (SIGKILL, no grace period) before it
+// returns. Safety needs, with r the rate of the client's clock relative to
+// the server's (r < 1: the client's clock runs slow) and k the time OnFence
+// takes:
+//
+//	(TTL − FenceMargin) / r + k  <  TTL
+//
+// With the defaults (TTL 10 s, margin 2 s) and k ≤ 0.5 s, that is r > 0.84:
+// the client's clock may run up to 15 % slower than the server's. Real clock
+// rates differ by parts per million (NTP slews by at most 0.05 %), so the
+// margin is there for k, timer and scheduling latency, and GC pauses. It does
+// not cover a vmlockd that is stopped as a whole (SIGSTOP, a suspended host:
+// Linux's monotonic clock does not count suspend), nor a daemon that is down
+// for longer than the TTL: holders of a host whose daemon is gone must be
+// fenced by the process that keeps them (the daemon's lock holder).
+//
+// After fencing, the driver's leases are lost: Release of them returns nil,
+// Acquire fails with a timeout-class error wrapping ErrFenced, and the
+// driver keeps trying to revoke the old lease and start a new session, after
+// which it grants again.
+package etcdlock

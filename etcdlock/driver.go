@@ -1,0 +1,583 @@
+package etcdlock
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// Driver is the etcd lock driver. It implements lockmgr.Driver and
+// lockmgr.Adopter; it is safe for concurrent use.
+type Driver struct {
+	cfg Config
+	cli *clientv3.Client
+	ks  keyspace
+	log *slog.Logger
+
+	ctx    context.Context // done when Close is called
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	renewWake chan struct{} // nudges renewLoop (buffered, 1)
+	dogWake   chan struct{} // nudges watchdog (buffered, 1)
+	fenceMu   sync.Mutex    // serialises fence, so OnFence never runs twice at once
+	attempts  atomic.Uint64 // grant transactions sent
+
+	mu         sync.Mutex
+	closed     bool
+	leaseID    clientv3.LeaseID
+	ttl        time.Duration // effective TTL of the current session
+	epoch      uint64        // number of the current session; leases of older ones are lost
+	fenced     bool
+	fenceCh    chan struct{} // closed when the current session is fenced
+	lastSent   time.Time     // send time of the newest confirmed renewal (monotonic)
+	deadline   time.Time     // fence deadline: lastSent + ttl − margin (monotonic)
+	renewals   uint64
+	reattached bool
+	live       map[string]*lease         // holder key → granted lease of this session
+	inflight   map[string]int            // holder key → grant transactions in flight
+	sweep      map[string]int64          // holder key → token (0: unknown) that may be left behind
+	recovered  map[string]recoveredGrant // holder key → grant found on re-attach, not yet adopted
+}
+
+type lease struct {
+	d        *Driver
+	res      lockmgr.Resource
+	token    uint64
+	key      string
+	epoch    uint64
+	released bool // under d.mu
+}
+
+func (l *lease) Resource() lockmgr.Resource { return l.res }
+func (l *lease) Token() uint64              { return l.token }
+
+type recoveredGrant struct {
+	res    lockmgr.Resource
+	token  uint64
+	holder lockmgr.Holder
+}
+
+// New connects to etcd and starts the host's session: it re-attaches to the
+// lease named in Config.StateDir if that lease is still alive (the daemon
+// restarted within the TTL; see Adopt), and grants a new lease otherwise.
+// ctx bounds the connection and the session's start.
+func New(ctx context.Context, cfg Config) (*Driver, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	tc, err := cfg.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:            cfg.Endpoints,
+		DialTimeout:          cfg.DialTimeout,
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		TLS:                  tc,
+		Logger:               zap.NewNop(),
+	})
+	if err != nil {
+		return nil, opError("etcd driver: connect", err)
+	}
+	d := &Driver{
+		cfg:       cfg,
+		cli:       cli,
+		ks:        keyspace{cfg.Prefix},
+		log:       cfg.Logger.With("driver", "etcd", "host", cfg.Host),
+		renewWake: make(chan struct{}, 1),
+		dogWake:   make(chan struct{}, 1),
+		fenceCh:   make(chan struct{}),
+		live:      make(map[string]*lease),
+		inflight:  make(map[string]int),
+		sweep:     make(map[string]int64),
+		recovered: make(map[string]recoveredGrant),
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	ok, err := d.reattach(ctx)
+	if err == nil && !ok {
+		err = d.newSession(ctx)
+	}
+	if err != nil {
+		d.cancel()
+		cli.Close()
+		return nil, err
+	}
+	d.wg.Go(d.renewLoop)
+	d.wg.Go(d.watchdog)
+	return d, nil
+}
+
+// Name returns "etcd".
+func (d *Driver) Name() string { return "etcd" }
+
+// Close stops renewing the session and disconnects, without revoking the
+// lease: the host's locks stay in etcd until the TTL runs out, so that a
+// daemon restarting within the TTL re-attaches to them. Use Shutdown to give
+// them up at once.
+func (d *Driver) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.mu.Unlock()
+	d.cancel()
+	d.wg.Wait()
+	return d.cli.Close()
+}
+
+// Shutdown revokes the session's lease, which releases every lock of this
+// host at once, forgets the session (its state file), and closes the
+// driver.
+func (d *Driver) Shutdown(ctx context.Context) error {
+	d.mu.Lock()
+	id, fenced := d.leaseID, d.fenced
+	d.mu.Unlock()
+	var err error
+	if !fenced {
+		octx, cancel := d.opCtx(ctx)
+		_, err = d.cli.Revoke(octx, id)
+		cancel()
+		if err != nil && !isLeaseNotFound(err) {
+			err = opError("etcd driver: revoke lease", err)
+		} else {
+			err = nil
+			d.removeState()
+		}
+	}
+	if cerr := d.Close(); err == nil && cerr != nil {
+		err = opError("etcd driver: close", cerr)
+	}
+	return err
+}
+
+// Status describes the driver's session, for the daemon's monitor and
+// metrics.
+type Status struct {
+	Host          string
+	LeaseID       int64
+	TTL           time.Duration
+	Fenced        bool
+	Reattached    bool      // the session was taken over from an earlier run
+	LastRenewal   time.Time // send time of the newest confirmed renewal (local clock)
+	FenceDeadline time.Time // when OnFence is called without a further confirmed renewal
+	Renewals      uint64    // confirmed renewals
+	Held          int       // leases granted and not released in this session
+	Recovered     int       // grants found on re-attach and not yet adopted
+	Attempts      uint64    // grant transactions sent
+}
+
+// Status returns the session's state.
+func (d *Driver) Status() Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return Status{
+		Host: d.cfg.Host, LeaseID: int64(d.leaseID), TTL: d.ttl, Fenced: d.fenced, Reattached: d.reattached,
+		LastRenewal: d.lastSent, FenceDeadline: d.deadline, Renewals: d.renewals,
+		Held: len(d.live), Recovered: len(d.recovered), Attempts: d.attempts.Load(),
+	}
+}
+
+// Fenced reports whether the host's session is lost (OnFence was called and
+// no new session is established yet).
+func (d *Driver) Fenced() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.fenced
+}
+
+// Holds reports whether l is a lease of this driver that is still held: not
+// released, and its session not lost to fencing.
+func (d *Driver) Holds(l lockmgr.Lease) bool {
+	x, ok := l.(*lease)
+	if !ok || x.d != d {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return !x.released && !d.fenced && !d.closed && x.epoch == d.epoch
+}
+
+// opCtx bounds one etcd call by OpTimeout as well as ctx.
+func (d *Driver) opCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, d.cfg.OpTimeout)
+}
+
+// usableLocked returns why no grant can be made now, or nil.
+func (d *Driver) usableLocked() error {
+	switch {
+	case d.closed:
+		return closedError()
+	case d.fenced:
+		return fencedError()
+	}
+	return nil
+}
+
+// prep is one validated request with its keys.
+type prep struct {
+	req  lockmgr.Request
+	key  string // Resource.Key()
+	base string
+	tok  string
+	excl bool
+}
+
+// maxPerTxn is the number of resources one grant may hold.
+func (d *Driver) maxPerTxn() int { return d.cfg.MaxTxnOps / 2 }
+
+func (d *Driver) prepare(reqs []lockmgr.Request) ([]prep, error) {
+	if n := d.maxPerTxn(); len(reqs) > n {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument,
+			"etcd driver: a grant holds at most %d resources (one etcd transaction of at most %d operations); this one has %d", n, d.cfg.MaxTxnOps, len(reqs))
+	}
+	ps := make([]prep, len(reqs))
+	seen := make(map[string]bool, len(reqs))
+	for i, r := range reqs {
+		if err := r.Resource.Validate(); err != nil {
+			return nil, err
+		}
+		switch r.Resource.Mode {
+		case lockmgr.Exclusive, lockmgr.Shared:
+		default:
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.Resource.String(), Msg: "etcd driver: only exclusive and shared resources are locked"}
+		}
+		k := r.Resource.Key()
+		if seen[k] {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.Resource.String(), Msg: "requested twice in one grant"}
+		}
+		seen[k] = true
+		ps[i] = prep{req: r, key: k, base: d.ks.base(k), tok: d.ks.token(k), excl: r.Resource.Mode == lockmgr.Exclusive}
+	}
+	return ps, nil
+}
+
+// Acquire grants every request or none, in one etcd transaction (see the
+// package comment). A busy resource is a *lockmgr.BusyError naming its
+// holder; a moved token a *lockmgr.StaleStateError; a lost etcd a
+// CodeTimeout error once ctx (or OpTimeout) runs out.
+func (d *Driver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr.Lease, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	ps, err := d.prepare(reqs)
+	if err != nil {
+		return nil, err
+	}
+	ls, _, err := d.tryAcquire(ctx, ps)
+	return ls, err
+}
+
+// conflict is what a waiter watches: the holder keys of one resource.
+type conflict struct {
+	base string
+	excl bool // the request is exclusive: any holder conflicts
+}
+
+func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *conflict, error) {
+	d.attempts.Add(1)
+	d.mu.Lock()
+	if err := d.usableLocked(); err != nil {
+		d.mu.Unlock()
+		return nil, nil, err
+	}
+	id, epoch := d.leaseID, d.epoch
+	keys := make([]string, len(ps))
+	for i, p := range ps {
+		if p.excl {
+			keys[i] = d.ks.excl(p.key)
+		} else {
+			keys[i] = d.ks.shared(p.key, d.cfg.Host)
+		}
+		d.inflight[keys[i]]++
+	}
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		for _, k := range keys {
+			if d.inflight[k]--; d.inflight[k] <= 0 {
+				delete(d.inflight, k)
+			}
+		}
+		d.mu.Unlock()
+	}()
+
+	since := time.Now().Round(0)
+	cmps := make([]clientv3.Cmp, 0, 2*len(ps))
+	thens := make([]clientv3.Op, 0, 2*len(ps))
+	elses := make([]clientv3.Op, 0, 2*len(ps))
+	for i, p := range ps {
+		if p.excl {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(p.base), "=", 0).WithPrefix())
+		} else {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(d.ks.excl(p.key)), "=", 0))
+		}
+		if p.req.Expect != 0 {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p.tok), "=", int64(p.req.Expect)))
+		}
+		h := p.req.Holder
+		h.Host, h.Mode = d.cfg.Host, p.req.Resource.Mode
+		if h.Since.IsZero() {
+			h.Since = since
+		}
+		val, err := json.Marshal(record{Resource: p.req.Resource, Holder: h})
+		if err != nil {
+			return nil, nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: p.req.Resource.String(), Msg: "encode holder", Err: err}
+		}
+		thens = append(thens, clientv3.OpPut(keys[i], string(val), clientv3.WithLease(id)), clientv3.OpPut(p.tok, d.cfg.Host))
+		elses = append(elses, clientv3.OpGet(p.base, clientv3.WithPrefix(), clientv3.WithLimit(1)), clientv3.OpGet(p.tok))
+	}
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	resp, err := d.cli.Txn(octx).If(cmps...).Then(thens...).Else(elses...).Commit()
+	if err != nil {
+		if isLeaseNotFound(err) {
+			go d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
+			return nil, nil, fencedError()
+		}
+		if !definite(err) {
+			// The transaction may have been committed after all: make sure
+			// no orphan grant stays behind.
+			d.mu.Lock()
+			if d.epoch == epoch && !d.fenced {
+				for _, k := range keys {
+					d.sweep[k] = 0
+				}
+			}
+			d.mu.Unlock()
+		}
+		return nil, nil, opError("etcd driver: acquire", err)
+	}
+	if resp.Succeeded {
+		tok := uint64(resp.Header.Revision)
+		d.mu.Lock()
+		if d.epoch != epoch || d.fenced || d.closed || !time.Now().Before(d.deadline) {
+			// The reply came after the fence deadline: its holders could
+			// not be fenced in time, so the grant is withdrawn.
+			if d.epoch == epoch && !d.fenced {
+				for _, k := range keys {
+					d.sweep[k] = int64(tok)
+				}
+			}
+			d.mu.Unlock()
+			return nil, nil, fencedError()
+		}
+		out := make([]lockmgr.Lease, len(ps))
+		for i, p := range ps {
+			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], epoch: epoch}
+			d.live[keys[i]] = l
+			out[i] = l
+		}
+		d.mu.Unlock()
+		return out, nil, nil
+	}
+	if len(resp.Responses) != 2*len(ps) {
+		return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected transaction reply (%d responses for %d resources)", len(resp.Responses), len(ps))
+	}
+	// Stale state first: waiting cannot cure it.
+	for i, p := range ps {
+		if p.req.Expect == 0 {
+			continue
+		}
+		var cur uint64
+		if kvs := resp.Responses[2*i+1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+			cur = uint64(kvs[0].ModRevision)
+		}
+		if cur != p.req.Expect {
+			return nil, nil, &lockmgr.StaleStateError{Resource: p.req.Resource, Want: p.req.Expect, Current: cur}
+		}
+	}
+	for i, p := range ps {
+		kvs := resp.Responses[2*i].GetResponseRange().GetKvs()
+		if len(kvs) == 0 {
+			continue
+		}
+		kv := kvs[0]
+		if !isExcl(string(kv.Key)) && !p.excl {
+			continue
+		}
+		return nil, &conflict{base: p.base, excl: p.excl}, &lockmgr.BusyError{Resource: p.req.Resource, Holder: holderOf(kv.Key, kv.Value)}
+	}
+	return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: grant refused at revision %d but no conflict found", resp.Header.Revision)
+}
+
+// holderOf names the holder recorded in a holder key.
+func holderOf(key, value []byte) lockmgr.Holder {
+	if rec, ok := parseRecord(value); ok {
+		return rec.Holder
+	}
+	h := lockmgr.Holder{Foreign: true, Mode: lockmgr.Shared}
+	if isExcl(string(key)) {
+		h.Mode = lockmgr.Exclusive
+	}
+	return h
+}
+
+// Release releases each lease, continuing past failures, and returns the
+// first error. Leases lost with a fenced session are released without a
+// call (nil). A release that etcd did not confirm in time is retried in the
+// background until it is done or the session ends.
+func (d *Driver) Release(ctx context.Context, ls []lockmgr.Lease) error {
+	var first error
+	note := func(err error) {
+		if first == nil {
+			first = err
+		}
+	}
+	var todo []*lease
+	d.mu.Lock()
+	closed := d.closed
+	for _, x := range ls {
+		l, ok := x.(*lease)
+		if !ok || l.d != d {
+			note(lockmgr.Errorf(lockmgr.CodeInvalidArgument, "etcd driver: %v is not a lease of this driver", x))
+			continue
+		}
+		if l.released {
+			note(&lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: "released twice"})
+			continue
+		}
+		if closed {
+			note(&lockmgr.Error{Code: lockmgr.CodeInternal, Resource: l.res.String(), Msg: "etcd driver", Err: errClosed})
+			continue
+		}
+		l.released = true
+		if l.epoch != d.epoch || d.fenced {
+			continue // lost with its session
+		}
+		if d.live[l.key] == l {
+			delete(d.live, l.key)
+		}
+		todo = append(todo, l)
+	}
+	d.mu.Unlock()
+	for len(todo) > 0 {
+		n := min(len(todo), d.cfg.MaxTxnOps)
+		chunk := todo[:n]
+		todo = todo[n:]
+		if err := d.deleteGrants(ctx, chunk); err != nil {
+			note(err)
+		}
+	}
+	return first
+}
+
+// deleteGrants deletes holder keys whose CreateRevision is still their
+// token, in one transaction.
+func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
+	ops := make([]clientv3.Op, len(ls))
+	for i, l := range ls {
+		ops[i] = clientv3.OpTxn(
+			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(l.key), "=", int64(l.token))},
+			[]clientv3.Op{clientv3.OpDelete(l.key)}, nil)
+	}
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	var resp *clientv3.TxnResponse
+	var err error
+	if len(ls) == 1 {
+		// The common case (one disk unplugged, a hand-off) without nesting.
+		l := ls[0]
+		resp, err = d.cli.Txn(octx).If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", int64(l.token))).
+			Then(clientv3.OpDelete(l.key)).Commit()
+		if err == nil && !resp.Succeeded {
+			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: fmt.Sprintf("token %d was no longer in etcd", l.token)}
+		}
+	} else {
+		resp, err = d.cli.Txn(octx).Then(ops...).Commit()
+	}
+	if err != nil {
+		d.mu.Lock()
+		for _, l := range ls {
+			if l.epoch == d.epoch && !d.fenced {
+				d.sweep[l.key] = int64(l.token)
+			}
+		}
+		d.mu.Unlock()
+		return opError("etcd driver: release (it is retried in the background)", err)
+	}
+	if len(ls) == 1 {
+		return nil
+	}
+	var first error
+	for i, r := range resp.Responses {
+		if t := r.GetResponseTxn(); t != nil && !t.Succeeded && first == nil {
+			first = &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: ls[i].res.String(), Msg: fmt.Sprintf("token %d was no longer in etcd", ls[i].token)}
+		}
+	}
+	return first
+}
+
+// Grant is a lock found under a re-attached session.
+type Grant struct {
+	Resource lockmgr.Resource
+	Token    uint64
+	Holder   lockmgr.Holder
+}
+
+// Recovered lists the grants found under the session this driver
+// re-attached to that are not adopted yet.
+func (d *Driver) Recovered() []Grant {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]Grant, 0, len(d.recovered))
+	for _, g := range d.recovered {
+		out = append(out, Grant{Resource: g.res, Token: g.token, Holder: g.holder})
+	}
+	return out
+}
+
+// Adopt takes back a lease granted to an earlier run of the daemon on this
+// host, named by its resource and token (from the daemon's saved state),
+// after New re-attached to that run's session. It makes no etcd call. f is
+// accepted for lockmgr.Adopter and closed if not nil. A grant that is not
+// under the session is a CodeNotHeld error: its lease expired (its holders
+// must have been fenced) or the daemon did not re-attach.
+func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Lease, error) {
+	if f != nil {
+		_ = f.Close()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.usableLocked(); err != nil {
+		return nil, err
+	}
+	for key, g := range d.recovered {
+		if g.res.Key() == r.Key() && g.res.Mode == r.Mode && g.token == token {
+			delete(d.recovered, key)
+			l := &lease{d: d, res: g.res, token: token, key: key, epoch: d.epoch}
+			d.live[key] = l
+			return l, nil
+		}
+	}
+	return nil, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(),
+		Msg: fmt.Sprintf("token %d is not held by this host's etcd session (expired, or not re-attached)", token)}
+}
+
+// DropUnadopted releases every recovered grant that was not adopted: the
+// daemon calls it once it has restored every object it knows of.
+func (d *Driver) DropUnadopted(ctx context.Context) error {
+	d.mu.Lock()
+	var ls []lockmgr.Lease
+	for key, g := range d.recovered {
+		l := &lease{d: d, res: g.res, token: g.token, key: key, epoch: d.epoch}
+		ls = append(ls, l)
+	}
+	clear(d.recovered)
+	d.mu.Unlock()
+	return d.Release(ctx, ls)
+}

@@ -1,0 +1,72 @@
+package etcdlock
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"net/url"
+	"strings"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// keyspace builds the keys of the layout in the package comment.
+type keyspace struct{ prefix string }
+
+// maxKeyPart bounds an escaped name in a key; longer ones are hashed, so
+// that a grant of many long disk paths stays within etcd's request size.
+const maxKeyPart = 256
+
+// esc makes s one key component: url.PathEscape (no "/" left), or for a long
+// name "~" and its SHA-256 ("~" never starts an escaped resource key, whose
+// type starts with a letter). The holder record keeps the full name.
+func esc(s string) string {
+	e := url.PathEscape(s)
+	if len(e) <= maxKeyPart {
+		return e
+	}
+	sum := sha256.Sum256([]byte(s))
+	return "~" + hex.EncodeToString(sum[:])
+}
+
+// base is the prefix of every holder key of the resource with key k.
+func (ks keyspace) base(k string) string { return ks.prefix + "res/" + esc(k) + "/" }
+func (ks keyspace) excl(k string) string { return ks.base(k) + "e" }
+func (ks keyspace) token(k string) string {
+	return ks.prefix + "tok/" + esc(k)
+}
+func (ks keyspace) host(h string) string { return ks.prefix + "hosts/" + esc(h) }
+
+// shared returns a new sharer key: unique per grant, so that two grants
+// of one resource to one host (a migration to itself, two objects) never
+// share a key.
+func (ks keyspace) shared(k, host string) string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return ks.base(k) + "s/" + esc(host) + "." + hex.EncodeToString(b[:])
+}
+
+// isExcl reports whether a holder key is an exclusive one.
+func isExcl(key string) bool { return strings.HasSuffix(key, "/e") }
+
+// record is the value of a holder key.
+type record struct {
+	Resource lockmgr.Resource `json:"resource"`
+	Holder   lockmgr.Holder   `json:"holder"`
+}
+
+func parseRecord(v []byte) (record, bool) {
+	var r record
+	if err := json.Unmarshal(v, &r); err != nil {
+		return record{}, false
+	}
+	return r, true
+}
+
+// hostRecord is the value of a host's session key.
+type hostRecord struct {
+	Host  string `json:"host"`
+	Lease string `json:"lease"` // hex, as etcdctl prints lease IDs
+	PID   int    `json:"pid"`
+}

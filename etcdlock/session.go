@@ -1,0 +1,473 @@
+package etcdlock
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// stateFileName is the session file in Config.StateDir.
+const stateFileName = "etcd-session.json"
+
+type stateFile struct {
+	Lease  int64  `json:"lease"`
+	Host   string `json:"host"`
+	Prefix string `json:"prefix"`
+}
+
+func (d *Driver) statePath() string { return filepath.Join(d.cfg.StateDir, stateFileName) }
+
+func (d *Driver) writeState(id clientv3.LeaseID) error {
+	if d.cfg.StateDir == "" {
+		return nil
+	}
+	b, err := json.Marshal(stateFile{Lease: int64(id), Host: d.cfg.Host, Prefix: d.cfg.Prefix})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(d.cfg.StateDir, stateFileName+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(append(b, '\n')); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), d.statePath()); err != nil {
+		return err
+	}
+	if dir, err := os.Open(d.cfg.StateDir); err == nil {
+		_ = dir.Sync()
+		dir.Close()
+	}
+	return nil
+}
+
+func (d *Driver) removeState() {
+	if d.cfg.StateDir != "" {
+		_ = os.Remove(d.statePath())
+	}
+}
+
+func (d *Driver) readState() (stateFile, bool) {
+	if d.cfg.StateDir == "" {
+		return stateFile{}, false
+	}
+	b, err := os.ReadFile(d.statePath())
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			d.log.Warn("cannot read the etcd session file; starting a new session", "err", err)
+		}
+		return stateFile{}, false
+	}
+	var st stateFile
+	if err := json.Unmarshal(b, &st); err != nil || st.Lease == 0 {
+		d.log.Warn("bad etcd session file; starting a new session", "path", d.statePath(), "err", err)
+		return stateFile{}, false
+	}
+	if st.Host != d.cfg.Host || st.Prefix != d.cfg.Prefix {
+		d.log.Warn("etcd session file is for another host name or prefix; starting a new session",
+			"file_host", st.Host, "file_prefix", st.Prefix)
+		return stateFile{}, false
+	}
+	return st, true
+}
+
+// ttlOf returns the effective TTL for a lease the server granted (or
+// renewed) for serverTTL seconds: the smaller of it and the configured TTL,
+// so the fence deadline is never later than the server's expiry.
+func (d *Driver) ttlOf(serverTTL int64) time.Duration {
+	return min(d.cfg.TTL, time.Duration(serverTTL)*time.Second)
+}
+
+// claimHost makes the host key point at lease id. It fails if another live
+// session holds the host name.
+func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) error {
+	hk := d.ks.host(d.cfg.Host)
+	val, _ := json.Marshal(hostRecord{Host: d.cfg.Host, Lease: strconv.FormatInt(int64(id), 16), PID: os.Getpid()})
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	resp, err := d.cli.Txn(octx).
+		If(clientv3.Compare(clientv3.CreateRevision(hk), "=", 0)).
+		Then(clientv3.OpPut(hk, string(val), clientv3.WithLease(id))).
+		Else(clientv3.OpGet(hk)).Commit()
+	if err != nil {
+		return opError("etcd driver: register host", err)
+	}
+	if resp.Succeeded {
+		return nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().GetKvs()
+	if len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == id {
+		return nil
+	}
+	other := "?"
+	if len(kvs) > 0 {
+		other = strconv.FormatInt(kvs[0].Lease, 16)
+	}
+	return lockmgr.Errorf(lockmgr.CodeBusy,
+		"etcd driver: host name %q already has a live session (lease %s): another vmlockd uses this name, or a previous one died less than %s ago",
+		d.cfg.Host, other, d.cfg.TTL)
+}
+
+// newSession grants a new lease and makes it the current session.
+func (d *Driver) newSession(ctx context.Context) error {
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	t0 := time.Now()
+	g, err := d.cli.Grant(octx, int64(d.cfg.TTL/time.Second))
+	if err != nil {
+		return opError("etcd driver: grant lease", err)
+	}
+	revoke := func() {
+		rctx, cancel := d.opCtx(context.Background())
+		defer cancel()
+		_, _ = d.cli.Revoke(rctx, g.ID)
+	}
+	if err := d.claimHost(ctx, g.ID); err != nil {
+		revoke()
+		return err
+	}
+	if err := d.writeState(g.ID); err != nil {
+		revoke()
+		return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "etcd driver: write session file", Err: err}
+	}
+	d.mu.Lock()
+	d.leaseID, d.ttl = g.ID, d.ttlOf(g.TTL)
+	d.epoch++
+	d.fenced = false
+	d.fenceCh = make(chan struct{})
+	d.lastSent, d.deadline = t0, t0.Add(d.ttl-d.cfg.FenceMargin)
+	d.reattached = false
+	clear(d.sweep)
+	d.mu.Unlock()
+	d.nudge(d.dogWake)
+	d.log.Info("etcd session started", "lease", fmt.Sprintf("%x", int64(g.ID)), "ttl", d.ttl)
+	return nil
+}
+
+// reattach takes over the session named in the state file if its lease is
+// still alive, and collects the grants under it for Adopt. It returns false
+// (and no error) when there is no session to take over.
+func (d *Driver) reattach(ctx context.Context) (bool, error) {
+	st, ok := d.readState()
+	if !ok {
+		return false, nil
+	}
+	id := clientv3.LeaseID(st.Lease)
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	ttl, err := d.cli.TimeToLive(octx, id, clientv3.WithAttachedKeys())
+	if err != nil {
+		return false, opError("etcd driver: look up the previous session", err)
+	}
+	if ttl.TTL <= 0 {
+		d.log.Warn("the previous etcd session expired; its locks are gone and their holders must have been fenced",
+			"lease", fmt.Sprintf("%x", st.Lease))
+		return false, nil
+	}
+	t0 := time.Now()
+	ka, err := d.cli.KeepAliveOnce(octx, id)
+	if err != nil {
+		if isLeaseNotFound(err) {
+			return false, nil
+		}
+		return false, opError("etcd driver: renew the previous session", err)
+	}
+	if err := d.claimHost(ctx, id); err != nil {
+		return false, err
+	}
+	rec := make(map[string]recoveredGrant)
+	resPrefix := d.cfg.Prefix + "res/"
+	var keys []string
+	for _, k := range ttl.Keys {
+		if strings.HasPrefix(string(k), resPrefix) {
+			keys = append(keys, string(k))
+		}
+	}
+	for len(keys) > 0 {
+		n := min(len(keys), d.cfg.MaxTxnOps)
+		ops := make([]clientv3.Op, n)
+		for i, k := range keys[:n] {
+			ops[i] = clientv3.OpGet(k)
+		}
+		resp, err := d.cli.Txn(octx).Then(ops...).Commit()
+		if err != nil {
+			return false, opError("etcd driver: read the previous session's locks", err)
+		}
+		for _, r := range resp.Responses {
+			for _, kv := range r.GetResponseRange().GetKvs() {
+				if clientv3.LeaseID(kv.Lease) != id {
+					continue
+				}
+				r, ok := parseRecord(kv.Value)
+				if !ok {
+					d.log.Warn("unreadable lock record under the previous session; left to expire with it", "key", string(kv.Key))
+					continue
+				}
+				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: uint64(kv.CreateRevision), holder: r.Holder}
+			}
+		}
+		keys = keys[n:]
+	}
+	d.mu.Lock()
+	d.leaseID, d.ttl = id, d.ttlOf(min(ttl.GrantedTTL, ka.TTL))
+	d.epoch++
+	d.fenced = false
+	d.lastSent, d.deadline = t0, t0.Add(d.ttl-d.cfg.FenceMargin)
+	d.reattached = true
+	d.recovered = rec
+	d.mu.Unlock()
+	d.log.Info("re-attached to the previous etcd session", "lease", fmt.Sprintf("%x", st.Lease), "locks", len(rec))
+	return true, nil
+}
+
+func (d *Driver) nudge(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// sleep waits for dur, a nudge on wake, or Close. It returns false on Close.
+func (d *Driver) sleep(dur time.Duration, wake chan struct{}) bool {
+	t := time.NewTimer(dur)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-wake:
+	case <-d.ctx.Done():
+		return false
+	}
+	return true
+}
+
+// renewLoop renews the session every TTL/3, each attempt bounded, retrying
+// soon after a failure; after a fence it revokes the old lease and starts a
+// new session. It also retries releases that etcd did not confirm.
+func (d *Driver) renewLoop() {
+	var next time.Time // when the next renewal is due
+	var nextEpoch uint64
+	for {
+		d.mu.Lock()
+		fenced, id, epoch, ttl, last := d.fenced, d.leaseID, d.epoch, d.ttl, d.lastSent
+		d.mu.Unlock()
+		period := ttl / 3
+		if fenced {
+			if err := d.recoverSession(id); err != nil {
+				d.log.Warn("cannot start a new etcd session yet", "err", err)
+				if !d.sleep(max(period, time.Second), d.renewWake) {
+					return
+				}
+			}
+			continue
+		}
+		if epoch != nextEpoch {
+			next, nextEpoch = last.Add(period), epoch
+		}
+		if wait := time.Until(next); wait > 0 {
+			if !d.sleep(wait, d.renewWake) {
+				return
+			}
+			continue
+		}
+		t0 := time.Now()
+		actx, cancel := context.WithTimeout(d.ctx, max(period/2, 500*time.Millisecond))
+		ka, err := d.cli.KeepAliveOnce(actx, id)
+		cancel()
+		switch {
+		case err == nil:
+			d.confirm(epoch, t0, ka.TTL)
+			next = t0.Add(period)
+			d.runSweep()
+		case d.ctx.Err() != nil:
+			return
+		case isLeaseNotFound(err):
+			d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
+		default:
+			d.log.Warn("etcd lease renewal failed", "err", err, "fence_in", time.Until(d.Status().FenceDeadline).Round(time.Millisecond))
+			next = time.Now().Add(min(period/6, 500*time.Millisecond))
+		}
+	}
+}
+
+// confirm records a renewal sent at t0 and confirmed by etcd.
+func (d *Driver) confirm(epoch uint64, t0 time.Time, serverTTL int64) {
+	d.mu.Lock()
+	if d.epoch != epoch || d.fenced {
+		d.mu.Unlock()
+		return
+	}
+	d.renewals++
+	d.lastSent = t0
+	if dl := t0.Add(min(d.ttl, d.ttlOf(serverTTL)) - d.cfg.FenceMargin); dl.After(d.deadline) {
+		d.deadline = dl
+	}
+	d.mu.Unlock()
+	d.nudge(d.dogWake)
+}
+
+// watchdog calls fence when the fence deadline passes without a renewal
+// moving it.
+func (d *Driver) watchdog() {
+	for {
+		d.mu.Lock()
+		fenced, epoch, dl := d.fenced, d.epoch, d.deadline
+		d.mu.Unlock()
+		var fire <-chan time.Time
+		var t *time.Timer
+		if !fenced {
+			t = time.NewTimer(time.Until(dl))
+			fire = t.C
+		}
+		select {
+		case <-d.ctx.Done():
+			if t != nil {
+				t.Stop()
+			}
+			return
+		case <-d.dogWake:
+			if t != nil {
+				t.Stop()
+			}
+		case <-fire:
+			d.mu.Lock()
+			due := !d.fenced && d.epoch == epoch && !time.Now().Before(d.deadline)
+			last, ttl := d.lastSent, d.ttl
+			d.mu.Unlock()
+			if due {
+				d.fence(epoch, fmt.Sprintf("no renewal of the etcd lease confirmed for %s (TTL %s, fence margin %s; last confirmed renewal sent %s ago)",
+					ttl-d.cfg.FenceMargin, ttl, d.cfg.FenceMargin, time.Since(last).Round(time.Millisecond)))
+			}
+		}
+	}
+}
+
+// fence ends session epoch: from now on no grant is returned and the
+// session's leases are lost; then OnFence kills their holders. It does
+// nothing if that session has ended already.
+func (d *Driver) fence(epoch uint64, reason string) {
+	d.fenceMu.Lock()
+	defer d.fenceMu.Unlock()
+	d.mu.Lock()
+	if d.fenced || d.epoch != epoch || d.closed {
+		d.mu.Unlock()
+		return
+	}
+	d.fenced = true
+	lost := len(d.live) + len(d.recovered)
+	clear(d.live)
+	clear(d.recovered)
+	clear(d.sweep)
+	close(d.fenceCh)
+	d.mu.Unlock()
+	d.log.Error("fencing: this host's etcd session is lost; its lock holders must be killed", "reason", reason, "locks_lost", lost)
+	if d.cfg.OnFence != nil {
+		d.cfg.OnFence(reason)
+	}
+	d.nudge(d.renewWake)
+	d.nudge(d.dogWake)
+}
+
+// recoverSession revokes the fenced session's lease (its holders are dead:
+// OnFence returned) and starts a new one.
+func (d *Driver) recoverSession(old clientv3.LeaseID) error {
+	ctx, cancel := d.opCtx(d.ctx)
+	_, err := d.cli.Revoke(ctx, old)
+	cancel()
+	if err != nil && !isLeaseNotFound(err) {
+		return opError("etcd driver: revoke the fenced lease", err)
+	}
+	return d.newSession(d.ctx)
+}
+
+// runSweep deletes grants that may have been left behind by a grant whose
+// reply was lost or a release that was not confirmed: holder keys on this
+// session's lease that no live lease owns.
+func (d *Driver) runSweep() {
+	d.mu.Lock()
+	if len(d.sweep) == 0 {
+		d.mu.Unlock()
+		return
+	}
+	id, epoch := d.leaseID, d.epoch
+	todo := make(map[string]int64, len(d.sweep))
+	for k, v := range d.sweep {
+		todo[k] = v
+	}
+	d.mu.Unlock()
+	for key, tok := range todo {
+		ctx, cancel := d.opCtx(d.ctx)
+		done, err := d.sweepOne(ctx, id, epoch, key, tok)
+		cancel()
+		if err != nil {
+			d.log.Warn("cleanup of a possibly left-behind lock failed; will retry", "key", key, "err", err)
+			return
+		}
+		if done {
+			d.mu.Lock()
+			if d.sweep[key] == tok {
+				delete(d.sweep, key)
+			}
+			d.mu.Unlock()
+		}
+	}
+}
+
+func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64, key string, tok int64) (bool, error) {
+	resp, err := d.cli.Get(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	if len(resp.Kvs) == 0 || clientv3.LeaseID(resp.Kvs[0].Lease) != id {
+		return true, nil
+	}
+	rev := resp.Kvs[0].CreateRevision
+	if tok != 0 && rev != tok {
+		return true, nil
+	}
+	d.mu.Lock()
+	if d.epoch != epoch || d.fenced {
+		d.mu.Unlock()
+		return true, nil
+	}
+	if d.inflight[key] > 0 {
+		d.mu.Unlock()
+		return false, nil // a grant of this key may be on its way: look again later
+	}
+	if l := d.live[key]; l != nil && int64(l.token) == rev {
+		d.mu.Unlock()
+		return true, nil
+	}
+	d.mu.Unlock()
+	_, err = d.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", rev), clientv3.Compare(clientv3.LeaseValue(key), "=", id)).
+		Then(clientv3.OpDelete(key)).Commit()
+	if err != nil {
+		return false, err
+	}
+	d.log.Info("deleted a lock left behind by an unconfirmed grant or release", "key", key, "token", rev)
+	return true, nil
+}
