@@ -1,0 +1,757 @@
+package virtlockd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// dispatch handles one message and says whether and what to reply. The
+// order of the checks is libvirt's: message type, program, status,
+// procedure, payload; then each procedure's own checks.
+func (s *Server) dispatch(ctx context.Context, c *conn, h Header, payload []byte) (*RemoteError, bool) {
+	if h.Type != TypeCall && h.Type != TypeCallWithFDs {
+		// Nothing waits for a reply to these; libvirt drops them too.
+		s.log.Debug("dropping a message that is not a call", "type", h.Type, "pid", c.peer.PID)
+		return nil, false
+	}
+	if h.Program != Program || h.Version != ProgramVersion {
+		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Cannot find program %d version %d", h.Program, h.Version)), true
+	}
+	if h.Type != TypeCall {
+		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Unexpected message type %d", h.Type)), true
+	}
+	if h.Status != StatusOK {
+		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Unexpected message status %d", h.Status)), true
+	}
+	if !h.Procedure.valid() {
+		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("unknown procedure: %d", h.Procedure)), true
+	}
+	args, err := DecodeArgs(h.Procedure, payload)
+	if err != nil {
+		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Unable to decode message payload: %v", err)), true
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
+	defer cancel()
+	return s.call(ctx, c, args), true
+}
+
+// cFunc is the name of virtlockd's dispatch function of p, which its
+// unknown-flags message names.
+func cFunc(p Procedure) string {
+	switch p {
+	case ProcCreateLockspace:
+		return "virLockSpaceProtocolDispatchCreateLockSpace"
+	case ProcNew:
+		return "virLockSpaceProtocolDispatchNew"
+	}
+	// REGISTER → virLockSpaceProtocolDispatchRegister, and so on.
+	var b strings.Builder
+	b.WriteString("virLockSpaceProtocolDispatch")
+	for _, w := range strings.Split(strings.ToLower(p.String()), "_") {
+		b.WriteString(strings.ToUpper(w[:1]) + w[1:])
+	}
+	return b.String()
+}
+
+// The dispatcher's own errors (domain RPC, as virtlockd's dispatcher).
+func errFlags(p Procedure, unsupported uint32) *RemoteError {
+	return newRemoteError(CodeInvalidArg, DomainRPC, fmt.Sprintf("unsupported flags (0x%x) in function %s", unsupported, cFunc(p)))
+}
+
+func errRestricted() *RemoteError {
+	return newRemoteError(CodeOperationDenied, DomainRPC, "lock manager connection has been restricted")
+}
+
+func errNotRegistered() *RemoteError {
+	return newRemoteError(CodeOperationInvalid, DomainRPC, "lock owner details have not been registered")
+}
+
+func errNoLockspace(path string) *RemoteError {
+	return newRemoteError(CodeInternalError, DomainRPC, fmt.Sprintf("Lockspace for path %s does not exist", path))
+}
+
+// call applies virtlockd's checks in its order (unknown flags, restricted
+// connection, unregistered owner, unknown lockspace) and runs the procedure.
+func (s *Server) call(ctx context.Context, c *conn, args Args) *RemoteError {
+	p := args.Procedure()
+	var flags, allowed uint32
+	switch a := args.(type) {
+	case *RegisterArgs:
+		flags = a.Flags
+	case *RestrictArgs:
+		flags = a.Flags
+	case *NewArgs:
+		flags = a.Flags
+	case *CreateResourceArgs:
+		flags = a.Flags
+	case *DeleteResourceArgs:
+		flags = a.Flags
+	case *AcquireResourceArgs:
+		flags, allowed = a.Flags, AcquireShared|AcquireAutoCreate
+	case *ReleaseResourceArgs:
+		flags = a.Flags
+	}
+	if bad := flags &^ allowed; bad != 0 {
+		return errFlags(p, bad)
+	}
+	if c.restricted {
+		return errRestricted()
+	}
+	switch a := args.(type) {
+	case *RegisterArgs:
+		return s.register(c, a)
+	case *CreateLockspaceArgs:
+		return s.createLockspace(a.Path, false)
+	}
+	if c.owner == nil {
+		return errNotRegistered()
+	}
+	switch a := args.(type) {
+	case *RestrictArgs:
+		c.restricted = true
+		return nil
+	case *NewArgs:
+		if a.Path == "" {
+			return newRemoteError(CodeOperationInvalid, DomainRPC, "the default lockspace already exists")
+		}
+		return s.createLockspace(a.Path, true)
+	}
+	var path, name string
+	switch a := args.(type) {
+	case *CreateResourceArgs:
+		path, name = a.Path, a.Name
+	case *DeleteResourceArgs:
+		path, name = a.Path, a.Name
+	case *AcquireResourceArgs:
+		path, name = a.Path, a.Name
+	case *ReleaseResourceArgs:
+		path, name = a.Path, a.Name
+	}
+	s.lsMu.Lock()
+	ls := s.lockspaces[path]
+	s.lsMu.Unlock()
+	if ls == nil {
+		return errNoLockspace(path)
+	}
+	switch p {
+	case ProcCreateResource:
+		return s.createResource(ls, name)
+	case ProcDeleteResource:
+		return s.deleteResource(ls, name)
+	case ProcAcquireResource:
+		return s.acquire(ctx, c, ls, name, flags)
+	case ProcReleaseResource:
+		return s.release(ctx, c, ls, name)
+	}
+	return newRemoteError(CodeInternalError, DomainRPC, "unhandled procedure "+p.String())
+}
+
+// register records the owner on the connection; a second REGISTER
+// overwrites the first. The owner is checked as a lockmgr.Object here, so
+// that a bad owner fails at REGISTER rather than at its first ACQUIRE.
+func (s *Server) register(c *conn, a *RegisterArgs) *RemoteError {
+	if a.Owner.ID == 0 {
+		return errNotRegistered() // sic: virtlockd's message for an owner id of 0
+	}
+	o := lockmgr.Object{
+		UUID: formatUUID(a.Owner.UUID), Name: a.Owner.Name, ID: int(a.Owner.ID), PID: int(a.Owner.PID),
+		URI: ObjectURI, Host: s.host,
+	}
+	if err := o.Validate(); err != nil {
+		return newRemoteError(CodeInvalidArg, DomainRPC, "lock owner: "+err.Error())
+	}
+	owner := a.Owner
+	c.owner, c.obj = &owner, o
+	return nil
+}
+
+func formatUUID(u [16]byte) string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// createLockspace serves the directory path (CREATE_LOCKSPACE, or NEW when
+// isNew): it creates the directory (mode 0700) if needed and records the
+// path in the store. CREATE_LOCKSPACE of a served path succeeds; NEW fails.
+func (s *Server) createLockspace(path string, isNew bool) *RemoteError {
+	s.lsMu.Lock()
+	defer s.lsMu.Unlock()
+	if _, ok := s.lockspaces[path]; ok {
+		if isNew {
+			return newRemoteError(CodeInternalError, DomainRPC, fmt.Sprintf("Lockspace for path %s already exists", path))
+		}
+		return nil
+	}
+	if !filepath.IsAbs(path) {
+		return newRemoteError(CodeInvalidArg, DomainLockspace, fmt.Sprintf("lockspace path %q is not absolute", path))
+	}
+	if rerr := makeLockspaceDir(path); rerr != nil {
+		return rerr
+	}
+	if s.store != nil {
+		all := append(slices.Clone(s.persisted), path)
+		slices.Sort(all)
+		if err := s.store.Save(all); err != nil {
+			s.log.Error("cannot record a lockspace; refusing it", "path", path, "err", err)
+			return systemError(fmt.Sprintf("Unable to record lockspace %s", path), err)
+		}
+		s.persisted = all
+	}
+	s.lockspaces[path] = &lockspace{path: path, dir: filepath.Clean(path), name: LockspaceName(path)}
+	s.log.Info("lockspace created", "path", path, "lockspace", LockspaceName(path))
+	return nil
+}
+
+// resource maps a resource of a lockspace onto the lock table: in the
+// default lockspace, name is a disk image's absolute path and the resource
+// is that disk; in a directory lockspace, name is a lease file's name and
+// the resource is the lease LockspaceName(dir)/name. It also returns the
+// file the name stands for. A disk's path is only cleaned here: the
+// Manager resolves symlinks itself, and canonical does it where the server
+// needs the resource's key (each resolution costs a system call per path
+// component).
+func resource(ls *lockspace, name string, m lockmgr.Mode) (lockmgr.Resource, string, *RemoteError) {
+	var r lockmgr.Resource
+	if ls.path == "" {
+		if !filepath.IsAbs(name) {
+			return r, "", newRemoteError(CodeInvalidArg, DomainLockspace,
+				fmt.Sprintf("resource %q of the default lockspace is not an absolute file path", name))
+		}
+		r = lockmgr.DiskResource(filepath.Clean(name), m)
+	} else {
+		if err := lockmgr.ValidName("lease", name); err != nil {
+			return r, "", remoteError(err)
+		}
+		r = lockmgr.LeaseResource(ls.name, name, m)
+	}
+	if err := r.Validate(); err != nil {
+		return r, "", remoteError(err)
+	}
+	return r, ls.file(name), nil
+}
+
+// canonical returns r as the lock table keys it (see lockmgr.Canonical).
+func canonical(r lockmgr.Resource) (lockmgr.Resource, *RemoteError) {
+	if r.Type != lockmgr.TypeDisk {
+		return r, nil
+	}
+	c, err := lockmgr.Canonical(r)
+	if err != nil {
+		return r, remoteError(err)
+	}
+	return c, nil
+}
+
+// heldAs returns the resource of leases whose key is r's, if any.
+func heldAs(leases []lockmgr.Lease, r lockmgr.Resource) (lockmgr.Resource, bool) {
+	for _, l := range leases {
+		if h := l.Resource(); h.Key() == r.Key() {
+			return h, true
+		}
+	}
+	return lockmgr.Resource{}, false
+}
+
+// acquire locks a resource for the connection's registered owner (the
+// owner's pid, not the connection's). Shared on a shared-held resource adds
+// the owner (again, if it holds it already); anything else on a held
+// resource is busy, naming the holder, even for the same owner.
+//
+// libvirt's common case, an exclusive disk without AUTOCREATE, keeps no
+// record in the server, and its path is resolved (symlinks) only by the
+// Manager: the server locks it by its cleaned path.
+func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name string, flags uint32) *RemoteError {
+	mode := lockmgr.Exclusive
+	if flags&AcquireShared != 0 {
+		mode = lockmgr.Shared
+	}
+	autocreate := flags&AcquireAutoCreate != 0
+	r, file, rerr := resource(ls, name, mode)
+	if rerr != nil {
+		return rerr
+	}
+	record := ls.path != "" || mode == lockmgr.Shared || autocreate
+	if record {
+		if r, rerr = canonical(r); rerr != nil {
+			return rerr
+		}
+	}
+	o := c.obj
+	unlockOwner := s.ownerLocks.lock(o.UUID)
+	defer unlockOwner()
+	if rerr := s.ensureObject(ctx, o); rerr != nil { // takes key locks: before ours
+		return rerr
+	}
+	// The resource's lock also serialises concurrent grants of one resource:
+	// the Manager checks conflicts and records grants in two steps, and
+	// only a real lock driver closes the gap between them.
+	unlockKey := s.keyLocks.lock(r.Key())
+	defer unlockKey()
+
+	leases, _, err := s.mgr.Held(o.UUID)
+	if err != nil {
+		return remoteError(err)
+	}
+	if h, ok := heldAs(leases, r); ok {
+		return s.acquireHeld(o, r, h)
+	}
+
+	created := false
+	if autocreate {
+		f, err := openFile(ls, file, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL)
+		switch {
+		case err == nil:
+			created = true
+			f.Close()
+		case errors.Is(err, fs.ErrExist):
+			if f, err = openFile(ls, file, unix.O_RDWR); err != nil {
+				return systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
+			}
+			f.Close()
+		default:
+			return systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
+		}
+	} else if fi, err := os.Stat(file); err != nil {
+		return systemError(fmt.Sprintf("Unable to open resource %s", file), err)
+	} else if fi.IsDir() {
+		return systemError(fmt.Sprintf("Unable to open resource %s", file), syscall.EISDIR)
+	}
+
+	if err := s.mgr.AcquireResource(ctx, o.UUID, r); err != nil {
+		if created && ls.path == "" {
+			_ = os.Remove(file) // never leave a new file in an image directory
+		}
+		if !record && lockmgr.CodeOf(err) == lockmgr.CodeInvalidArgument {
+			// The owner may hold this disk under another spelling.
+			if cr, rerr := canonical(r); rerr == nil {
+				if h, ok := heldAs(leases, cr); ok {
+					return s.acquireHeld(o, cr, h)
+				}
+			}
+		}
+		s.dropIfEmpty(ctx, o)
+		return remoteError(err)
+	}
+	if !record {
+		return nil
+	}
+	var current map[string]bool
+	if mode == lockmgr.Shared {
+		current = s.currentHolders(r.Key())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g := s.grants[r.Key()]
+	if g != nil {
+		// Forget holders that lost the resource behind the server's back
+		// (the daemon released an exited owner), this owner included (it
+		// held nothing before this grant); none remain after an exclusive
+		// grant.
+		for u := range g.holders {
+			if u == o.UUID || !current[u] {
+				delete(g.holders, u)
+			}
+		}
+		if len(g.holders) == 0 {
+			g = nil
+		}
+	}
+	if g == nil {
+		g = &grant{holders: make(map[string]int, 1)}
+		// The first holder decides whether the file goes with the last
+		// one, as in virtlockd; in the default lockspace (disk images)
+		// only a file this server created is ever removed.
+		if autocreate && (ls.path != "" || created) {
+			g.file = file
+		}
+		s.grants[r.Key()] = g
+	}
+	g.holders[o.UUID]++
+	return nil
+}
+
+// acquireHeld answers an ACQUIRE of r by an owner that holds it already
+// (as h): shared on shared counts once more, anything else is busy, naming
+// the owner itself. Called with the owner's lock held.
+func (s *Server) acquireHeld(o lockmgr.Object, r, h lockmgr.Resource) *RemoteError {
+	if h.Mode != lockmgr.Shared || r.Mode != lockmgr.Shared {
+		return remoteError(&lockmgr.BusyError{Resource: h, Holder: lockmgr.Holder{
+			Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: h.Mode}})
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g := s.grants[h.Key()]
+	if g == nil { // granted before a restart of the server
+		g = &grant{holders: make(map[string]int, 1)}
+		s.grants[h.Key()] = g
+	}
+	if g.holders[o.UUID] == 0 {
+		g.holders[o.UUID] = 1
+	}
+	g.holders[o.UUID]++
+	return nil
+}
+
+// openFile opens a resource's file; in a lockspace directory it never
+// follows a symlink, so that lease names cannot lead outside it.
+func openFile(ls *lockspace, file string, flags int) (*os.File, error) {
+	if ls.path != "" {
+		flags |= unix.O_NOFOLLOW
+	}
+	return os.OpenFile(file, flags|unix.O_CLOEXEC, 0o600)
+}
+
+// ensureObject makes sure the lock table has the owner's object with the
+// owner's pid. An object of the same uuid with another pid is replaced if
+// it holds nothing or its process is gone (a domain that was restarted);
+// if its process still holds locks, the owner is refused. Called with the
+// owner's lock held.
+func (s *Server) ensureObject(ctx context.Context, o lockmgr.Object) *RemoteError {
+	cur, err := s.mgr.Object(o.UUID)
+	if err == nil {
+		if cur.PID == o.PID {
+			return nil
+		}
+		leases, ro, err := s.mgr.Held(o.UUID)
+		if err != nil {
+			return remoteError(err)
+		}
+		if len(leases)+len(ro) > 0 && processAlive(cur.PID) {
+			return newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf(
+				"domain %q (uuid %s) is registered with pid %d, which is alive and holds %d locks; pid %d cannot take locks for it",
+				cur.Name, cur.UUID, cur.PID, len(leases)+len(ro), o.PID))
+		}
+		s.log.Info("replacing a stale owner", "uuid", o.UUID, "name", o.Name, "old_pid", cur.PID, "pid", o.PID)
+		if rerr := s.forget(ctx, cur, leases); rerr != nil {
+			return rerr
+		}
+	} else if !errors.Is(err, lockmgr.ErrNotRegistered) {
+		return remoteError(err)
+	}
+	if err := s.owners.Register(ctx, o); err != nil {
+		return remoteError(err)
+	}
+	return nil
+}
+
+// forget releases everything the object o holds (the leases given) and, if
+// the server registered it, forgets it; then it updates the grant records
+// and removes lease files whose last holder it was. Called with o's owner
+// lock held and no key lock.
+func (s *Server) forget(ctx context.Context, o lockmgr.Object, leases []lockmgr.Lease) *RemoteError {
+	var err error
+	if o.URI == ObjectURI {
+		err = s.owners.Unregister(ctx, o.UUID)
+		if errors.Is(err, lockmgr.ErrNotRegistered) {
+			err = nil
+		}
+	} else if len(leases) > 0 {
+		_, err = s.mgr.Release(ctx, o.UUID, nil)
+	}
+	for _, l := range leases {
+		key := l.Resource().Key()
+		unlock := s.keyLocks.lock(key)
+		s.dropGrant(key, o.UUID)
+		unlock()
+	}
+	if err != nil {
+		return remoteError(err)
+	}
+	return nil
+}
+
+// dropGrant records that the object uuid no longer holds key and removes
+// the lease file if that was the last holder. Called with key's lock held.
+func (s *Server) dropGrant(key, uuid string) {
+	s.mu.Lock()
+	g := s.grants[key]
+	if g == nil {
+		s.mu.Unlock()
+		return
+	}
+	if _, ok := g.holders[uuid]; !ok { // an exclusive grant the server does not record
+		s.mu.Unlock()
+		return
+	}
+	delete(g.holders, uuid)
+	if len(g.holders) > 0 {
+		// Other holders remain, unless they lost the resource behind the
+		// server's back (the daemon released an exited owner).
+		s.mu.Unlock()
+		current := s.currentHolders(key)
+		s.mu.Lock()
+		for u := range g.holders {
+			if !current[u] {
+				delete(g.holders, u)
+			}
+		}
+		if len(g.holders) > 0 || s.grants[key] != g {
+			s.mu.Unlock()
+			return
+		}
+	}
+	delete(s.grants, key)
+	s.mu.Unlock()
+	if g.file != "" {
+		if err := os.Remove(g.file); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("cannot remove an auto-created lease file", "file", g.file, "err", err)
+		}
+	}
+}
+
+// dropIfEmpty forgets an object of the server that holds nothing, so that
+// objects do not pile up (a paused domain holds nothing; its next ACQUIRE
+// registers it again). Called with the owner's lock held.
+func (s *Server) dropIfEmpty(ctx context.Context, o lockmgr.Object) {
+	leases, ro, err := s.mgr.Held(o.UUID)
+	if err != nil || len(leases)+len(ro) > 0 {
+		return
+	}
+	cur, err := s.mgr.Object(o.UUID)
+	if err != nil || cur.URI != ObjectURI || cur.PID != o.PID {
+		return
+	}
+	if err := s.owners.Unregister(ctx, o.UUID); err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
+		s.log.Warn("cannot forget an object that holds nothing", "uuid", o.UUID, "err", err)
+	}
+}
+
+// release unlocks a resource of the connection's registered owner. A
+// resource nobody holds is "not locked" (busy, as virtlockd says); one held
+// by others only is an internal error naming the owner's pid.
+func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name string) *RemoteError {
+	r, _, rerr := resource(ls, name, lockmgr.Exclusive)
+	if rerr != nil {
+		return rerr
+	}
+	o := c.obj
+	unlockOwner := s.ownerLocks.lock(o.UUID)
+	defer unlockOwner()
+
+	var held lockmgr.Resource
+	found := false
+	if cur, err := s.mgr.Object(o.UUID); err == nil && cur.PID == o.PID {
+		leases, _, _ := s.mgr.Held(o.UUID)
+		if held, found = heldAs(leases, r); !found && r.Type == lockmgr.TypeDisk {
+			if cr, rerr := canonical(r); rerr == nil { // held under another spelling?
+				held, found = heldAs(leases, cr)
+			}
+		}
+	}
+	if !found {
+		cr, rerr := canonical(r)
+		if rerr != nil {
+			return rerr
+		}
+		if _, ok := s.holderOf(cr.Key()); ok {
+			return newRemoteError(CodeInternalError, DomainLockspace, fmt.Sprintf("owner %d does not hold the resource lock", o.PID))
+		}
+		return newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf("Lockspace resource '%s' is not locked", name))
+	}
+	key := held.Key()
+	unlockKey := s.keyLocks.lock(key)
+	defer unlockKey()
+	s.mu.Lock()
+	if g := s.grants[key]; g != nil && g.holders[o.UUID] > 1 {
+		g.holders[o.UUID]--
+		s.mu.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	if _, err := s.mgr.Release(ctx, o.UUID, &held); err != nil {
+		return remoteError(err)
+	}
+	s.dropGrant(key, o.UUID)
+	s.dropIfEmpty(ctx, o)
+	return nil
+}
+
+// currentHolders returns the uuids of the holders of the resource key,
+// from the lock table.
+func (s *Server) currentHolders(key string) map[string]bool {
+	out := make(map[string]bool)
+	for _, li := range s.mgr.Locks() {
+		if li.Resource.Key() == key {
+			for _, h := range li.Holders {
+				out[h.UUID] = true
+			}
+		}
+	}
+	return out
+}
+
+// holderOf returns a holder of the resource key, from the lock table.
+func (s *Server) holderOf(key string) (lockmgr.Holder, bool) {
+	for _, li := range s.mgr.Locks() {
+		if li.Resource.Key() == key && len(li.Holders) > 0 {
+			return li.Holders[0], true
+		}
+	}
+	return lockmgr.Holder{}, false
+}
+
+// busyIfHeld returns a busy error naming the holder if anybody holds r.
+func (s *Server) busyIfHeld(r lockmgr.Resource) *RemoteError {
+	if h, ok := s.holderOf(r.Key()); ok {
+		r.Mode = h.Mode
+		return remoteError(&lockmgr.BusyError{Resource: r, Holder: h})
+	}
+	return nil
+}
+
+// createResource creates a resource's file (mode 0600) unless it is held.
+func (s *Server) createResource(ls *lockspace, name string) *RemoteError {
+	r, file, rerr := resource(ls, name, lockmgr.Exclusive)
+	if rerr == nil {
+		r, rerr = canonical(r)
+	}
+	if rerr != nil {
+		return rerr
+	}
+	unlock := s.keyLocks.lock(r.Key())
+	defer unlock()
+	if rerr := s.busyIfHeld(r); rerr != nil {
+		return rerr
+	}
+	f, err := openFile(ls, file, unix.O_WRONLY|unix.O_CREAT)
+	if err != nil {
+		return systemError(fmt.Sprintf("Failed to create file '%s'", file), err)
+	}
+	f.Close()
+	return nil
+}
+
+// deleteResource removes a resource's lease file unless it is held. In the
+// default lockspace, whose names are disk images, it refuses: vmlockd never
+// deletes a disk image.
+func (s *Server) deleteResource(ls *lockspace, name string) *RemoteError {
+	r, file, rerr := resource(ls, name, lockmgr.Exclusive)
+	if rerr == nil {
+		r, rerr = canonical(r)
+	}
+	if rerr != nil {
+		return rerr
+	}
+	unlock := s.keyLocks.lock(r.Key())
+	defer unlock()
+	if rerr := s.busyIfHeld(r); rerr != nil {
+		return rerr
+	}
+	if ls.path == "" {
+		return newRemoteError(CodeOperationDenied, DomainLockspace,
+			fmt.Sprintf("vmlockd does not delete %s: the default lockspace names disk images", file))
+	}
+	if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return systemError(fmt.Sprintf("Unable to delete lockspace resource %s", file), err)
+	}
+	return nil
+}
+
+// closeRule applies virtlockd's rule when a client closes its connection:
+// if the peer is the registered owner's process (the connection QEMU
+// inherited), every lock of that owner is released, and if it held any,
+// the process is killed. vmlockd kills first and releases once the process
+// is gone, so that no other domain can be granted a resource while the old
+// holder may still write to it. It takes ownership of c.peer.
+func (s *Server) closeRule(ctx context.Context, c *conn) {
+	defer c.peer.Close()
+	if c.owner == nil || c.peer.PID <= 0 || int(c.owner.PID) != c.peer.PID {
+		return
+	}
+	o := c.obj
+	unlock := s.ownerLocks.lock(o.UUID)
+	cur, err := s.mgr.Object(o.UUID)
+	if err != nil || cur.PID != o.PID {
+		unlock()
+		return
+	}
+	leases, ro, err := s.mgr.Held(o.UUID)
+	if err == nil && len(leases)+len(ro) == 0 {
+		s.forget(ctx, cur, nil)
+	}
+	unlock()
+	if err != nil || len(leases)+len(ro) == 0 {
+		return
+	}
+
+	if !c.peer.Exited() {
+		s.log.Warn("the connection of a lock owner closed while its process holds locks; killing it",
+			"uuid", o.UUID, "name", o.Name, "pid", o.PID, "locks", len(leases)+len(ro))
+		if err := s.kill(ctx, c.peer); err != nil {
+			s.log.Error("cannot kill a lock owner", "uuid", o.UUID, "pid", o.PID, "err", err)
+		}
+	}
+	if err := c.peer.Wait(ctx); err != nil {
+		if ctx.Err() != nil {
+			s.log.Info("stopping while a lock owner is being killed; its locks stay held", "uuid", o.UUID, "pid", o.PID)
+		} else {
+			s.log.Error("a lock owner did not exit; its locks stay held", "uuid", o.UUID, "pid", o.PID, "err", err)
+		}
+		return
+	}
+	unlock = s.ownerLocks.lock(o.UUID)
+	defer unlock()
+	cur, err = s.mgr.Object(o.UUID)
+	if err != nil || cur.PID != o.PID {
+		return // released meanwhile (the daemon saw the exit too)
+	}
+	leases, _, err = s.mgr.Held(o.UUID)
+	if err != nil {
+		return
+	}
+	if rerr := s.forget(context.WithoutCancel(ctx), cur, leases); rerr != nil {
+		s.log.Error("cannot release the locks of an exited owner", "uuid", o.UUID, "pid", o.PID, "err", rerr)
+		return
+	}
+	s.log.Info("lock owner exited; its locks are released", "uuid", o.UUID, "name", o.Name, "pid", o.PID, "locks", len(leases))
+}
+
+// remoteError maps an error of the lock table onto libvirt's codes, in the
+// lockspace domain. A busy error keeps libvirt's code 87 and carries the
+// message that names the holder.
+func remoteError(err error) *RemoteError {
+	var re *RemoteError
+	if errors.As(err, &re) {
+		return re
+	}
+	var be *lockmgr.BusyError
+	if errors.As(err, &be) {
+		return newRemoteError(CodeResourceBusy, DomainLockspace, be.Error())
+	}
+	code := CodeInternalError
+	switch lockmgr.CodeOf(err) {
+	case lockmgr.CodeInvalidArgument:
+		code = CodeInvalidArg
+	case lockmgr.CodeNotRegistered:
+		code = CodeOperationInvalid
+	case lockmgr.CodePermission:
+		code = CodeOperationDenied
+	case lockmgr.CodeTimeout:
+		code = CodeOperationTimeout
+	case lockmgr.CodeUnsupported:
+		code = CodeConfigUnsupported
+	case lockmgr.CodeBusy:
+		code = CodeResourceBusy
+	}
+	return newRemoteError(code, DomainLockspace, err.Error())
+}
+
+// systemError is virReportSystemError: the detail and the system's message.
+func systemError(detail string, err error) *RemoteError {
+	var errno syscall.Errno
+	msg := err.Error()
+	if errors.As(err, &errno) {
+		msg = errno.Error()
+	}
+	return newRemoteError(CodeSystemError, DomainLockspace, detail+": "+msg)
+}

@@ -1,0 +1,161 @@
+package virtlockd
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// LockspaceStore keeps the lockspace directories that clients created
+// (CREATE_LOCKSPACE, NEW) across restarts of the daemon, so that libvirtd,
+// which sends CREATE_LOCKSPACE only when it starts, keeps working after
+// vmlockd restarts.
+type LockspaceStore interface {
+	// Load returns the saved directories; none (and no error) if nothing
+	// was ever saved.
+	Load() ([]string, error)
+	// Save replaces the saved directories with dirs, durably.
+	Save(dirs []string) error
+}
+
+// FileStore is a LockspaceStore in one JSON file (for example
+// STATEDIR/libvirt-lockspaces.json), replaced atomically on every Save.
+type FileStore struct{ Path string }
+
+type storeFile struct {
+	Version    int      `json:"version"`
+	Lockspaces []string `json:"lockspaces"`
+}
+
+// maxStoreFile bounds what Load reads.
+const maxStoreFile = 16 << 20
+
+// Load reads the file; a missing file is an empty store.
+func (f FileStore) Load() ([]string, error) {
+	fh, err := os.Open(f.Path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("lockspace store: %w", err)
+	}
+	defer fh.Close()
+	b, err := io.ReadAll(io.LimitReader(fh, maxStoreFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("lockspace store: %w", err)
+	}
+	if len(b) > maxStoreFile {
+		return nil, fmt.Errorf("lockspace store %s: larger than %d bytes", f.Path, maxStoreFile)
+	}
+	var sf storeFile
+	if err := json.Unmarshal(b, &sf); err != nil {
+		return nil, fmt.Errorf("lockspace store %s: %w", f.Path, err)
+	}
+	if sf.Version != 1 {
+		return nil, fmt.Errorf("lockspace store %s: unknown version %d", f.Path, sf.Version)
+	}
+	return sf.Lockspaces, nil
+}
+
+// Save writes a temporary file, syncs it, renames it over the file and
+// syncs the directory.
+func (f FileStore) Save(dirs []string) error {
+	b, err := json.MarshalIndent(storeFile{Version: 1, Lockspaces: dirs}, "", "  ")
+	if err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	dir := filepath.Dir(f.Path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(f.Path)+".*")
+	if err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // fails harmlessly after the rename
+	if _, err := tmp.Write(append(b, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), f.Path); err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("lockspace store: %w", err)
+	}
+	return nil
+}
+
+// lockspace is one lockspace the server knows.
+type lockspace struct {
+	path string // as clients name it; "" is the default lockspace
+	dir  string // the cleaned directory ("" for the default)
+	name string // the lockmgr lockspace of its leases (LockspaceName)
+}
+
+// file returns the file of the resource name in ls.
+func (ls *lockspace) file(name string) string {
+	if ls.path == "" {
+		return name
+	}
+	return filepath.Join(ls.dir, name)
+}
+
+// LockspaceNamePrefix starts the lockmgr lockspace name of every lockspace
+// directory served over the libvirt protocol.
+const LockspaceNamePrefix = "libvirt:"
+
+// LockspaceName returns the lockmgr lockspace under which the leases of the
+// lockspace directory dir are locked: LockspaceNamePrefix followed by the
+// cleaned absolute path escaped as systemd-escape --path does ("/" becomes
+// "-"; bytes other than ASCII letters, digits, ':', '_' and a non-leading
+// '.' become \xNN). "/var/lib/libvirt/lockd/files" becomes
+// "libvirt:var-lib-libvirt-lockd-files". The mapping is injective and the
+// same on every host, so the cluster backend sees one lock for one
+// directory. A name over lockmgr.MaxNameLen bytes is cut and ends with a
+// hash of the whole path.
+func LockspaceName(dir string) string {
+	p := strings.Trim(filepath.Clean(dir), "/")
+	var b strings.Builder
+	b.WriteString(LockspaceNamePrefix)
+	if p == "" {
+		b.WriteByte('-')
+	}
+	for i := 0; i < len(p); i++ {
+		c := p[i]
+		switch {
+		case c == '/':
+			b.WriteByte('-')
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == ':', c == '_',
+			c == '.' && i > 0:
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, `\x%02x`, c)
+		}
+	}
+	s := b.String()
+	if len(s) > lockmgr.MaxNameLen {
+		sum := sha256.Sum256([]byte(filepath.Clean(dir)))
+		h := hex.EncodeToString(sum[:16])
+		s = s[:lockmgr.MaxNameLen-len(h)-1] + "~" + h
+	}
+	return s
+}
