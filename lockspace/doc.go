@@ -1,0 +1,84 @@
+// Package lockspace is vmlock's local lock driver: every lease is an OFD
+// byte-range lock (fcntl F_OFD_SETLK) on byte 0 of a file, so it lives on an
+// open file description. A copy of that description (File, passed to another
+// process with SCM_RIGHTS) keeps the lock alive across a crash of the daemon,
+// and the lock conflicts with the POSIX fcntl locks that virtlockd takes on
+// the same byte. Locks work across hosts where the file system forwards
+// byte-range locks (NFSv4, GFS2, CephFS).
+//
+// # What is locked
+//
+//   - A disk, direct leases (Config.DiskLeaseDir empty, the default): the
+//     image file itself, opened O_RDWR, as virtlockd does. The image must
+//     exist. Its fencing token lives in StateDir/tokens/H, where H is the
+//     lowercase hex SHA-256 of the canonical path.
+//   - A disk, indirect leases: the lease file DiskLeaseDir/H (H as above).
+//   - A lease "LS/KEY": the lease file LeaseDir/LS/KEY.
+//   - A custom resource of type T named N: LeaseDir/custom.T/<sha256hex(N)>.
+//
+// Byte 0 is write-locked for an exclusive grant and read-locked for a
+// shared one. Byte 1 is a short-held mutex (F_OFD_SETLKW) that shared
+// grants take while they read and rewrite the token, since several sharers
+// may do so at once; an exclusive grant already excludes everybody.
+//
+// Names never escape their directory: lockspaces and keys are single path
+// components checked by lockmgr.ValidName, and lockspace directories and
+// lease files are opened relative to a directory descriptor with O_NOFOLLOW. The names ".hwm" and lockspaces
+// beginning with "custom." are reserved.
+//
+// # On-disk format
+//
+// A lease file (indirect disk, lease, custom) and a direct lease's token file
+// hold one record, written with a single pwrite while the lock is held:
+//
+//	bytes 0..7    fencing token, uint64 little endian
+//	bytes 8..11   n, uint32 little endian
+//	bytes 12..    n bytes of JSON: the lockmgr.Holder of the newest grant
+//
+// An empty (new) file has token 0 and no holder. The token strictly
+// increases on every grant of the resource, shared grants included. A busy
+// error reads the record without locking (best effort) to name the holder;
+// if the conflicting lock is a POSIX lock (F_OFD_GETLK reports its pid; OFD
+// locks report -1) the holder is that foreign process instead.
+//
+// Each directory of lease files also holds ".hwm", the high-water mark: 8
+// bytes, uint64 little endian, the greatest token of any lease file removed
+// from that directory, updated under an OFD write lock on its byte 0.
+//
+// # Removal of lease files, and the inode re-check
+//
+// Lease files are created on demand (O_CREAT|O_NOFOLLOW, mode 0600) and
+// removed by their last holder, without racing a concurrent acquirer:
+//
+//   - On release, the holder takes a write lock on byte 0 (a sharer gets it
+//     only if it is the last holder). If it does, it raises .hwm to the
+//     file's token, unlinks the file while still holding the lock, and only
+//     then unlocks and closes it. Otherwise it just unlocks and closes.
+//   - An acquirer, after locking its descriptor, compares fstat of the
+//     descriptor with fstatat of the path (device and inode). If the path is
+//     gone or names another inode, it locked a file that was being removed:
+//     it closes it and starts again (a bounded number of times).
+//   - A file that is new (shorter than 8 bytes) continues from .hwm: its first
+//     grant gets token hwm+1, so tokens never go back when files come and go.
+//
+// The price of removal: a state string's token for a resource whose file
+// was removed is compared with the directory's mark, which other resources
+// may have raised since, so such a handover can be refused as stale although
+// nobody took the resource (a conservative error, never a false grant).
+//
+// A last sharer's brief write lock at release can make a concurrent shared
+// acquirer see a conflict; shared acquirers retry a few times before they
+// report busy when the record says the resource is held shared.
+//
+// # Acquire
+//
+// Acquire first locks every requested resource (open, F_OFD_SETLK, inode
+// re-check) and checks every expected token, and only then writes the new
+// tokens and holder records. A busy or stale resource thus changes no
+// token, and everything locked so far is released (lease files this call
+// created are removed) before the error is returned.
+//
+// Tokens and records are written to the page cache, not synced: they survive
+// a restart or crash of the daemon, not a crash of the host (after which no
+// lock survives either).
+package lockspace

@@ -1,0 +1,730 @@
+package lockspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// Config configures a Driver. Relative directories are taken relative to
+// the working directory at New.
+type Config struct {
+	// StateDir is this host's state directory (required). Direct leases keep
+	// their tokens in StateDir/tokens. It is created (mode 0700) if missing.
+	StateDir string
+	// LeaseDir is the root of the lockspaces: the lease "LS/KEY" is the file
+	// LeaseDir/LS/KEY, and a custom resource of type T is a file in
+	// LeaseDir/custom.T. Lockspace directories are created on demand (mode
+	// 0700). Hosts that share LeaseDir (NFS, GFS2, CephFS) exclude each
+	// other. If empty, lease and custom resources are refused with
+	// CodeUnsupported.
+	LeaseDir string
+	// DiskLeaseDir, if set, makes disk leases indirect: a disk is locked
+	// through the lease file DiskLeaseDir/<sha256hex(canonical path)>,
+	// which is what virtlockd's indirect lockspace does too. If empty, a
+	// disk lease locks the image file itself (direct), and the image must
+	// exist. It must not be a lockspace directory of LeaseDir.
+	DiskLeaseDir string
+}
+
+// Cache sizes: descriptors kept open between calls.
+const (
+	maxCachedTokenFiles = 1024 // direct leases' token files
+	maxCachedDirs       = 256  // lockspace directories
+)
+
+// maxReopen bounds how often an acquire starts again because the lease file
+// it locked was being removed by its last holder.
+const maxReopen = 100
+
+// sharedRetries bounds how often a shared acquire retries a conflict that
+// looks like a last sharer's removal (see the package comment).
+const sharedRetries = 20
+
+// Driver is the lockspace lock driver. It implements lockmgr.Driver and
+// lockmgr.Adopter, and its leases implement lockmgr.FileLease. It is safe for
+// concurrent use. Two Drivers, in one process or in several, exclude each
+// other on the same files.
+type Driver struct {
+	cfg     Config
+	holders holderCache
+
+	// Directory handles, set by New and never changed: read without mu.
+	tokDir   *handle // StateDir/tokens
+	leaseDir *handle // LeaseDir, or nil
+	diskDir  *handle // DiskLeaseDir, or nil (direct disk leases)
+
+	mu     sync.Mutex
+	closed bool
+	tokens handleCache // token files, by canonical disk path
+	dirs   handleCache // lockspace directories, by name in LeaseDir
+}
+
+var _ lockmgr.Driver = (*Driver)(nil)
+var _ lockmgr.Adopter = (*Driver)(nil)
+var _ lockmgr.FileLease = (*lease)(nil)
+
+// New returns a driver for cfg, creating its directories if missing.
+func New(cfg Config) (*Driver, error) {
+	if cfg.StateDir == "" {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "lockspace: StateDir is required")
+	}
+	for _, p := range []*string{&cfg.StateDir, &cfg.LeaseDir, &cfg.DiskLeaseDir} {
+		if *p == "" {
+			continue
+		}
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "lockspace: bad directory " + *p, Err: err}
+		}
+		*p = abs
+	}
+	if cfg.LeaseDir != "" && cfg.DiskLeaseDir != "" && filepath.Dir(cfg.DiskLeaseDir) == cfg.LeaseDir {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument,
+			"lockspace: DiskLeaseDir %s must not be a lockspace directory of LeaseDir %s", cfg.DiskLeaseDir, cfg.LeaseDir)
+	}
+	d := &Driver{cfg: cfg,
+		tokens: handleCache{m: make(map[string]*handle), max: maxCachedTokenFiles},
+		dirs:   handleCache{m: make(map[string]*handle), max: maxCachedDirs}}
+	var err error
+	if d.tokDir, err = openConfDir(filepath.Join(cfg.StateDir, "tokens")); err != nil {
+		return nil, err
+	}
+	if cfg.LeaseDir != "" {
+		if d.leaseDir, err = openConfDir(cfg.LeaseDir); err != nil {
+			d.tokDir.close()
+			return nil, err
+		}
+	}
+	if cfg.DiskLeaseDir != "" {
+		if d.diskDir, err = openConfDir(cfg.DiskLeaseDir); err != nil {
+			d.tokDir.close()
+			if d.leaseDir != nil {
+				d.leaseDir.close()
+			}
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// openConfDir creates and opens a configured directory. Unlike lockspace
+// directories, it may be (or lie under) a symlink the operator made.
+func openConfDir(p string) (*handle, error) {
+	if err := os.MkdirAll(p, 0o700); err != nil {
+		return nil, &lockmgr.Error{Code: codeOfErrno(err), Msg: "lockspace: cannot create " + p, Err: err}
+	}
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &lockmgr.Error{Code: codeOfErrno(err), Msg: "lockspace: cannot open " + p, Err: err}
+	}
+	return newHandle(fd, 1), nil
+}
+
+// Name returns "lockspace".
+func (d *Driver) Name() string { return "lockspace" }
+
+// Close closes the driver's cached descriptors. It releases no lease: the
+// leases it granted stay held until they are released (which still works
+// after Close) or their files are closed everywhere. Acquire and Adopt fail
+// after Close.
+func (d *Driver) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	cl := d.tokens.clearLocked()
+	cl = append(cl, d.dirs.clearLocked()...)
+	for _, h := range []*handle{d.tokDir, d.leaseDir, d.diskDir} {
+		if h != nil {
+			if h.refs--; h.refs == 0 {
+				cl = append(cl, h)
+			}
+		}
+	}
+	d.mu.Unlock()
+	for _, h := range cl {
+		h.close()
+	}
+	return nil
+}
+
+func errClosed() error {
+	return lockmgr.Errorf(lockmgr.CodeInternal, "the lockspace driver is closed")
+}
+
+// put drops a reference to h, closing it if it was the last.
+func (d *Driver) put(h *handle) {
+	d.mu.Lock()
+	h.refs--
+	last := h.refs == 0
+	d.mu.Unlock()
+	if last {
+		h.close()
+	}
+}
+
+// target is where a resource's lock lives.
+type target struct {
+	direct bool   // the disk image itself, path
+	path   string // direct: the image's canonical path
+	sub    string // lease file: its directory in LeaseDir; "" for DiskLeaseDir
+	name   string // lease file: its name in that directory
+}
+
+// filePath is the path of a target's locked file, for messages.
+func (d *Driver) filePath(t *target) string {
+	switch {
+	case t.direct:
+		return t.path
+	case t.sub == "":
+		return filepath.Join(d.cfg.DiskLeaseDir, t.name)
+	}
+	return filepath.Join(d.cfg.LeaseDir, t.sub, t.name)
+}
+
+const customPrefix = "custom."
+
+// resolve validates r and says where its lock lives. Every error is of
+// class CodeInvalidArgument (or CodeUnsupported) and names r.
+func (d *Driver) resolve(r lockmgr.Resource) (target, error) {
+	if err := r.Validate(); err != nil {
+		var e *lockmgr.Error
+		if errors.As(err, &e) && e.Resource == "" {
+			c := *e
+			c.Resource = r.String()
+			return target{}, &c
+		}
+		return target{}, err
+	}
+	if r.Mode != lockmgr.Exclusive && r.Mode != lockmgr.Shared {
+		return target{}, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+			Msg: "only exclusive and shared resources are locked (read-only ones never reach a driver)"}
+	}
+	switch r.Type {
+	case lockmgr.TypeDisk:
+		if !isCleanAbs(r.Name) {
+			return target{}, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+				Msg: "disk path is not canonical (want an absolute, clean path with symlinks resolved: see lockmgr.Canonical)"}
+		}
+		if d.diskDir == nil {
+			return target{direct: true, path: r.Name}, nil
+		}
+		return target{name: hashName(r.Name)}, nil
+	case lockmgr.TypeLease:
+		ls, key, err := r.SplitLease()
+		if err != nil {
+			var e *lockmgr.Error
+			if errors.As(err, &e) {
+				c := *e
+				c.Resource = r.String()
+				return target{}, &c
+			}
+			return target{}, err
+		}
+		switch {
+		case key == hwmFileName || ls == hwmFileName:
+			return target{}, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+				Msg: fmt.Sprintf("the name %q is reserved for the lockspace's high-water mark", hwmFileName)}
+		case strings.HasPrefix(ls, customPrefix):
+			return target{}, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+				Msg: fmt.Sprintf("lockspace names beginning with %q are reserved for custom resource types", customPrefix)}
+		}
+		if d.leaseDir == nil {
+			return target{}, &lockmgr.Error{Code: lockmgr.CodeUnsupported, Resource: r.String(), Msg: "no lease directory is configured (Config.LeaseDir)"}
+		}
+		return target{sub: ls, name: key}, nil
+	default:
+		if d.leaseDir == nil {
+			return target{}, &lockmgr.Error{Code: lockmgr.CodeUnsupported, Resource: r.String(), Msg: "no lease directory is configured (Config.LeaseDir) for custom resources"}
+		}
+		return target{sub: customPrefix + string(r.Type), name: hashName(r.Name)}, nil
+	}
+}
+
+// Acquire grants every request or none, in order. Each grant carries a
+// fencing token greater than any earlier grant's of the same resource, and
+// records req.Holder (with the grant time) for busy errors elsewhere. A
+// request with a non-zero Expect is granted only if the resource's current
+// token is Expect, else it fails with a *lockmgr.StaleStateError.
+//
+// Acquire works in two phases: it first locks every resource and checks
+// every Expect, and only then writes the new tokens. So a failure (a busy
+// or stale resource, a done ctx) changes no token, and when it fails part-way
+// nothing this call took remains held (lease files it created are removed).
+// The error names the failing resource: a *lockmgr.BusyError, a
+// *lockmgr.StaleStateError, or a *lockmgr.Error (CodeInvalidArgument for a
+// malformed resource or a missing image of a direct lease, CodePermission,
+// CodeTimeout when ctx is done between two resources, CodeInternal for any
+// other system error, wrapping the errno). Acquire never waits for a held
+// lock.
+func (d *Driver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr.Lease, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	ls := make([]lease, len(reqs))
+	for i := range reqs {
+		err := ctx.Err()
+		if err != nil {
+			err = &lockmgr.Error{Code: lockmgr.CodeTimeout, Resource: reqs[i].Resource.String(),
+				Msg: "the deadline passed before this resource was locked; nothing is held", Err: err}
+		} else {
+			err = d.lockOne(&ls[i], &reqs[i])
+		}
+		if err != nil {
+			undo(ls[:i])
+			return nil, err
+		}
+	}
+	// A shared request's Expect is checked again when its token is written,
+	// since another sharer may have been granted in between; those go first,
+	// so that no later write can fail on a token.
+	now := time.Now().UTC()
+	var buf [512]byte
+	for pass := range 2 {
+		for i := range reqs {
+			r := &reqs[i]
+			if (r.Resource.Mode == lockmgr.Shared && r.Expect != 0) != (pass == 0) {
+				continue
+			}
+			if err := d.commit(&ls[i], r, now, buf[:0]); err != nil {
+				undo(ls)
+				return nil, err
+			}
+		}
+	}
+	out := make([]lockmgr.Lease, len(reqs))
+	for i := range ls {
+		out[i] = &ls[i]
+	}
+	return out, nil
+}
+
+// undo releases the leases of a failed Acquire, last first.
+func undo(ls []lease) {
+	for i := len(ls) - 1; i >= 0; i-- {
+		ls[i].undo()
+	}
+}
+
+// lockOne is Acquire's first phase for one resource: it locks it into l and
+// reads its current token into l.token, checking req.Expect. l is left
+// unheld on error.
+func (d *Driver) lockOne(l *lease, req *lockmgr.Request) error {
+	t, err := d.resolve(req.Resource)
+	if err != nil {
+		return err
+	}
+	l.d, l.res, l.sub, l.name = d, req.Resource, t.sub, t.name
+	if t.direct {
+		err = d.lockDirect(l, &t)
+	} else {
+		err = d.lockFile(l, &t)
+	}
+	if err != nil {
+		return err
+	}
+	l.held = true
+	if req.Resource.Mode == lockmgr.Exclusive || req.Expect != 0 {
+		// An exclusive lock freezes the token; a shared one does not, so a
+		// sharer's Expect is checked again by commit.
+		if l.token, err = d.current(l, &t, req.Resource.Mode == lockmgr.Shared); err == nil && req.Expect != 0 && req.Expect != l.token {
+			err = &lockmgr.StaleStateError{Resource: req.Resource, Want: req.Expect, Current: l.token}
+		}
+		if err != nil {
+			l.undo()
+			return err
+		}
+	}
+	return nil
+}
+
+// current reads the resource's current token: the record's, or for a new
+// lease file its directory's high-water mark. mutex takes the token mutex
+// (byte 1) meanwhile, as sharers must.
+//
+// Since the high-water mark covers every resource of a directory, a state
+// string's token for a resource whose lease file was removed can look stale
+// when another resource of the directory was removed later with a greater
+// token: a conservative false "stale", never a false grant.
+func (d *Driver) current(l *lease, t *target, mutex bool) (uint64, error) {
+	if mutex {
+		if err := waitLock(l.fd, unix.F_WRLCK, mutexByte); err != nil {
+			return 0, fsError(l.res, "lock the token of", d.filePath(t), err)
+		}
+		defer unlock(l.fd, mutexByte, 1)
+	}
+	return d.readCurrent(l, t)
+}
+
+func (d *Driver) readCurrent(l *lease, t *target) (uint64, error) {
+	recFd := l.fd
+	if l.tf != nil {
+		recFd = l.tf.fd
+	}
+	cur, fresh, err := readToken(recFd)
+	if err != nil {
+		return 0, fsError(l.res, "read the token of", d.filePath(t), err)
+	}
+	if fresh && l.dir != nil {
+		if cur, err = l.dir.readHWM(); err != nil {
+			return 0, fsError(l.res, "read the high-water mark of", filepath.Dir(d.filePath(t)), err)
+		}
+	}
+	return cur, nil
+}
+
+// commit is Acquire's second phase for one resource: it writes the new
+// token and the holder record (granted at now) and makes l a lease.
+func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byte) error {
+	r := req.Resource
+	t := target{direct: l.dir == nil, path: r.Name, sub: l.sub, name: l.name}
+	recFd := l.fd
+	if l.tf != nil {
+		recFd = l.tf.fd
+	}
+	cur := l.token
+	if r.Mode == lockmgr.Shared {
+		if err := waitLock(l.fd, unix.F_WRLCK, mutexByte); err != nil {
+			return fsError(r, "lock the token of", d.filePath(&t), err)
+		}
+		defer unlock(l.fd, mutexByte, 1)
+		var err error
+		if cur, err = d.readCurrent(l, &t); err != nil {
+			return err
+		}
+		if req.Expect != 0 && req.Expect != cur {
+			return &lockmgr.StaleStateError{Resource: r, Want: req.Expect, Current: cur}
+		}
+	}
+	h := req.Holder
+	h.Mode = r.Mode
+	rec := appendRecord(buf, cur+1, h, now, &d.holders)
+	if err := pwriteAll(recFd, rec, 0); err != nil {
+		return fsError(r, "write the token of", d.filePath(&t), err)
+	}
+	l.token, l.committed = cur+1, true
+	if l.tf != nil {
+		d.put(l.tf)
+		l.tf = nil
+	}
+	return nil
+}
+
+// lockDirect locks the image itself; the token lives in the token file,
+// which l keeps referenced until commit.
+func (d *Driver) lockDirect(l *lease, t *target) error {
+	r, path := l.res, t.path
+	tf, err := d.tokenFile(r, path)
+	if err != nil {
+		return err
+	}
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		d.put(tf)
+		return imageError(r, path, err)
+	}
+	if err := d.lock(fd, r, t, tf.fd, false); err != nil {
+		_ = unix.Close(fd)
+		d.put(tf)
+		return err
+	}
+	l.fd, l.tf = fd, tf
+	return nil
+}
+
+// imageError maps a failure to open a direct lease's image.
+func imageError(r lockmgr.Resource, path string, err error) error {
+	switch errno(err) {
+	case unix.ENOENT, unix.ENOTDIR:
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+			Msg: "the disk image does not exist (a direct lease locks the image file itself: create it first, or configure indirect disk leases)", Err: err}
+	case unix.EISDIR:
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "the disk path is a directory", Err: err}
+	}
+	return fsError(r, "open", path, err)
+}
+
+// fsError maps a system error: EACCES and EPERM to CodePermission, ELOOP
+// (a symlink where O_NOFOLLOW refuses one) to CodeInvalidArgument, the rest
+// to CodeInternal. The errno stays in the chain for errors.Is.
+func fsError(r lockmgr.Resource, op, path string, err error) error {
+	e := &lockmgr.Error{Code: codeOfErrno(err), Resource: r.String(), Msg: "cannot " + op + " " + path, Err: err}
+	if errno(err) == unix.ELOOP {
+		e.Msg = path + " is a symbolic link, which lease files and lockspace directories must not be"
+	}
+	return e
+}
+
+func codeOfErrno(err error) lockmgr.Code {
+	switch errno(err) {
+	case unix.EACCES, unix.EPERM:
+		return lockmgr.CodePermission
+	case unix.ELOOP:
+		return lockmgr.CodeInvalidArgument
+	}
+	return lockmgr.CodeInternal
+}
+
+// tokenFile returns the token file of a direct lease, referenced.
+func (d *Driver) tokenFile(r lockmgr.Resource, path string) (*handle, error) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil, errClosed()
+	}
+	if h := d.tokens.getLocked(path); h != nil {
+		d.mu.Unlock()
+		return h, nil
+	}
+	base := d.tokDir
+	base.refs++
+	d.mu.Unlock()
+	name := hashName(path)
+	fd, err := unix.Openat(base.fd, name, fileFlags, 0o600)
+	d.put(base)
+	if err != nil {
+		return nil, fsError(r, "open token file", filepath.Join(d.cfg.StateDir, "tokens", name), err)
+	}
+	return d.cacheHandle(&d.tokens, path, fd)
+}
+
+// cacheHandle adds a freshly opened descriptor to a cache and returns its
+// handle, referenced; if another goroutine was faster, fd is closed and
+// theirs is returned.
+func (d *Driver) cacheHandle(c *handleCache, key string, fd int) (*handle, error) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		_ = unix.Close(fd)
+		return nil, errClosed()
+	}
+	if h := c.getLocked(key); h != nil {
+		d.mu.Unlock()
+		_ = unix.Close(fd)
+		return h, nil
+	}
+	h := newHandle(fd, 1)
+	evicted := c.addLocked(key, h)
+	d.mu.Unlock()
+	for _, e := range evicted {
+		e.close()
+	}
+	return h, nil
+}
+
+// dirFor returns the directory of a lease file, referenced, creating a
+// lockspace directory if needed.
+func (d *Driver) dirFor(r lockmgr.Resource, t *target) (*handle, error) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil, errClosed()
+	}
+	if t.sub == "" {
+		d.diskDir.refs++
+		d.mu.Unlock()
+		return d.diskDir, nil
+	}
+	if h := d.dirs.getLocked(t.sub); h != nil {
+		d.mu.Unlock()
+		return h, nil
+	}
+	base := d.leaseDir
+	base.refs++
+	d.mu.Unlock()
+	fd, err := openSubdir(base.fd, t.sub)
+	d.put(base)
+	if err != nil {
+		return nil, fsError(r, "create lockspace directory", filepath.Join(d.cfg.LeaseDir, t.sub), err)
+	}
+	return d.cacheHandle(&d.dirs, t.sub, fd)
+}
+
+// forgetDir drops a cached lockspace directory that turned out to be
+// removed (by an operator), so that the next dirFor creates it again.
+func (d *Driver) forgetDir(sub string, h *handle) {
+	d.mu.Lock()
+	last := d.dirs.removeLocked(sub, h)
+	d.mu.Unlock()
+	if last {
+		h.close()
+	}
+}
+
+// openSubdir opens (creating it, mode 0700, if needed) the directory name
+// in base, refusing a symlink.
+func openSubdir(base int, name string) (int, error) {
+	fd, err := unix.Openat(base, name, dirFlags, 0)
+	if err != unix.ENOENT {
+		return fd, err
+	}
+	if err := unix.Mkdirat(base, name, 0o700); err != nil && err != unix.EEXIST {
+		return -1, err
+	}
+	return unix.Openat(base, name, dirFlags, 0)
+}
+
+// lockFile locks a lease file, creating it if needed, and re-checks that
+// the locked inode is still the one at the path (see the package comment).
+func (d *Driver) lockFile(l *lease, t *target) error {
+	r := l.res
+	dir, err := d.dirFor(r, t)
+	if err != nil {
+		return err
+	}
+	dirGone := false
+	for range maxReopen {
+		fd, err := unix.Openat(dir.fd, t.name, fileFlags, 0o600)
+		if err != nil {
+			if err == unix.ENOENT && t.sub != "" && !dirGone {
+				// The lockspace directory was removed under us.
+				dirGone = true
+				d.forgetDir(t.sub, dir)
+				d.put(dir)
+				if dir, err = d.dirFor(r, t); err != nil {
+					return err
+				}
+				continue
+			}
+			d.put(dir)
+			return fsError(r, "open lease file", d.filePath(t), err)
+		}
+		if err := d.lock(fd, r, t, fd, true); err != nil {
+			_ = unix.Close(fd)
+			d.put(dir)
+			return err
+		}
+		var st, pst unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			_ = unix.Close(fd)
+			d.put(dir)
+			return fsError(r, "stat lease file", d.filePath(t), err)
+		}
+		err = unix.Fstatat(dir.fd, t.name, &pst, unix.AT_SYMLINK_NOFOLLOW)
+		if err == unix.ENOENT || err == nil && !sameFile(&st, &pst) {
+			// We locked a file its last holder removed meanwhile.
+			_ = unix.Close(fd)
+			runtime.Gosched()
+			continue
+		}
+		if err != nil {
+			_ = unix.Close(fd)
+			d.put(dir)
+			return fsError(r, "stat lease file", d.filePath(t), err)
+		}
+		l.fd, l.dir = fd, dir
+		return nil
+	}
+	d.put(dir)
+	return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(),
+		Msg: fmt.Sprintf("gave up after %d attempts: the lease file %s was removed every time it was locked", maxReopen, d.filePath(t))}
+}
+
+// lock takes byte 0 of fd in r's mode without waiting. On a conflict it
+// returns a *lockmgr.BusyError naming the holder: a foreign POSIX lock's
+// process, else the holder recorded in recFd. removable says fd is a lease
+// file, whose last sharer write-locks it for a moment to remove it.
+func (d *Driver) lock(fd int, r lockmgr.Resource, t *target, recFd int, removable bool) error {
+	typ := lockType(r.Mode)
+	for attempt := 0; ; attempt++ {
+		err := tryLock(fd, typ, lockByte)
+		if err == nil {
+			return nil
+		}
+		if err != unix.EAGAIN {
+			return fsError(r, "lock", d.filePath(t), err)
+		}
+		held, pid, ok := conflict(fd, typ)
+		if !ok && attempt < 3 {
+			continue // released meanwhile
+		}
+		rec, named := readHolder(recFd)
+		if removable && r.Mode == lockmgr.Shared && ok && held == unix.F_WRLCK && pid < 0 &&
+			named && rec.Mode == lockmgr.Shared && attempt < sharedRetries {
+			// The newest grant was shared, yet byte 0 is write-locked: most
+			// likely the last sharer removing the file. Try again shortly.
+			time.Sleep(50 * time.Microsecond)
+			continue
+		}
+		h := rec
+		switch {
+		case ok && pid > 0:
+			// vmlock takes only OFD locks: a POSIX lock is another program's
+			// (virtlockd's, for one), whatever the record says.
+			h = lockmgr.Holder{Foreign: true, PID: int(pid)}
+		case !named:
+			h = lockmgr.Holder{Foreign: true}
+		}
+		if ok {
+			h.Mode = modeOfLock(held)
+		}
+		return &lockmgr.BusyError{Resource: r, Holder: h}
+	}
+}
+
+// dropFile gives up the lock on a lease file (it does not close fd). If this
+// is the last holder of a granted lease, it first raises the directory's
+// high-water mark to the file's token and removes the file, all while
+// holding the write lock, so that an acquirer that opened the file meanwhile
+// notices (its inode re-check fails) and no token is lost. For a lock that
+// was never granted (a failed Acquire) it removes the file only if it holds
+// no token, so that the resource's current token stays what it was.
+// explicit unlocks byte 0 explicitly, needed when copies of the description
+// may live elsewhere.
+func (d *Driver) dropFile(fd int, dir *handle, name string, m lockmgr.Mode, tok uint64, granted, explicit bool) {
+	if m == lockmgr.Exclusive || tryLock(fd, unix.F_WRLCK, lockByte) == nil {
+		cur, fresh, err := readToken(fd)
+		switch {
+		case err != nil:
+		case !granted:
+			if fresh {
+				_ = unix.Unlinkat(dir.fd, name, 0)
+			}
+		default:
+			cur = max(cur, tok)
+			if cur == 0 || dir.raiseHWM(cur) == nil {
+				// If the mark cannot be raised the file stays: it still
+				// holds the token, and a lease file left behind is harmless.
+				_ = unix.Unlinkat(dir.fd, name, 0)
+			}
+		}
+		explicit = true // undo the write lock we may have just taken
+	}
+	if explicit {
+		_ = unlock(fd, 0, 0)
+	}
+}
+
+// isCleanAbs reports whether p is absolute and equal to filepath.Clean(p),
+// without allocating: no empty, "." or ".." element, no trailing slash.
+func isCleanAbs(p string) bool {
+	if p == "" || p[0] != '/' {
+		return false
+	}
+	if p == "/" {
+		return true
+	}
+	for rest := p[1:]; ; {
+		elem, tail, more := strings.Cut(rest, "/")
+		if elem == "" || elem == "." || elem == ".." {
+			return false
+		}
+		if !more {
+			return true
+		}
+		rest = tail
+	}
+}

@@ -1,0 +1,222 @@
+package lockspace
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// Byte ranges of a locked file.
+const (
+	lockByte  = 0 // the lease: F_WRLCK exclusive, F_RDLCK shared
+	mutexByte = 1 // token-update mutex of shared grants
+)
+
+// Record layout (see the package comment).
+const (
+	recHeader   = 12   // token (8) + JSON length (4)
+	maxRecJSON  = 8192 // a longer holder is not recorded
+	hwmFileName = ".hwm"
+)
+
+// Open flags.
+const (
+	fileFlags = unix.O_RDWR | unix.O_CREAT | unix.O_CLOEXEC | unix.O_NOFOLLOW
+	dirFlags  = unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC | unix.O_NOFOLLOW
+)
+
+func lockType(m lockmgr.Mode) int16 {
+	if m == lockmgr.Shared {
+		return unix.F_RDLCK
+	}
+	return unix.F_WRLCK
+}
+
+// fcntlLock runs an OFD lock command (F_OFD_SETLK, F_OFD_SETLKW) on one
+// range, retrying on EINTR. A length of 0 means "to the end of the file".
+func fcntlLock(fd int, cmd int, typ int16, start, length int64) error {
+	l := unix.Flock_t{Type: typ, Whence: io.SeekStart, Start: start, Len: length}
+	for {
+		err := unix.FcntlFlock(uintptr(fd), cmd, &l)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// tryLock takes an OFD lock without waiting; a conflict is EAGAIN.
+func tryLock(fd int, typ int16, start int64) error {
+	err := fcntlLock(fd, unix.F_OFD_SETLK, typ, start, 1)
+	if err == unix.EACCES { // POSIX allows EACCES for a conflict
+		err = unix.EAGAIN
+	}
+	return err
+}
+
+// waitLock takes an OFD lock, waiting for it. It is only used for locks
+// that are held for a few system calls (the token mutex, .hwm).
+func waitLock(fd int, typ int16, start int64) error {
+	return fcntlLock(fd, unix.F_OFD_SETLKW, typ, start, 1)
+}
+
+func unlock(fd int, start, length int64) error {
+	return fcntlLock(fd, unix.F_OFD_SETLK, unix.F_UNLCK, start, length)
+}
+
+// conflict asks which lock would block a lock of type typ on byte 0. ok is
+// false if none does (any more). pid is the owner of a POSIX lock, -1 for an
+// OFD lock.
+func conflict(fd int, typ int16) (held int16, pid int32, ok bool) {
+	l := unix.Flock_t{Type: typ, Whence: io.SeekStart, Start: lockByte, Len: 1}
+	if err := unix.FcntlFlock(uintptr(fd), unix.F_OFD_GETLK, &l); err != nil || l.Type == unix.F_UNLCK {
+		return 0, 0, false
+	}
+	return l.Type, l.Pid, true
+}
+
+func modeOfLock(typ int16) lockmgr.Mode {
+	if typ == unix.F_RDLCK {
+		return lockmgr.Shared
+	}
+	return lockmgr.Exclusive
+}
+
+// readToken reads the token of a record file; fresh is true when the file
+// has none yet (it is shorter than a token).
+func readToken(fd int) (tok uint64, fresh bool, err error) {
+	var b [8]byte
+	for {
+		n, err := unix.Pread(fd, b[:], 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, false, err
+		}
+		if n < len(b) {
+			return 0, true, nil
+		}
+		return binary.LittleEndian.Uint64(b[:]), false, nil
+	}
+}
+
+func pwriteAll(fd int, b []byte, off int64) error {
+	for len(b) > 0 {
+		n, err := unix.Pwrite(fd, b, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.ErrShortWrite
+		}
+		b, off = b[n:], off+int64(n)
+	}
+	return nil
+}
+
+// readHolder reads the holder of a record file, best effort and without
+// locking: a record being rewritten may not parse, and then nobody is named.
+func readHolder(fd int) (lockmgr.Holder, bool) {
+	b := make([]byte, recHeader+maxRecJSON)
+	n, err := unix.Pread(fd, b, 0)
+	if err != nil || n < recHeader {
+		return lockmgr.Holder{}, false
+	}
+	l := int(binary.LittleEndian.Uint32(b[8:12]))
+	if l == 0 || l > maxRecJSON || recHeader+l > n {
+		return lockmgr.Holder{}, false
+	}
+	var h lockmgr.Holder
+	if json.Unmarshal(b[recHeader:recHeader+l], &h) != nil {
+		return lockmgr.Holder{}, false
+	}
+	named := h.UUID != "" || h.Name != "" || h.PID != 0
+	return h, named
+}
+
+// sameFile reports whether two stats are of one inode.
+func sameFile(a, b *unix.Stat_t) bool { return a.Dev == b.Dev && a.Ino == b.Ino }
+
+// hashName is the lowercase hex SHA-256 of s: the name of a disk's or a
+// custom resource's lease file and of a direct lease's token file.
+func hashName(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
+}
+
+// holderJSON caches the JSON of one holder without its grant time, so that
+// the records of a grant of many resources (all with one holder) and of
+// repeated grants are built without encoding/json.
+type holderJSON struct {
+	h      lockmgr.Holder // Since is zero
+	prefix []byte         // JSON of h without its closing brace
+}
+
+// appendRecord appends the record of a grant: tok, then h as JSON with
+// Since set to now. cache keeps the last holder's encoding.
+func appendRecord(b []byte, tok uint64, h lockmgr.Holder, now time.Time, cache *holderCache) []byte {
+	b = binary.LittleEndian.AppendUint64(b, tok)
+	lenAt := len(b)
+	b = append(b, 0, 0, 0, 0)
+	start := len(b)
+	h.Since = time.Time{}
+	if h.Foreign { // never from the Manager; encode it the slow way
+		h.Since = now
+		js, err := json.Marshal(h)
+		if err == nil {
+			b = append(b, js...)
+		}
+	} else {
+		b = append(b, cache.prefix(h)...)
+		b = append(b, `,"since":"`...)
+		b = now.AppendFormat(b, time.RFC3339Nano)
+		b = append(b, `"}`...)
+	}
+	n := len(b) - start
+	if n > maxRecJSON {
+		b, n = b[:start], 0
+	}
+	binary.LittleEndian.PutUint32(b[lenAt:], uint32(n))
+	return b
+}
+
+// holderCache is a one-entry cache of a holder's JSON encoding.
+type holderCache struct {
+	mu   sync.Mutex
+	last *holderJSON
+}
+
+func (c *holderCache) prefix(h lockmgr.Holder) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.last != nil && c.last.h == h {
+		return c.last.prefix
+	}
+	js, err := json.Marshal(h) // cannot fail for a Holder with zero Since
+	if err != nil || len(js) < 2 {
+		js = []byte(`{"mode":"` + h.Mode.String() + `"}`)
+	}
+	c.last = &holderJSON{h: h, prefix: js[:len(js)-1]}
+	return c.last.prefix
+}
+
+// errno returns err's errno, or 0.
+func errno(err error) unix.Errno {
+	var e unix.Errno
+	if errors.As(err, &e) {
+		return e
+	}
+	return 0
+}
