@@ -51,6 +51,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
+	"github.com/vmlock/vmlock/hierlock"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -91,6 +92,13 @@ type Config struct {
 	Metrics *Metrics
 	// Reloads is how many times this daemon re-executed itself, for Status.
 	Reloads int
+	// Fencer, if set, is the self-fencing hook of a cluster driver (see
+	// Fencer): the daemon attaches to it, and its lock-holder records carry
+	// owner pidfds so that the holder can fence while vmlockd is down.
+	Fencer *Fencer
+	// HierLevels are the levels of the hierarchical locks served to
+	// clients; nil means hierlock.DefaultLevels().
+	HierLevels []hierlock.LevelConfig
 }
 
 func (c *Config) setDefaults() error {
@@ -141,9 +149,13 @@ type Daemon struct {
 	reloadCh   chan struct{}
 	inheritLn  *os.File // the listening socket kept for a reload
 
+	fenceMu sync.Mutex // held by restore and by fenceAll (fence.go)
+
 	mu     sync.Mutex
 	owners map[string]*owner    // by uuid
 	procs  map[int]*processRefs // by pid
+
+	hier *hierService
 }
 
 // owner is the daemon's record of an object beyond the lock table.
@@ -152,7 +164,8 @@ type owner struct {
 	uid    int // the uid that registered it
 	proc   *process
 	since  time.Time
-	chunks int // how many holder records the object spans now
+	chunks int        // how many holder records the object spans now
+	mig    *migration // its part in a migration handover (migrate.go), or nil
 }
 
 type processRefs struct {
@@ -163,12 +176,13 @@ type processRefs struct {
 // objectRecord is what the lock-holder keeps for an object, one per chunk
 // of at most lockholder.MaxFiles lease files. Chunk 0 has the identity.
 type objectRecord struct {
-	Object   lockmgr.Object     `json:"object"`
-	UID      int                `json:"uid"`
-	Start    uint64             `json:"start"`
-	Since    time.Time          `json:"since"`
-	ReadOnly []lockmgr.Resource `json:"readonly,omitempty"`
-	Leases   []leaseRecord      `json:"leases,omitempty"`
+	Object    lockmgr.Object     `json:"object"`
+	UID       int                `json:"uid"`
+	Start     uint64             `json:"start"`
+	Since     time.Time          `json:"since"`
+	ReadOnly  []lockmgr.Resource `json:"readonly,omitempty"`
+	Leases    []leaseRecord      `json:"leases,omitempty"`
+	Migration *migration         `json:"migration,omitempty"`
 }
 
 // leaseRecord is one lease of an object record. File indexes the record's
@@ -197,8 +211,11 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 		owners: make(map[string]*owner), procs: make(map[int]*processRefs)}
 	d.mgr = lockmgr.NewManager(cfg.Driver, lockmgr.Options{Observer: (*observer)(d)})
 	cfg.Metrics.register(d)
+	var err error
+	if d.hier, err = newHierService(d, cfg.HierLevels); err != nil {
+		return nil, err
+	}
 	if lockFile == nil {
-		var err error
 		if lockFile, err = LockStateDir(cfg.StateDir); err != nil {
 			return nil, err
 		}
@@ -224,7 +241,13 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 		return nil, err
 	}
 	d.holder = h
-	if err := d.restore(ctx); err != nil {
+	restored := d.startFencing()
+	err = d.restore(ctx)
+	if err == nil {
+		d.dropUnadopted(ctx)
+	}
+	restored()
+	if err != nil {
 		d.holder.Close()
 		d.lockF.Close()
 		return nil, err
@@ -314,6 +337,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.srv = grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
 		grpc.ChainUnaryInterceptor(d.intercept),
+		grpc.ChainStreamInterceptor(d.interceptStream),
 		// A fixed pool of stream workers instead of a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
@@ -386,6 +410,7 @@ func (d *Daemon) restore(ctx context.Context) error {
 		leases []lockmgr.Lease
 		ro     []lockmgr.Resource
 		chunks int
+		lost   int // leases the driver could not take back
 	}
 	objs := map[string]*restoring{}
 	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
@@ -428,6 +453,7 @@ func (d *Daemon) restore(ctx context.Context) error {
 			l, err := adopter.Adopt(lr.Resource, lr.Token, f)
 			if err != nil {
 				d.log.Error("lock-holder: cannot take back a lease", "uuid", uuid, "resource", lr.Resource.String(), "err", err)
+				r.lost++
 				continue
 			}
 			r.leases = append(r.leases, l)
@@ -440,6 +466,10 @@ func (d *Daemon) restore(ctx context.Context) error {
 		err := errGone
 		if r.rec != nil {
 			proc, err = openProcess(r.rec.Object.PID, r.rec.Start)
+		}
+		if err == nil && d.killLost(uuid, proc, r.lost) {
+			proc.close()
+			err = errGone
 		}
 		if err == nil {
 			err = d.mgr.Restore(r.rec.Object, r.leases, r.ro, r.rec.Since)
@@ -457,7 +487,7 @@ func (d *Daemon) restore(ctx context.Context) error {
 			continue
 		}
 		d.mu.Lock()
-		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks}
+		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks, mig: restoredMigration(r.rec.Migration)}
 		d.watchLocked(uuid, proc)
 		d.mu.Unlock()
 		restored++
@@ -570,10 +600,14 @@ func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockm
 	d.mu.Lock()
 	ow := d.owners[o.UUID]
 	var rec objectRecord
+	var pidfd *os.File // the owner, for the lock-holder's fencing
 	prev := 1
 	if ow != nil {
-		rec = objectRecord{Object: o, UID: ow.uid, Start: ow.proc.start, Since: ow.since, ReadOnly: ro}
+		rec = objectRecord{Object: o, UID: ow.uid, Start: ow.proc.start, Since: ow.since, ReadOnly: ro, Migration: ow.mig.clone()}
 		prev = ow.chunks
+		if d.cfg.Fencer != nil && len(leases) > 0 {
+			pidfd = ow.proc.file
+		}
 	} else {
 		rec = objectRecord{Object: o, UID: -1, Since: time.Now(), ReadOnly: ro}
 	}
@@ -602,8 +636,13 @@ func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockm
 			}
 			r.Leases = append(r.Leases, lr)
 		}
+		if chunks > 0 {
+			r.Migration = nil
+		}
 		b, err := json.Marshal(r)
-		if err == nil {
+		if err == nil && chunks == 0 {
+			err = d.holder.PutOwned(recordKey(o.UUID, chunks), b, pidfd, files)
+		} else if err == nil {
 			err = d.holder.Put(recordKey(o.UUID, chunks), b, files)
 		}
 		if err != nil {

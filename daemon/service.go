@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -76,31 +77,71 @@ type callerKey struct{}
 
 func callerOf(ctx context.Context) caller { return ctx.Value(callerKey{}).(caller) }
 
-// intercept authenticates, bounds and measures every call, and turns its
-// error into an API status.
-func (d *Daemon) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	t0 := time.Now()
-	method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
+// authenticate reads the caller's credentials and admits it or not.
+func (d *Daemon) authenticate(ctx context.Context, method string) (context.Context, error) {
 	p, ok := peer.FromContext(ctx)
 	pi, ok2 := p.AuthInfo.(peerInfo)
 	if !ok || !ok2 {
-		return nil, api.ToStatus(lockmgr.Errorf(lockmgr.CodePermission, "no peer credentials"))
+		return nil, lockmgr.Errorf(lockmgr.CodePermission, "no peer credentials")
 	}
 	c := caller{uid: int(pi.ucred.Uid), pid: int(pi.ucred.Pid)}
 	if err := d.authorize(c, int(pi.ucred.Gid)); err != nil {
 		d.log.Warn("refused a client", "uid", c.uid, "pid", c.pid, "method", method)
+		return nil, err
+	}
+	return context.WithValue(ctx, callerKey{}, c), nil
+}
+
+// recovered turns a panic of a handler into an internal error, so that one
+// bad call cannot take the daemon (and its owner watches) down.
+func (d *Daemon) recovered(method string, err *error) {
+	if r := recover(); r != nil {
+		d.log.Error("a call panicked; answering internal error", "method", method, "panic", r, "stack", string(debug.Stack()))
+		*err = api.ToStatus(lockmgr.Errorf(lockmgr.CodeInternal, "internal error in %s (logged by vmlockd)", method))
+	}
+}
+
+// intercept authenticates, bounds and measures every call, and turns its
+// error into an API status.
+func (d *Daemon) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	t0 := time.Now()
+	method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
+	defer d.recovered(method, &err)
+	ctx, err = d.authenticate(ctx, method)
+	if err != nil {
 		return nil, api.ToStatus(err)
 	}
-	ctx = context.WithValue(ctx, callerKey{}, c)
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
 	defer cancel()
-	resp, err := h(ctx, req)
+	resp, err = h(ctx, req)
 	d.cfg.Metrics.latency.WithLabelValues(method).Observe(time.Since(t0).Seconds())
 	if err != nil {
 		return nil, api.ToStatus(err)
 	}
 	return resp, nil
 }
+
+// interceptStream authenticates streams (hierarchical lock sessions). A
+// stream has no deadline: it lives as long as its session.
+func (d *Daemon) interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
+	method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
+	defer d.recovered(method, &err)
+	ctx, err := d.authenticate(ss.Context(), method)
+	if err != nil {
+		return api.ToStatus(err)
+	}
+	if err := h(srv, &authedStream{ServerStream: ss, ctx: ctx}); err != nil {
+		return api.ToStatus(err)
+	}
+	return nil
+}
+
+type authedStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *authedStream) Context() context.Context { return s.ctx }
 
 // authorize admits root and members of the socket group.
 func (d *Daemon) authorize(c caller, gid int) error {
@@ -213,23 +254,29 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 			return "", lockmgr.Errorf(lockmgr.CodePermission, "object %s: process %d belongs to uid %d, not to the caller (uid %d)", o.UUID, o.PID, uid, c.uid)
 		}
 	}
+	// A handover state from `migrate prepare` (migrate.go).
+	rs, state, mig, err := d.handoverIn(rs, req.State)
+	if err != nil {
+		return "", err
+	}
 	if err := d.mgr.Register(o); err == nil {
-		return d.acquireNew(ctx, c, o, rs, req.State)
+		return d.acquireNew(ctx, c, o, rs, state, mig)
 	} else if !errors.Is(err, lockmgr.ErrNotRegistered) {
 		return "", err
 	}
-	return d.hotplug(ctx, c, o, rs, req.State)
+	return d.hotplug(ctx, c, o, rs, state)
 }
 
 // acquireNew takes the resources of a just-registered object; on any
-// failure the object is forgotten again.
-func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
+// failure the object is forgotten again. mig, if not nil, marks it as the
+// target of a migration handover.
+func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string, mig *migration) (string, error) {
 	d.mu.Lock()
 	p, err := d.pinLocked(o.PID)
 	if err == nil {
 		// The owner is known before the first grant, so that the observer
 		// records its uid and start time with the locks.
-		d.owners[o.UUID] = &owner{obj: o, uid: c.uid, proc: p, since: time.Now()}
+		d.owners[o.UUID] = &owner{obj: o, uid: c.uid, proc: p, since: time.Now(), mig: mig}
 		d.watchLocked(o.UUID, p)
 	}
 	d.mu.Unlock()

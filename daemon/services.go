@@ -11,5 +11,8 @@ import (
 func (d *Daemon) services() []func(*grpc.Server) {
 	return []func(*grpc.Server){
 		func(s *grpc.Server) { vmlockpb.RegisterVMLockServer(s, &service{d: d}) },
+		func(s *grpc.Server) { vmlockpb.RegisterMigrateServer(s, &migrateService{d: d}) },
+		func(s *grpc.Server) { vmlockpb.RegisterQEMUServer(s, &qemuService{s: d.newQEMUSupervisor()}) },
+		func(s *grpc.Server) { vmlockpb.RegisterHierLockServer(s, d.hier) },
 	}
 }

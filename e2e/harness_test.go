@@ -229,11 +229,13 @@ func (d *daemon) locks() []api.Lock {
 	if r.code != 0 {
 		d.t.Fatalf("vmlock locks: exit %d: %s", r.code, r.stderr)
 	}
-	var ls []api.Lock
-	if err := json.Unmarshal([]byte(r.stdout), &ls); err != nil {
+	var m struct {
+		Resources []api.Lock `json:"resources"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil {
 		d.t.Fatalf("vmlock locks -o json: %v\n%s", err, r.stdout)
 	}
-	return ls
+	return m.Resources
 }
 
 // waitFree waits until nothing holds path in the daemon's table and a raw

@@ -60,6 +60,14 @@ type Config struct {
 	// no longer be confirmed in time. It must return only once they are
 	// killed (SIGKILL). Nil is allowed only in tests and benchmarks.
 	OnFence func(reason string)
+	// OnDeadline, if set, is told each new fence deadline (on the local
+	// monotonic clock): after every confirmed renewal that moves it, and
+	// when a session starts or is re-attached — then before the session
+	// grants anything. Calls never overlap and come in order. The daemon
+	// passes the deadline on to its lock-holder process, which kills the
+	// holders itself if the daemon is gone when it passes. It must not
+	// block or call the driver.
+	OnDeadline func(deadline time.Time)
 }
 
 func (c Config) withDefaults() (Config, error) {

@@ -70,7 +70,13 @@
 // acquires with Expect; the token key still holds the source's token, so the
 // grant succeeds unless a third party took the disk in between (stale state).
 // While the source still holds the disk exclusively the destination gets a
-// busy error.
+// busy error; so vmlockd's handover first converts the source's exclusive
+// hold to a shared one in place (Convert: one transaction deletes the
+// holder key and puts the new one, the token key untouched, so the token
+// and a state string made before stay current), and the destination
+// converts its shared hold back to exclusive once the source released. A
+// converted grant's record carries its token, since its key's
+// CreateRevision is no longer the token; re-attach and Adopt use it.
 //
 // # Waiting
 //
@@ -116,6 +122,11 @@
 // Linux's monotonic clock does not count suspend), nor a daemon that is down
 // for longer than the TTL: holders of a host whose daemon is gone must be
 // fenced by the process that keeps them (the daemon's lock holder).
+//
+// OnDeadline hears every new fence deadline (after each confirmed renewal,
+// and before a new or re-attached session grants anything); vmlockd passes
+// it to its lock-holder process, which kills the holders itself if the
+// deadline passes while vmlockd is down.
 //
 // After fencing, the driver's leases are lost: Release of them returns nil,
 // Acquire fails with a timeout-class error wrapping ErrFenced, and the

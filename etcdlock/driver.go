@@ -50,21 +50,33 @@ type Driver struct {
 	recovered  map[string]recoveredGrant // holder key → grant found on re-attach, not yet adopted
 }
 
+// lease is one granted resource. Its token never changes; Convert moves
+// it to another holder key (res.Mode, key and rev change, under d.mu).
 type lease struct {
 	d        *Driver
 	res      lockmgr.Resource
 	token    uint64
 	key      string
+	rev      int64          // CreateRevision of key: equal to token until a Convert
+	holder   lockmgr.Holder // as recorded in the key's value
 	epoch    uint64
 	released bool // under d.mu
 }
 
-func (l *lease) Resource() lockmgr.Resource { return l.res }
-func (l *lease) Token() uint64              { return l.token }
+// Resource returns the leased resource, in its current mode.
+func (l *lease) Resource() lockmgr.Resource {
+	l.d.mu.Lock()
+	defer l.d.mu.Unlock()
+	return l.res
+}
+
+// Token returns the fencing token of the grant.
+func (l *lease) Token() uint64 { return l.token }
 
 type recoveredGrant struct {
 	res    lockmgr.Resource
 	token  uint64
+	rev    int64
 	holder lockmgr.Holder
 }
 
@@ -317,6 +329,7 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 	}()
 
 	since := time.Now().Round(0)
+	holders := make([]lockmgr.Holder, len(ps))
 	cmps := make([]clientv3.Cmp, 0, 2*len(ps))
 	thens := make([]clientv3.Op, 0, 2*len(ps))
 	elses := make([]clientv3.Op, 0, 2*len(ps))
@@ -334,6 +347,7 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 		if h.Since.IsZero() {
 			h.Since = since
 		}
+		holders[i] = h
 		val, err := json.Marshal(record{Resource: p.req.Resource, Holder: h})
 		if err != nil {
 			return nil, nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: p.req.Resource.String(), Msg: "encode holder", Err: err}
@@ -378,7 +392,7 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 		}
 		out := make([]lockmgr.Lease, len(ps))
 		for i, p := range ps {
-			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], epoch: epoch}
+			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], rev: int64(tok), holder: holders[i], epoch: epoch}
 			d.live[keys[i]] = l
 			out[i] = l
 		}
@@ -462,7 +476,8 @@ func (d *Driver) Release(ctx context.Context, ls []lockmgr.Lease) error {
 		if d.live[l.key] == l {
 			delete(d.live, l.key)
 		}
-		todo = append(todo, l)
+		// A copy: key and rev are read under d.mu (Convert changes them).
+		todo = append(todo, &lease{res: l.res, token: l.token, key: l.key, rev: l.rev, epoch: l.epoch})
 	}
 	d.mu.Unlock()
 	for len(todo) > 0 {
@@ -482,7 +497,7 @@ func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
 	ops := make([]clientv3.Op, len(ls))
 	for i, l := range ls {
 		ops[i] = clientv3.OpTxn(
-			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(l.key), "=", int64(l.token))},
+			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev)},
 			[]clientv3.Op{clientv3.OpDelete(l.key)}, nil)
 	}
 	octx, cancel := d.opCtx(ctx)
@@ -492,7 +507,7 @@ func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
 	if len(ls) == 1 {
 		// The common case (one disk unplugged, a hand-off) without nesting.
 		l := ls[0]
-		resp, err = d.cli.Txn(octx).If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", int64(l.token))).
+		resp, err = d.cli.Txn(octx).If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev)).
 			Then(clientv3.OpDelete(l.key)).Commit()
 		if err == nil && !resp.Succeeded {
 			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: fmt.Sprintf("token %d was no longer in etcd", l.token)}
@@ -504,7 +519,7 @@ func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
 		d.mu.Lock()
 		for _, l := range ls {
 			if l.epoch == d.epoch && !d.fenced {
-				d.sweep[l.key] = int64(l.token)
+				d.sweep[l.key] = l.rev
 			}
 		}
 		d.mu.Unlock()
@@ -559,7 +574,7 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 	for key, g := range d.recovered {
 		if g.res.Key() == r.Key() && g.res.Mode == r.Mode && g.token == token {
 			delete(d.recovered, key)
-			l := &lease{d: d, res: g.res, token: token, key: key, epoch: d.epoch}
+			l := &lease{d: d, res: g.res, token: token, key: key, rev: g.rev, holder: g.holder, epoch: d.epoch}
 			d.live[key] = l
 			return l, nil
 		}
@@ -574,7 +589,7 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 	d.mu.Lock()
 	var ls []lockmgr.Lease
 	for key, g := range d.recovered {
-		l := &lease{d: d, res: g.res, token: g.token, key: key, epoch: d.epoch}
+		l := &lease{d: d, res: g.res, token: g.token, key: key, rev: g.rev, holder: g.holder, epoch: d.epoch}
 		ls = append(ls, l)
 	}
 	clear(d.recovered)

@@ -54,6 +54,9 @@ func isExcl(key string) bool { return strings.HasSuffix(key, "/e") }
 type record struct {
 	Resource lockmgr.Resource `json:"resource"`
 	Holder   lockmgr.Holder   `json:"holder"`
+	// Token is the grant's fencing token when it differs from the key's
+	// CreateRevision: after a Convert moved the grant to another key.
+	Token uint64 `json:"token,omitempty"`
 }
 
 func parseRecord(v []byte) (record, bool) {

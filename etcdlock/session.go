@@ -154,8 +154,11 @@ func (d *Driver) newSession(ctx context.Context) error {
 		revoke()
 		return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "etcd driver: write session file", Err: err}
 	}
+	ttl := d.ttlOf(g.TTL)
+	// The deadline is announced before the session can grant anything.
+	d.announce(t0.Add(ttl - d.cfg.FenceMargin))
 	d.mu.Lock()
-	d.leaseID, d.ttl = g.ID, d.ttlOf(g.TTL)
+	d.leaseID, d.ttl = g.ID, ttl
 	d.epoch++
 	d.fenced = false
 	d.fenceCh = make(chan struct{})
@@ -227,13 +230,19 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 					d.log.Warn("unreadable lock record under the previous session; left to expire with it", "key", string(kv.Key))
 					continue
 				}
-				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: uint64(kv.CreateRevision), holder: r.Holder}
+				tok := r.Token // set when the grant was converted to another key
+				if tok == 0 {
+					tok = uint64(kv.CreateRevision)
+				}
+				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: tok, rev: kv.CreateRevision, holder: r.Holder}
 			}
 		}
 		keys = keys[n:]
 	}
+	effTTL := d.ttlOf(min(ttl.GrantedTTL, ka.TTL))
+	d.announce(t0.Add(effTTL - d.cfg.FenceMargin))
 	d.mu.Lock()
-	d.leaseID, d.ttl = id, d.ttlOf(min(ttl.GrantedTTL, ka.TTL))
+	d.leaseID, d.ttl = id, effTTL
 	d.epoch++
 	d.fenced = false
 	d.lastSent, d.deadline = t0, t0.Add(d.ttl-d.cfg.FenceMargin)
@@ -322,11 +331,24 @@ func (d *Driver) confirm(epoch uint64, t0 time.Time, serverTTL int64) {
 	}
 	d.renewals++
 	d.lastSent = t0
-	if dl := t0.Add(min(d.ttl, d.ttlOf(serverTTL)) - d.cfg.FenceMargin); dl.After(d.deadline) {
+	dl := t0.Add(min(d.ttl, d.ttlOf(serverTTL)) - d.cfg.FenceMargin)
+	moved := dl.After(d.deadline)
+	if moved {
 		d.deadline = dl
 	}
 	d.mu.Unlock()
 	d.nudge(d.dogWake)
+	if moved {
+		d.announce(dl)
+	}
+}
+
+// announce calls OnDeadline. Its callers (New, then renewLoop alone) never
+// run at once, so deadlines are announced in the order they were set.
+func (d *Driver) announce(deadline time.Time) {
+	if d.cfg.OnDeadline != nil {
+		d.cfg.OnDeadline(deadline)
+	}
 }
 
 // watchdog calls fence when the fence deadline passes without a renewal
@@ -457,7 +479,7 @@ func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64
 		d.mu.Unlock()
 		return false, nil // a grant of this key may be on its way: look again later
 	}
-	if l := d.live[key]; l != nil && int64(l.token) == rev {
+	if l := d.live[key]; l != nil && l.rev == rev {
 		d.mu.Unlock()
 		return true, nil
 	}

@@ -2,6 +2,7 @@ package lockholder
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -94,6 +95,42 @@ func (c *Client) Put(key string, meta []byte, files []*os.File) error {
 	return c.send(msg, files)
 }
 
+// PutOwned is Put for an entry whose locks belong to the process of the
+// pidfd owner: the holder kills that process (SIGKILL) if a fence deadline
+// armed by FenceAt passes while it holds the entry.
+func (c *Client) PutOwned(key string, meta []byte, owner *os.File, files []*os.File) error {
+	if owner == nil {
+		return c.Put(key, meta, files)
+	}
+	if len(files) > MaxFiles {
+		return fmt.Errorf("lockholder: %d descriptors in one entry (at most %d)", len(files), MaxFiles)
+	}
+	msg, err := encode(opPutOwned, key, meta)
+	if err != nil {
+		return err
+	}
+	return c.send(msg, append([]*os.File{owner}, files...))
+}
+
+// FenceAt arms the holder's fence deadline: if it passes before another
+// call of FenceAt, the holder kills the owner of every entry put with
+// PutOwned. deadline is converted to CLOCK_MONOTONIC when the call is made
+// (it should carry a monotonic reading, as time.Now's do); the zero time
+// disarms. The deadline outlives this connection.
+func (c *Client) FenceAt(deadline time.Time) error {
+	var mono int64
+	if !deadline.IsZero() {
+		mono = max(monoNow()+int64(time.Until(deadline)), 1)
+	}
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(mono))
+	msg, err := encode(opFence, "", b[:])
+	if err != nil {
+		return err
+	}
+	return c.send(msg, nil)
+}
+
 // Drop makes the holder close and forget key's entry.
 func (c *Client) Drop(key string) error {
 	msg, err := encode(opDrop, key, nil)
@@ -153,7 +190,11 @@ func (c *Client) List() ([]Entry, error) {
 		if op == opEnd {
 			return out, nil
 		}
-		out = append(out, Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files})
+		e := Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}
+		if op == opEntryOwned && len(files) > 0 {
+			e.Owner, e.Files = files[0], files[1:]
+		}
+		out = append(out, e)
 	}
 }
 

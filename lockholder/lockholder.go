@@ -20,13 +20,43 @@
 // then referenced by the holder's socket buffer. The holder exits when its
 // controller goes away and it holds nothing.
 //
+// # Fencing
+//
+// With a cluster lock driver (etcd), a lock lives only as long as the host
+// keeps renewing its lease, which vmlockd does; if vmlockd is down for
+// longer than the lease's TTL, other hosts may be granted its resources.
+// So the holder also kills the holders itself, invariants:
+//
+//   - An entry may carry the pidfd of the process that owns its locks
+//     (PutOwned). Only such entries are ever acted on.
+//   - The controller arms a fence deadline (FenceAt), an absolute time on
+//     CLOCK_MONOTONIC, which is system-wide, so the deadline means the same
+//     to both processes. vmlockd sends one after every confirmed lease
+//     renewal: the time by which its own driver would fence. A new deadline
+//     replaces the old one, earlier or later; the zero time disarms.
+//   - When the armed deadline passes, the holder sends SIGKILL, through
+//     the pidfds (never to a reused pid), to the owner of every entry it
+//     holds at that moment, once; then it stays disarmed until the next
+//     deadline arrives. Entries put after the firing are not killed by it.
+//   - The deadline outlives its controller: after a crash or stop of
+//     vmlockd the last one stays armed, so the holders die before the lease
+//     can expire unless a new vmlockd confirms a renewal and sends a later
+//     one first. Entries stay after a firing; the next vmlockd finds their
+//     owners dead and releases their locks.
+//
+// The holder does not wait for the killed processes to exit: SIGKILL is
+// delivered at once; a process stuck in uninterruptible sleep dies when it
+// leaves it (the timing argument in docs/architecture.md counts that time).
+//
 // The wire format is one SOCK_SEQPACKET message per operation:
 //
-//	op(1) keylen(2, LE) key meta  [+ up to MaxFiles descriptors]
+//	op(1) keylen(2, LE) key meta  [+ up to MaxFiles+1 descriptors]
 //
-// with op 'P' put (replace), 'D' drop key, 'X' drop every key with the
-// prefix, 'L' list; a list is answered by one 'E' message per entry and a
-// final 'Z'.
+// with op 'P' put (replace), 'K' put with an owner (its first descriptor is
+// the owner's pidfd), 'D' drop key, 'X' drop every key with the prefix,
+// 'F' fence deadline (meta: int64 LE nanoseconds of CLOCK_MONOTONIC, 0 to
+// disarm), 'L' list; a list is answered by one 'E' (or, for an entry with
+// an owner, 'O', pidfd first) message per entry and a final 'Z'.
 package lockholder
 
 import (
@@ -40,10 +70,13 @@ import (
 
 const (
 	opPut        = 'P'
+	opPutOwned   = 'K'
 	opDrop       = 'D'
 	opDropPrefix = 'X'
+	opFence      = 'F'
 	opList       = 'L'
 	opEntry      = 'E'
+	opEntryOwned = 'O'
 	opEnd        = 'Z'
 
 	// MaxMeta bounds an entry's record; a larger Put is refused by the client.
@@ -66,6 +99,7 @@ type Entry struct {
 	Key   string
 	Meta  []byte
 	Files []*os.File // the lock descriptors, in the order they were put
+	Owner *os.File   // the owner's pidfd (PutOwned), or nil
 }
 
 // Close closes the entry's descriptors.
@@ -74,6 +108,10 @@ func (e *Entry) Close() {
 		f.Close()
 	}
 	e.Files = nil
+	if e.Owner != nil {
+		e.Owner.Close()
+		e.Owner = nil
+	}
 }
 
 func encode(op byte, key string, meta []byte) ([]byte, error) {
@@ -103,8 +141,15 @@ func decode(b []byte) (op byte, key string, meta []byte, err error) {
 	return b[0], string(b[3 : 3+n]), b[3+n:], nil
 }
 
-// oobSize is the control buffer for MaxFiles descriptors.
-var oobSize = unix.CmsgSpace(MaxFiles * 4)
+// oobSize is the control buffer for MaxFiles descriptors and an owner's.
+var oobSize = unix.CmsgSpace((MaxFiles + 1) * 4)
+
+// monoNow reads CLOCK_MONOTONIC in nanoseconds.
+func monoNow() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}
 
 // recvmsg reads one message and the descriptors that came with it.
 func recvmsg(fd int, buf, oob []byte) (msg []byte, files []*os.File, err error) {

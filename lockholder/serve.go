@@ -2,11 +2,14 @@ package lockholder
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -43,7 +46,10 @@ func Serve(ctx context.Context, stateDir string) error {
 		<-ctx.Done()
 		unix.Shutdown(lfd, unix.SHUT_RDWR)
 	}()
-	h := &holder{entries: make(map[string]*Entry)}
+	h := &holder{entries: make(map[string]*Entry), rearm: make(chan struct{}, 1)}
+	fctx, stopFence := context.WithCancel(ctx)
+	defer stopFence()
+	go h.fenceLoop(fctx)
 	for {
 		cfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
 		if err != nil {
@@ -63,7 +69,7 @@ func Serve(ctx context.Context, stateDir string) error {
 		}
 		h.serve(cfd)
 		unix.Close(cfd)
-		if len(h.entries) == 0 {
+		if h.empty() {
 			os.Remove(path)
 			return nil
 		}
@@ -71,7 +77,68 @@ func Serve(ctx context.Context, stateDir string) error {
 }
 
 type holder struct {
-	entries map[string]*Entry
+	rearm chan struct{} // nudges fenceLoop after a new deadline (buffered, 1)
+
+	// mu guards the fields below between serve's goroutine, the only one
+	// that changes entries, and fenceLoop, which reads them.
+	mu       sync.Mutex
+	entries  map[string]*Entry
+	deadline int64 // CLOCK_MONOTONIC ns; 0: disarmed
+	fired    bool  // the deadline passed and its owners were killed
+}
+
+func (h *holder) empty() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.entries) == 0
+}
+
+// fenceLoop kills the owners of every entry when the armed deadline passes
+// (see "Fencing" in the package comment).
+func (h *holder) fenceLoop(ctx context.Context) {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	for {
+		h.mu.Lock()
+		var wait time.Duration
+		if h.deadline != 0 && !h.fired {
+			if wait = time.Duration(h.deadline - monoNow()); wait <= 0 {
+				h.fired = true
+				for _, e := range h.entries {
+					if e.Owner != nil {
+						_ = unix.PidfdSendSignal(int(e.Owner.Fd()), unix.SIGKILL, nil, 0)
+					}
+				}
+			}
+		}
+		h.mu.Unlock()
+		if wait > 0 {
+			t.Reset(wait)
+		}
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-h.rearm:
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+func (h *holder) setDeadline(meta []byte) bool {
+	if len(meta) != 8 {
+		return false
+	}
+	h.mu.Lock()
+	h.deadline = int64(binary.LittleEndian.Uint64(meta))
+	h.fired = false
+	h.mu.Unlock()
+	select {
+	case h.rearm <- struct{}{}:
+	default:
+	}
+	return true
 }
 
 func (h *holder) serve(fd int) {
@@ -88,17 +155,35 @@ func (h *holder) serve(fd int) {
 			return
 		}
 		switch op {
-		case opPut:
+		case opPut, opPutOwned:
+			e := &Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}
+			if op == opPutOwned {
+				if len(files) == 0 {
+					return
+				}
+				e.Owner, e.Files = files[0], files[1:]
+			}
+			h.mu.Lock()
 			h.drop(key)
-			h.entries[key] = &Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}
+			h.entries[key] = e
+			h.mu.Unlock()
 			continue
 		case opDrop:
+			h.mu.Lock()
 			h.drop(key)
+			h.mu.Unlock()
 		case opDropPrefix:
+			h.mu.Lock()
 			for k := range h.entries {
 				if strings.HasPrefix(k, key) {
 					h.drop(k)
 				}
+			}
+			h.mu.Unlock()
+		case opFence:
+			if !h.setDeadline(meta) {
+				closeAll(files)
+				return
 			}
 		case opList:
 			if err := h.list(fd); err != nil {
@@ -118,6 +203,7 @@ func closeAll(files []*os.File) {
 	}
 }
 
+// drop closes and forgets key's entry; called with h.mu held.
 func (h *holder) drop(key string) {
 	if e := h.entries[key]; e != nil {
 		e.Close()
@@ -126,12 +212,25 @@ func (h *holder) drop(key string) {
 }
 
 func (h *holder) list(fd int) error {
+	// Only serve's goroutine (this one) changes entries, so the snapshot
+	// stays valid while it is sent without h.mu: a controller that stops
+	// reading must not hold up the fence loop.
+	h.mu.Lock()
+	es := make([]*Entry, 0, len(h.entries))
 	for _, e := range h.entries {
-		msg, err := encode(opEntry, e.Key, e.Meta)
+		es = append(es, e)
+	}
+	h.mu.Unlock()
+	for _, e := range es {
+		op, files := byte(opEntry), e.Files
+		if e.Owner != nil {
+			op, files = opEntryOwned, append([]*os.File{e.Owner}, e.Files...)
+		}
+		msg, err := encode(op, e.Key, e.Meta)
 		if err != nil {
 			return err
 		}
-		if err := sendmsg(fd, msg, e.Files); err != nil {
+		if err := sendmsg(fd, msg, files); err != nil {
 			return err
 		}
 	}

@@ -69,7 +69,7 @@ type use struct {
 }
 
 type heldResource struct {
-	res     Resource // the key's identity; Mode is that of the first holder
+	res     Resource // the key's identity (type and name; Locks computes the mode from the holders)
 	holders map[string]*use
 	objs    map[string]*object
 }

@@ -1,7 +1,10 @@
 // Package qemu holds typed helpers over QMP (package qmp) for what vmlock
 // needs from a running QEMU: its block graph (nodes, backing chains, the
-// files each image uses) and its two-phase block jobs (block-commit,
-// blockdev-mirror, job-complete, block-job-cancel, query-jobs).
+// files each image uses; Disks sums it up per disk) and its two-phase
+// block jobs (block-commit, blockdev-mirror, job-complete,
+// block-job-cancel, query-jobs). Before QEMU runs, ParseCommandLine reads
+// the images its command line names and BackingChain the chain an image's
+// headers name (qemu-img), so that locks can precede QEMU's first write.
 //
 // The package has no lock logic: it reports what QEMU does, precisely
 // enough for a supervisor to move locks along with the data. Every call

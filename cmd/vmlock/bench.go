@@ -14,6 +14,7 @@ func newBenchCmd() *cobra.Command {
 		newBenchEtcdCmd,
 		newBenchDriverCmd,
 		newBenchHierlockCmd,
+		newBenchBlockjobCmd,
 	} {
 		c.AddCommand(sub())
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockmgr"
 )
 
@@ -122,7 +123,9 @@ func newUUID() string {
 
 func addCommands(root *cobra.Command, g *globals) {
 	root.AddCommand(newStatusCmd(g), newLocksCmd(g), newAcquireCmd(g), newReleaseCmd(g), newInquireCmd(g),
-		newRunCmd(g), newRevokeCmd(g), newDaemonCmd(g))
+		newRunCmd(g), newRevokeCmd(g), newDaemonCmd(g), newHoldCmd(g),
+		newBlockCommitCmd(g), newBlockCopyCmd(g), newBlockJobCmd(g), newDiskCmd(g), newVMsCmd(g))
+	root.AddCommand(newMigrateCmd(g))
 }
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -195,10 +198,22 @@ func newLocksCmd(g *globals) *cobra.Command {
 				return err
 			}
 			slices.SortStableFunc(locks, less)
-			if asJSON {
-				return writeJSON(cmd.OutOrStdout(), locks)
+			hier, err := c.HierMonitor(ctx)
+			if err != nil {
+				return err
 			}
-			return printLocks(cmd.OutOrStdout(), locks, time.Now())
+			jobs := blockJobsOf(ctx, c)
+			if asJSON {
+				return writeJSON(cmd.OutOrStdout(), monitorJSON{Resources: locks, Hierarchical: hierJSON(hier), BlockJobs: jobs})
+			}
+			if err := printLocks(cmd.OutOrStdout(), locks, time.Now()); err != nil {
+				return err
+			}
+			if err := printBlockJobs(cmd.OutOrStdout(), jobs); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout())
+			return printHier(cmd.OutOrStdout(), hier)
 		},
 	}
 	c.Flags().StringVar(&sortBy, "sort", "resource", "sort by resource, age, token or holder")
@@ -213,6 +228,58 @@ var lockOrders = map[string]func(a, b api.Lock) int{
 		return cmp.Compare(firstHolder(a), firstHolder(b))
 	},
 }
+
+// monitorJSON is what `vmlock locks -o json` prints.
+type monitorJSON struct {
+	Resources    []api.Lock    `json:"resources"`
+	Hierarchical []hierLockRow `json:"hierarchical"`
+	// BlockJobs are the QEMU block jobs in progress (see qemu.go).
+	BlockJobs []*vmlockpb.BlockJobInfo `json:"block_jobs,omitempty"`
+}
+
+type hierLockRow struct {
+	Name    string           `json:"name"`
+	Mode    string           `json:"mode"`
+	Owners  []string         `json:"owners"`
+	Pending []hierPendingRow `json:"pending"`
+}
+
+type hierPendingRow struct {
+	Mode     string   `json:"mode"`
+	Priority int32    `json:"priority"`
+	Owners   []string `json:"owners"`
+}
+
+func hierJSON(rep *vmlockpb.HierMonitorReply) []hierLockRow {
+	rows := make([]hierLockRow, 0, len(rep.Locks))
+	for _, l := range rep.Locks {
+		r := hierLockRow{Name: l.Name, Mode: l.Mode, Owners: l.Owners, Pending: []hierPendingRow{}}
+		if r.Owners == nil {
+			r.Owners = []string{}
+		}
+		for _, p := range l.Pending {
+			r.Pending = append(r.Pending, hierPendingRow{Mode: p.Mode, Priority: p.Priority, Owners: p.Owners})
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+// printHier prints the hierarchical locks as Ganeti's gnt-debug locks does.
+func printHier(w io.Writer, rep *vmlockpb.HierMonitorReply) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "HIERARCHICAL LOCK\tMODE\tOWNERS\tPENDING")
+	for _, l := range rep.Locks {
+		var pend []string
+		for _, p := range l.Pending {
+			pend = append(pend, fmt.Sprintf("%s:%s", p.Mode, strings.Join(p.Owners, ",")))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", l.Name, l.Mode, orDash(strings.Join(l.Owners, ",")), orDash(strings.Join(pend, " ")))
+	}
+	return tw.Flush()
+}
+
+func orDash(s string) string { return cmp.Or(s, "-") }
 
 func firstHolder(l api.Lock) string {
 	if len(l.Holders) == 0 {
@@ -366,6 +433,7 @@ func newInquireCmd(g *globals) *cobra.Command {
 func newRunCmd(g *globals) *cobra.Command {
 	var of objectFlags
 	var rf resourceFlags
+	var qemuVM bool
 	c := &cobra.Command{
 		Use:   "run [--name N] [--uuid U] --disk PATH[:MODE]... [--lease ...] -- COMMAND [ARGS]",
 		Short: "acquire the resources, then become COMMAND: the locks live exactly as long as it does",
@@ -378,6 +446,9 @@ the holder.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 0 {
 				return usageError{fmt.Errorf("put COMMAND after --")}
+			}
+			if qemuVM {
+				return runQEMU(cmd, g, &of, &rf, args)
 			}
 			rs, err := rf.resources()
 			if err != nil {
@@ -420,6 +491,7 @@ the holder.`,
 	}
 	of.add(c, false)
 	rf.add(c)
+	c.Flags().BoolVar(&qemuVM, "qemu", false, "COMMAND is QEMU: lock every disk's whole backing chain (as QEMU uses it) and let vmlockd supervise it")
 	return c
 }
 

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -40,7 +41,7 @@ func run(args []string) int {
 	}
 	fmt.Fprintln(os.Stderr, "vmlock:", err)
 	var ue usageError
-	if errors.As(err, &ue) {
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") || strings.HasPrefix(err.Error(), "unknown flag") {
 		return int(lockmgr.CodeInvalidArgument)
 	}
 	return int(lockmgr.CodeOf(err))
@@ -71,5 +72,22 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	addCommands(root, g)
 	root.AddCommand(newBenchCmd())
+	markUsageErrors(root)
 	return root
+}
+
+// markUsageErrors makes every command's argument check return a usageError,
+// so that a wrong command line always exits 2.
+func markUsageErrors(c *cobra.Command) {
+	if check := c.Args; check != nil {
+		c.Args = func(cmd *cobra.Command, args []string) error {
+			if err := check(cmd, args); err != nil {
+				return usageError{err}
+			}
+			return nil
+		}
+	}
+	for _, sub := range c.Commands() {
+		markUsageErrors(sub)
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/vmlock/vmlock/hierlock"
 )
 
 // Config is vmlockd's configuration file (TOML). Every key is documented in
@@ -35,6 +37,26 @@ type Config struct {
 		LeaseDir     string `toml:"lease_dir"`
 		DiskLeaseDir string `toml:"disk_lease_dir"`
 	} `toml:"lockspace"`
+
+	Etcd EtcdConfig `toml:"etcd"` // the etcd driver (etcd.go)
+
+	Hierlock struct {
+		Levels []struct {
+			Name       string   `toml:"name"`
+			Modifiable bool     `toml:"modifiable"`
+			Members    []string `toml:"members"`
+		} `toml:"levels"`
+	} `toml:"hierlock"`
+}
+
+// hierLevels returns the configured hierarchical lock levels, or nil for
+// the defaults.
+func (c *Config) hierLevels() []hierlock.LevelConfig {
+	var out []hierlock.LevelConfig
+	for _, l := range c.Hierlock.Levels {
+		out = append(out, hierlock.LevelConfig{Name: l.Name, Modifiable: l.Modifiable, Members: l.Members})
+	}
+	return out
 }
 
 // Duration is a time.Duration written as "5s" in the file.
@@ -104,14 +126,21 @@ func loadConfig(path string) (Config, error) {
 func (c *Config) validate() error {
 	switch c.Driver {
 	case "lockspace", "nop":
+	case "etcd":
+		if err := c.Etcd.validate(); err != nil {
+			return err
+		}
 	default:
-		return fmt.Errorf("driver %q: want lockspace or nop", c.Driver)
+		return fmt.Errorf("driver %q: want lockspace, etcd or nop", c.Driver)
 	}
 	if c.StateDir == "" || !filepath.IsAbs(c.StateDir) {
 		return errors.New("state_dir must be an absolute path")
 	}
 	if c.Socket == "" {
 		return errors.New("socket must not be empty")
+	}
+	if _, err := hierlock.NewManager(hierlock.Config{Levels: c.hierLevels()}); err != nil {
+		return fmt.Errorf("hierlock.levels: %w", err)
 	}
 	if len(c.Socket) >= 108 {
 		return fmt.Errorf("socket path %q is too long for a unix socket (at most 107 bytes)", c.Socket)

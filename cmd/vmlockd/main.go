@@ -69,7 +69,7 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&configPath, "config", "", "configuration file (TOML; keys in docs/operations.md)")
 	f.StringVar(&flags.Socket, "socket", "", "API socket (default /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
 	f.StringVar(&flags.StateDir, "state-dir", "", "state directory (default /var/lib/vmlock as root)")
-	f.StringVar(&flags.Driver, "driver", "", "lock driver: lockspace (default) or nop")
+	f.StringVar(&flags.Driver, "driver", "", "lock driver: lockspace (default), etcd or nop")
 	f.StringVar(&flags.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address (host:port); off if empty")
 	f.StringVar(&flags.Host, "host", "", "this host's name in lock records (default: the hostname)")
 	f.StringVar(&flags.SocketGroup, "socket-group", "", "group whose members may use the API besides root")
@@ -123,8 +123,11 @@ func newLogger(c Config) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
 }
 
-func newDriver(c Config) (lockmgr.Driver, error) {
+func newDriver(c Config, log *slog.Logger, fencer *daemon.Fencer) (lockmgr.Driver, error) {
+	warnUnusedEtcd(c, log)
 	switch c.Driver {
+	case "etcd":
+		return newEtcdDriver(c, log, fencer)
 	case "nop":
 		return lockmgr.NopDriver{}, nil
 	case "lockspace":
@@ -139,7 +142,8 @@ func newDriver(c Config) (lockmgr.Driver, error) {
 
 func serve(c Config) error {
 	log := newLogger(c)
-	drv, err := newDriver(c)
+	fencer := daemon.NewFencer()
+	drv, err := newDriver(c, log, fencer)
 	if err != nil {
 		return err
 	}
@@ -157,10 +161,13 @@ func serve(c Config) error {
 	dcfg := daemon.Config{
 		Socket: c.Socket, SocketGroup: c.SocketGroup, StateDir: c.StateDir, Driver: drv, Host: c.Host,
 		RequestTimeout: c.RequestTimeout.Duration, KillGrace: c.Revoke.Grace.Duration, KillCommand: c.Revoke.KillCommand,
-		Logger: log, Version: version, Listener: ln, Metrics: metrics, Reloads: reloads,
+		Logger: log, Version: version, Listener: ln, Metrics: metrics, Reloads: reloads, HierLevels: c.hierLevels(),
 		HolderCommand: func() error {
 			return lockholder.StartDetached(lockholder.Command(exe, "lock-holder", "--state-dir", c.StateDir))
 		},
+	}
+	if isCluster(drv) {
+		dcfg.Fencer = fencer
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -185,6 +192,7 @@ func serve(c Config) error {
 		d.Reload()
 	}()
 	err = d.Run(ctx)
+	closeCluster(drv, log) // its lease survives, for the next start or image
 	if !errors.Is(err, daemon.ErrReload) {
 		return err
 	}

@@ -1,0 +1,662 @@
+package daemon
+
+// The QEMU supervisor (service vmlock.v1.QEMU).
+//
+// `vmlock run --qemu` calls Start before it executes QEMU in its own place
+// (same pid): vmlockd reads every drive's backing chain from the image
+// headers (qemu-img) and takes the chain's locks for that pid, so the
+// locks are held before QEMU opens any image, and QEMU's exit releases
+// them like any owner's. QEMU is started with -S (unless the user asked
+// for it already) and an extra QMP monitor on a unix socket that vmlockd
+// names. vmlockd connects to it, checks that the peer is the VM's own
+// process (SO_PEERCRED), reads QEMU's block graph, fixes the locks up to
+// exactly what QEMU uses (reconcile), and only then continues the guest.
+// If an image QEMU opened cannot be locked, the guest is never started:
+// QEMU is told to quit.
+//
+// Lock modes follow the graph: a disk's active image exclusive (shared
+// for a share-rw device), every backing image shared, every image of a
+// read-only disk recorded only; a running commit job's base exclusive,
+// and a copy job's target (a root of its own) exclusive. Every change —
+// hotplug, a job starting or ending — ends with a reconcile, which takes
+// what is missing first, then changes modes (lockmgr.Manager.ChangeMode,
+// atomic), then releases the images QEMU has closed.
+//
+// Each VM has a record, STATE_DIR/qemu/<uuid>.json: the monitor's path,
+// the images vmlockd manages for it, and its jobs. A restarted vmlockd has
+// its locks back from the lock-holder; it reads the records and
+// reconnects to every VM whose owner is still registered. Jobs are started
+// with auto-dismiss off, so a job that ended while vmlockd was down is
+// still listed by query-jobs with its outcome.
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/qemu"
+	"github.com/vmlock/vmlock/qmp"
+)
+
+// qemuSupervisor supervises the QEMU processes of the daemon's VMs.
+type qemuSupervisor struct {
+	d   *Daemon
+	dir string // records and default monitor sockets
+	log *slog.Logger
+	// ctx bounds the supervisor's own goroutines; it lives as long as the
+	// daemon's process (a reload re-executes it, a crash kills it).
+	ctx context.Context
+
+	mu  sync.Mutex
+	vms map[string]*qemuVM // by uuid
+}
+
+// vmRecord is what survives a restart of vmlockd about a VM.
+type vmRecord struct {
+	UUID    string `json:"uuid"`
+	PID     int    `json:"pid"`
+	Monitor string `json:"monitor"`
+	// Resume is set until vmlockd continued the guest (vmlock added -S).
+	Resume bool `json:"resume,omitempty"`
+	// Verified is set once QEMU's images were all locked: until then the
+	// guest has not run, and QEMU is made to quit if one cannot be.
+	Verified bool `json:"verified,omitempty"`
+	// Managed lists the canonical paths of the images locked for QEMU;
+	// other resources of the object are left as they were acquired.
+	Managed []string    `json:"managed"`
+	Jobs    []jobRecord `json:"jobs,omitempty"`
+	Seq     int         `json:"seq"` // numbers job ids and node names
+}
+
+// qemuVM is one supervised QEMU.
+type qemuVM struct {
+	s    *qemuSupervisor
+	uuid string
+	name string
+	pid  int
+
+	// lk serialises every change to the VM (graph, locks, jobs, record);
+	// a channel, so that waiting for it honours contexts.
+	lk chan struct{}
+	// Guarded by lk:
+	rec  vmRecord
+	c    *qmp.Client          // nil while not connected
+	jobs map[string]*blockJob // each disk's current or last job, by disk name
+	// errMsg says why the VM is not (fully) supervised; guarded by mu.
+	mu     sync.Mutex
+	errMsg string
+	// attached is closed once the first connection was made and checked.
+	attached chan struct{}
+}
+
+// newQEMUSupervisor makes the supervisor and starts re-attaching to the
+// VMs of the records of an earlier run.
+func (d *Daemon) newQEMUSupervisor() *qemuSupervisor {
+	s := &qemuSupervisor{d: d, dir: filepath.Join(d.cfg.StateDir, "qemu"), log: d.log.With("component", "qemu"),
+		ctx: context.Background(), vms: map[string]*qemuVM{}}
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		s.log.Error("cannot create the QEMU state directory; QEMU supervision will fail", "dir", s.dir, "err", err)
+	}
+	s.reattachAll()
+	return s
+}
+
+// reattachAll reads the records and resumes supervising every VM whose
+// owner the daemon took back; other records are of VMs that exited.
+func (s *qemuSupervisor) reattachAll() {
+	ents, _ := os.ReadDir(s.dir)
+	for _, e := range ents {
+		uuid, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		var rec vmRecord
+		b, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
+		if err == nil {
+			err = json.Unmarshal(b, &rec)
+		}
+		o, oerr := s.d.mgr.Object(uuid)
+		if err != nil || oerr != nil || o.PID != rec.PID || rec.UUID != uuid {
+			s.log.Info("dropping the record of a VM that is gone", "uuid", uuid, "err", cmp.Or(err, oerr))
+			s.removeRecord(uuid, rec.Monitor)
+			continue
+		}
+		vm := s.add(o, rec)
+		s.log.Info("re-attaching to a running QEMU", "uuid", uuid, "name", o.Name, "pid", o.PID, "jobs", len(rec.Jobs))
+		go vm.run()
+	}
+}
+
+func (s *qemuSupervisor) add(o lockmgr.Object, rec vmRecord) *qemuVM {
+	vm := &qemuVM{s: s, uuid: o.UUID, name: o.Name, pid: o.PID, lk: make(chan struct{}, 1), rec: rec,
+		jobs: map[string]*blockJob{}, attached: make(chan struct{})}
+	s.mu.Lock()
+	s.vms[o.UUID] = vm
+	s.mu.Unlock()
+	return vm
+}
+
+func (s *qemuSupervisor) recordPath(uuid string) string { return filepath.Join(s.dir, uuid+".json") }
+
+// defaultMonitor is the socket a VM's monitor listens on unless the
+// client names another.
+func (s *qemuSupervisor) defaultMonitor(uuid string) string { return filepath.Join(s.dir, uuid+".qmp") }
+
+// removeRecord forgets a VM on disk, with its socket if it is ours.
+func (s *qemuSupervisor) removeRecord(uuid, monitor string) {
+	_ = os.Remove(s.recordPath(uuid))
+	if monitor == s.defaultMonitor(uuid) {
+		_ = os.Remove(monitor)
+	}
+}
+
+// lookup finds a VM by uuid or name.
+func (s *qemuSupervisor) lookup(vm string) (*qemuVM, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if u, err := lockmgr.ParseUUID(vm); err == nil {
+		if v := s.vms[u]; v != nil {
+			return v, nil
+		}
+	}
+	var found *qemuVM
+	for _, v := range s.vms {
+		if v.name == vm {
+			if found != nil {
+				return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "two VMs are named %q: name one by its uuid", vm)
+			}
+			found = v
+		}
+	}
+	if found == nil {
+		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "no QEMU VM %q is supervised by this vmlockd (start it with vmlock run --qemu)", vm)
+	}
+	return found, nil
+}
+
+func (vm *qemuVM) lock(ctx context.Context) error {
+	select {
+	case vm.lk <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return lockmgr.Errorf(lockmgr.CodeTimeout, "VM %s is busy with another operation: %v", vm.label(), ctx.Err())
+	}
+}
+
+func (vm *qemuVM) unlock() { <-vm.lk }
+
+func (vm *qemuVM) label() string { return cmp.Or(vm.name, vm.uuid) }
+
+func (vm *qemuVM) setErr(msg string) {
+	vm.mu.Lock()
+	vm.errMsg = msg
+	vm.mu.Unlock()
+}
+
+func (vm *qemuVM) errText() string {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return vm.errMsg
+}
+
+// saveLocked writes the record. Called with lk held.
+func (vm *qemuVM) saveLocked() {
+	b, err := json.Marshal(vm.rec)
+	if err == nil {
+		tmp := vm.s.recordPath(vm.uuid) + ".tmp"
+		if err = os.WriteFile(tmp, b, 0o600); err == nil {
+			err = os.Rename(tmp, vm.s.recordPath(vm.uuid))
+		}
+	}
+	if err != nil {
+		vm.s.log.Error("cannot write a VM's record; a restart of vmlockd would not re-attach to it", "uuid", vm.uuid, "err", err)
+	}
+}
+
+// gone reports whether the VM's owner has exited (QEMU is gone) or is
+// no longer the daemon's (its locks were released through the API).
+func (vm *qemuVM) gone() bool {
+	d := vm.s.d
+	d.mu.Lock()
+	o := d.owners[vm.uuid]
+	d.mu.Unlock()
+	if o == nil || o.obj.PID != vm.pid {
+		return true
+	}
+	select {
+	case <-o.proc.done:
+		return o.proc.dead
+	default:
+		return false
+	}
+}
+
+// ownerExit returns a channel closed when the VM's owner process exits
+// (or the daemon stops watching it); nil if it has no owner.
+func (vm *qemuVM) ownerExit() <-chan struct{} {
+	d := vm.s.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if o := d.owners[vm.uuid]; o != nil {
+		return o.proc.done
+	}
+	return nil
+}
+
+// run keeps the VM connected until it is gone: it connects, checks and
+// fixes the locks, resumes the guest if vmlock paused it, tracks the jobs,
+// and reconnects if the connection is lost while QEMU lives.
+func (vm *qemuVM) run() {
+	defer func() {
+		vm.s.mu.Lock()
+		if vm.s.vms[vm.uuid] == vm {
+			delete(vm.s.vms, vm.uuid)
+			vm.s.removeRecord(vm.uuid, vm.rec.Monitor)
+		}
+		vm.s.mu.Unlock()
+		vm.s.log.Info("QEMU is gone; stopped supervising it", "uuid", vm.uuid, "name", vm.name)
+	}()
+	first := true
+	for {
+		c, err := vm.dial()
+		if err != nil {
+			return // gone
+		}
+		if err := vm.attach(c); err != nil {
+			vm.s.log.Error("supervising QEMU", "uuid", vm.uuid, "name", vm.name, "err", err)
+			vm.setErr(err.Error())
+		} else {
+			vm.setErr("")
+		}
+		if first {
+			close(vm.attached)
+			first = false
+		}
+		<-c.Done()
+		if err := vm.lock(vm.s.ctx); err == nil {
+			vm.c = nil
+			vm.unlock()
+		}
+		c.Close()
+		// QEMU closes its monitor as it exits: give the exit a moment to
+		// show before taking the loss for a broken connection.
+		select {
+		case <-vm.ownerExit():
+		case <-time.After(time.Second):
+		}
+		if vm.gone() {
+			return
+		}
+		vm.s.log.Warn("lost the connection to QEMU's monitor; reconnecting", "uuid", vm.uuid, "err", c.Err())
+	}
+}
+
+// disconnect closes the VM's connection, if any, so that run notices the
+// VM is gone.
+func (vm *qemuVM) disconnect() {
+	select {
+	case vm.lk <- struct{}{}:
+		if vm.c != nil {
+			vm.c.Close()
+		}
+		vm.unlock()
+	default: // busy: its operation fails without locks, and run ends later
+	}
+}
+
+// dial connects to the VM's monitor, retrying while QEMU starts (or until
+// it is gone: errVMGone). The peer must be the VM's own process.
+func (vm *qemuVM) dial() (*qmp.Client, error) {
+	wait := 5 * time.Millisecond
+	for {
+		if vm.gone() {
+			return nil, errVMGone
+		}
+		c, err := vm.dialOnce()
+		if err == nil {
+			return c, nil
+		}
+		vm.setErr(err.Error())
+		select {
+		case <-time.After(wait):
+		case <-vm.s.ctx.Done():
+			return nil, vm.s.ctx.Err()
+		}
+		wait = min(2*wait, 500*time.Millisecond)
+	}
+}
+
+var errVMGone = errors.New("the VM is gone")
+
+func (vm *qemuVM) dialOnce() (*qmp.Client, error) {
+	ctx, cancel := context.WithTimeout(vm.s.ctx, 10*time.Second)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", vm.rec.Monitor)
+	if err != nil {
+		return nil, fmt.Errorf("waiting for QEMU's monitor at %s: %w", vm.rec.Monitor, err)
+	}
+	uc := conn.(*net.UnixConn)
+	rc, err := uc.SyscallConn()
+	var cred *unix.Ucred
+	if err == nil {
+		cerr := rc.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+		err = cmp.Or(cerr, err)
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("monitor %s: peer credentials: %w", vm.rec.Monitor, err)
+	}
+	if int(cred.Pid) != vm.pid {
+		conn.Close()
+		return nil, fmt.Errorf("monitor %s is served by pid %d, not by the VM's process %d; not trusting it", vm.rec.Monitor, cred.Pid, vm.pid)
+	}
+	c, err := qmp.New(ctx, conn, qmp.WithLogger(vm.s.log))
+	if err != nil {
+		return nil, fmt.Errorf("monitor %s: %w", vm.rec.Monitor, err)
+	}
+	return c, nil
+}
+
+// attach takes a new connection into use: it re-attaches to the recorded
+// jobs, reconciles the locks with QEMU's graph and, the first time,
+// continues the guest that vmlock paused, or makes QEMU quit if its
+// images cannot all be locked.
+func (vm *qemuVM) attach(c *qmp.Client) error {
+	ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
+	defer cancel()
+	if err := vm.lock(ctx); err != nil {
+		return err
+	}
+	defer vm.unlock()
+	vm.c = c
+	var vanished []*blockJob
+	for _, jr := range vm.rec.Jobs {
+		j := vm.jobs[jr.Disk]
+		if j == nil || j.rec.ID != jr.ID {
+			j = newBlockJob(jr)
+			vm.jobs[jr.Disk] = j
+		}
+		q, err := qemu.Attach(ctx, c, jr.ID)
+		switch {
+		case errors.Is(err, qemu.ErrNoSuchJob):
+			vanished = append(vanished, j)
+		case err != nil:
+			return err
+		default:
+			j.q = q
+			if info, err := q.Info(ctx); err == nil && (info.Status == qemu.JobReady || info.Status == qemu.JobStandby) && j.phase == phaseRunning {
+				vm.setPhaseLocked(j, phaseReady)
+			}
+			go vm.watch(j, q)
+		}
+	}
+	for _, j := range vanished {
+		vm.finishLocked(ctx, j, qemu.Result{})
+	}
+	err := vm.reconcileLocked(ctx)
+	if err != nil && !vm.rec.Verified {
+		// The guest never ran: it must not run with an image unlocked.
+		vm.s.log.Error("QEMU opened an image that cannot be locked; making it quit before the guest starts", "uuid", vm.uuid, "name", vm.name, "err", err)
+		_ = c.Execute(ctx, "quit", nil, nil)
+		return fmt.Errorf("QEMU was stopped before its guest started: %w", err)
+	}
+	if err != nil {
+		return err
+	}
+	if !vm.rec.Verified {
+		vm.rec.Verified = true
+		vm.saveLocked()
+	}
+	if vm.rec.Resume {
+		if err := c.Execute(ctx, "cont", nil, nil); err != nil {
+			return fmt.Errorf("continuing the guest: %w", err)
+		}
+		vm.rec.Resume = false
+		vm.saveLocked()
+	}
+	return nil
+}
+
+// waitAttached waits until the VM's first connection was made and
+// checked, and fails if the VM is not connected now.
+func (vm *qemuVM) waitAttached(ctx context.Context) error {
+	select {
+	case <-vm.attached:
+		return nil
+	case <-ctx.Done():
+		return lockmgr.Errorf(lockmgr.CodeTimeout, "VM %s: not connected to QEMU's monitor yet (%s)", vm.label(), cmp.Or(vm.errText(), ctx.Err().Error()))
+	}
+}
+
+// connectedLocked returns the VM's connection. Called with lk held.
+func (vm *qemuVM) connectedLocked() (*qmp.Client, error) {
+	if vm.c == nil {
+		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "VM %s: not connected to QEMU's monitor (%s)", vm.label(), cmp.Or(vm.errText(), "reconnecting"))
+	}
+	return vm.c, nil
+}
+
+// canon returns the canonical path of an image QEMU names: relative names
+// are relative to QEMU's working directory.
+func (vm *qemuVM) canon(p string) (string, error) {
+	if !filepath.IsAbs(p) {
+		cwd, err := os.Readlink("/proc/" + strconv.Itoa(vm.pid) + "/cwd")
+		if err != nil {
+			return "", fmt.Errorf("resolving %s against QEMU's working directory: %w", p, err)
+		}
+		p = filepath.Join(cwd, p)
+	}
+	r, err := lockmgr.Canonical(lockmgr.DiskResource(p, lockmgr.Exclusive))
+	return r.Name, err
+}
+
+// disksLocked reads QEMU's disks with canonical image paths. Called with
+// lk held.
+func (vm *qemuVM) disksLocked(ctx context.Context) ([]qemu.Disk, error) {
+	c, err := vm.connectedLocked()
+	if err != nil {
+		return nil, err
+	}
+	disks, err := qemu.Disks(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	for i := range disks {
+		for k := range disks[i].Images {
+			img := &disks[i].Images[k]
+			if img.Path == "" {
+				continue
+			}
+			if img.Path, err = vm.canon(img.Path); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return disks, nil
+}
+
+// wanted is the lock policy: the mode of every image QEMU uses, from its
+// disks and the live jobs. An image used by two disks gets the stronger
+// mode.
+func (vm *qemuVM) wanted(disks []qemu.Disk) map[string]lockmgr.Mode {
+	want := map[string]lockmgr.Mode{}
+	put := func(p string, m lockmgr.Mode) {
+		if p == "" {
+			return // not a local file: nothing vmlock can lock
+		}
+		if cur, ok := want[p]; !ok || m < cur { // Exclusive < Shared < ReadOnly
+			want[p] = m
+		}
+	}
+	for _, d := range disks {
+		for i, img := range d.Images {
+			switch {
+			case d.ReadOnly:
+				put(img.Path, lockmgr.ReadOnly)
+			case i > 0:
+				put(img.Path, lockmgr.Shared)
+			case d.ShareRW:
+				put(img.Path, lockmgr.Shared)
+			default:
+				put(img.Path, lockmgr.Exclusive)
+			}
+		}
+	}
+	for _, j := range vm.jobs {
+		if j.ended {
+			continue
+		}
+		// The image a job writes: a commit's base, a copy's target.
+		if j.rec.Type == jobCopy {
+			put(j.rec.Target, lockmgr.Exclusive)
+		} else if _, used := want[j.rec.Base]; used {
+			put(j.rec.Base, lockmgr.Exclusive)
+		}
+	}
+	return want
+}
+
+// reconcileLocked makes the locks of the images vmlockd manages for the VM
+// exactly what the lock policy wants for what QEMU uses now: it takes what
+// is missing, changes modes, and releases what QEMU closed, in that order.
+// It returns the first failures; what could be done is done. Called with
+// lk held.
+func (vm *qemuVM) reconcileLocked(ctx context.Context) error {
+	disks, err := vm.disksLocked(ctx)
+	if err != nil {
+		return err
+	}
+	return vm.applyLocked(ctx, vm.wanted(disks))
+}
+
+func (vm *qemuVM) applyLocked(ctx context.Context, want map[string]lockmgr.Mode) error {
+	mgr := vm.s.d.mgr
+	ls, ro, err := mgr.Held(vm.uuid)
+	if err != nil {
+		return fmt.Errorf("VM %s holds no locks any more (released through the API?): %w", vm.label(), err)
+	}
+	held := map[string]lockmgr.Mode{}
+	for _, l := range ls {
+		if r := l.Resource(); r.Type == lockmgr.TypeDisk {
+			held[r.Name] = r.Mode
+		}
+	}
+	for _, r := range ro {
+		if r.Type == lockmgr.TypeDisk {
+			held[r.Name] = lockmgr.ReadOnly
+		}
+	}
+	managed := map[string]bool{}
+	for _, p := range vm.rec.Managed {
+		managed[p] = true
+	}
+	var errs []error
+	paths := make([]string, 0, len(want))
+	for p := range want {
+		paths = append(paths, p)
+	}
+	slices.Sort(paths)
+	for _, p := range paths {
+		m := want[p]
+		cur, ok := held[p]
+		r := lockmgr.DiskResource(p, m)
+		switch {
+		case !ok:
+			err = mgr.AcquireResource(ctx, vm.uuid, r)
+		case cur != m:
+			err = mgr.ChangeMode(ctx, vm.uuid, r)
+		default:
+			err = nil
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("locking %s %s: %w", p, m.Adverb(), err))
+			continue
+		}
+		if !ok || cur != m {
+			vm.s.log.Info("QEMU lock", "uuid", vm.uuid, "name", vm.name, "image", p, "mode", m.String(), "was", modeName(cur, ok))
+		}
+		managed[p] = true
+	}
+	for p := range managed {
+		if _, ok := want[p]; ok {
+			continue
+		}
+		if _, ok := held[p]; ok {
+			r := lockmgr.DiskResource(p, held[p])
+			if _, err := mgr.Release(ctx, vm.uuid, &r); err != nil {
+				errs = append(errs, fmt.Errorf("releasing %s: %w", p, err))
+				continue
+			}
+			vm.s.log.Info("QEMU lock released", "uuid", vm.uuid, "name", vm.name, "image", p)
+		}
+		delete(managed, p)
+	}
+	vm.rec.Managed = vm.rec.Managed[:0]
+	for p := range managed {
+		vm.rec.Managed = append(vm.rec.Managed, p)
+	}
+	slices.Sort(vm.rec.Managed)
+	vm.saveLocked()
+	return errors.Join(errs...)
+}
+
+func modeName(m lockmgr.Mode, held bool) string {
+	if !held {
+		return "unlocked"
+	}
+	return m.String()
+}
+
+// heldModes returns the mode in which the VM holds each disk path.
+func (vm *qemuVM) heldModes() map[string]lockmgr.Mode {
+	out := map[string]lockmgr.Mode{}
+	ls, ro, err := vm.s.d.mgr.Held(vm.uuid)
+	if err != nil {
+		return out
+	}
+	for _, l := range ls {
+		out[l.Resource().Name] = l.Resource().Mode
+	}
+	for _, r := range ro {
+		out[r.Name] = lockmgr.ReadOnly
+	}
+	return out
+}
+
+// findDisk finds a disk by its name, backend, device, node, or active
+// image path (canonical).
+func findDisk(disks []qemu.Disk, name string) (*qemu.Disk, error) {
+	canonical := ""
+	if strings.ContainsRune(name, '/') {
+		if r, err := lockmgr.Canonical(lockmgr.DiskResource(name, lockmgr.Exclusive)); err == nil {
+			canonical = r.Name
+		}
+	}
+	for i := range disks {
+		d := &disks[i]
+		if d.Name == name || d.Device == name || d.QDev == name || d.Node == name || d.Root == name ||
+			canonical != "" && d.Images[0].Path == canonical {
+			return d, nil
+		}
+	}
+	var names []string
+	for _, d := range disks {
+		names = append(names, d.Name)
+	}
+	return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "no disk %q (disks: %s)", name, strings.Join(names, ", "))
+}

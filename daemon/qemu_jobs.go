@@ -1,0 +1,595 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/qemu"
+	"github.com/vmlock/vmlock/qmp"
+)
+
+// Job types, as BlockJobInfo.type names them.
+const (
+	jobCommit       = "commit"        // intermediate: one phase
+	jobActiveCommit = "active-commit" // two phases
+	jobCopy         = "copy"          // two phases
+)
+
+// Job phases (BlockJobInfo.phase). The first four are a live job's.
+const (
+	phaseRunning   = "running"
+	phaseReady     = "ready"
+	phasePivoting  = "pivoting"
+	phaseAborting  = "aborting"
+	phasePivoted   = "pivoted"   // the base or the copy became the active image
+	phaseAborted   = "aborted"   // a two-phase job ended without pivot: the top stays active
+	phaseCompleted = "completed" // an intermediate commit ended
+	phaseCancelled = "cancelled" // cancelled before it was ready
+	phaseFailed    = "failed"
+)
+
+// jobRecord is what survives a restart of vmlockd about a job.
+type jobRecord struct {
+	Disk string `json:"disk"`
+	ID   string `json:"id"`
+	Type string `json:"type"`
+	// Top is the image the job reads from (a copy's: the active image),
+	// Base the image a commit writes, Target the image a copy writes
+	// (canonical paths).
+	Top    string `json:"top"`
+	Base   string `json:"base,omitempty"`
+	Target string `json:"target,omitempty"`
+	// TargetNode is a copy target's node, deleted after an abort.
+	TargetNode string `json:"target_node,omitempty"`
+	// Delete lists the images to unlink once the job has succeeded; a
+	// caller other than root (UID) may only have its own files unlinked.
+	Delete []string `json:"delete,omitempty"`
+	UID    int      `json:"uid"`
+}
+
+// blockJob is a disk's current job, or its last one once it ended. Its
+// fields are guarded by the VM's lk.
+type blockJob struct {
+	rec     jobRecord
+	q       *qemu.Job // tracks QEMU's events; nil until attached
+	phase   string
+	errMsg  string
+	ended   bool
+	deleted []string
+	// changed is closed and replaced at every phase change; done is closed
+	// once the job ended and the locks were moved.
+	changed, done chan struct{}
+}
+
+func newBlockJob(rec jobRecord) *blockJob {
+	return &blockJob{rec: rec, phase: phaseRunning, changed: make(chan struct{}), done: make(chan struct{})}
+}
+
+func (j *blockJob) twoPhase() bool { return j.rec.Type != jobCommit }
+
+func (vm *qemuVM) setPhaseLocked(j *blockJob, phase string) {
+	j.phase = phase
+	close(j.changed)
+	j.changed = make(chan struct{})
+}
+
+// liveJobLocked returns the disk's job if it has not ended.
+func (vm *qemuVM) liveJobLocked(disk string) *blockJob {
+	if j := vm.jobs[disk]; j != nil && !j.ended {
+		return j
+	}
+	return nil
+}
+
+var jobIDUnsafe = regexp.MustCompile(`[^A-Za-z0-9_.-]`)
+
+// newJobIDLocked returns a fresh QEMU job id (or node name) for a disk.
+func (vm *qemuVM) newJobIDLocked(kind, disk string) string {
+	vm.rec.Seq++
+	return fmt.Sprintf("vmlock-%s-%s-%d", kind, jobIDUnsafe.ReplaceAllString(disk, "_"), vm.rec.Seq)
+}
+
+// jobDiskLocked finds the disk a job request names, and refuses a second
+// job on it.
+func (vm *qemuVM) jobDiskLocked(ctx context.Context, name string) (*qemu.Disk, error) {
+	disks, err := vm.disksLocked(ctx)
+	if err != nil {
+		return nil, err
+	}
+	d, err := findDisk(disks, name)
+	if err != nil {
+		return nil, err
+	}
+	if j := vm.liveJobLocked(d.Name); j != nil {
+		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "disk %s already has a block job (%s, %s): pivot or abort it first", d.Name, j.rec.Type, j.phase)
+	}
+	return d, nil
+}
+
+// imageIndex finds an image of the chain by path or node name.
+func imageIndex(imgs []qemu.Image, what, name string) (int, error) {
+	canonical := name
+	if r, err := lockmgr.Canonical(lockmgr.DiskResource(name, lockmgr.Exclusive)); err == nil && strings.ContainsRune(name, '/') {
+		canonical = r.Name
+	}
+	for i, img := range imgs {
+		if img.Node == name || img.Path == canonical {
+			return i, nil
+		}
+	}
+	return 0, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--%s %s is not an image of the disk's chain", what, name)
+}
+
+// blockCommit starts a commit job; see the QEMU service's BlockCommit.
+func (vm *qemuVM) blockCommit(ctx context.Context, req *vmlockpb.BlockCommitRequest) (*vmlockpb.BlockJobInfo, error) {
+	if err := vm.lock(ctx); err != nil {
+		return nil, err
+	}
+	defer vm.unlock()
+	d, err := vm.jobDiskLocked(ctx, req.Disk)
+	if err != nil {
+		return nil, err
+	}
+	imgs := d.Images
+	top := 0
+	if req.Top != "" {
+		if top, err = imageIndex(imgs, "top", req.Top); err != nil {
+			return nil, err
+		}
+	}
+	base := len(imgs) - 1
+	switch {
+	case req.Shallow && req.Base != "":
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--shallow and --base exclude each other")
+	case req.Shallow:
+		base = top + 1
+	case req.Base != "":
+		if base, err = imageIndex(imgs, "base", req.Base); err != nil {
+			return nil, err
+		}
+	}
+	switch {
+	case base <= top || base >= len(imgs):
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "nothing to commit: the base must be an image below the top in disk %s's chain (%d images)", d.Name, len(imgs))
+	case top == 0 && !req.Active:
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument,
+			"committing the active layer of disk %s requires --active: it is a two-phase job that runs until ready, then waits for you to pivot (--pivot) or abort (--keep-overlay, or vmlock blockjob --abort)", d.Name)
+	case top > 0 && req.Active:
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--active commits the active layer, but --top names backing image %s", imgs[top].Path)
+	case imgs[base].Path == "":
+		return nil, lockmgr.Errorf(lockmgr.CodeUnsupported, "the base of disk %s is not a local file: vmlock cannot lock it", d.Name)
+	}
+	rec := jobRecord{Disk: d.Name, Type: jobCommit, Top: imgs[top].Path, Base: imgs[base].Path, UID: callerOf(ctx).uid}
+	if top == 0 {
+		rec.Type = jobActiveCommit
+	}
+	if req.Delete {
+		for _, img := range imgs[top:base] {
+			rec.Delete = append(rec.Delete, img.Path)
+		}
+	}
+	// Locks follow the data: the base is QEMU's to write from now on.
+	if err := vm.s.d.mgr.ChangeMode(ctx, vm.uuid, lockmgr.DiskResource(rec.Base, lockmgr.Exclusive)); err != nil {
+		return nil, fmt.Errorf("the commit cannot start: its base %s cannot be locked exclusively: %w", rec.Base, err)
+	}
+	vm.s.log.Info("QEMU lock", "uuid", vm.uuid, "name", vm.name, "image", rec.Base, "mode", "exclusive", "why", "commit base")
+	rec.ID = vm.newJobIDLocked("commit", d.Name)
+	opts := qemu.CommitOptions{JobID: rec.ID, Device: d.Root, BaseNode: imgs[base].Node, Speed: req.Bandwidth, AutoDismiss: new(false)}
+	if top > 0 {
+		opts.TopNode = imgs[top].Node
+	}
+	return vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartCommit(ctx, vm.c, opts) })
+}
+
+// startJobLocked records a job, starts it and tracks it; if QEMU refuses
+// it, the locks are put back.
+func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func() (*qemu.Job, error)) (*vmlockpb.BlockJobInfo, error) {
+	j := newBlockJob(rec)
+	prev := vm.jobs[rec.Disk]
+	vm.jobs[rec.Disk] = j
+	vm.rec.Jobs = append(vm.rec.Jobs, rec)
+	vm.saveLocked() // before QEMU starts writing: a restart must find the job
+	q, err := start()
+	if err != nil {
+		if prev != nil {
+			vm.jobs[rec.Disk] = prev
+		} else {
+			delete(vm.jobs, rec.Disk)
+		}
+		vm.dropJobRecordLocked(rec.ID)
+		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+			vm.s.log.Error("putting the locks back after QEMU refused a job", "uuid", vm.uuid, "err", rerr)
+		}
+		var qe *qmp.Error
+		if errors.As(err, &qe) {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU refused the job", Err: qe}
+		}
+		return nil, err
+	}
+	j.q = q
+	vm.s.log.Info("block job started", "uuid", vm.uuid, "name", vm.name, "disk", rec.Disk, "job", rec.ID, "type", rec.Type,
+		"top", rec.Top, "base", rec.Base, "target", rec.Target)
+	go vm.watch(j, q)
+	return vm.infoLocked(ctx, j), nil
+}
+
+func (vm *qemuVM) dropJobRecordLocked(id string) {
+	vm.rec.Jobs = slices.DeleteFunc(vm.rec.Jobs, func(r jobRecord) bool { return r.ID == id })
+}
+
+// blockCopy starts a full copy of a disk into a new image.
+func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest) (*vmlockpb.BlockJobInfo, error) {
+	if err := vm.lock(ctx); err != nil {
+		return nil, err
+	}
+	defer vm.unlock()
+	d, err := vm.jobDiskLocked(ctx, req.Disk)
+	if err != nil {
+		return nil, err
+	}
+	format := req.Format
+	if format == "" {
+		format = "qcow2"
+	}
+	dest, err := lockmgr.Canonical(lockmgr.DiskResource(req.Dest, lockmgr.Exclusive))
+	if err != nil {
+		return nil, err
+	}
+	created := false
+	_, statErr := os.Lstat(dest.Name)
+	switch uid := callerOf(ctx).uid; {
+	case uid != 0 && (!req.ReuseExternal || !ownedBy(dest.Name, uid)):
+		return nil, lockmgr.Errorf(lockmgr.CodePermission, "uid %d may copy only into an image of its own, created beforehand (--reuse-external)", uid)
+	case req.ReuseExternal && statErr != nil:
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--reuse-external: %v", statErr)
+	case !req.ReuseExternal && statErr == nil:
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "%s exists: use --reuse-external to copy into an existing image", dest.Name)
+	case !req.ReuseExternal:
+		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", format, dest.Name, strconv.FormatInt(d.Images[0].Size, 10)).CombinedOutput()
+		if err != nil {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + dest.Name, Err: fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))}
+		}
+		created = true
+	}
+	undo := func() {
+		if created {
+			_ = os.Remove(dest.Name)
+		}
+	}
+	// The target is QEMU's to write: lock it before QEMU opens it.
+	if err := vm.s.d.mgr.AcquireResource(ctx, vm.uuid, dest); err != nil {
+		undo()
+		return nil, fmt.Errorf("the copy cannot start: %w", err)
+	}
+	vm.rec.Managed = append(vm.rec.Managed, dest.Name)
+	rec := jobRecord{Disk: d.Name, Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
+		TargetNode: vm.newJobIDLocked("target", d.Name), ID: vm.newJobIDLocked("copy", d.Name)}
+	node := map[string]any{"driver": format, "node-name": rec.TargetNode,
+		"file": map[string]any{"driver": "file", "filename": dest.Name}}
+	if format == "qcow2" {
+		node["backing"] = nil // a full copy stands alone
+	}
+	if err := qemu.BlockdevAdd(ctx, vm.c, node); err != nil {
+		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+			vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
+		}
+		undo()
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU cannot open the copy target", Err: err}
+	}
+	opts := qemu.MirrorOptions{JobID: rec.ID, Device: d.Root, Target: rec.TargetNode, Sync: "full", Speed: req.Bandwidth, AutoDismiss: new(false)}
+	info, err := vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartMirror(ctx, vm.c, opts) })
+	if err != nil {
+		_ = qemu.BlockdevDel(ctx, vm.c, rec.TargetNode)
+		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+			vm.s.log.Error("releasing a copy target", "uuid", vm.uuid, "err", rerr)
+		}
+		undo()
+	}
+	return info, err
+}
+
+// watch follows a job's events until it ends, then moves the locks. If
+// the connection is lost first it returns: the next attach watches again.
+func (vm *qemuVM) watch(j *blockJob, q *qemu.Job) {
+	ctx := vm.s.ctx
+	st, err := q.WaitStatus(ctx, qemu.JobReady, qemu.JobStandby, qemu.JobConcluded, qemu.JobNull)
+	if err == nil && (st == qemu.JobReady || st == qemu.JobStandby) {
+		if vm.lock(ctx) == nil {
+			if j.q == q && j.phase == phaseRunning {
+				vm.setPhaseLocked(j, phaseReady)
+				vm.s.log.Info("block job ready: pivot or abort it", "uuid", vm.uuid, "name", vm.name, "disk", j.rec.Disk, "job", j.rec.ID)
+			}
+			vm.unlock()
+		}
+		_, err = q.WaitStatus(ctx, qemu.JobConcluded, qemu.JobNull)
+	}
+	if err != nil {
+		return
+	}
+	res, _ := q.Result()
+	fctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if vm.lock(fctx) != nil {
+		return
+	}
+	defer vm.unlock()
+	if j.q == q && !j.ended {
+		vm.finishLocked(fctx, j, res)
+	}
+}
+
+// finishLocked handles a job's end: it dismisses the job, names the
+// outcome, unlinks the images a successful commit invalidated (--delete),
+// removes an unused copy target from QEMU, and moves the locks to what
+// QEMU now uses. res is QEMU's report (zero if the end was not seen: the job had
+// vanished when vmlockd re-attached; QEMU's graph then tells).
+func (vm *qemuVM) finishLocked(ctx context.Context, j *blockJob, res qemu.Result) {
+	// Dismissed first: a concluded job still holds the nodes it used.
+	if vm.c != nil {
+		if err := qemu.JobDismiss(ctx, vm.c, j.rec.ID); err != nil {
+			var qe *qmp.Error
+			if !errors.As(err, &qe) {
+				vm.s.log.Warn("dismissing a block job", "job", j.rec.ID, "err", err)
+			}
+		}
+	}
+	disks, derr := vm.disksLocked(ctx)
+	active := ""
+	inUse := map[string]bool{}
+	for _, d := range disks {
+		if d.Name == j.rec.Disk {
+			active = d.Images[0].Path
+		}
+		for _, img := range d.Images {
+			inUse[img.Path] = true
+		}
+	}
+	phase := phaseFailed
+	switch res.Outcome {
+	case qemu.OutcomeFailed:
+		j.errMsg = res.Error
+	case qemu.OutcomeCancelled:
+		phase = phaseCancelled
+	case qemu.OutcomeCompleted, qemu.OutcomeUnknown:
+		// QEMU's graph tells a pivot too: one asked for before a restart
+		// of vmlockd is not in res.
+		pivoted := res.Pivoted || derr == nil && (active == j.rec.Base && j.rec.Type == jobActiveCommit || active == j.rec.Target && j.rec.Type == jobCopy)
+		switch {
+		case !j.twoPhase():
+			phase = phaseCompleted
+			if res.Outcome == qemu.OutcomeUnknown && (derr != nil || inUse[j.rec.Top]) {
+				phase, j.errMsg = phaseFailed, "the job ended while vmlockd was down, and its top image is still in use"
+			}
+		case pivoted:
+			phase = phasePivoted
+		default:
+			phase = phaseAborted
+		}
+	}
+	if (phase == phasePivoted || phase == phaseCompleted) && derr == nil {
+		for _, p := range j.rec.Delete {
+			if inUse[p] {
+				vm.s.log.Warn("--delete: QEMU still uses the image; not deleting it", "uuid", vm.uuid, "image", p)
+				continue
+			}
+			if !ownedBy(p, j.rec.UID) {
+				vm.s.log.Warn("--delete: the image is not the caller's; not deleting it", "uuid", vm.uuid, "image", p, "uid", j.rec.UID)
+				continue
+			}
+			// Unlinked while still locked; reconcile releases it next.
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				vm.s.log.Error("--delete", "image", p, "err", err)
+				continue
+			}
+			j.deleted = append(j.deleted, p)
+		}
+	}
+	if j.rec.Type == jobCopy && phase != phasePivoted && vm.c != nil {
+		if err := qemu.BlockdevDel(ctx, vm.c, j.rec.TargetNode); err != nil {
+			vm.s.log.Warn("removing the copy target from QEMU", "uuid", vm.uuid, "node", j.rec.TargetNode, "err", err)
+		}
+		derr = errors.New("the graph changed") // read it again
+	}
+	j.ended = true
+	vm.dropJobRecordLocked(j.rec.ID)
+	var err error
+	if derr == nil {
+		err = vm.applyLocked(ctx, vm.wanted(disks))
+	} else {
+		err = vm.reconcileLocked(ctx)
+	}
+	if err != nil {
+		vm.s.log.Error("moving the locks after a block job", "uuid", vm.uuid, "job", j.rec.ID, "err", err)
+	}
+	if j.q != nil {
+		j.q.Close()
+	}
+	vm.setPhaseLocked(j, phase)
+	close(j.done)
+	vm.s.log.Info("block job ended", "uuid", vm.uuid, "name", vm.name, "disk", j.rec.Disk, "job", j.rec.ID,
+		"phase", phase, "error", j.errMsg, "deleted", j.deleted)
+}
+
+// blockJobAction serves BlockJob: info, wait, pivot or abort.
+func (vm *qemuVM) blockJobAction(ctx context.Context, req *vmlockpb.BlockJobRequest) (*vmlockpb.BlockJobInfo, error) {
+	if err := vm.lock(ctx); err != nil {
+		return nil, err
+	}
+	j, err := vm.jobOfLocked(ctx, req.Disk)
+	if err != nil || j == nil {
+		defer vm.unlock()
+		if err != nil {
+			return nil, err
+		}
+		return &vmlockpb.BlockJobInfo{Vm: vm.label(), Disk: req.Disk, Phase: "none"}, nil
+	}
+	switch req.Action {
+	case vmlockpb.BlockJobAction_BLOCK_JOB_INFO:
+		defer vm.unlock()
+		return vm.infoLocked(ctx, j), nil
+	case vmlockpb.BlockJobAction_BLOCK_JOB_WAIT:
+		vm.unlock()
+		return vm.waitJob(ctx, j, time.Duration(req.WaitMs)*time.Millisecond)
+	case vmlockpb.BlockJobAction_BLOCK_JOB_PIVOT:
+		err = vm.pivotLocked(ctx, j)
+	case vmlockpb.BlockJobAction_BLOCK_JOB_ABORT:
+		err = vm.abortLocked(ctx, j)
+	default:
+		err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "unknown block job action %v", req.Action)
+	}
+	done := j.done
+	vm.unlock()
+	if err != nil {
+		return nil, err
+	}
+	if !req.Async {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return nil, lockmgr.Errorf(lockmgr.CodeTimeout, "the job on disk %s did not end in time; see vmlock blockjob --info", j.rec.Disk)
+		}
+	}
+	if err := vm.lock(ctx); err != nil {
+		return nil, err
+	}
+	defer vm.unlock()
+	info := vm.infoLocked(ctx, j)
+	if j.phase == phaseFailed {
+		return nil, lockmgr.Errorf(lockmgr.CodeInternal, "block job %s on disk %s failed: %s; its locks are back as before the job", j.rec.ID, j.rec.Disk, j.errMsg)
+	}
+	return info, nil
+}
+
+// jobOfLocked finds the current or last job of the disk named; nil if it
+// never had one.
+func (vm *qemuVM) jobOfLocked(ctx context.Context, disk string) (*blockJob, error) {
+	if j := vm.jobs[disk]; j != nil {
+		return j, nil
+	}
+	disks, err := vm.disksLocked(ctx)
+	if err != nil {
+		return nil, err
+	}
+	d, err := findDisk(disks, disk)
+	if err != nil {
+		return nil, err
+	}
+	return vm.jobs[d.Name], nil
+}
+
+func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {
+	switch {
+	case j.ended:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s has ended (%s): nothing to pivot", j.rec.Disk, j.phase)
+	case !j.twoPhase():
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the job on disk %s is an intermediate commit: it has no ready phase and ends by itself; there is nothing to pivot", j.rec.Disk)
+	case j.phase == phasePivoting || j.phase == phaseAborting:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
+	case j.q == nil:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
+	}
+	if err := j.q.Complete(ctx); err != nil {
+		if errors.Is(err, qemu.ErrNotReady) {
+			info := vm.infoLocked(ctx, j)
+			return lockmgr.Errorf(lockmgr.CodeNotRegistered, "block job %s on disk %s is not ready yet (%s, %s): pivot once it is ready (see vmlock blockjob --info)",
+				j.rec.ID, j.rec.Disk, info.QemuStatus, percent(info.Cur, info.End))
+		}
+		return err
+	}
+	vm.setPhaseLocked(j, phasePivoting)
+	return nil
+}
+
+func (vm *qemuVM) abortLocked(ctx context.Context, j *blockJob) error {
+	switch {
+	case j.ended:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s has ended (%s): nothing to abort", j.rec.Disk, j.phase)
+	case j.phase == phasePivoting || j.phase == phaseAborting:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
+	case j.q == nil:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
+	}
+	if err := j.q.Cancel(ctx, false); err != nil {
+		return err
+	}
+	vm.setPhaseLocked(j, phaseAborting)
+	return nil
+}
+
+// waitJob waits until the job is ready or has ended, or for at most max.
+func (vm *qemuVM) waitJob(ctx context.Context, j *blockJob, max time.Duration) (*vmlockpb.BlockJobInfo, error) {
+	if dl, ok := ctx.Deadline(); ok {
+		max = min(max, time.Until(dl)/2)
+	}
+	timer := time.NewTimer(max)
+	defer timer.Stop()
+	for {
+		if err := vm.lock(ctx); err != nil {
+			return nil, err
+		}
+		if j.ended || j.phase == phaseReady {
+			defer vm.unlock()
+			return vm.infoLocked(ctx, j), nil
+		}
+		changed := j.changed
+		vm.unlock()
+		select {
+		case <-changed:
+		case <-timer.C:
+			if err := vm.lock(ctx); err != nil {
+				return nil, err
+			}
+			defer vm.unlock()
+			return vm.infoLocked(ctx, j), nil
+		case <-ctx.Done():
+			return nil, lockmgr.Errorf(lockmgr.CodeTimeout, "waiting for the job on disk %s: %v", j.rec.Disk, ctx.Err())
+		}
+	}
+}
+
+// infoLocked describes a job; a live job's progress and status come from
+// QEMU (query-jobs), whose word on readiness wins over the events seen.
+func (vm *qemuVM) infoLocked(ctx context.Context, j *blockJob) *vmlockpb.BlockJobInfo {
+	info := &vmlockpb.BlockJobInfo{Vm: vm.label(), Disk: j.rec.Disk, Id: j.rec.ID, Type: j.rec.Type, Phase: j.phase,
+		Error: j.errMsg, Ended: j.ended, Top: j.rec.Top, Base: j.rec.Base, Target: j.rec.Target, Deleted: j.deleted}
+	if j.ended || vm.c == nil {
+		return info
+	}
+	if qi, err := qemu.QueryJob(ctx, vm.c, j.rec.ID); err == nil {
+		info.QemuStatus, info.Cur, info.End = string(qi.Status), qi.CurrentProgress, qi.TotalProgress
+		if (qi.Status == qemu.JobReady || qi.Status == qemu.JobStandby) && j.phase == phaseRunning {
+			vm.setPhaseLocked(j, phaseReady)
+			info.Phase = phaseReady
+		}
+	}
+	return info
+}
+
+// ownedBy reports whether uid may have vmlockd (root) act on file p on
+// its behalf: root may, other users on their own files only.
+func ownedBy(p string, uid int) bool {
+	if uid == 0 {
+		return true
+	}
+	var st unix.Stat_t
+	return unix.Lstat(p, &st) == nil && int(st.Uid) == uid
+}
+
+func percent(cur, end int64) string {
+	if end <= 0 {
+		return "0%"
+	}
+	return strconv.FormatInt(cur*100/end, 10) + "%"
+}

@@ -1,0 +1,84 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/qemu"
+)
+
+// The QEMU supervisor runs against real QEMU in the e2e tests; these test
+// its lock policy on fixed graphs.
+
+func images(paths ...string) []qemu.Image {
+	var out []qemu.Image
+	for i, p := range paths {
+		out = append(out, qemu.Image{Node: fmt.Sprint("n", i), Path: p})
+	}
+	return out
+}
+
+func TestWantedModes(t *testing.T) {
+	disks := []qemu.Disk{
+		{Name: "vda", Images: images("/a/top", "/a/mid", "/base")},
+		{Name: "vdb", Images: images("/b/top", "/base")},                   // another overlay of the same base
+		{Name: "vdc", ShareRW: true, Images: images("/c/shared", "/c/bk")}, // a cluster disk
+		{Name: "cd", ReadOnly: true, Images: images("/iso", "/iso-base")},
+		{Name: "nbd", Images: images("")}, // not a local file
+	}
+	vm := &qemuVM{jobs: map[string]*blockJob{}}
+	want := vm.wanted(disks)
+	exp := map[string]lockmgr.Mode{
+		"/a/top": lockmgr.Exclusive, "/a/mid": lockmgr.Shared, "/base": lockmgr.Shared,
+		"/b/top": lockmgr.Exclusive, "/c/shared": lockmgr.Shared, "/c/bk": lockmgr.Shared,
+		"/iso": lockmgr.ReadOnly, "/iso-base": lockmgr.ReadOnly,
+	}
+	if fmt.Sprint(want) != fmt.Sprint(exp) {
+		t.Fatalf("wanted\n got %v\nwant %v", want, exp)
+	}
+
+	// A live commit job's base is exclusive; an ended one's is not; a
+	// copy's target is exclusive even before QEMU lists it.
+	vm.jobs["vda"] = &blockJob{rec: jobRecord{Type: jobActiveCommit, Top: "/a/top", Base: "/base"}}
+	vm.jobs["vdb"] = &blockJob{rec: jobRecord{Type: jobCopy, Top: "/b/top", Target: "/b/copy"}}
+	vm.jobs["vdc"] = &blockJob{rec: jobRecord{Type: jobCommit, Top: "/c/shared", Base: "/c/bk"}, ended: true}
+	want = vm.wanted(disks)
+	if want["/base"] != lockmgr.Exclusive || want["/b/copy"] != lockmgr.Exclusive || want["/c/bk"] != lockmgr.Shared {
+		t.Fatalf("with jobs: %v", want)
+	}
+}
+
+func TestFindDisk(t *testing.T) {
+	disks := []qemu.Disk{
+		{Name: "drive0", Device: "drive0", Root: "#block1", Node: "#block2", Images: images("/img/top", "/img/base")},
+		{Name: "vd1", QDev: "vd1", Root: "data", Node: "data", Images: images("/img/data")},
+	}
+	for _, name := range []string{"drive0", "#block1", "#block2", "/img/top", "/img//top"} {
+		if d, err := findDisk(disks, name); err != nil || d.Name != "drive0" {
+			t.Errorf("findDisk(%q) = %v, %v", name, d, err)
+		}
+	}
+	if d, err := findDisk(disks, "data"); err != nil || d.Name != "vd1" {
+		t.Errorf("findDisk(data) = %v, %v", d, err)
+	}
+	_, err := findDisk(disks, "/img/base") // a backing image is not a disk
+	var le *lockmgr.Error
+	if !errors.As(err, &le) || le.Code != lockmgr.CodeInvalidArgument {
+		t.Fatalf("findDisk of a backing image: %v", err)
+	}
+}
+
+func TestImageIndex(t *testing.T) {
+	imgs := images("/img/top", "/img/mid", "/img/base")
+	if i, err := imageIndex(imgs, "base", "/img/base"); err != nil || i != 2 {
+		t.Fatalf("by path: %d %v", i, err)
+	}
+	if i, err := imageIndex(imgs, "top", "n1"); err != nil || i != 1 {
+		t.Fatalf("by node: %d %v", i, err)
+	}
+	if _, err := imageIndex(imgs, "base", "/img/other"); !errors.Is(err, lockmgr.ErrInvalidArgument) {
+		t.Fatalf("an image not in the chain: %v", err)
+	}
+}

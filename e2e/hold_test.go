@@ -1,0 +1,153 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+type hierRow struct {
+	Name    string   `json:"name"`
+	Mode    string   `json:"mode"`
+	Owners  []string `json:"owners"`
+	Pending []struct {
+		Mode   string   `json:"mode"`
+		Owners []string `json:"owners"`
+	} `json:"pending"`
+}
+
+func (d *daemon) hierLocks() map[string]hierRow {
+	d.t.Helper()
+	r := d.vmlock("locks", "-o", "json")
+	if r.code != 0 {
+		d.t.Fatalf("vmlock locks: %d %s", r.code, r.stderr)
+	}
+	var m struct {
+		Hierarchical []hierRow `json:"hierarchical"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil {
+		d.t.Fatal(err)
+	}
+	out := map[string]hierRow{}
+	for _, row := range m.Hierarchical {
+		out[row.Name] = row
+	}
+	return out
+}
+
+// startHold starts `vmlock hold SPECS -- sleep 300` and waits until the
+// monitor shows it holding want.
+func (d *daemon) startHold(want string, specs ...string) *exec.Cmd {
+	d.t.Helper()
+	args := append([]string{"--socket", d.socket, "hold"}, specs...)
+	cmd := exec.Command(bins.vmlock, append(args, "--", "sleep", "300")...)
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	d.waitHier(func(m map[string]hierRow) bool { return len(m[want].Owners) > 0 }, "a holder of "+want)
+	return cmd
+}
+
+func (d *daemon) waitHier(ok func(map[string]hierRow) bool, what string) {
+	d.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if ok(d.hierLocks()) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	d.t.Fatalf("the monitor never showed %s: %+v", what, d.hierLocks())
+}
+
+func TestHoldProcessesInOppositeOrdersNeverDeadlock(t *testing.T) {
+	d := startDaemon(t)
+	specs := [][]string{
+		{"instance/a", "instance/b", "node/n1"},
+		{"node/n1", "instance/b", "instance/a"},
+		{"instance/b:shared", "node/n1:shared"},
+		{"instance/a", "node/n2", "node/n1"},
+	}
+	var wg sync.WaitGroup
+	errs := make(chan string, 64)
+	for round := range 4 {
+		for i, s := range specs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				args := append([]string{"--socket", d.socket, "hold", "--timeout", "60s"}, s...)
+				out, err := exec.Command(bins.vmlock, append(args, "--", "sh", "-c", "sleep 0.02")...).CombinedOutput()
+				if err != nil {
+					errs <- fmt.Sprintf("round %d holder %d: %v: %s", round, i, err, out)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	for name, row := range d.hierLocks() {
+		if len(row.Owners) > 0 || len(row.Pending) > 0 {
+			t.Errorf("%s still has owners %v or waiters after every holder exited", name, row.Owners)
+		}
+	}
+}
+
+func TestHoldReleasesWhenTheHolderIsKilledAndShowsWaiters(t *testing.T) {
+	d := startDaemon(t)
+	first := d.startHold("instance/web1", "instance/web1")
+	// A second holder queues behind the first and shows up as a waiter.
+	second := exec.Command(bins.vmlock, "--socket", d.socket, "hold", "instance/web1", "--", "true")
+	if err := second.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d.waitHier(func(m map[string]hierRow) bool {
+		return len(m["instance/web1"].Pending) == 1 && m["instance/web1"].Pending[0].Mode == "exclusive"
+	}, "the second holder waiting on instance/web1")
+	// SIGKILL of the holding CLI (not of its command) frees the lock.
+	t0 := time.Now()
+	first.Process.Kill()
+	first.Wait()
+	if err := second.Wait(); err != nil {
+		t.Fatalf("the waiter did not get the lock after the holder was killed: %v", err)
+	}
+	t.Logf("the waiter ran %v after the holder was killed", time.Since(t0))
+	d.waitHier(func(m map[string]hierRow) bool { return len(m["instance/web1"].Owners) == 0 }, "instance/web1 free")
+}
+
+func TestHoldExitStatuses(t *testing.T) {
+	d := startDaemon(t)
+	d.startHold("node/n1", "node/n1")
+	cases := []struct {
+		name string
+		args []string
+		code int
+	}{
+		{"the command's own status", []string{"instance/x", "--", "sh", "-c", "exit 4"}, 4},
+		{"timeout on a held lock", []string{"--timeout", "200ms", "node/n1", "--", "true"}, int(lockmgr.CodeTimeout)},
+		{"shared on a held exclusive times out", []string{"--timeout", "100ms", "node/n1:shared", "--", "true"}, int(lockmgr.CodeTimeout)},
+		{"unknown level", []string{"rack/r1", "--", "true"}, int(lockmgr.CodeInvalidArgument)},
+		{"mixed modes in one level", []string{"node/a", "node/b:shared", "--", "true"}, int(lockmgr.CodeInvalidArgument)},
+		{"no command", []string{"node/a"}, int(lockmgr.CodeInvalidArgument)},
+		{"bad spec", []string{"nolevel", "--", "true"}, int(lockmgr.CodeInvalidArgument)},
+		{"whole level while another holds a member", []string{"--timeout", "100ms", "node/*", "--", "true"}, int(lockmgr.CodeTimeout)},
+		{"other names of a level are free", []string{"node/n2", "instance/*", "--", "true"}, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := d.vmlock(append([]string{"hold"}, c.args...)...)
+			if r.code != c.code {
+				t.Fatalf("vmlock hold %v: exit %d (%s), want %d", c.args, r.code, strings.TrimSpace(r.stderr), c.code)
+			}
+		})
+	}
+}

@@ -1,0 +1,183 @@
+package etcdlock
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+var _ lockmgr.Converter = (*Driver)(nil)
+
+// Convert changes the mode of a granted lease in place (lockmgr.Converter),
+// in one etcd transaction that deletes the lease's holder key and puts the
+// holder key of the new mode, so that no other host sees the resource
+// unheld at any revision:
+//
+//	to Shared:    If CreateRevision(key) == rev
+//	to Exclusive: If CreateRevision(key) == rev, and no other key in P res/K/
+//	              (two range comparisons around our own key)
+//	Then:         Delete(key), Put(new holder key, record, lease)
+//
+// The token key is not touched: the fencing token stays the grant's (the
+// record carries it, so a re-attached daemon adopts the lease by it), and a
+// state string made before the conversion stays current. A downgrade never
+// meets a conflict; an upgrade fails with a *lockmgr.BusyError naming
+// another holder while there is one, and the lease stays shared. A lease
+// that is no longer in etcd is a CodeNotHeld error.
+//
+// When etcd's answer is lost (the transaction may or may not have been
+// applied) Convert reads the keys back to learn which; if it cannot find
+// out within OpTimeout, the host fences itself, because a lease whose mode
+// is unknown could be weaker in etcd than the daemon believes.
+func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
+	l, ok := x.(*lease)
+	if !ok || l.d != d {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "etcd driver: %v is not a lease of this driver", x)
+	}
+	if m != lockmgr.Exclusive && m != lockmgr.Shared {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: l.res.String(), Msg: "etcd driver: a lease converts only to exclusive or shared"}
+	}
+	d.mu.Lock()
+	if err := d.usableLocked(); err != nil {
+		d.mu.Unlock()
+		return nil, err
+	}
+	if l.released {
+		d.mu.Unlock()
+		return nil, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: "the lease was released"}
+	}
+	if l.epoch != d.epoch {
+		d.mu.Unlock()
+		return nil, fencedError()
+	}
+	if l.res.Mode == m {
+		d.mu.Unlock()
+		return l, nil
+	}
+	id, epoch, oldKey, oldRev := d.leaseID, d.epoch, l.key, l.rev
+	nres := l.res
+	nres.Mode = m
+	k := nres.Key()
+	base := d.ks.base(k)
+	newKey := d.ks.excl(k)
+	if m == lockmgr.Shared {
+		newKey = d.ks.shared(k, d.cfg.Host)
+	}
+	h := l.holder
+	h.Mode = m
+	d.inflight[newKey]++ // keeps the sweeper off the new key until we know
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		if d.inflight[newKey]--; d.inflight[newKey] <= 0 {
+			delete(d.inflight, newKey)
+		}
+		d.mu.Unlock()
+	}()
+
+	val, err := json.Marshal(record{Resource: nres, Holder: h, Token: l.token})
+	if err != nil {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: nres.String(), Msg: "encode holder", Err: err}
+	}
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(oldKey), "=", oldRev)}
+	if m == lockmgr.Exclusive {
+		cmps = append(cmps,
+			clientv3.Compare(clientv3.CreateRevision(base), "=", 0).WithRange(oldKey),
+			clientv3.Compare(clientv3.CreateRevision(oldKey+"\x00"), "=", 0).WithRange(clientv3.GetPrefixRangeEnd(base)))
+	}
+	octx, cancel := d.opCtx(ctx)
+	defer cancel()
+	resp, err := d.cli.Txn(octx).If(cmps...).
+		Then(clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))).
+		Else(clientv3.OpGet(oldKey), clientv3.OpGet(base, clientv3.WithPrefix(), clientv3.WithLimit(2))).Commit()
+	applied, newRev := false, int64(0)
+	switch {
+	case err != nil && isLeaseNotFound(err):
+		go d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
+		return nil, fencedError()
+	case err != nil && definite(err):
+		return nil, opError("etcd driver: convert", err)
+	case err != nil:
+		applied, newRev, err = d.convertOutcome(ctx, id, oldKey, oldRev, newKey)
+		if err != nil {
+			d.log.Error("a lock conversion's outcome is unknown", "resource", nres.String(), "err", err)
+			d.fence(epoch, "a lock conversion's outcome could not be read back from etcd")
+			return nil, fencedError()
+		}
+		if !applied {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeTimeout, Resource: nres.String(), Msg: "etcd driver: convert: etcd did not answer in time; the lease is unchanged"}
+		}
+	case resp.Succeeded:
+		applied, newRev = true, resp.Header.Revision
+	}
+	if !applied {
+		return nil, convertRefused(resp, nres, oldKey, oldRev)
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.epoch != epoch || d.fenced || d.closed || !time.Now().Before(d.deadline) {
+		if d.epoch == epoch && !d.fenced {
+			d.sweep[newKey] = newRev
+		}
+		return nil, fencedError()
+	}
+	if l.released {
+		// Released while the conversion was on its way (the Manager never
+		// does this): the new key is nobody's.
+		d.sweep[newKey] = newRev
+		return nil, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: nres.String(), Msg: "the lease was released"}
+	}
+	if d.live[oldKey] == l {
+		delete(d.live, oldKey)
+	}
+	l.res, l.key, l.rev, l.holder = nres, newKey, newRev, h
+	d.live[newKey] = l
+	return l, nil
+}
+
+// convertRefused explains a conversion transaction whose comparisons
+// failed: the lease's key is gone (CodeNotHeld), or another holder stands
+// in the way of an upgrade (a *lockmgr.BusyError).
+func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey string, oldRev int64) error {
+	if len(resp.Responses) != 2 {
+		return lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected conversion reply (%d responses)", len(resp.Responses))
+	}
+	own := resp.Responses[0].GetResponseRange().GetKvs()
+	if len(own) == 0 || own[0].CreateRevision != oldRev {
+		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "the lease is no longer in etcd (its session expired)"}
+	}
+	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
+		if string(kv.Key) != oldKey {
+			return &lockmgr.BusyError{Resource: r, Holder: holderOf(kv.Key, kv.Value)}
+		}
+	}
+	return lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: conversion of %s refused but no conflict found", r)
+}
+
+// convertOutcome reads back whether a conversion whose reply was lost was
+// applied: the old key still there means no (the transaction is atomic),
+// the new key on our lease means yes. It retries until OpTimeout.
+func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, oldKey string, oldRev int64, newKey string) (bool, int64, error) {
+	octx, cancel := d.opCtx(context.WithoutCancel(ctx))
+	defer cancel()
+	for {
+		resp, err := d.cli.Txn(octx).Then(clientv3.OpGet(oldKey), clientv3.OpGet(newKey)).Commit()
+		if err == nil {
+			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 && kvs[0].CreateRevision == oldRev {
+				return false, 0, nil
+			}
+			if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == id {
+				return true, kvs[0].CreateRevision, nil
+			}
+			return false, 0, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "neither the old nor the new holder key is in etcd"}
+		}
+		if err := d.pause(octx, 100*time.Millisecond); err != nil {
+			return false, 0, err
+		}
+	}
+}

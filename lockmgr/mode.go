@@ -1,0 +1,96 @@
+package lockmgr
+
+import "context"
+
+// Converter is a Driver that can change the mode of a lease it granted in
+// place and atomically: at no moment is the resource unlocked, and a
+// conversion that fails leaves the lease exactly as it was. A conversion
+// to Shared (a downgrade) cannot meet a conflict; a conversion to
+// Exclusive fails with a *BusyError while anyone else holds the resource.
+// m is Exclusive or Shared. The returned lease replaces l (it may be l
+// itself, changed); its token may stay l's, since the grant is the same.
+//
+// Drivers whose own leases of one resource exclude each other (the
+// lockspace driver's OFD locks do) need this for Manager.ChangeMode to
+// work at all.
+type Converter interface {
+	Convert(ctx context.Context, l Lease, m Mode) (Lease, error)
+}
+
+// ChangeMode changes the mode in which the object uuid holds the resource
+// r (r.Mode is the new mode) without a moment at which the resource is
+// unheld, so that no other holder can slip in: a block job takes its
+// base image from Shared to Exclusive before it writes it, and back to
+// Shared when it ends.
+//
+// The object must hold r (else a CodeNotHeld error); the same mode is a
+// no-op. A mode that conflicts with another holder in this Manager is
+// refused with a *BusyError naming it, before the driver is asked. Then:
+//   - to ReadOnly: the driver's lease is released; the use stays recorded;
+//   - from ReadOnly: a lease is acquired, as by AcquireResource;
+//   - between Exclusive and Shared: through Converter if the driver is
+//     one; otherwise a new lease in the new mode is acquired first and
+//     the old one released after, which works with drivers whose leases
+//     for one holder do not exclude each other (the nop driver) and fails
+//     with a *BusyError with the others.
+//
+// On any failure the object holds r as before. The use keeps its "since"
+// (the holding began then); its token becomes the new lease's. The
+// observer is told of the change.
+func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error {
+	r, err := Canonical(r)
+	if err != nil {
+		return err
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	u := ob.find(r.Key())
+	if u == nil || !u.held {
+		return &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not held by object " + ob.obj.UUID}
+	}
+	if u.res.Mode == r.Mode {
+		return nil
+	}
+	m.mu.Lock()
+	err = m.conflictLocked(ob, r)
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+
+	old := u.lease
+	var lease Lease
+	switch conv, ok := m.driver.(Converter); {
+	case r.Mode == ReadOnly:
+	case old != nil && ok:
+		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, old, r.Mode) }, nil)
+		old = nil // converted, not to be released
+	default:
+		h := Holder{Name: ob.obj.Name, UUID: ob.obj.UUID, PID: ob.obj.PID, Host: ob.obj.Host, Mode: r.Mode}
+		var ls []Lease
+		ls, err = Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, []Request{{Resource: r, Holder: h}}) },
+			func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })
+		if err == nil {
+			lease = ls[0]
+		}
+	}
+	if err != nil {
+		return m.nameHolder(err)
+	}
+
+	m.mu.Lock()
+	u.res.Mode, u.lease = r.Mode, lease
+	if lease != nil {
+		u.token = lease.Token()
+	}
+	m.mu.Unlock()
+	m.notify(ob)
+	if old != nil {
+		// The observer no longer lists the old lease: release it now.
+		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, []Lease{old}) }, nil)
+	}
+	return err
+}

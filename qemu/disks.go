@@ -1,0 +1,127 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/vmlock/vmlock/qmp"
+)
+
+// Image is one image of a disk's backing chain in a running QEMU.
+type Image struct {
+	// Node is the image's format node (or a protocol node used as an
+	// image directly, e.g. a raw file opened with driver=file).
+	Node string
+	// Path is the local file the image stores its data in, as QEMU names
+	// it, or "" if it is not a local file (NBD, RBD, ...).
+	Path string
+	// Format is the node's driver ("qcow2", "raw", "file", ...).
+	Format string
+	// ReadOnly reports whether QEMU opened the node read-only (every
+	// backing image is, until a job reopens it).
+	ReadOnly bool
+	// Size is the image's virtual size in bytes.
+	Size int64
+}
+
+// Disk is one root of a running QEMU's block graph, with the images QEMU
+// reads through it, active layer first. A mirror job's target is a root of
+// its own, so it is a Disk while the job runs.
+type Disk struct {
+	// Name identifies the disk: its block backend's name (-drive id=),
+	// else its guest device's id, else its active node's name.
+	Name string
+	// Device and QDev are the block backend's and the guest device's
+	// names, if any.
+	Device, QDev string
+	// Root is the root node; while a job runs on the disk it is the job's
+	// filter node.
+	Root string
+	// Node is the active layer's node: the first node of the chain that
+	// is not a filter.
+	Node string
+	// ReadOnly reports whether the active layer is read-only: QEMU writes
+	// to no image of the disk.
+	ReadOnly bool
+	// ShareRW reports whether the guest device allows other writers
+	// (share-rw=on).
+	ShareRW bool
+	// Images is the backing chain without filter nodes, active layer
+	// first.
+	Images []Image
+}
+
+// Disks returns every disk of a running QEMU, sorted by root node name
+// (see Graph.Roots). It queries the block graph, the block backends and,
+// for disks attached to a guest device, the device's share-rw property.
+// Like QueryGraph it is not atomic: do not call it while a job starts or
+// ends if a consistent snapshot matters.
+func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
+	g, err := QueryGraph(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	devs, err := QueryBlock(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	backend := map[string]BlockDevice{}
+	for _, d := range devs {
+		if d.Inserted != nil {
+			backend[d.Inserted.NodeName] = d
+		}
+	}
+	var out []Disk
+	for _, root := range g.Roots() {
+		chain, err := g.Chain(root)
+		if err != nil {
+			return nil, err
+		}
+		d := Disk{Root: root}
+		for _, n := range chain {
+			// query-block names the backend's top node, skipping the
+			// implicit filter a job inserts.
+			if b, ok := backend[n.Name]; ok && len(d.Images) == 0 {
+				d.Device, d.QDev = b.Device, b.QDev
+			}
+			if n.IsFilter() {
+				continue
+			}
+			img := Image{Node: n.Name, Format: n.Driver, ReadOnly: n.ReadOnly, Size: n.Image.VirtualSize}
+			st, err := g.Storage(n.Name)
+			if err != nil {
+				return nil, err
+			}
+			for _, s := range st {
+				if s.Driver == "file" || s.Driver == "host_device" || s.Driver == "host_cdrom" {
+					img.Path = s.Filename
+					break
+				}
+			}
+			d.Images = append(d.Images, img)
+		}
+		if len(d.Images) == 0 {
+			continue // a filter over nothing: no image to lock
+		}
+		d.Node, d.ReadOnly = d.Images[0].Node, d.Images[0].ReadOnly
+		switch {
+		case d.Device != "":
+			d.Name = d.Device
+		case d.QDev != "":
+			d.Name = d.QDev
+		default:
+			d.Name = d.Node
+		}
+		if d.QDev != "" {
+			var share bool
+			if err := c.Execute(ctx, "qom-get", map[string]string{"path": d.QDev, "property": "share-rw"}, &share); err == nil {
+				d.ShareRW = share
+			} else if qe := (*qmp.Error)(nil); !errors.As(err, &qe) {
+				return nil, fmt.Errorf("qemu: share-rw of %s: %w", d.QDev, err)
+			}
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}

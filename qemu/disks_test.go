@@ -1,0 +1,102 @@
+package qemu
+
+import (
+	"errors"
+	"path/filepath"
+	"slices"
+	"testing"
+)
+
+func imagePaths(d Disk) []string {
+	var out []string
+	for _, img := range d.Images {
+		out = append(out, img.Path)
+	}
+	return out
+}
+
+func TestDisks(t *testing.T) {
+	ch := makeChain(t)
+	ro := filepath.Join(ch.dir, "ro.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", ro, "1M")
+	c, _ := startQEMU(t,
+		"-drive", "if=none,id=drive0,format=qcow2,file="+ch.top,
+		"-drive", "if=none,id=cd0,format=qcow2,readonly=on,file="+ro)
+	ctx := testCtx(t)
+	disks, err := Disks(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]Disk{}
+	for _, d := range disks {
+		byName[d.Name] = d
+	}
+	d0, cd := byName["drive0"], byName["cd0"]
+	if len(disks) != 2 || d0.Device != "drive0" || cd.Device != "cd0" {
+		t.Fatalf("disks %+v", disks)
+	}
+	if got := imagePaths(d0); !slices.Equal(got, []string{ch.top, ch.mid, ch.base}) || d0.ReadOnly || d0.ShareRW {
+		t.Fatalf("drive0: chain %q read-only %v share-rw %v", got, d0.ReadOnly, d0.ShareRW)
+	}
+	if d0.Images[0].Size != imageSize || d0.Images[0].Format != "qcow2" || !d0.Images[1].ReadOnly {
+		t.Fatalf("drive0's images %+v", d0.Images)
+	}
+	if !cd.ReadOnly || !slices.Equal(imagePaths(cd), []string{ro}) {
+		t.Fatalf("cd0 %+v", cd)
+	}
+
+	// During an active commit the job's filter is the root; the disk and
+	// its images stay the same.
+	job, err := StartCommit(ctx, c, CommitOptions{JobID: "j", Device: d0.Root, Speed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer job.Close()
+	disks, err = Disks(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := disks[slices.IndexFunc(disks, func(d Disk) bool { return d.Name == "drive0" })]
+	if d.Root == d0.Root || d.Node != d0.Node || !slices.Equal(imagePaths(d), imagePaths(d0)) {
+		t.Fatalf("during the job: root %s node %s images %q", d.Root, d.Node, imagePaths(d))
+	}
+}
+
+func TestDisksShareRW(t *testing.T) {
+	ch := makeChain(t)
+	// A machine with a PCI bus, never started (-S): only its devices matter.
+	c, _ := startQEMU(t, "-machine", "pc", "-S",
+		"-drive", "if=none,id=drive0,format=qcow2,file="+ch.top,
+		"-device", "virtio-blk-pci,drive=drive0,id=vd0,share-rw=on")
+	disks, err := Disks(testCtx(t), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(disks) != 1 || !disks[0].ShareRW || disks[0].QDev == "" {
+		t.Fatalf("disks %+v", disks)
+	}
+}
+
+func TestBackingChain(t *testing.T) {
+	ch := makeChain(t)
+	ctx := testCtx(t)
+	chain, err := BackingChain(ctx, "", ch.top, "qcow2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, img := range chain {
+		files = append(files, img.Filename)
+	}
+	if !slices.Equal(files, []string{ch.top, ch.mid, ch.base}) || chain[0].Format != "qcow2" {
+		t.Fatalf("chain %q", files)
+	}
+	if _, err := BackingChain(ctx, "", filepath.Join(ch.dir, "missing.qcow2"), ""); !errors.Is(err, ErrImage) {
+		t.Fatalf("chain of a missing image: %v", err)
+	}
+	// A forced format is not probed: a qcow2 read as raw has no backing.
+	chain, err = BackingChain(ctx, "", ch.top, "raw")
+	if err != nil || len(chain) != 1 || chain[0].Format != "raw" {
+		t.Fatalf("top read as raw: %+v %v", chain, err)
+	}
+}
