@@ -36,7 +36,11 @@ type Options struct {
 //     every holder listed there has the entry in its own resources;
 //   - two holders of one key never have conflicting modes (the driver
 //     enforces this across processes; the table mirrors it for this one and
-//     names holders in busy errors without a system call).
+//     names holders in busy errors without a system call);
+//   - a key being granted (the driver call in flight) is reserved in
+//     pending, and a conflicting request from another object is refused
+//     against the reservation: the check and the grant are one step even
+//     for a driver that locks nothing (NopDriver).
 //
 // Driver calls are made without mu held, so a slow driver never blocks
 // calls about other objects. Calls about one object are serialised by the
@@ -49,6 +53,13 @@ type Manager struct {
 	mu      sync.Mutex
 	objects map[string]*object // by UUID
 	held    map[string]*heldResource
+	pending map[string][]reservation // keys whose grant is in flight
+}
+
+// reservation is a key being granted to ob in mode.
+type reservation struct {
+	ob   *object
+	mode Mode
 }
 
 type object struct {
@@ -81,7 +92,7 @@ func NewManager(d Driver, opt Options) *Manager {
 		now = time.Now
 	}
 	return &Manager{driver: d, now: now, obs: opt.Observer,
-		objects: make(map[string]*object), held: make(map[string]*heldResource)}
+		objects: make(map[string]*object), held: make(map[string]*heldResource), pending: make(map[string][]reservation)}
 }
 
 // Driver returns the Manager's driver.
@@ -233,9 +244,11 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 			continue
 		}
 		if err := m.conflictLocked(ob, u.res); err != nil {
+			m.unreserveLocked(ob, locked)
 			m.mu.Unlock()
 			return err
 		}
+		m.pending[u.res.Key()] = append(m.pending[u.res.Key()], reservation{ob, u.res.Mode})
 		h := holder
 		h.Mode = u.res.Mode
 		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.res.Key()], Holder: h})
@@ -249,11 +262,15 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		leases, err = Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, reqs) },
 			func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })
 		if err != nil {
+			m.mu.Lock()
+			m.unreserveLocked(ob, locked)
+			m.mu.Unlock()
 			return m.nameHolder(err)
 		}
 	}
 	now := m.now()
 	m.mu.Lock()
+	m.unreserveLocked(ob, locked)
 	for i, u := range locked {
 		u.lease, u.token = leases[i], leases[i].Token()
 	}
@@ -284,9 +301,28 @@ func (m *Manager) notify(ob *object) {
 	m.obs.Changed(ob.obj, ls, ro)
 }
 
-// conflictLocked returns a BusyError if another object of this Manager holds
-// r's key in a conflicting mode.
+// unreserveLocked drops ob's reservations of uses.
+func (m *Manager) unreserveLocked(ob *object, uses []*use) {
+	for _, u := range uses {
+		k := u.res.Key()
+		rs := slices.DeleteFunc(m.pending[k], func(r reservation) bool { return r.ob == ob })
+		if len(rs) == 0 {
+			delete(m.pending, k)
+		} else {
+			m.pending[k] = rs
+		}
+	}
+}
+
+// conflictLocked returns a BusyError if another object of this Manager
+// holds r's key, or is being granted it, in a conflicting mode.
 func (m *Manager) conflictLocked(ob *object, r Resource) error {
+	for _, p := range m.pending[r.Key()] {
+		if p.ob != ob && p.mode.Conflicts(r.Mode) {
+			o := p.ob.obj
+			return &BusyError{Resource: r, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: p.mode}}
+		}
+	}
 	h := m.held[r.Key()]
 	if h == nil {
 		return nil

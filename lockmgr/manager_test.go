@@ -3,8 +3,10 @@ package lockmgr
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -339,5 +341,34 @@ func TestRegisterErrors(t *testing.T) {
 	}
 	if err := m.AddResource(uuidA, DiskResource("/", Exclusive)); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("adding the same canonical resource twice: %v", err)
+	}
+}
+
+func TestConcurrentExclusiveAcquiresWithNopDriverGrantOne(t *testing.T) {
+	// NopDriver locks nothing, so only the Manager's reservation of a key
+	// during the grant keeps two objects from both getting it.
+	for round := range 200 {
+		m := NewManager(NopDriver{}, Options{})
+		const n = 4
+		uuids := make([]string, n)
+		for i := range n {
+			uuids[i] = fmt.Sprintf("cccccccc-0000-0000-0000-%012d", i)
+			register(t, m, uuids[i], "vm", DiskResource("/img/contended", Exclusive))
+		}
+		var wg sync.WaitGroup
+		var granted atomic.Int32
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if m.Acquire(context.Background(), uuids[i], "") == nil {
+					granted.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		if g := granted.Load(); g != 1 {
+			t.Fatalf("round %d: %d objects were granted one exclusive disk", round, g)
+		}
 	}
 }
