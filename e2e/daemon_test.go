@@ -74,13 +74,23 @@ func TestKill9OfTheHolderFreesItsLock(t *testing.T) {
 	}
 }
 
-func TestCrashOfVmlockdKeepsEveryLock(t *testing.T) {
+func TestStopOrCrashOfVmlockdKeepsEveryLock(t *testing.T) {
+	for _, how := range []string{"SIGKILL", "SIGTERM"} {
+		t.Run(how, func(t *testing.T) { testDownKeepsLocks(t, how) })
+	}
+}
+
+func testDownKeepsLocks(t *testing.T, how string) {
 	d := startDaemon(t)
 	disk := image(t, "a.img")
 	shared := image(t, "s.img")
 	holder := d.startRun("web1", "--disk", disk, "--disk", shared+":shared")
 
-	d.kill9()
+	if how == "SIGKILL" {
+		d.kill9()
+	} else {
+		d.stop()
+	}
 	// While vmlockd is down, nobody can take the disk.
 	for i := 0; i < 20; i++ {
 		if probeFree(t, disk) {
@@ -246,6 +256,33 @@ func TestRevokeKillsTheHolderAndFreesTheLock(t *testing.T) {
 				t.Fatal("the disk is still locked after revoke returned")
 			}
 		})
+	}
+}
+
+func TestRevokeRunsTheConfiguredKillCommand(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "killed-by-command")
+	conf := filepath.Join(dir, "vmlockd.toml")
+	// The kill command records its arguments, then kills the holder itself.
+	os.WriteFile(conf, []byte(fmt.Sprintf(`[revoke]
+grace = "5s"
+kill_command = ["sh", "-c", "echo $0 $1 > %s; kill -KILL $0", "{pid}", "{name}"]
+`, marker)), 0o644)
+	d := startDaemon(t, "--config", conf)
+	disk := image(t, "a.img")
+	holder := d.startRun("victim", "--disk", disk)
+	if r := d.vmlock("revoke", disk); r.code != 0 {
+		t.Fatalf("revoke: exit %d: %s", r.code, r.stderr)
+	}
+	b, err := os.ReadFile(marker)
+	if err != nil {
+		t.Fatalf("the kill command did not run: %v", err)
+	}
+	if got, want := strings.TrimSpace(string(b)), fmt.Sprintf("%d victim", holder.Process.Pid); got != want {
+		t.Fatalf("kill command got %q, want %q", got, want)
+	}
+	if !probeFree(t, disk) {
+		t.Fatal("the disk is still locked after revoke returned")
 	}
 }
 
