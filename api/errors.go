@@ -112,8 +112,9 @@ func FromStatus(err error) error {
 			if r != info.Reason {
 				continue
 			}
-			switch c {
-			case lockmgr.CodeBusy:
+			_, structured := md["resource_type"]
+			switch {
+			case c == lockmgr.CodeBusy && structured:
 				pid, _ := strconv.Atoi(md["holder_pid"])
 				mode, _ := lockmgr.ParseMode(md["holder_mode"])
 				since, _ := time.Parse(time.RFC3339Nano, md["holder_since"])
@@ -121,7 +122,7 @@ func FromStatus(err error) error {
 				return &lockmgr.BusyError{Resource: getResource(md), Holder: lockmgr.Holder{
 					Name: md["holder_name"], UUID: md["holder_uuid"], PID: pid, Host: md["holder_host"],
 					Mode: mode, Since: since, Foreign: foreign}}
-			case lockmgr.CodeStaleState:
+			case c == lockmgr.CodeStaleState && structured:
 				want, _ := strconv.ParseUint(md["want"], 10, 64)
 				cur, _ := strconv.ParseUint(md["current"], 10, 64)
 				return &lockmgr.StaleStateError{Resource: getResource(md), Want: want, Current: cur}

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+func TestSplitMode(t *testing.T) {
+	cases := []struct {
+		in   string
+		path string
+		mode lockmgr.Mode
+	}{
+		{"/a.img", "/a.img", lockmgr.Exclusive},
+		{"/a.img:shared", "/a.img", lockmgr.Shared},
+		{"/a.img:readonly", "/a.img", lockmgr.ReadOnly},
+		{"/a:b.img", "/a:b.img", lockmgr.Exclusive}, // a colon in a path is not a mode
+		{"/a:b.img:shared", "/a:b.img", lockmgr.Shared},
+	}
+	for _, c := range cases {
+		p, m := splitMode(c.in)
+		if p != c.path || m != c.mode {
+			t.Errorf("splitMode(%q) = %q, %v; want %q, %v", c.in, p, m, c.path, c.mode)
+		}
+	}
+}
+
+func TestParseHoldSpecs(t *testing.T) {
+	req, err := parseHoldSpecs([]string{"node/n1", "instance/b:shared", "instance/a:shared", "node/n1", "network/*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(req.Levels) != 3 {
+		t.Fatalf("levels = %v", req.Levels)
+	}
+	if l := req.Levels[0]; l.Level != "node" || len(l.Names) != 1 || l.Shared {
+		t.Errorf("node level = %v (duplicates must collapse)", l)
+	}
+	if l := req.Levels[1]; l.Level != "instance" || !l.Shared || len(l.Names) != 2 {
+		t.Errorf("instance level = %v", l)
+	}
+	if l := req.Levels[2]; !l.All || len(l.Names) != 0 {
+		t.Errorf("network level = %v", l)
+	}
+	for _, bad := range [][]string{{"node"}, {"/n1"}, {"node/"}, {"node/a", "node/b:shared"}, {"node/*", "node/a"}} {
+		_, err := parseHoldSpecs(bad)
+		var ue usageError
+		if !errors.As(err, &ue) {
+			t.Errorf("parseHoldSpecs(%q) = %v, want a usage error", bad, err)
+		}
+	}
+}
+
+func TestParseResource(t *testing.T) {
+	cases := map[string]lockmgr.Resource{
+		"/x/a.img":       lockmgr.DiskResource("/x/a.img", lockmgr.Exclusive),
+		"disk:/x/a.img":  lockmgr.DiskResource("/x/a.img", lockmgr.Exclusive),
+		"lease:ls/k":     lockmgr.LeaseResource("ls", "k", lockmgr.Exclusive),
+		"vnc-port:5901":  {Type: "vnc-port", Name: "5901"},
+		"relative/a.img": lockmgr.DiskResource("relative/a.img", lockmgr.Exclusive),
+		"./relative.img": lockmgr.DiskResource("./relative.img", lockmgr.Exclusive),
+	}
+	for in, want := range cases {
+		got, err := parseResource(in)
+		if err != nil || got != want {
+			t.Errorf("parseResource(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	if _, err := parseResource("lease:nokey"); !errors.Is(err, lockmgr.ErrInvalidArgument) {
+		t.Errorf("parseResource(lease without key) = %v", err)
+	}
+}
