@@ -233,8 +233,10 @@ func TestActiveCommitAbort(t *testing.T) {
 	if !job.WasReady() {
 		t.Fatal("WasReady false")
 	}
-	if st := job.Status(); st != JobNull {
-		t.Fatalf("status %s, want null (auto-dismissed)", st)
+	// BLOCK_JOB_COMPLETED comes before the last status change (concluded,
+	// then null once auto-dismissed): wait for it rather than race it.
+	if _, err := job.WaitStatus(ctx, JobNull); err != nil {
+		t.Fatalf("the job never reached null (auto-dismissed): %v; status %s", err, job.Status())
 	}
 	if n := exportedNode(t, c); n != "top" {
 		t.Fatalf("export serves %q after abort, want top", n)
