@@ -1,0 +1,75 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "vmlockd.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestConfigFileIsReadWhole(t *testing.T) {
+	c, err := loadConfig(writeConfig(t, `
+socket = "/run/x/vmlockd.sock"
+socket_group = "kvm"
+state_dir = "/var/lib/x"
+driver = "nop"
+host = "h1"
+request_timeout = "3s"
+[revoke]
+grace = "2s"
+kill_command = ["virsh", "destroy", "{uuid}"]
+[lockspace]
+lease_dir = "/srv/leases"
+disk_lease_dir = "/srv/leases/disks"
+[[hierlock.levels]]
+name = "cluster"
+members = ["BGL"]
+[[hierlock.levels]]
+name = "vm"
+modifiable = true
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Socket != "/run/x/vmlockd.sock" || c.SocketGroup != "kvm" || c.Driver != "nop" || c.Host != "h1" ||
+		c.RequestTimeout.Duration != 3*time.Second || c.Revoke.Grace.Duration != 2*time.Second ||
+		len(c.Revoke.KillCommand) != 3 || c.Lockspace.DiskLeaseDir != "/srv/leases/disks" {
+		t.Fatalf("config = %+v", c)
+	}
+	levels := c.hierLevels()
+	if len(levels) != 2 || levels[1].Name != "vm" || !levels[1].Modifiable || levels[0].Members[0] != "BGL" {
+		t.Fatalf("levels = %+v", levels)
+	}
+}
+
+func TestConfigErrorsNameTheProblem(t *testing.T) {
+	cases := []struct{ name, body, want string }{
+		{"unknown key", `sockett = "/x"`, "unknown key(s): sockett"},
+		{"unknown nested key", "[revoke]\ngrase = \"1s\"", "revoke.grase"},
+		{"unknown driver", `driver = "zookeeper"`, `driver "zookeeper"`},
+		{"relative state dir", `state_dir = "var/lib"`, "state_dir must be an absolute path"},
+		{"bad duration", `request_timeout = "soon"`, "soon"},
+		{"negative duration", "[revoke]\ngrace = \"-1s\"", "negative"},
+		{"long socket path", `socket = "/` + strings.Repeat("s", 120) + `"`, "too long for a unix socket"},
+		{"bad levels", "[[hierlock.levels]]\nname = \"a/b\"", "hierlock.levels"},
+		{"not TOML", "socket = ", "vmlockd.toml"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := loadConfig(writeConfig(t, c.body))
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("loadConfig: %v, want an error mentioning %q", err, c.want)
+			}
+		})
+	}
+}
