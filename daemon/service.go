@@ -204,7 +204,7 @@ func (s *service) Status(ctx context.Context, _ *vmlockpb.StatusRequest) (*vmloc
 	d := s.d
 	return &vmlockpb.StatusReply{
 		Version: d.cfg.Version, Driver: d.cfg.Driver.Name(), UptimeSeconds: time.Since(d.started).Seconds(),
-		Objects: int64(len(d.mgr.Objects())), Locks: int64(d.mgr.HeldCount()), Pid: int64(os.Getpid()),
+		Objects: int64(d.mgr.ObjectCount()), Locks: int64(d.mgr.HeldCount()), Pid: int64(os.Getpid()),
 		Host: d.cfg.Host, StateDir: d.cfg.StateDir, StartedUnixNano: d.started.UnixNano(), Reloads: int64(d.reloads),
 	}, nil
 }

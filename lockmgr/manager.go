@@ -570,6 +570,13 @@ func (m *Manager) Locks() []LockInfo {
 	return out
 }
 
+// ObjectCount returns the number of registered objects.
+func (m *Manager) ObjectCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.objects)
+}
+
 // HeldCount returns the number of resources held.
 func (m *Manager) HeldCount() int {
 	m.mu.Lock()

@@ -209,8 +209,13 @@ func benchDaemon(ctx context.Context, n int, dur time.Duration) error {
 			failed = err
 		}
 	}
-	fmt.Fprintf(os.Stderr, "bench daemon: %d interleaved iterations of acquire+release and unix round trip\n", n)
-	s := bench.Interleave(n/10, n, pair, echo.roundTrip)
+	status := func() {
+		if _, err := c.Status(ctx); err != nil && failed == nil {
+			failed = err
+		}
+	}
+	fmt.Fprintf(os.Stderr, "bench daemon: %d interleaved iterations of acquire+release, a unix round trip, and an empty API call\n", n)
+	s := bench.Interleave(n/10, n, pair, echo.roundTrip, status)
 	if failed != nil {
 		return failed
 	}
@@ -224,6 +229,9 @@ func benchDaemon(ctx context.Context, n int, dur time.Duration) error {
 	r.Metric("acquire_release_p99_us", ar99)
 	r.Metric("unix_rtt_p50_us", rtt50)
 	r.Metric("unix_rtt_p99_us", rtt99)
+	// The cost of the RPC framework alone: an API call that does nothing.
+	r.Metric("empty_api_call_p50_us", bench.Micros(s[2].Percentile(50)))
+	r.Metric("empty_api_call_vs_unix_rtt", bench.Micros(s[2].Percentile(50))/rtt50)
 
 	fmt.Fprintf(os.Stderr, "bench daemon: 8 clients for %v\n", dur)
 	pps, err := throughput(ctx, e, 8, dur)
