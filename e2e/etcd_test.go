@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -284,105 +283,13 @@ func TestEtcdTakeoverAfterTheHolderHostIsKilled(t *testing.T) {
 	t.Logf("takeover: h2 granted the disk %v after h1 was killed (TTL %v; %.2f × TTL; goal ≤ TTL + 1 s)", took.Round(time.Millisecond), ttl, took.Seconds()/ttl.Seconds())
 }
 
-// tcpProxy forwards TCP to one etcd member until the test blocks it: then it
-// stops forwarding but keeps the connections open, as a partition does.
-type tcpProxy struct {
-	ln     net.Listener
-	target string
-
-	mu      sync.Mutex
-	cond    *sync.Cond
-	blocked bool
-	closed  bool
-	conns   []net.Conn
-}
-
-func newProxy(t *testing.T, target string) *tcpProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &tcpProxy{ln: ln, target: strings.TrimPrefix(target, "http://")}
-	p.cond = sync.NewCond(&p.mu)
-	go p.serve()
-	t.Cleanup(p.close)
-	return p
-}
-
-func (p *tcpProxy) addr() string { return "http://" + p.ln.Addr().String() }
-
-func (p *tcpProxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		s, err := net.Dial("tcp", p.target)
-		if err != nil {
-			c.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns = append(p.conns, c, s)
-		p.mu.Unlock()
-		go p.pipe(s, c)
-		go p.pipe(c, s)
-	}
-}
-
-func (p *tcpProxy) pipe(dst, src net.Conn) {
-	defer dst.Close()
-	defer src.Close()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			p.mu.Lock()
-			for p.blocked && !p.closed {
-				p.cond.Wait()
-			}
-			closed := p.closed
-			p.mu.Unlock()
-			if closed {
-				return
-			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
-func (p *tcpProxy) setBlocked(b bool) {
-	p.mu.Lock()
-	p.blocked = b
-	p.cond.Broadcast()
-	p.mu.Unlock()
-}
-
-func (p *tcpProxy) close() {
-	p.ln.Close()
-	p.mu.Lock()
-	p.closed = true
-	p.cond.Broadcast()
-	conns := p.conns
-	p.mu.Unlock()
-	for _, c := range conns {
-		c.Close()
-	}
-}
-
 // etcdLink is one host's way to etcd: a proxy per member.
-type etcdLink []*tcpProxy
+type etcdLink []*etcdtest.Proxy
 
 func newLink(t *testing.T, c *etcdtest.Cluster) etcdLink {
 	var l etcdLink
 	for _, ep := range c.Endpoints() {
-		l = append(l, newProxy(t, ep))
+		l = append(l, etcdtest.NewProxy(t, ep))
 	}
 	return l
 }
@@ -390,14 +297,14 @@ func newLink(t *testing.T, c *etcdtest.Cluster) etcdLink {
 func (l etcdLink) endpoints() []string {
 	var out []string
 	for _, p := range l {
-		out = append(out, p.addr())
+		out = append(out, p.URL())
 	}
 	return out
 }
 
 func (l etcdLink) cut(b bool) {
 	for _, p := range l {
-		p.setBlocked(b)
+		p.SetBlocked(b)
 	}
 }
 

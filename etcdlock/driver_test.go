@@ -359,13 +359,13 @@ func TestReattachKeepsLocks(t *testing.T) {
 func TestSelfFencingBeforeTakeover(t *testing.T) {
 	t.Parallel()
 	c := fastCluster(t)
-	p := newProxy(t, strings.TrimPrefix(c.Endpoints()[0], "http://"))
+	p := etcdtest.NewProxy(t, strings.TrimPrefix(c.Endpoints()[0], "http://"))
 	raw := rawClient(t, c.Endpoints())
 
 	var mu sync.Mutex
 	var fencedAt time.Time
 	var reason string
-	cfgA := hostConfig([]string{p.addr()}, "host-a")
+	cfgA := hostConfig([]string{p.URL()}, "host-a")
 	cfgA.TTL, cfgA.FenceMargin, cfgA.OpTimeout = 3*time.Second, time.Second, time.Second
 	cfgA.OnFence = func(r string) {
 		mu.Lock()
@@ -396,7 +396,7 @@ func TestSelfFencingBeforeTakeover(t *testing.T) {
 		}
 	}()
 
-	p.block()
+	p.SetBlocked(true)
 	// A lost etcd is a timeout within the caller's deadline.
 	_, err := a.Acquire(ctxT(t, 300*time.Millisecond), []lockmgr.Request{req("/img/g", lockmgr.Exclusive, uuidA)})
 	if lockmgr.CodeOf(err) != lockmgr.CodeTimeout {
@@ -435,7 +435,7 @@ func TestSelfFencingBeforeTakeover(t *testing.T) {
 		t.Fatalf("release of a lease lost by fencing: %v", err)
 	}
 
-	p.unblock()
+	p.SetBlocked(false)
 	eventually(t, 20*time.Second, "a new session", func() bool { return !a.Fenced() })
 	mustAcquire(t, a, req("/img/g", lockmgr.Exclusive, uuidA))
 	_, err = a.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/f", lockmgr.Exclusive, uuidA)})

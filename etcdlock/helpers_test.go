@@ -4,9 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -118,105 +116,6 @@ func wantBusy(t *testing.T, err error, path, host, uuid string, mode lockmgr.Mod
 	}
 	if lockmgr.CodeOf(err) != lockmgr.CodeBusy {
 		t.Fatalf("code of %v is %v", err, lockmgr.CodeOf(err))
-	}
-}
-
-// proxy is a TCP proxy whose forwarding the test can stop, to cut a host
-// off from etcd without closing its connections (as a network partition
-// does).
-type proxy struct {
-	ln     net.Listener
-	target string
-
-	mu      sync.Mutex
-	cond    *sync.Cond
-	blocked bool
-	closed  bool
-	conns   []net.Conn
-}
-
-func newProxy(t *testing.T, target string) *proxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{ln: ln, target: target}
-	p.cond = sync.NewCond(&p.mu)
-	go p.serve()
-	t.Cleanup(p.close)
-	return p
-}
-
-func (p *proxy) addr() string { return "http://" + p.ln.Addr().String() }
-
-func (p *proxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		s, err := net.Dial("tcp", p.target)
-		if err != nil {
-			c.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns = append(p.conns, c, s)
-		p.mu.Unlock()
-		go p.pipe(s, c)
-		go p.pipe(c, s)
-	}
-}
-
-func (p *proxy) pipe(dst, src net.Conn) {
-	defer dst.Close()
-	defer src.Close()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			p.mu.Lock()
-			for p.blocked && !p.closed {
-				p.cond.Wait()
-			}
-			closed := p.closed
-			p.mu.Unlock()
-			if closed {
-				return
-			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
-func (p *proxy) block() {
-	p.mu.Lock()
-	p.blocked = true
-	p.mu.Unlock()
-}
-
-func (p *proxy) unblock() {
-	p.mu.Lock()
-	p.blocked = false
-	p.cond.Broadcast()
-	p.mu.Unlock()
-}
-
-func (p *proxy) close() {
-	p.ln.Close()
-	p.mu.Lock()
-	p.closed = true
-	p.cond.Broadcast()
-	conns := p.conns
-	p.mu.Unlock()
-	for _, c := range conns {
-		c.Close()
 	}
 }
 

@@ -235,7 +235,6 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 	if len(todo) == 0 {
 		return nil
 	}
-	holder := Holder{Name: ob.obj.Name, UUID: ob.obj.UUID, PID: ob.obj.PID, Host: ob.obj.Host}
 	var reqs []Request
 	var locked []*use
 	m.mu.Lock()
@@ -249,9 +248,7 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 			return err
 		}
 		m.pending[u.res.Key()] = append(m.pending[u.res.Key()], reservation{ob, u.res.Mode})
-		h := holder
-		h.Mode = u.res.Mode
-		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.res.Key()], Holder: h})
+		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.res.Key()], Holder: holderOf(ob.obj, u.res.Mode, time.Time{})})
 		locked = append(locked, u)
 	}
 	m.mu.Unlock()
@@ -314,13 +311,18 @@ func (m *Manager) unreserveLocked(ob *object, uses []*use) {
 	}
 }
 
+// holderOf describes o holding (or being granted) a resource in mode m.
+func holderOf(o Object, m Mode, since time.Time) Holder {
+	return Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: m, Since: since}
+}
+
 // conflictLocked returns a BusyError if another object of this Manager
 // holds r's key, or is being granted it, in a conflicting mode.
 func (m *Manager) conflictLocked(ob *object, r Resource) error {
 	for _, p := range m.pending[r.Key()] {
 		if p.ob != ob && p.mode.Conflicts(r.Mode) {
 			o := p.ob.obj
-			return &BusyError{Resource: r, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: p.mode}}
+			return &BusyError{Resource: r, Holder: holderOf(o, p.mode, time.Time{})}
 		}
 	}
 	h := m.held[r.Key()]
@@ -330,7 +332,7 @@ func (m *Manager) conflictLocked(ob *object, r Resource) error {
 	for id, u := range h.holders {
 		if id != ob.obj.UUID && u.res.Mode.Conflicts(r.Mode) {
 			o := h.objs[id].obj
-			return &BusyError{Resource: r, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since}}
+			return &BusyError{Resource: r, Holder: holderOf(o, u.res.Mode, u.since)}
 		}
 	}
 	return nil
@@ -350,7 +352,7 @@ func (m *Manager) nameHolder(err error) error {
 		for id, u := range h.holders {
 			if u.res.Mode != ReadOnly {
 				o := h.objs[id].obj
-				return &BusyError{Resource: be.Resource, Holder: Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since}}
+				return &BusyError{Resource: be.Resource, Holder: holderOf(o, u.res.Mode, u.since)}
 			}
 		}
 	}
@@ -547,7 +549,7 @@ func (m *Manager) Locks() []LockInfo {
 		li.Resource.Mode = ReadOnly
 		for id, u := range h.holders {
 			o := h.objs[id].obj
-			li.Holders = append(li.Holders, Holder{Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: u.res.Mode, Since: u.since})
+			li.Holders = append(li.Holders, holderOf(o, u.res.Mode, u.since))
 			if u.res.Mode < li.Resource.Mode {
 				li.Resource.Mode = u.res.Mode
 			}

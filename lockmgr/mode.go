@@ -1,6 +1,9 @@
 package lockmgr
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Converter is a Driver that can change the mode of a lease it granted in
 // place and atomically: at no moment is the resource unlocked, and a
@@ -69,7 +72,7 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, old, r.Mode) }, nil)
 		old = nil // converted, not to be released
 	default:
-		h := Holder{Name: ob.obj.Name, UUID: ob.obj.UUID, PID: ob.obj.PID, Host: ob.obj.Host, Mode: r.Mode}
+		h := holderOf(ob.obj, r.Mode, time.Time{})
 		var ls []Lease
 		ls, err = Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, []Request{{Resource: r, Holder: h}}) },
 			func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })

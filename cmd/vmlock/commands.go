@@ -39,6 +39,18 @@ func (g *globals) dial(ctx context.Context) (*api.Client, error) {
 	return api.Dial(ctx, g.socketPath())
 }
 
+// connect dials the daemon for one command: it returns a context bounded by
+// timeout, the client, and a function that closes both.
+func (g *globals) connect(parent context.Context, timeout time.Duration) (context.Context, *api.Client, func(), error) {
+	ctx, cancel := context.WithTimeout(parent, timeout)
+	c, err := g.dial(ctx)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return ctx, c, func() { c.Close(); cancel() }, nil
+}
+
 func (g *globals) json() (bool, error) {
 	switch g.output {
 	case "table", "":
@@ -138,13 +150,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			st, err := c.Status(ctx)
 			if err != nil {
 				return err
@@ -186,13 +196,11 @@ func newLocksCmd(g *globals) *cobra.Command {
 			if !ok {
 				return usageError{fmt.Errorf("--sort %q: want resource, age, token or holder", sortBy)}
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			locks, err := c.Locks(ctx)
 			if err != nil {
 				return err
@@ -345,13 +353,11 @@ func newAcquireCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			st, err := c.Acquire(ctx, of.object(), rs, state)
 			if err != nil {
 				return err
@@ -381,13 +387,11 @@ func newReleaseCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			st, err := c.Release(ctx, uuid, rs...)
 			if err != nil {
 				return err
@@ -411,13 +415,11 @@ func newInquireCmd(g *globals) *cobra.Command {
 			if uuid == "" {
 				return usageError{fmt.Errorf("--uuid is required")}
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			st, err := c.Inquire(ctx, uuid)
 			if err != nil {
 				return err
@@ -507,13 +509,11 @@ func newRevokeCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout+grace)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout+grace)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			pids, err := c.Revoke(ctx, r, grace)
 			if err != nil {
 				return err
@@ -533,13 +533,11 @@ func newDaemonCmd(g *globals) *cobra.Command {
 		Short: "re-execute vmlockd in place; every lock stays held",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			before, err := c.Status(ctx)
 			if err != nil {
 				return err

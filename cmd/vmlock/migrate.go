@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -38,13 +37,11 @@ func newMigrateCmd(g *globals) *cobra.Command {
 			if uuid == "" || to == "" {
 				return usageError{fmt.Errorf("--uuid and --to are required")}
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			st, err := c.MigratePrepare(ctx, uuid, to)
 			if err != nil {
 				return err
@@ -74,13 +71,11 @@ within the daemon's request timeout.`,
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			c, err := g.dial(ctx)
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer done()
 			res, err := c.MigrateComplete(ctx, cuuid, cancelFlag)
 			if err != nil {
 				return err

@@ -100,13 +100,11 @@ func runQEMU(cmd *cobra.Command, g *globals, of *objectFlags, rf *resourceFlags,
 
 // call runs f with a connection to the daemon and a call deadline.
 func (g *globals) call(cmd *cobra.Command, f func(ctx context.Context, c *api.Client) error) error {
-	ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-	defer cancel()
-	c, err := g.dial(ctx)
+	ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer done()
 	return f(ctx, c)
 }
 
