@@ -273,18 +273,29 @@ func hierJSON(rep *vmlockpb.HierMonitorReply) []hierLockRow {
 	return rows
 }
 
-// printHier prints the hierarchical locks as Ganeti's gnt-debug locks does.
+// printHier prints the hierarchical locks that are held or awaited, as
+// Ganeti's gnt-debug locks does; idle ones are only counted (-o json lists
+// them all).
 func printHier(w io.Writer, rep *vmlockpb.HierMonitorReply) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "HIERARCHICAL LOCK\tMODE\tOWNERS\tPENDING")
+	idle := 0
 	for _, l := range rep.Locks {
+		if len(l.Owners) == 0 && len(l.Pending) == 0 {
+			idle++
+			continue
+		}
 		var pend []string
 		for _, p := range l.Pending {
 			pend = append(pend, fmt.Sprintf("%s:%s", p.Mode, strings.Join(p.Owners, ",")))
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", l.Name, l.Mode, orDash(strings.Join(l.Owners, ",")), orDash(strings.Join(pend, " ")))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(w, "(%d idle hierarchical locks not shown)\n", idle)
+	return err
 }
 
 func orDash(s string) string { return cmp.Or(s, "-") }
