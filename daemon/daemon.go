@@ -99,6 +99,9 @@ type Config struct {
 	// HierLevels are the levels of the hierarchical locks served to
 	// clients; nil means hierlock.DefaultLevels().
 	HierLevels []hierlock.LevelConfig
+	// Libvirt, if set, also serves the lock table over virtlockd's protocol
+	// for libvirt's lockd plugin (libvirt.go).
+	Libvirt *LibvirtConfig
 }
 
 func (c *Config) setDefaults() error {
@@ -156,6 +159,7 @@ type Daemon struct {
 	procs  map[int]*processRefs // by pid
 
 	hier *hierService
+	lv   *libvirtEndpoint // the libvirt drop-in, or nil (libvirt.go)
 }
 
 // owner is the daemon's record of an object beyond the lock table.
@@ -257,6 +261,12 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 		d.lockF.Close()
 		return nil, err
 	}
+	if err := d.listenLibvirt(ctx); err != nil {
+		d.ln.Close()
+		d.holder.Close()
+		d.lockF.Close()
+		return nil, err
+	}
 	return d, nil
 }
 
@@ -344,8 +354,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for _, register := range d.services() {
 		register(d.srv)
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- d.srv.Serve(d.ln) }()
+	stopLibvirt := d.serveLibvirt(errc)
+	defer stopLibvirt()
 	d.log.Info("vmlockd serving", "socket", d.ln.Addr().String(), "driver", d.cfg.Driver.Name(),
 		"state_dir", d.cfg.StateDir, "objects", len(d.mgr.Objects()), "pid", os.Getpid())
 	sdNotify("READY=1\nSTATUS=serving\nMAINPID=" + strconv.Itoa(os.Getpid()))
@@ -367,6 +379,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("reload: keeping the listening socket: %w", err)
 		}
 		d.inheritLn = f
+		if err := d.keepLibvirtListener(); err != nil {
+			return err
+		}
 	}
 	stopped := make(chan struct{})
 	go func() { d.srv.GracefulStop(); close(stopped) }()
@@ -375,6 +390,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	case <-time.After(d.cfg.RequestTimeout):
 		d.srv.Stop()
 	}
+	stopLibvirt() // before the holder closes: its calls record grants there
 	// Owner watches end with the process image: nothing is released.
 	d.holder.Close()
 	return result

@@ -387,13 +387,10 @@ func (m *Manager) dropHeldLocked(ob *object, u *use) {
 // object stays registered with its resources, so that Acquire takes them
 // again (a paused VM that resumes).
 func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string, error) {
-	var key string
 	if r != nil {
-		c, err := Canonical(*r)
-		if err != nil {
+		if err := r.Validate(); err != nil {
 			return "", err
 		}
-		key = c.Key()
 	}
 	ob, err := m.lookup(uuid)
 	if err != nil {
@@ -402,7 +399,16 @@ func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string
 	defer ob.op.Unlock()
 	var rel []*use
 	if r != nil {
-		u := ob.find(key)
+		// Callers usually give back the canonical name they were granted:
+		// look it up as given first, and resolve the path only if needed.
+		u := ob.find(r.Key())
+		if u == nil {
+			c, err := Canonical(*r)
+			if err != nil {
+				return "", err
+			}
+			u = ob.find(c.Key())
+		}
 		if u == nil {
 			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not used by object " + ob.obj.UUID}
 		}

@@ -15,6 +15,7 @@ func newBenchCmd() *cobra.Command {
 		newBenchDriverCmd,
 		newBenchHierlockCmd,
 		newBenchBlockjobCmd,
+		newBenchLibvirtCmd,
 	} {
 		c.AddCommand(sub())
 	}

@@ -28,6 +28,13 @@ type Config struct {
 	LogLevel       string   `toml:"log_level"`
 	LogFormat      string   `toml:"log_format"`
 
+	// LibvirtSocket, if set, serves virtlockd's protocol there for libvirt's
+	// lockd plugin (libvirt uses /run/libvirt/virtlockd-sock); off if empty.
+	LibvirtSocket string `toml:"libvirt_socket"`
+	// LibvirtLockspaceDirs are lockspace directories served from the start
+	// (qemu-lockd.conf's file_lockspace_dir and its lvm/scsi peers).
+	LibvirtLockspaceDirs []string `toml:"libvirt_lockspace_dirs"`
+
 	Revoke struct {
 		Grace       Duration `toml:"grace"`
 		KillCommand []string `toml:"kill_command"`
@@ -144,6 +151,21 @@ func (c *Config) validate() error {
 	}
 	if len(c.Socket) >= 108 {
 		return fmt.Errorf("socket path %q is too long for a unix socket (at most 107 bytes)", c.Socket)
+	}
+	return c.validateLibvirt()
+}
+
+func (c *Config) validateLibvirt() error {
+	if c.LibvirtSocket != "" && (!filepath.IsAbs(c.LibvirtSocket) || len(c.LibvirtSocket) >= 108) {
+		return fmt.Errorf("libvirt_socket %q: want an absolute path of at most 107 bytes (libvirt uses /run/libvirt/virtlockd-sock)", c.LibvirtSocket)
+	}
+	for _, d := range c.LibvirtLockspaceDirs {
+		if !filepath.IsAbs(d) {
+			return fmt.Errorf("libvirt_lockspace_dirs: %q is not an absolute path", d)
+		}
+	}
+	if len(c.LibvirtLockspaceDirs) > 0 && c.LibvirtSocket == "" {
+		return errors.New("libvirt_lockspace_dirs is set but libvirt_socket is not: the libvirt drop-in is off")
 	}
 	return nil
 }

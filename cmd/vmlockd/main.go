@@ -32,9 +32,10 @@ var version = "dev"
 
 // Environment variables that carry descriptors across a reload's exec.
 const (
-	envListenFD = "VMLOCKD_LISTEN_FD"
-	envLockFD   = "VMLOCKD_LOCK_FD"
-	envReloads  = "VMLOCKD_RELOADS"
+	envListenFD  = "VMLOCKD_LISTEN_FD"
+	envLockFD    = "VMLOCKD_LOCK_FD"
+	envReloads   = "VMLOCKD_RELOADS"
+	envLibvirtFD = "VMLOCKD_LIBVIRT_FD"
 )
 
 func main() {
@@ -75,6 +76,7 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&flags.SocketGroup, "socket-group", "", "group whose members may use the API besides root")
 	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error")
 	f.StringVar(&flags.Lockspace.DiskLeaseDir, "disk-lease-dir", "", "lockspace driver: take indirect disk leases in this directory instead of locking images directly")
+	f.StringVar(&flags.LibvirtSocket, "libvirt-socket", "", "serve virtlockd's protocol for libvirt's lockd plugin on this socket (libvirt uses /run/libvirt/virtlockd-sock); off if empty")
 
 	holder := &cobra.Command{
 		Use:    "lock-holder",
@@ -109,6 +111,7 @@ func override(cmd *cobra.Command, c, f *Config) {
 	set("socket-group", &c.SocketGroup, f.SocketGroup)
 	set("log-level", &c.LogLevel, f.LogLevel)
 	set("disk-lease-dir", &c.Lockspace.DiskLeaseDir, f.Lockspace.DiskLeaseDir)
+	set("libvirt-socket", &c.LibvirtSocket, f.LibvirtSocket)
 }
 
 func newLogger(c Config) *slog.Logger {
@@ -168,6 +171,9 @@ func serve(c Config) error {
 	}
 	if isCluster(drv) {
 		dcfg.Fencer = fencer
+	}
+	if dcfg.Libvirt, err = libvirtConfig(c); err != nil {
+		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -255,5 +261,49 @@ func reexec(exe string, d *daemon.Daemon, reloads int) error {
 		envListenFD+"="+strconv.Itoa(int(lf.Fd())),
 		envLockFD+"="+strconv.Itoa(int(lockF.Fd())),
 		envReloads+"="+strconv.Itoa(reloads))
+	if lv := d.InheritedLibvirtListener(); lv != nil {
+		if _, err := unix.FcntlInt(lv.Fd(), unix.F_SETFD, 0); err != nil {
+			return err
+		}
+		env = append(env, envLibvirtFD+"="+strconv.Itoa(int(lv.Fd())))
+	}
 	return syscall.Exec(exe, os.Args, env)
+}
+
+// libvirtConfig returns the libvirt drop-in's configuration, with the
+// listening socket inherited across a reload if there is one; nil if the
+// drop-in is off. A socket inherited while the drop-in is now off is closed.
+func libvirtConfig(c Config) (*daemon.LibvirtConfig, error) {
+	s := os.Getenv(envLibvirtFD)
+	os.Unsetenv(envLibvirtFD)
+	var ln *net.UnixListener
+	if s != "" {
+		fd, err := strconv.Atoi(s)
+		if err != nil {
+			return nil, fmt.Errorf("%s=%q: %w", envLibvirtFD, s, err)
+		}
+		f := os.NewFile(uintptr(fd), "libvirt-listener")
+		l, err := net.FileListener(f) // a duplicate: f is closed below
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("inherited libvirt listener: %w", err)
+		}
+		ul, ok := l.(*net.UnixListener)
+		if !ok {
+			l.Close()
+			return nil, errors.New("inherited libvirt listener is not a unix socket")
+		}
+		ln = ul
+	}
+	if c.LibvirtSocket == "" {
+		if ln != nil {
+			ln.Close()
+		}
+		return nil, nil
+	}
+	if ln != nil && ln.Addr().String() != c.LibvirtSocket {
+		ln.Close() // the configured path changed across the reload
+		ln = nil
+	}
+	return &daemon.LibvirtConfig{Socket: c.LibvirtSocket, Listener: ln, Lockspaces: c.LibvirtLockspaceDirs}, nil
 }

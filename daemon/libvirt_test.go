@@ -1,0 +1,308 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
+	"github.com/vmlock/vmlock/virtlockd"
+)
+
+// lvEnv is a daemon with the libvirt drop-in, which a test can stop and
+// start again on the same state directory (the lock-holder lives on while it holds locks).
+type lvEnv struct {
+	t                          *testing.T
+	dir, state, socket, lvSock string
+	d                          *Daemon
+	cancel                     context.CancelFunc
+	done                       chan error
+	startHolder                func() error
+	holders                    sync.WaitGroup
+}
+
+func newLVEnv(t *testing.T) *lvEnv {
+	t.Helper()
+	dir := t.TempDir()
+	e := &lvEnv{t: t, dir: dir, state: filepath.Join(dir, "state"), socket: filepath.Join(dir, "api.sock"),
+		lvSock: filepath.Join(dir, "virtlockd-sock")}
+	os.MkdirAll(e.state, 0o700)
+	hctx, hcancel := context.WithCancel(context.Background())
+	// The lock-holder, in-process: it exits when its daemon is gone and it
+	// holds nothing; the next daemon starts another.
+	e.startHolder = func() error {
+		e.holders.Add(1)
+		go func() { defer e.holders.Done(); lockholder.Serve(hctx, e.state) }()
+		return nil
+	}
+	t.Cleanup(func() { e.stop(); hcancel(); e.holders.Wait() })
+	return e
+}
+
+// start creates and runs a daemon; ln, if set, is an inherited libvirt
+// listener.
+func (e *lvEnv) start(ln *net.UnixListener) {
+	e.t.Helper()
+	drv, err := lockspace.New(lockspace.Config{StateDir: e.state, LeaseDir: filepath.Join(e.state, "lockspaces")})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := New(ctx, Config{
+		Socket: e.socket, StateDir: e.state, Driver: drv, HolderCommand: e.startHolder,
+		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Libvirt: &LibvirtConfig{Socket: e.lvSock, Listener: ln},
+	}, nil)
+	if err != nil {
+		cancel()
+		e.t.Fatal(err)
+	}
+	e.d, e.cancel, e.done = d, cancel, make(chan error, 1)
+	go func() { e.done <- d.Run(ctx) }()
+}
+
+// stop stops the running daemon (gracefully: every lock stays held by
+// the lock-holder, as after a crash) and returns Run's error.
+func (e *lvEnv) stop() error {
+	if e.d == nil {
+		return nil
+	}
+	e.cancel()
+	err := <-e.done
+	e.d.lockF.Close()
+	e.d = nil
+	return err
+}
+
+func (e *lvEnv) api() *api.Client {
+	e.t.Helper()
+	c, err := api.Dial(context.Background(), e.socket)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// register dials the libvirt socket and registers a domain owned by pid.
+func (e *lvEnv) register(name string, uuidLast byte, pid int) *virtlockd.Client {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := virtlockd.Dial(ctx, e.lvSock)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	o := virtlockd.Owner{Name: name, ID: 1, PID: uint32(pid)}
+	o.UUID[0], o.UUID[15] = 0x11, uuidLast
+	if err := c.Register(ctx, o, 0); err != nil {
+		e.t.Fatal(err)
+	}
+	return c
+}
+
+// holders returns the holders of the resource named name, from the
+// native API's lock monitor.
+func holders(t *testing.T, c *api.Client, name string) []lockmgr.Holder {
+	t.Helper()
+	locks, err := c.Locks(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range locks {
+		if l.Resource.Name == name || strings.HasSuffix(l.Resource.Name, "/"+name) {
+			return l.Holders
+		}
+	}
+	return nil
+}
+
+func waitUnheld(t *testing.T, c *api.Client, name string) {
+	t.Helper()
+	for t0 := time.Now(); time.Since(t0) < 10*time.Second; time.Sleep(5 * time.Millisecond) {
+		if len(holders(t, c, name)) == 0 {
+			return
+		}
+	}
+	t.Fatalf("%s is still held", name)
+}
+
+// ownerProcess starts a process to own locks; kill ends it (and reaps it).
+func ownerProcess(t *testing.T) (pid int, kill func()) {
+	t.Helper()
+	c := exec.Command("sleep", "300")
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	kill = func() {
+		if c.ProcessState == nil {
+			c.Process.Kill()
+			c.Wait()
+		}
+	}
+	t.Cleanup(kill)
+	return c.Process.Pid, kill
+}
+
+func wantBusy(t *testing.T, err error, subs ...string) {
+	t.Helper()
+	var re *virtlockd.RemoteError
+	if !errors.As(err, &re) || re.Code != virtlockd.CodeResourceBusy || re.Domain != virtlockd.DomainLockspace {
+		t.Fatalf("got %v, want RESOURCE_BUSY (87) in domain LOCKSPACE (51)", err)
+	}
+	for _, s := range subs {
+		if !strings.Contains(re.Error(), s) {
+			t.Fatalf("busy message %q does not name %q", re.Error(), s)
+		}
+	}
+}
+
+func TestLibvirtDomainIsAnOwnerPinnedByPid(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ac := e.api()
+	disk := filepath.Join(e.dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	pid, kill := ownerProcess(t)
+	ctx := context.Background()
+
+	c := e.register("dom-a", 1, pid)
+	if err := c.AcquireResource(ctx, "", disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	hs := holders(t, ac, disk)
+	if len(hs) != 1 || hs[0].Name != "dom-a" || hs[0].PID != pid || hs[0].UUID != "11000000-0000-0000-0000-000000000001" {
+		t.Fatalf("holders of %s = %+v, want dom-a with pid %d", disk, hs, pid)
+	}
+	// The owner is the daemon's: pinned, and recorded for a crash.
+	e.d.mu.Lock()
+	ow := e.d.owners[hs[0].UUID]
+	e.d.mu.Unlock()
+	if ow == nil || ow.proc.pid != pid || ow.uid != os.Geteuid() {
+		t.Fatalf("daemon owner record = %+v, want pid %d uid %d", ow, pid, os.Geteuid())
+	}
+
+	other := e.register("dom-b", 2, sleeper(t))
+	wantBusy(t, other.AcquireResource(ctx, "", disk, 0), `"dom-a"`, "pid "+strconv.Itoa(pid))
+
+	// The connection's peer is not the owner: closing it releases nothing,
+	// but the owner's exit does, through the daemon's pid tracking.
+	c.Close()
+	time.Sleep(50 * time.Millisecond)
+	if len(holders(t, ac, disk)) != 1 {
+		t.Fatal("closing a connection whose peer is not the owner released the lock")
+	}
+	kill()
+	waitUnheld(t, ac, disk)
+	if err := other.AcquireResource(ctx, "", disk, 0); err != nil {
+		t.Fatalf("acquire after the owner exited: %v", err)
+	}
+}
+
+func TestLibvirtLocksAndLockspacesSurviveARestart(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ctx := context.Background()
+	lsDir := filepath.Join(e.dir, "leases")
+	pid, kill := ownerProcess(t)
+	c := e.register("dom-a", 1, pid)
+	if err := c.CreateLockspace(ctx, lsDir); err != nil {
+		t.Fatal(err)
+	}
+	lease := strings.Repeat("ab", 32)
+	if err := c.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	e.start(nil)
+	ac := e.api()
+	if got := e.d.lv.srv.Lockspaces(); len(got) != 2 || got[1] != lsDir {
+		t.Fatalf("lockspaces after restart = %q, want the default and %s", got, lsDir)
+	}
+	if hs := holders(t, ac, lease); len(hs) != 1 || hs[0].PID != pid || hs[0].Name != "dom-a" {
+		t.Fatalf("holders after restart = %+v, want dom-a (pid %d)", hs, pid)
+	}
+	other := e.register("dom-b", 2, sleeper(t))
+	wantBusy(t, other.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate), `"dom-a"`)
+	// QEMU's connection died with the old daemon: only pid tracking frees it.
+	kill()
+	waitUnheld(t, ac, lease)
+	if err := other.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate); err != nil {
+		t.Fatalf("acquire after the owner exited: %v", err)
+	}
+}
+
+func TestLibvirtSocketIsKeptAcrossAReload(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	e.d.Reload()
+	if err := <-e.done; !errors.Is(err, ErrReload) {
+		t.Fatalf("Run = %v, want ErrReload", err)
+	}
+	f := e.d.InheritedLibvirtListener()
+	if f == nil {
+		t.Fatal("no libvirt listener kept for the reload")
+	}
+	e.d.lockF.Close()
+	if lf, _, err := e.d.InheritedFiles(); err == nil {
+		lf.Close()
+	}
+	e.d = nil
+	// A client that connects between the two images waits in the backlog.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := virtlockd.Dial(ctx, e.lvSock)
+	if err != nil {
+		t.Fatalf("dial during the reload: %v", err)
+	}
+	defer c.Close()
+	l, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.start(l.(*net.UnixListener))
+	if err := c.CreateLockspace(ctx, filepath.Join(e.dir, "ls")); err != nil {
+		t.Fatalf("call queued across the reload: %v", err)
+	}
+}
+
+func TestLibvirtRefusesALiveSocket(t *testing.T) {
+	e := newLVEnv(t)
+	ln, err := net.Listen("unix", e.lvSock) // a running virtlockd
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	drv := lockmgr.NopDriver{}
+	_, err = New(context.Background(), Config{
+		Socket: e.socket, StateDir: e.state, Driver: drv, HolderCommand: e.startHolder,
+		Logger: slog.New(slog.DiscardHandler), Libvirt: &LibvirtConfig{Socket: e.lvSock},
+	}, nil)
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("New with a live libvirt socket = %v, want an in-use error", err)
+	}
+	// The failed start released the state directory.
+	f, err := LockStateDir(e.state)
+	if err != nil {
+		t.Fatalf("state directory still locked after a failed start: %v", err)
+	}
+	f.Close()
+}
