@@ -2,13 +2,11 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/virtlockd"
@@ -66,20 +64,7 @@ func (lo *libvirtOwners) Register(ctx context.Context, o lockmgr.Object) error {
 	if err := d.mgr.Register(o); err != nil {
 		return err
 	}
-	d.mu.Lock()
-	p, err := d.pinLocked(o.PID)
-	if err == nil {
-		// Known before the first grant, so that the observer records the
-		// owner's start time with the locks (restore checks it).
-		d.owners[o.UUID] = &owner{obj: o, uid: os.Geteuid(), proc: p, since: time.Now()}
-		d.watchLocked(o.UUID, p)
-	}
-	d.mu.Unlock()
-	if err != nil {
-		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
-		if errors.Is(err, errGone) {
-			return lockmgr.Errorf(lockmgr.CodeInvalidArgument, "domain %q (uuid %s): process %d does not exist", o.Name, o.UUID, o.PID)
-		}
+	if err := d.own(ctx, o, os.Geteuid(), nil); err != nil {
 		return err
 	}
 	d.log.Debug("libvirt: domain registered", "uuid", o.UUID, "name", o.Name, "pid", o.PID)

@@ -271,20 +271,8 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 // failure the object is forgotten again. mig, if not nil, marks it as the
 // target of a migration handover.
 func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string, mig *migration) (string, error) {
-	d.mu.Lock()
-	p, err := d.pinLocked(o.PID)
-	if err == nil {
-		// The owner is known before the first grant, so that the observer
-		// records its uid and start time with the locks.
-		d.owners[o.UUID] = &owner{obj: o, uid: c.uid, proc: p, since: time.Now(), mig: mig}
-		d.watchLocked(o.UUID, p)
-	}
-	d.mu.Unlock()
+	err := d.own(ctx, o, c.uid, mig)
 	if err != nil {
-		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
-		if errors.Is(err, errGone) {
-			err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: process %d does not exist", o.UUID, o.PID)
-		}
 		return "", err
 	}
 	for _, r := range rs {
@@ -301,6 +289,27 @@ func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs 
 	}
 	d.log.Debug("acquired", "uuid", o.UUID, "name", o.Name, "pid", o.PID, "resources", len(rs))
 	return d.mgr.Inquire(o.UUID)
+}
+
+// own ties the just-registered object o to its owner process, on behalf of
+// uid: the process is pinned by a pidfd and its exit releases o. The owner
+// is known before the first grant, so that the observer records its uid and
+// start time with the locks. On failure o is unregistered again.
+func (d *Daemon) own(ctx context.Context, o lockmgr.Object, uid int, mig *migration) error {
+	d.mu.Lock()
+	p, err := d.pinLocked(o.PID)
+	if err == nil {
+		d.owners[o.UUID] = &owner{obj: o, uid: uid, proc: p, since: time.Now(), mig: mig}
+		d.watchLocked(o.UUID, p)
+	}
+	d.mu.Unlock()
+	if err != nil {
+		_ = d.mgr.Unregister(context.WithoutCancel(ctx), o.UUID)
+		if errors.Is(err, errGone) {
+			err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s (%q): process %d does not exist", o.UUID, o.Name, o.PID)
+		}
+	}
+	return err
 }
 
 // hotplug adds resources to a registered object, all or nothing.
