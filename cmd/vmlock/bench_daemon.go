@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -372,7 +373,7 @@ func newBenchInternalCmds() []*cobra.Command {
 			}
 		},
 	}
-	var socket, state string
+	var socket, state, lvSocket, cpuProfile string
 	daemonCmd := &cobra.Command{
 		Use: "_daemon", Hidden: true, Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -380,19 +381,34 @@ func newBenchInternalCmds() []*cobra.Command {
 			if err != nil {
 				return err
 			}
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
 			drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
 			if err != nil {
 				return err
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			d, err := daemon.New(ctx, daemon.Config{
+			cfg := daemon.Config{
 				Socket: socket, StateDir: state, Driver: drv, Version: "bench",
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 				HolderCommand: func() error {
 					return lockholder.StartDetached(lockholder.Command(exe, "bench", "_holder", "--state-dir", state))
 				},
-			}, nil)
+			}
+			if lvSocket != "" {
+				cfg.Libvirt = &daemon.LibvirtConfig{Socket: lvSocket}
+			}
+			d, err := daemon.New(ctx, cfg, nil)
 			if err != nil {
 				return err
 			}
@@ -401,6 +417,8 @@ func newBenchInternalCmds() []*cobra.Command {
 	}
 	daemonCmd.Flags().StringVar(&socket, "socket", "", "")
 	daemonCmd.Flags().StringVar(&state, "state-dir", "", "")
+	daemonCmd.Flags().StringVar(&lvSocket, "libvirt-socket", "", "also serve virtlockd's protocol here")
+	daemonCmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write the daemon's CPU profile here")
 	holderCmd := &cobra.Command{
 		Use: "_holder", Hidden: true, Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

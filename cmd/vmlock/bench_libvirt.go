@@ -6,12 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,9 +18,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmlock/vmlock/bench"
-	"github.com/vmlock/vmlock/daemon"
-	"github.com/vmlock/vmlock/lockholder"
-	"github.com/vmlock/vmlock/lockspace"
 	"github.com/vmlock/vmlock/virtlockd"
 )
 
@@ -64,56 +58,6 @@ p99_vs_virtlockd (≤ 1.0; the 1-connection p99s). Progress goes to stderr.`,
 	f.DurationVar(&o.duration, "duration", 2*time.Second, "how long each daemon runs in each throughput measurement (in 4 alternating rounds)")
 	f.StringVar(&o.virtlockd, "virtlockd", "", "the virtlockd binary (default: virtlockd in $PATH or /usr/sbin)")
 	f.StringVar(&o.cpuProfile, "cpuprofile", "", "write the CPU profile of vmlockd's side to this file (go tool pprof)")
-	c.AddCommand(newBenchLibvirtDaemonCmd())
-	return c
-}
-
-// newBenchLibvirtDaemonCmd is the hidden child that runs vmlockd's daemon
-// code with the libvirt endpoint, for the benchmark to drive.
-func newBenchLibvirtDaemonCmd() *cobra.Command {
-	var socket, lvSocket, state, cpuProfile string
-	c := &cobra.Command{
-		Use: "_daemon", Hidden: true, Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			exe, err := os.Executable()
-			if err != nil {
-				return err
-			}
-			if cpuProfile != "" {
-				f, err := os.Create(cpuProfile)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return err
-				}
-				defer pprof.StopCPUProfile()
-			}
-			drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
-			if err != nil {
-				return err
-			}
-			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-			defer stop()
-			d, err := daemon.New(ctx, daemon.Config{
-				Socket: socket, StateDir: state, Driver: drv, Version: "bench",
-				Logger:  slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-				Libvirt: &daemon.LibvirtConfig{Socket: lvSocket},
-				HolderCommand: func() error {
-					return lockholder.StartDetached(lockholder.Command(exe, "bench", "_holder", "--state-dir", state))
-				},
-			}, nil)
-			if err != nil {
-				return err
-			}
-			return d.Run(ctx)
-		},
-	}
-	c.Flags().StringVar(&socket, "socket", "", "")
-	c.Flags().StringVar(&lvSocket, "libvirt-socket", "", "")
-	c.Flags().StringVar(&state, "state-dir", "", "")
-	c.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write vmlockd's CPU profile here")
 	return c
 }
 
@@ -213,7 +157,7 @@ func (e *lvBenchEnv) startVmlockd(ctx context.Context) error {
 	}
 	e.vmState = filepath.Join(e.dir, "state")
 	e.vmSock = filepath.Join(e.dir, "virtlockd-sock")
-	e.vm = exec.Command(exe, "bench", "libvirt", "_daemon", "--socket", filepath.Join(e.dir, "vmlockd.sock"),
+	e.vm = exec.Command(exe, "bench", "_daemon", "--socket", filepath.Join(e.dir, "vmlockd.sock"),
 		"--libvirt-socket", e.vmSock, "--state-dir", e.vmState, "--cpuprofile", e.cpuProfile)
 	e.vm.Stderr = os.Stderr
 	if err := e.spawn(e.vm); err != nil {
