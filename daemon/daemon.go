@@ -140,8 +140,8 @@ type Daemon struct {
 	cfg     Config
 	log     *slog.Logger
 	mgr     *lockmgr.Manager
-	holder  *lockholder.Client
-	lockF   *os.File // the state directory's lock, held while we run
+	holder  *lockholder.Client // see holderClient; replaced by resyncHolder
+	lockF   *os.File           // the state directory's lock, held while we run
 	ln      *net.UnixListener
 	srv     *grpc.Server
 	started time.Time
@@ -153,6 +153,13 @@ type Daemon struct {
 	inheritLn  *os.File // the listening socket kept for a reload
 
 	fenceMu sync.Mutex // held by restore and by fenceAll (fence.go)
+
+	// recordMu orders the lock-holder's records: every record write holds it
+	// shared, and resyncHolder holds it exclusively while it replaces a
+	// lost holder and rewrites every record, so that no older record can
+	// overwrite a newer one.
+	recordMu     sync.RWMutex
+	holderClosed bool // Run is over: the holder keeps what it has, nothing is resynced
 
 	mu     sync.Mutex
 	owners map[string]*owner    // by uuid
@@ -392,7 +399,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	stopLibvirt() // before the holder closes: its calls record grants there
 	// Owner watches end with the process image: nothing is released.
+	d.recordMu.Lock()
+	d.holderClosed = true
 	d.holder.Close()
+	d.recordMu.Unlock()
 	return result
 }
 
@@ -613,6 +623,18 @@ type observer Daemon
 
 func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) {
 	d := (*Daemon)(ob)
+	d.recordMu.RLock()
+	h := d.holder
+	err := d.writeRecord(h, o, leases, ro)
+	d.recordMu.RUnlock()
+	if err != nil {
+		d.resyncHolder(h, err)
+	}
+}
+
+// writeRecord writes o's record to h: what it holds now, with every lease
+// file attached. It returns the first error of h (the holder is gone).
+func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) error {
 	d.mu.Lock()
 	ow := d.owners[o.UUID]
 	var rec objectRecord
@@ -629,15 +651,15 @@ func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockm
 	}
 	d.mu.Unlock()
 	if len(leases) == 0 && len(ro) == 0 {
-		_ = d.holder.DropPrefix("O/" + o.UUID + "/")
 		d.setChunks(o.UUID, 0)
-		return
+		return h.DropPrefix("O/" + o.UUID + "/")
 	}
 	// Write the new records first, then drop the chunks no longer used:
 	// the holder never goes without a record of a lock that is held.
 	chunks := 0
-	for first := 0; first == 0 || first < len(leases); first += lockholder.MaxFiles {
-		part := leases[first:min(first+lockholder.MaxFiles, len(leases))]
+	var first error
+	for start := 0; start == 0 || start < len(leases); start += lockholder.MaxFiles {
+		part := leases[start:min(start+lockholder.MaxFiles, len(leases))]
 		r := rec
 		if chunks > 0 {
 			r.ReadOnly = nil
@@ -657,13 +679,12 @@ func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockm
 		}
 		b, err := json.Marshal(r)
 		if err == nil && chunks == 0 {
-			err = d.holder.PutOwned(recordKey(o.UUID, chunks), b, pidfd, files)
+			err = h.PutOwned(recordKey(o.UUID, chunks), b, pidfd, files)
 		} else if err == nil {
-			err = d.holder.Put(recordKey(o.UUID, chunks), b, files)
+			err = h.Put(recordKey(o.UUID, chunks), b, files)
 		}
-		if err != nil {
-			// The locks are held, but would not survive our crash: say so loudly.
-			d.log.Error("lock-holder: cannot record an object's locks; they will not survive a crash of vmlockd", "uuid", o.UUID, "err", err)
+		if err != nil && first == nil {
+			first = err
 		}
 		chunks++
 		if len(leases) == 0 {
@@ -671,9 +692,54 @@ func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockm
 		}
 	}
 	for c := chunks; c < prev; c++ {
-		_ = d.holder.Drop(recordKey(o.UUID, c))
+		if err := h.Drop(recordKey(o.UUID, c)); err != nil && first == nil {
+			first = err
+		}
 	}
 	d.setChunks(o.UUID, chunks)
+	return first
+}
+
+// resyncHolder replaces a lock-holder that failed (it was killed, or its
+// socket broke) while vmlockd runs: until then every lock is still held by
+// vmlockd's own descriptors, but a crash of vmlockd would lose those the
+// holder no longer keeps. It starts a new holder and records every object
+// again, with its lease files, and re-arms the fence deadline. Several
+// calls for one failure do the work once.
+func (d *Daemon) resyncHolder(failed *lockholder.Client, cause error) {
+	d.recordMu.Lock()
+	defer d.recordMu.Unlock()
+	if d.holder != failed || d.holderClosed {
+		return // replaced already (every record rewritten since), or we are stopping
+	}
+	d.log.Error("lock-holder: lost; starting a new one and recording every lock again", "err", cause)
+	start := d.cfg.HolderCommand
+	if start == nil {
+		start = func() error { return errors.New("no way to start the lock-holder configured") }
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	h, err := lockholder.Connect(ctx, d.cfg.StateDir, start)
+	if err != nil {
+		d.log.Error("lock-holder: cannot start a new one; locks will not survive a crash of vmlockd", "err", err)
+		return
+	}
+	failed.Close()
+	d.holder = h
+	if f := d.cfg.Fencer; f != nil {
+		if t := f.latest(); !t.IsZero() {
+			d.armHolderWith(h, t)
+		}
+	}
+	n := 0
+	for _, hd := range d.mgr.Holdings() {
+		if err := d.writeRecord(h, hd.Object, hd.Leases, hd.ReadOnly); err != nil {
+			d.log.Error("lock-holder: the new one failed too; locks will not survive a crash of vmlockd", "err", err)
+			return
+		}
+		n++
+	}
+	d.log.Info("lock-holder: replaced; every lock is recorded again", "objects", n)
 }
 
 func (d *Daemon) setChunks(uuid string, n int) {

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vmlock/vmlock/lockholder"
 )
 
 // Fencer connects a cluster lock driver's self-fencing (etcdlock's OnFence
@@ -70,8 +72,21 @@ func (f *Fencer) attach(d *Daemon) {
 	close(f.attached)
 }
 
+// latest returns the newest deadline announced.
+func (f *Fencer) latest() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.deadline
+}
+
 func (d *Daemon) armHolder(t time.Time) {
-	if err := d.holder.FenceAt(t); err != nil {
+	d.recordMu.RLock()
+	defer d.recordMu.RUnlock()
+	d.armHolderWith(d.holder, t)
+}
+
+func (d *Daemon) armHolderWith(h *lockholder.Client, t time.Time) {
+	if err := h.FenceAt(t); err != nil {
 		d.log.Error("lock-holder: cannot pass on the fence deadline; if vmlockd dies now, the holders of its locks are not fenced", "err", err)
 	}
 }

@@ -425,3 +425,33 @@ func TestCLIUsageAndStateRoundTrip(t *testing.T) {
 		t.Fatal("a stale acquire left the disk locked")
 	}
 }
+
+func TestLockHolderKilledWhileVmlockdRunsIsReplaced(t *testing.T) {
+	d := startDaemon(t)
+	a, b := image(t, "a.img"), image(t, "b.img")
+	holderA := d.startRun("vm-a", "--disk", a)
+	// The lock-holder dies: vmlockd still holds every lock itself...
+	d.killHolder()
+	if probeFree(t, a) {
+		t.Fatal("a lock went away with the lock-holder while vmlockd runs")
+	}
+	// ...and the next change makes it start a new holder and record
+	// everything again, so that a crash of vmlockd now loses nothing.
+	d.startRun("vm-b", "--disk", b)
+	d.kill9()
+	for _, p := range []string{a, b} {
+		if probeFree(t, p) {
+			t.Fatalf("%s was lost when vmlockd crashed after its lock-holder had been replaced", p)
+		}
+	}
+	d.start()
+	held := map[string]bool{}
+	for _, l := range d.locks() {
+		held[l.Resource.Name] = true
+	}
+	if !held[a] || !held[b] {
+		t.Fatalf("after restart vmlock locks shows %v, want both disks", held)
+	}
+	holderA.Process.Kill()
+	d.waitFree(a, 10*time.Second)
+}

@@ -190,7 +190,8 @@ func sendmsg(fd int, msg []byte, files []*os.File) error {
 		oob = unix.UnixRights(fds...)
 	}
 	for {
-		err := unix.Sendmsg(fd, msg, oob, nil, 0)
+		// MSG_NOSIGNAL: a dead holder is an EPIPE to handle, not a signal.
+		err := unix.Sendmsg(fd, msg, oob, nil, unix.MSG_NOSIGNAL)
 		if err != unix.EINTR {
 			return err
 		}

@@ -604,6 +604,42 @@ func (m *Manager) Objects() []Object {
 	return out
 }
 
+// Holding is what one object holds.
+type Holding struct {
+	Object   Object
+	Leases   []Lease
+	ReadOnly []Resource
+}
+
+// Holdings returns what every object holds, read from the lock table in one
+// step (the daemon re-records them all in a new lock-holder process). It
+// takes no object's lock, so it never waits for a call in progress; a
+// grant in flight is not included (its Observer call comes after).
+func (m *Manager) Holdings() []Holding {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	by := map[string]*Holding{}
+	for _, h := range m.held {
+		for id, u := range h.holders {
+			hd := by[id]
+			if hd == nil {
+				hd = &Holding{Object: h.objs[id].obj}
+				by[id] = hd
+			}
+			if u.lease != nil {
+				hd.Leases = append(hd.Leases, u.lease)
+			} else {
+				hd.ReadOnly = append(hd.ReadOnly, u.res)
+			}
+		}
+	}
+	out := make([]Holding, 0, len(by))
+	for _, hd := range by {
+		out = append(out, *hd)
+	}
+	return out
+}
+
 // Held returns the leases an object holds (for the daemon's bookkeeping).
 func (m *Manager) Held(uuid string) ([]Lease, []Resource, error) {
 	ob, err := m.lookup(uuid)
