@@ -362,6 +362,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		register(d.srv)
 	}
 	errc := make(chan error, 2)
+	watch, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go d.watchHolder(watch)
 	go func() { errc <- d.srv.Serve(d.ln) }()
 	stopLibvirt := d.serveLibvirt(errc)
 	defer stopLibvirt()
@@ -398,7 +401,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.srv.Stop()
 	}
 	stopLibvirt() // before the holder closes: its calls record grants there
-	// Owner watches end with the process image: nothing is released.
+	// Owner watches end with the process image: nothing is released. Our
+	// own lock descriptors close with it too, so the holder must be there.
+	stopWatch()
+	d.ensureHolder()
 	d.recordMu.Lock()
 	d.holderClosed = true
 	d.holder.Close()
@@ -698,6 +704,32 @@ func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lo
 	}
 	d.setChunks(o.UUID, chunks)
 	return first
+}
+
+// watchHolder checks every second that the lock-holder is alive, so that
+// one that died is replaced even if no lock changes meanwhile.
+func (d *Daemon) watchHolder(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			d.ensureHolder()
+		}
+	}
+}
+
+// ensureHolder replaces the lock-holder if it is gone.
+func (d *Daemon) ensureHolder() {
+	d.recordMu.RLock()
+	h := d.holder
+	alive := h.Alive()
+	d.recordMu.RUnlock()
+	if !alive {
+		d.resyncHolder(h, errors.New("the lock-holder closed its connection"))
+	}
 }
 
 // resyncHolder replaces a lock-holder that failed (it was killed, or its

@@ -427,31 +427,48 @@ func TestCLIUsageAndStateRoundTrip(t *testing.T) {
 }
 
 func TestLockHolderKilledWhileVmlockdRunsIsReplaced(t *testing.T) {
-	d := startDaemon(t)
-	a, b := image(t, "a.img"), image(t, "b.img")
-	holderA := d.startRun("vm-a", "--disk", a)
-	// The lock-holder dies: vmlockd still holds every lock itself...
-	d.killHolder()
-	if probeFree(t, a) {
-		t.Fatal("a lock went away with the lock-holder while vmlockd runs")
+	// How vmlockd finds out that its lock-holder died.
+	cases := []struct {
+		name  string
+		after func(d *daemon, t *testing.T) // what happens between the holder's death and vmlockd's crash
+	}{
+		{"the next change", func(d *daemon, t *testing.T) { d.startRun("vm-b", "--disk", image(t, "b.img")) }},
+		{"its periodic check, with no change", func(d *daemon, t *testing.T) {
+			time.Sleep(2500 * time.Millisecond) // the check runs every second
+		}},
+		{"a reload right away", func(d *daemon, t *testing.T) {
+			if r := d.vmlock("daemon", "reload"); r.code != 0 {
+				t.Fatalf("reload: %d %s", r.code, r.stderr)
+			}
+		}},
 	}
-	// ...and the next change makes it start a new holder and record
-	// everything again, so that a crash of vmlockd now loses nothing.
-	d.startRun("vm-b", "--disk", b)
-	d.kill9()
-	for _, p := range []string{a, b} {
-		if probeFree(t, p) {
-			t.Fatalf("%s was lost when vmlockd crashed after its lock-holder had been replaced", p)
-		}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := startDaemon(t)
+			a := image(t, "a.img")
+			holderA := d.startRun("vm-a", "--disk", a)
+			// The lock-holder dies: vmlockd still holds every lock itself...
+			d.killHolder()
+			if probeFree(t, a) {
+				t.Fatal("a lock went away with the lock-holder while vmlockd runs")
+			}
+			// ...and starts a new holder and records everything again, so
+			// that a crash of vmlockd now loses nothing.
+			c.after(d, t)
+			d.kill9()
+			if probeFree(t, a) {
+				t.Fatal("the lock was lost when vmlockd crashed after its lock-holder had died")
+			}
+			d.start()
+			var held bool
+			for _, l := range d.locks() {
+				held = held || l.Resource.Name == a
+			}
+			if !held {
+				t.Fatal("after restart vmlock locks does not show the disk")
+			}
+			holderA.Process.Kill()
+			d.waitFree(a, 10*time.Second)
+		})
 	}
-	d.start()
-	held := map[string]bool{}
-	for _, l := range d.locks() {
-		held[l.Resource.Name] = true
-	}
-	if !held[a] || !held[b] {
-		t.Fatalf("after restart vmlock locks shows %v, want both disks", held)
-	}
-	holderA.Process.Kill()
-	d.waitFree(a, 10*time.Second)
 }

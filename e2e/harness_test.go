@@ -135,7 +135,8 @@ func (d *daemon) stop() {
 	}
 }
 
-// killHolder ends the lock-holder of this daemon's state directory.
+// killHolder ends the lock-holder of this daemon's state directory with
+// SIGKILL and waits until it is dead (its socket closed).
 func (d *daemon) killHolder() {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -144,8 +145,15 @@ func (d *daemon) killHolder() {
 			continue
 		}
 		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if bytes.Contains(b, []byte("lock-holder")) && bytes.Contains(b, []byte(d.stateDir)) {
-			syscall.Kill(pid, syscall.SIGKILL)
+		if !bytes.Contains(b, []byte("lock-holder")) || !bytes.Contains(b, []byte(d.stateDir)) {
+			continue
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			st, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+			if err != nil || bytes.Contains(st, []byte(") Z ")) {
+				break // gone, or a zombie: its descriptors are closed
+			}
 		}
 	}
 }
@@ -208,12 +216,17 @@ func (d *daemon) startRun(name string, resources ...string) *exec.Cmd {
 		d.t.Fatal(err)
 	}
 	d.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	// Holding means vmlock got its answer and became the command: the
+	// monitor can list a grant a moment before the client is answered.
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		for _, l := range d.locks() {
-			for _, h := range l.Holders {
-				if h.PID == cmd.Process.Pid {
-					return cmd
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
+		if strings.TrimSpace(string(comm)) == "sleep" {
+			for _, l := range d.locks() {
+				for _, h := range l.Holders {
+					if h.PID == cmd.Process.Pid {
+						return cmd
+					}
 				}
 			}
 		}

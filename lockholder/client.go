@@ -198,6 +198,25 @@ func (c *Client) List() ([]Entry, error) {
 	}
 }
 
+// Alive reports whether the holder still has its end of the connection. It
+// never blocks: the holder sends nothing unasked, so anything readable on
+// the socket is its end-of-file.
+func (c *Client) Alive() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return false
+	}
+	fds := []unix.PollFd{{Fd: int32(c.fd), Events: unix.POLLIN | unix.POLLRDHUP}}
+	for {
+		n, err := unix.Poll(fds, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		return err == nil && n == 0
+	}
+}
+
 // Close closes the connection. The holder keeps every entry; if it holds
 // none, it exits.
 func (c *Client) Close() error {

@@ -155,3 +155,22 @@ func TestOneHolderPerDirectoryAndBadMessages(t *testing.T) {
 		t.Fatalf("after garbage: %+v, %v", es, err)
 	}
 }
+
+func TestAliveSeesTheHolderGo(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Client{fd: fds[0]}
+	defer c.Close()
+	if !c.Alive() {
+		t.Fatal("Alive is false while the other end is open")
+	}
+	unix.Close(fds[1]) // the holder dies
+	if c.Alive() {
+		t.Fatal("Alive is true after the other end closed")
+	}
+	if err := c.Put("k", nil, nil); err == nil {
+		t.Fatal("a Put to a dead holder succeeded")
+	}
+}
