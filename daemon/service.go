@@ -245,15 +245,6 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 	if o.PID <= 0 {
 		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: a pid is required (its locks live as long as that process)", o.UUID)
 	}
-	if !c.root() {
-		uid, _, err := procIDs(o.PID)
-		if err != nil {
-			return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s: no process %d", o.UUID, o.PID)
-		}
-		if uid != c.uid {
-			return "", lockmgr.Errorf(lockmgr.CodePermission, "object %s: process %d belongs to uid %d, not to the caller (uid %d)", o.UUID, o.PID, uid, c.uid)
-		}
-	}
 	// A handover state from `migrate prepare` (migrate.go).
 	rs, state, mig, err := d.handoverIn(rs, req.State)
 	if err != nil {
@@ -298,6 +289,13 @@ func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs 
 func (d *Daemon) own(ctx context.Context, o lockmgr.Object, uid int, mig *migration) error {
 	d.mu.Lock()
 	p, err := d.pinLocked(o.PID)
+	if err == nil && uid != 0 {
+		if err = processOwnedBy(p, uid); err != nil {
+			if pr := d.procs[p.pid]; pr == nil || pr.p != p {
+				p.close() // a fresh pidfd nobody watches
+			}
+		}
+	}
 	if err == nil {
 		d.owners[o.UUID] = &owner{obj: o, uid: uid, proc: p, since: time.Now(), mig: mig}
 		d.watchLocked(o.UUID, p)
@@ -310,6 +308,22 @@ func (d *Daemon) own(ctx context.Context, o lockmgr.Object, uid int, mig *migrat
 		}
 	}
 	return err
+}
+
+// processOwnedBy checks that the pinned process p belongs to uid. It reads the
+// owner after pinning and checks that p is still alive after reading, so
+// the uid read is p's own even if the pid number were reused right before:
+// a user can never make vmlockd watch (and revoke, that is kill) a process
+// of another user.
+func processOwnedBy(p *process, uid int) error {
+	owner, _, err := procIDs(p.pid)
+	if err != nil || !p.alive() {
+		return errGone
+	}
+	if owner != uid {
+		return lockmgr.Errorf(lockmgr.CodePermission, "process %d belongs to uid %d, not to the caller (uid %d)", p.pid, owner, uid)
+	}
+	return nil
 }
 
 // hotplug adds resources to a registered object, all or nothing.
