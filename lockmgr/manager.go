@@ -145,20 +145,34 @@ func (m *Manager) Object(uuid string) (Object, error) {
 // AddResource records that the object uses r; it is locked by the next
 // Acquire. The name is canonicalised first (see Canonical).
 func (m *Manager) AddResource(uuid string, r Resource) error {
-	r, err := Canonical(r)
-	if err != nil {
-		return err
-	}
-	ob, err := m.lookup(uuid)
+	ob, r, err := m.lookupWith(uuid, r)
 	if err != nil {
 		return err
 	}
 	defer ob.op.Unlock()
-	if ob.find(r.Key()) != nil {
-		return invalid("object %s already uses %s", ob.obj.UUID, r)
+	_, err = ob.add(r)
+	return err
+}
+
+// lookupWith canonicalises r and returns it with the object, whose op lock
+// is held.
+func (m *Manager) lookupWith(uuid string, r Resource) (*object, Resource, error) {
+	r, err := Canonical(r)
+	if err != nil {
+		return nil, r, err
 	}
-	ob.uses = append(ob.uses, &use{res: r})
-	return nil
+	ob, err := m.lookup(uuid)
+	return ob, r, err
+}
+
+// add records a new use of r; an object uses a resource once.
+func (ob *object) add(r Resource) (*use, error) {
+	if ob.find(r.Key()) != nil {
+		return nil, invalid("object %s already uses %s", ob.obj.UUID, r)
+	}
+	u := &use{res: r}
+	ob.uses = append(ob.uses, u)
+	return u, nil
 }
 
 func (ob *object) find(key string) *use {
@@ -209,20 +223,15 @@ func (m *Manager) Acquire(ctx context.Context, uuid string, state string) error 
 // AcquireResource adds r to a running object and takes it at once: the
 // hotplug path. On failure the object is as it was.
 func (m *Manager) AcquireResource(ctx context.Context, uuid string, r Resource) error {
-	r, err := Canonical(r)
-	if err != nil {
-		return err
-	}
-	ob, err := m.lookup(uuid)
+	ob, r, err := m.lookupWith(uuid, r)
 	if err != nil {
 		return err
 	}
 	defer ob.op.Unlock()
-	if ob.find(r.Key()) != nil {
-		return invalid("object %s already uses %s", ob.obj.UUID, r)
+	u, err := ob.add(r)
+	if err != nil {
+		return err
 	}
-	u := &use{res: r}
-	ob.uses = append(ob.uses, u)
 	if err := m.acquire(ctx, ob, []*use{u}, nil); err != nil {
 		ob.remove(u)
 		return err

@@ -41,11 +41,7 @@ type Converter interface {
 // (the holding began then); its token becomes the new lease's. The
 // observer is told of the change.
 func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error {
-	r, err := Canonical(r)
-	if err != nil {
-		return err
-	}
-	ob, err := m.lookup(uuid)
+	ob, r, err := m.lookupWith(uuid, r)
 	if err != nil {
 		return err
 	}
