@@ -375,12 +375,20 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		}
 		return &vmlockpb.StateReply{State: st}, nil
 	}
-	var st lockmgr.State
+	// Check every resource first, so that a bad one changes nothing.
+	rs := make([]lockmgr.Resource, 0, len(req.Resources))
 	for _, pr := range req.Resources {
 		r, err := api.ResourceFromPB(pr)
 		if err != nil {
 			return nil, err
 		}
+		rs = append(rs, r)
+	}
+	if err := d.allHeld(uuid, rs); err != nil {
+		return nil, err
+	}
+	var st lockmgr.State
+	for _, r := range rs {
 		one, err := d.mgr.Release(ctx, uuid, &r)
 		if err != nil {
 			return nil, err
@@ -392,6 +400,34 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		_ = d.forget(ctx, uuid)
 	}
 	return &vmlockpb.StateReply{State: st.String()}, nil
+}
+
+// allHeld checks that uuid holds every resource of rs (by canonical key).
+func (d *Daemon) allHeld(uuid string, rs []lockmgr.Resource) error {
+	ls, ro, err := d.mgr.Held(uuid)
+	if err != nil {
+		return err
+	}
+	held := make(map[string]bool, len(ls)+len(ro))
+	for _, l := range ls {
+		held[l.Resource().Key()] = true
+	}
+	for _, r := range ro {
+		held[r.Key()] = true
+	}
+	for _, r := range rs {
+		if held[r.Key()] {
+			continue
+		}
+		c, err := lockmgr.Canonical(r)
+		if err != nil {
+			return err
+		}
+		if !held[c.Key()] {
+			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "not held by object " + uuid + "; nothing was released"}
+		}
+	}
+	return nil
 }
 
 func (s *service) Inquire(ctx context.Context, req *vmlockpb.InquireRequest) (*vmlockpb.StateReply, error) {

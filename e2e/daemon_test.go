@@ -424,6 +424,21 @@ func TestCLIUsageAndStateRoundTrip(t *testing.T) {
 	if !probeFree(t, disk) {
 		t.Fatal("a stale acquire left the disk locked")
 	}
+	// Unplugging several disks, one of which is not held, releases none.
+	other := image(t, "b.img")
+	if r := d.vmlock("acquire", "--uuid", uuid, "--pid", pid, "--disk", disk, "--disk", other); r.code != 0 {
+		t.Fatalf("acquire of two disks: %d %s", r.code, r.stderr)
+	}
+	r = d.vmlock("release", "--uuid", uuid, "--disk", disk, "--disk", image(t, "never.img"))
+	if r.code != int(lockmgr.CodeNotHeld) || !strings.Contains(r.stderr, "nothing was released") {
+		t.Fatalf("release of a held and an unheld disk: exit %d (%s), want 9", r.code, r.stderr)
+	}
+	if probeFree(t, disk) || probeFree(t, other) {
+		t.Fatal("a refused release released a disk")
+	}
+	if r := d.vmlock("release", "--uuid", uuid, "--disk", disk); r.code != 0 || probeFree(t, other) || !probeFree(t, disk) {
+		t.Fatalf("unplug of one disk: exit %d (%s)", r.code, r.stderr)
+	}
 }
 
 func TestLockHolderKilledWhileVmlockdRunsIsReplaced(t *testing.T) {
