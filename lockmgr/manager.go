@@ -449,6 +449,9 @@ func (ob *object) remove(u *use) {
 // failed uses marked as not held all the same: the driver's lease is gone
 // or unusable, and keeping it would block the object forever.
 func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
+	if len(rel) == 0 {
+		return nil
+	}
 	var leases []Lease
 	m.mu.Lock()
 	for _, u := range rel {
@@ -456,20 +459,24 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 			leases = append(leases, u.lease)
 		}
 		u.lease, u.held = nil, false
-		m.dropHeldLocked(ob, u)
 	}
 	m.mu.Unlock()
-	if len(rel) == 0 {
-		return nil
-	}
 	// The observer hears of the release before the driver unlocks: whoever
 	// keeps copies of the lease files drops them first, so no copy outlives
 	// the lock it stood for.
 	m.notify(ob)
-	if len(leases) == 0 {
-		return nil
+	var err error
+	if len(leases) > 0 {
+		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
 	}
-	_, err := Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
+	// Only now does the table let the resources go: until the driver has
+	// unlocked them, the monitor shows them held and a conflicting request
+	// is refused naming this holder, as the driver would refuse it.
+	m.mu.Lock()
+	for _, u := range rel {
+		m.dropHeldLocked(ob, u)
+	}
+	m.mu.Unlock()
 	return err
 }
 
@@ -635,9 +642,10 @@ func (m *Manager) Holdings() []Holding {
 				hd = &Holding{Object: h.objs[id].obj}
 				by[id] = hd
 			}
-			if u.lease != nil {
+			switch {
+			case u.lease != nil:
 				hd.Leases = append(hd.Leases, u.lease)
-			} else {
+			case u.held:
 				hd.ReadOnly = append(hd.ReadOnly, u.res)
 			}
 		}

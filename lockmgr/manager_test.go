@@ -20,6 +20,10 @@ type memDriver struct {
 	shared map[string]int
 	tokens map[string]uint64
 	hang   chan struct{} // if not nil, Acquire blocks until it is closed
+	// releasing, if not nil, is signalled when Release starts, and Release
+	// then blocks until finish is closed.
+	releasing chan struct{}
+	finish    chan struct{}
 }
 
 func newMemDriver() *memDriver {
@@ -81,6 +85,10 @@ func (d *memDriver) releaseLocked(ls []Lease) {
 }
 
 func (d *memDriver) Release(_ context.Context, ls []Lease) error {
+	if d.releasing != nil {
+		d.releasing <- struct{}{}
+		<-d.finish
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.releaseLocked(ls)
@@ -370,5 +378,37 @@ func TestConcurrentExclusiveAcquiresWithNopDriverGrantOne(t *testing.T) {
 		if g := granted.Load(); g != 1 {
 			t.Fatalf("round %d: %d objects were granted one exclusive disk", round, g)
 		}
+	}
+}
+
+func TestAResourceStaysListedUntilTheDriverHasReleasedIt(t *testing.T) {
+	d := newMemDriver()
+	d.releasing, d.finish = make(chan struct{}), make(chan struct{})
+	m := NewManager(d, Options{})
+	ctx := context.Background()
+	register(t, m, uuidA, "a", DiskResource("/img/x", Exclusive))
+	register(t, m, uuidB, "b", DiskResource("/img/x", Exclusive))
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := m.Release(ctx, uuidA, nil); done <- err }()
+	<-d.releasing // the driver has not unlocked yet
+	if locks := m.Locks(); len(locks) != 1 || locks[0].Holders[0].UUID != uuidA {
+		t.Fatalf("while the driver releases, Locks = %+v, want a still listed", locks)
+	}
+	var be *BusyError
+	if err := m.Acquire(ctx, uuidB, ""); !errors.As(err, &be) || be.Holder.UUID != uuidA {
+		t.Fatalf("acquire while the driver releases = %v, want busy naming a", err)
+	}
+	close(d.finish)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Locks()) != 0 {
+		t.Fatalf("after the release, Locks = %+v", m.Locks())
+	}
+	if err := m.Acquire(ctx, uuidB, ""); err != nil {
+		t.Fatalf("acquire after the release: %v", err)
 	}
 }
