@@ -32,8 +32,9 @@ type Options struct {
 // take and release the real locks.
 //
 // Invariants, kept under mu:
-//   - a resource key is in held only while at least one object holds it, and
-//     every holder listed there has the entry in its own resources;
+//   - a resource key is in held only while at least one object holds it or
+//     is releasing it (until the driver has unlocked it), and every holder
+//     listed there has the entry in its own resources;
 //   - two holders of one key never have conflicting modes (the driver
 //     enforces this across processes; the table mirrors it for this one and
 //     names holders in busy errors without a system call);
