@@ -101,8 +101,8 @@ func (vm *qemuVM) newJobIDLocked(kind, disk string) string {
 	return fmt.Sprintf("vmlock-%s-%s-%d", kind, jobIDUnsafe.ReplaceAllString(disk, "_"), vm.rec.Seq)
 }
 
-// jobDiskLocked finds the disk a job request names, and refuses a second
-// job on it.
+// jobDiskLocked finds the disk a request names, and refuses it while a
+// block job runs on that disk (a second job, or a detach).
 func (vm *qemuVM) jobDiskLocked(ctx context.Context, name string) (*qemu.Disk, error) {
 	disks, err := vm.disksLocked(ctx)
 	if err != nil {

@@ -321,16 +321,9 @@ func (vm *qemuVM) detachDisk(ctx context.Context, name string) (*vmlockpb.QEMUDi
 		return nil, err
 	}
 	defer vm.unlock()
-	disks, err := vm.disksLocked(ctx)
+	d, err := vm.jobDiskLocked(ctx, name)
 	if err != nil {
 		return nil, err
-	}
-	d, err := findDisk(disks, name)
-	if err != nil {
-		return nil, err
-	}
-	if j := vm.liveJobLocked(d.Name); j != nil {
-		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "disk %s has a block job (%s): pivot or abort it first", d.Name, j.phase)
 	}
 	pd := vm.diskPB(ctx, *d, vm.heldModes())
 	if err := qemu.BlockdevDel(ctx, vm.c, d.Node); err != nil {

@@ -184,7 +184,18 @@ func (d *daemon) vmlock(args ...string) result {
 
 func (d *daemon) vmlockAs(cred *syscall.Credential, args ...string) result {
 	d.t.Helper()
-	cmd := exec.Command(bins.vmlock, append([]string{"--socket", d.socket}, args...)...)
+	r := runVmlock(d.socket, cred, args...)
+	if r.code == -1 {
+		d.t.Fatalf("vmlock %v: %s", args, r.stderr)
+	}
+	return r
+}
+
+// runVmlock runs the CLI against socket, as cred if not nil; a failure to
+// run it at all is exit code -1. It never calls t.Fatal, so it may run off
+// the test's goroutine.
+func runVmlock(socket string, cred *syscall.Credential, args ...string) result {
+	cmd := exec.Command(bins.vmlock, append([]string{"--socket", socket}, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if cred != nil {
@@ -198,7 +209,7 @@ func (d *daemon) vmlockAs(cred *syscall.Credential, args ...string) result {
 	case errors.As(err, &ee):
 		r.code = ee.ExitCode()
 	default:
-		d.t.Fatalf("vmlock %v: %v", args, err)
+		r.code, r.stderr = -1, err.Error()
 	}
 	return r
 }

@@ -1,10 +1,7 @@
 package e2e
 
 import (
-	"bytes"
-	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -190,24 +187,5 @@ func testHandover(t *testing.T, src, dst, other handoverHost) {
 // vmlockQuiet is vmlock for use off the test's goroutine: it never calls
 // t.Fatal.
 func (d *daemon) vmlockQuiet(args ...string) result {
-	return runVmlock(d.socket, args...)
-}
-
-// runVmlock runs the CLI against socket; a failure to run it at all is
-// exit code -1.
-func runVmlock(socket string, args ...string) result {
-	cmd := exec.Command(bins.vmlock, append([]string{"--socket", socket}, args...)...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	r := result{stdout: out.String(), stderr: errb.String()}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-	default:
-		r.code, r.stderr = -1, err.Error()
-	}
-	return r
+	return runVmlock(d.socket, nil, args...)
 }

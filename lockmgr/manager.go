@@ -295,6 +295,13 @@ func (m *Manager) notify(ob *object) {
 	if m.obs == nil {
 		return
 	}
+	ls, ro := ob.holding()
+	m.obs.Changed(ob.obj, ls, ro)
+}
+
+// holding returns what ob holds: its leases and its read-only uses. Called
+// with ob.op held.
+func (ob *object) holding() ([]Lease, []Resource) {
 	var ls []Lease
 	var ro []Resource
 	for _, u := range ob.uses {
@@ -305,7 +312,7 @@ func (m *Manager) notify(ob *object) {
 			ro = append(ro, u.res)
 		}
 	}
-	m.obs.Changed(ob.obj, ls, ro)
+	return ls, ro
 }
 
 // unreserveLocked drops ob's reservations of uses.
@@ -665,15 +672,6 @@ func (m *Manager) Held(uuid string) ([]Lease, []Resource, error) {
 		return nil, nil, err
 	}
 	defer ob.op.Unlock()
-	var ls []Lease
-	var ro []Resource
-	for _, u := range ob.uses {
-		switch {
-		case u.lease != nil:
-			ls = append(ls, u.lease)
-		case u.held:
-			ro = append(ro, u.res)
-		}
-	}
+	ls, ro := ob.holding()
 	return ls, ro, nil
 }
