@@ -327,6 +327,15 @@ func (c *Client) readLoop() {
 		}
 		m, derr := decodeMessage(line)
 		if !greeted {
+			if derr == nil && m.kind == kindEvent {
+				// QEMU queues events on a monitor nobody is connected to
+				// and flushes them to the next client, sometimes ahead of
+				// the greeting. They predate this session: skip them.
+				if c.log != nil {
+					c.log.Debug("skipping QMP event sent before the greeting", "message", truncate(line))
+				}
+				continue
+			}
 			if derr != nil || m.kind != kindGreeting {
 				if derr == nil {
 					derr = errors.New("first message is not a QMP greeting")

@@ -277,6 +277,28 @@ func TestFakeBadGreeting(t *testing.T) {
 	}
 }
 
+// QEMU flushes events queued while no client was connected, sometimes
+// ahead of the greeting: they are skipped, and the handshake completes.
+func TestFakeEventsBeforeGreetingAreSkipped(t *testing.T) {
+	cc, sc := net.Pipe()
+	defer sc.Close()
+	f := &fakeServer{t: t, conn: sc, r: bufio.NewReader(sc)}
+	go func() {
+		f.send(`{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "BLOCK_JOB_READY", "data": {"device": "commit0"}}`)
+		f.send(fakeGreeting)
+		req := f.recv()
+		f.reply(req, "{}")
+	}()
+	c, err := New(testCtx(t), cc)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer c.Close()
+	if got := c.Greeting().Version.String(); got != "7.2.0" {
+		t.Fatalf("greeting version %s", got)
+	}
+}
+
 func TestFakeEOFBeforeGreeting(t *testing.T) {
 	cc, sc := net.Pipe()
 	sc.Close()
