@@ -176,7 +176,7 @@ func (c *Client) List() ([]Entry, error) {
 	oob := make([]byte, oobSize)
 	var out []Entry
 	for {
-		m, files, err := recvmsg(c.fd, buf, oob)
+		m, files, err := recvmsg(c.fd, buf, oob, 0)
 		if err != nil {
 			for i := range out {
 				out[i].Close()

@@ -17,7 +17,9 @@
 // end-of-file, so every message of the old daemon is applied before the new
 // one lists the entries. Messages other than List have no reply: a Put is
 // durable (for this purpose) once sendmsg returns, because the descriptor is
-// then referenced by the holder's socket buffer. The holder exits when its
+// then referenced by the holder's socket buffer. So the holder reads in
+// batches, a millisecond apart under load, and vmlockd's lock operations
+// do not wake it one by one. The holder exits when its
 // controller goes away and it holds nothing.
 //
 // # Fencing
@@ -151,9 +153,10 @@ func monoNow() int64 {
 	return ts.Nano()
 }
 
-// recvmsg reads one message and the descriptors that came with it.
-func recvmsg(fd int, buf, oob []byte) (msg []byte, files []*os.File, err error) {
-	n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+// recvmsg reads one message and the descriptors that came with it; flags
+// may add MSG_DONTWAIT.
+func recvmsg(fd int, buf, oob []byte, flags int) (msg []byte, files []*os.File, err error) {
+	n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC|flags)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -172,5 +174,46 @@ func TestAliveSeesTheHolderGo(t *testing.T) {
 	}
 	if err := c.Put("k", nil, nil); err == nil {
 		t.Fatal("a Put to a dead holder succeeded")
+	}
+}
+
+// The holder reads in batches; a burst larger than the socket buffer must
+// still be applied whole and in order (the sender waits for room).
+func TestBurstIsAppliedInOrder(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	c := connect(t, dir)
+	defer c.Close()
+	meta := make([]byte, 1024)
+	const n = 2000 // ~2 MiB of records: several times the socket buffer
+	for i := range n {
+		key := "O/" + strconv.Itoa(i)
+		if err := c.Put(key, meta, nil); err != nil {
+			t.Fatal(err)
+		}
+		if i%2 == 1 {
+			if err := c.Drop(key); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := c.Put("O/0", []byte("last"), nil); err != nil {
+		t.Fatal(err)
+	}
+	es, err := c.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != n/2 {
+		t.Fatalf("List has %d entries, want %d", len(es), n/2)
+	}
+	for _, e := range es {
+		i, _ := strconv.Atoi(strings.TrimPrefix(e.Key, "O/"))
+		if i%2 == 1 {
+			t.Fatalf("dropped entry %s listed", e.Key)
+		}
+		if i == 0 && string(e.Meta) != "last" {
+			t.Fatalf("O/0 = %q: a later put was applied before an earlier one", e.Meta)
+		}
 	}
 }

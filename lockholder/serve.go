@@ -141,14 +141,34 @@ func (h *holder) setDeadline(meta []byte) bool {
 	return true
 }
 
+// batchDelay is how long the holder lets messages queue up once it has
+// read one. A Put is safe from the moment sendmsg returns (the socket
+// buffer references its descriptors) and a release unlocks explicitly
+// before its Drop, so the holder need not read promptly; reading in
+// batches spares vmlockd's hot path a cross-process wake-up per lock
+// operation under load. Only a List waits for replies, at most this long.
+const batchDelay = time.Millisecond
+
 func (h *holder) serve(fd int) {
 	buf := make([]byte, maxMsg)
 	oob := make([]byte, oobSize)
+	flags := 0 // blocking while idle; MSG_DONTWAIT while draining a batch
+	napped := false
 	for {
-		msg, files, err := recvmsg(fd, buf, oob)
+		msg, files, err := recvmsg(fd, buf, oob, flags)
+		if flags != 0 && errors.Is(err, unix.EAGAIN) {
+			if napped { // nothing came during a nap: idle again
+				flags, napped = 0, false
+			} else {
+				time.Sleep(batchDelay)
+				napped = true
+			}
+			continue
+		}
 		if err != nil {
 			return
 		}
+		flags, napped = unix.MSG_DONTWAIT, false
 		op, key, meta, err := decode(msg)
 		if err != nil {
 			closeAll(files)

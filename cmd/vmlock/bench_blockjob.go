@@ -31,9 +31,10 @@ import (
 func newBenchBlockjobCmd() *cobra.Command {
 	var n, warm int
 	c := &cobra.Command{
-		Use:   "blockjob --json",
-		Short: "64 MiB active commit to ready and pivot: through vmlock vs raw QMP",
-		Args:  cobra.NoArgs,
+		Use:         "blockjob --json",
+		Annotations: map[string]string{annotationParallel: ""},
+		Short:       "64 MiB active commit to ready and pivot: through vmlock vs raw QMP",
+		Args:        cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return benchBlockjob(cmd.Context(), n, warm)
 		},

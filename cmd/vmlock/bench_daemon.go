@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -37,23 +38,26 @@ import (
 func newBenchDaemonCmd() *cobra.Command {
 	var n int
 	var dur time.Duration
+	var profile string
 	c := &cobra.Command{
 		Use:   "daemon --json",
 		Short: "API acquire+release latency vs a unix-socket round trip, and throughput with 8 clients",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return benchDaemon(cmd.Context(), n, dur)
+			return benchDaemon(cmd.Context(), n, dur, profile)
 		},
 	}
 	c.Flags().Bool("json", true, "print the JSON report (always on)")
 	c.Flags().IntVar(&n, "iterations", 5000, "timed iterations of each latency measurement")
 	c.Flags().DurationVar(&dur, "duration", 3*time.Second, "how long the throughput run lasts")
+	c.Flags().StringVar(&profile, "cpuprofile", "", "write the CPU profile of the daemon's side to this file (go tool pprof)")
 	return c
 }
 
 // benchEnv is a scratch directory with a daemon child running in it.
 type benchEnv struct {
 	dir, socket, state string
+	cpuProfile         string // the daemon child's, if set
 	cmd                *exec.Cmd
 	owners             []*exec.Cmd
 }
@@ -73,7 +77,7 @@ func (e *benchEnv) start(ctx context.Context) (time.Duration, error) {
 		return 0, err
 	}
 	t0 := time.Now()
-	e.cmd = exec.Command(exe, "bench", "_daemon", "--socket", e.socket, "--state-dir", e.state)
+	e.cmd = exec.Command(exe, "bench", "_daemon", "--socket", e.socket, "--state-dir", e.state, "--cpuprofile", e.cpuProfile)
 	e.cmd.Stderr = os.Stderr
 	if err := e.cmd.Start(); err != nil {
 		return 0, err
@@ -172,11 +176,12 @@ func rssMiB(pid int) float64 {
 	return 0
 }
 
-func benchDaemon(ctx context.Context, n int, dur time.Duration) error {
+func benchDaemon(ctx context.Context, n int, dur time.Duration, profile string) error {
 	e, err := newBenchEnv()
 	if err != nil {
 		return err
 	}
+	e.cpuProfile = profile
 	defer e.close()
 	if _, err := e.start(ctx); err != nil {
 		return err
@@ -404,6 +409,7 @@ func newBenchInternalCmds() []*cobra.Command {
 				}
 				defer pprof.StopCPUProfile()
 			}
+			runtime.GOMAXPROCS(1) // vmlockd's default max_procs
 			drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
 			if err != nil {
 				return err
@@ -435,6 +441,7 @@ func newBenchInternalCmds() []*cobra.Command {
 		Use: "_holder", Hidden: true, Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGPIPE)
+			runtime.GOMAXPROCS(1) // as vmlockd's lock-holder
 			return lockholder.Serve(context.Background(), state)
 		},
 	}

@@ -35,8 +35,9 @@ type benchEtcdOpts struct {
 func newBenchEtcdCmd() *cobra.Command {
 	o := &benchEtcdOpts{}
 	c := &cobra.Command{
-		Use:   "etcd",
-		Short: "the etcd driver against etcd's concurrency.Mutex on an embedded 3-member cluster: grants, hand-off, takeover",
+		Use:         "etcd",
+		Annotations: map[string]string{annotationParallel: ""},
+		Short:       "the etcd driver against etcd's concurrency.Mutex on an embedded 3-member cluster: grants, hand-off, takeover",
 		Long: `Starts a 3-member etcd cluster inside this process (loopback, fsync on) and measures, in one run:
   - a grant of 1 and of 8 disks through the etcd driver (one transaction) against
     concurrency.Mutex taking the same 8 resources one by one;

@@ -40,8 +40,9 @@ type benchHierlockOpts struct {
 func newBenchHierlockCmd() *cobra.Command {
 	o := &benchHierlockOpts{}
 	c := &cobra.Command{
-		Use:   "hierlock",
-		Short: "hierlock (Ganeti-style locks) against sync.RWMutex and Ganeti's own Python SharedLock",
+		Use:         "hierlock",
+		Annotations: map[string]string{annotationParallel: ""},
+		Short:       "hierlock (Ganeti-style locks) against sync.RWMutex and Ganeti's own Python SharedLock",
 		Long: `Measures, interleaved in one run, the p50 of:
   - sharedlock_acquire_release: uncontended hierlock.SharedLock exclusive Acquire+Release;
   - rwmutex_lock_unlock: sync.RWMutex Lock+Unlock (the floor);

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -53,6 +54,11 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
+// annotationParallel marks a command that runs parallel code in-process
+// (the benchmarks of hierlock, etcd and block jobs) and so keeps Go's
+// default GOMAXPROCS.
+const annotationParallel = "vmlock/parallel"
+
 // globals are the flags every subcommand shares.
 type globals struct {
 	socket string
@@ -66,6 +72,15 @@ func newRootCmd() *cobra.Command {
 		Short:         "vmlock: the client of vmlockd, the lock manager for virtual machines",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+	}
+	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
+		// A client of vmlockd makes one call at a time: with a single P the
+		// goroutines of an RPC hand over on one thread, without a
+		// cross-thread wake-up per call (which costs more than the call on
+		// small VMs). Commands that run parallel code in-process say so.
+		if _, parallel := cmd.Annotations[annotationParallel]; !parallel && os.Getenv("GOMAXPROCS") == "" {
+			runtime.GOMAXPROCS(1)
+		}
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "vmlockd's socket (default $VMLOCK_SOCKET, else /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")

@@ -27,6 +27,9 @@ type Config struct {
 	RequestTimeout Duration `toml:"request_timeout"`
 	LogLevel       string   `toml:"log_level"`
 	LogFormat      string   `toml:"log_format"`
+	// MaxProcs is GOMAXPROCS for the daemon: 1 by default, 0 for Go's
+	// default (every CPU). The GOMAXPROCS environment variable wins.
+	MaxProcs *int `toml:"max_procs"`
 
 	// LibvirtSocket, if set, serves virtlockd's protocol there for libvirt's
 	// lockd plugin (libvirt uses /run/libvirt/virtlockd-sock); off if empty.
@@ -139,6 +142,9 @@ func (c *Config) validate() error {
 		}
 	default:
 		return fmt.Errorf("driver %q: want lockspace, etcd or nop", c.Driver)
+	}
+	if c.MaxProcs != nil && *c.MaxProcs < 0 {
+		return fmt.Errorf("max_procs %d: want 0 (every CPU) or more", *c.MaxProcs)
 	}
 	if c.StateDir == "" || !filepath.IsAbs(c.StateDir) {
 		return errors.New("state_dir must be an absolute path")

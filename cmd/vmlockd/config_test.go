@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,7 @@ state_dir = "/var/lib/x"
 driver = "nop"
 host = "h1"
 request_timeout = "3s"
+max_procs = 2
 [revoke]
 grace = "2s"
 kill_command = ["virsh", "destroy", "{uuid}"]
@@ -43,7 +45,7 @@ modifiable = true
 	}
 	if c.Socket != "/run/x/vmlockd.sock" || c.SocketGroup != "kvm" || c.Driver != "nop" || c.Host != "h1" ||
 		c.RequestTimeout.Duration != 3*time.Second || c.Revoke.Grace.Duration != 2*time.Second ||
-		len(c.Revoke.KillCommand) != 3 || c.Lockspace.DiskLeaseDir != "/srv/leases/disks" {
+		len(c.Revoke.KillCommand) != 3 || c.Lockspace.DiskLeaseDir != "/srv/leases/disks" || c.MaxProcs == nil || *c.MaxProcs != 2 {
 		t.Fatalf("config = %+v", c)
 	}
 	levels := c.hierLevels()
@@ -63,12 +65,39 @@ func TestConfigErrorsNameTheProblem(t *testing.T) {
 		{"long socket path", `socket = "/` + strings.Repeat("s", 120) + `"`, "too long for a unix socket"},
 		{"bad levels", "[[hierlock.levels]]\nname = \"a/b\"", "hierlock.levels"},
 		{"not TOML", "socket = ", "vmlockd.toml"},
+		{"negative max_procs", "max_procs = -1", "max_procs -1"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := loadConfig(writeConfig(t, c.body))
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("loadConfig: %v, want an error mentioning %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestMaxProcsDefaultsToOneAndYieldsToTheEnvironment(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	zero, three := 0, 3
+	cases := []struct {
+		name string
+		env  string
+		keep *int
+		want int
+	}{
+		{"default", "", nil, 1},
+		{"every CPU", "", &zero, runtime.NumCPU()},
+		{"three", "", &three, 3},
+		{"environment wins", "5", &three, 7}, // left as it was
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Setenv("GOMAXPROCS", c.env)
+			runtime.GOMAXPROCS(7)
+			setMaxProcs(Config{MaxProcs: c.keep})
+			if got := runtime.GOMAXPROCS(0); got != c.want {
+				t.Fatalf("GOMAXPROCS = %d, want %d", got, c.want)
 			}
 		})
 	}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"syscall"
@@ -87,6 +88,7 @@ func newRootCmd() *cobra.Command {
 			dir, _ := cmd.Flags().GetString("state-dir")
 			// The holder only waits on one socket: keep it small.
 			debug.SetGCPercent(50)
+			runtime.GOMAXPROCS(1)
 			signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGPIPE)
 			return lockholder.Serve(context.Background(), dir)
 		},
@@ -94,6 +96,26 @@ func newRootCmd() *cobra.Command {
 	holder.Flags().String("state-dir", "", "state directory")
 	root.AddCommand(holder)
 	return root
+}
+
+// setMaxProcs applies max_procs unless GOMAXPROCS is set in the
+// environment. One P is the default because every request is a few
+// microseconds of work between two socket operations: on one P the
+// goroutines serving a call hand over on one thread, where with more each
+// hand-over may wake another thread, which costs more than the call itself
+// on small VMs (docs/benchmarks.md). Raise it for hundreds of busy clients.
+func setMaxProcs(c Config) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		return
+	}
+	n := 1
+	if c.MaxProcs != nil {
+		n = *c.MaxProcs
+	}
+	if n == 0 {
+		n = runtime.NumCPU()
+	}
+	runtime.GOMAXPROCS(n)
 }
 
 // override copies the flags that were set over the file's values.
@@ -145,6 +167,7 @@ func newDriver(c Config, log *slog.Logger, fencer *daemon.Fencer) (lockmgr.Drive
 
 func serve(c Config) error {
 	log := newLogger(c)
+	setMaxProcs(c)
 	fencer := daemon.NewFencer()
 	drv, err := newDriver(c, log, fencer)
 	if err != nil {
