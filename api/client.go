@@ -32,6 +32,7 @@ func DefaultSocket() string {
 type Client struct {
 	conn *grpc.ClientConn
 	rpc  vmlockpb.VMLockClient
+	sess session // Status, Acquire, Release and Inquire go this way first
 }
 
 // Dial connects to the daemon at socket. It fails at once, with an error
@@ -58,8 +59,12 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 	return &Client{conn: conn, rpc: vmlockpb.NewVMLockClient(conn)}, nil
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close closes the connection. Calls in progress fail.
+func (c *Client) Close() error {
+	err := c.conn.Close()
+	c.sess.close()
+	return err
+}
 
 // RPC returns the raw gRPC client, for calls this type does not wrap.
 func (c *Client) RPC() vmlockpb.VMLockClient { return c.rpc }
@@ -72,6 +77,9 @@ func (c *Client) Acquire(ctx context.Context, o lockmgr.Object, rs []lockmgr.Res
 	for _, r := range rs {
 		req.Resources = append(req.Resources, ResourceToPB(r))
 	}
+	if rep, ok, err := c.sess.do(ctx, c.rpc, &vmlockpb.Call{Method: &vmlockpb.Call_Acquire{Acquire: req}}); ok {
+		return rep.GetState().GetState(), err
+	}
 	rep, err := c.rpc.Acquire(ctx, req)
 	return rep.GetState(), FromStatus(err)
 }
@@ -83,13 +91,20 @@ func (c *Client) Release(ctx context.Context, uuid string, rs ...lockmgr.Resourc
 	for _, r := range rs {
 		req.Resources = append(req.Resources, ResourceToPB(r))
 	}
+	if rep, ok, err := c.sess.do(ctx, c.rpc, &vmlockpb.Call{Method: &vmlockpb.Call_Release{Release: req}}); ok {
+		return rep.GetState().GetState(), err
+	}
 	rep, err := c.rpc.Release(ctx, req)
 	return rep.GetState(), FromStatus(err)
 }
 
 // Inquire returns the state of what the object holds.
 func (c *Client) Inquire(ctx context.Context, uuid string) (string, error) {
-	rep, err := c.rpc.Inquire(ctx, &vmlockpb.InquireRequest{Uuid: uuid})
+	req := &vmlockpb.InquireRequest{Uuid: uuid}
+	if rep, ok, err := c.sess.do(ctx, c.rpc, &vmlockpb.Call{Method: &vmlockpb.Call_Inquire{Inquire: req}}); ok {
+		return rep.GetState().GetState(), err
+	}
+	rep, err := c.rpc.Inquire(ctx, req)
 	return rep.GetState(), FromStatus(err)
 }
 
@@ -125,7 +140,11 @@ func (c *Client) Locks(ctx context.Context) ([]Lock, error) {
 
 // Status returns the daemon's status.
 func (c *Client) Status(ctx context.Context) (*vmlockpb.StatusReply, error) {
-	rep, err := c.rpc.Status(ctx, &vmlockpb.StatusRequest{})
+	req := &vmlockpb.StatusRequest{}
+	if rep, ok, err := c.sess.do(ctx, c.rpc, &vmlockpb.Call{Method: &vmlockpb.Call_Status{Status: req}}); ok {
+		return rep.GetStatus(), err
+	}
+	rep, err := c.rpc.Status(ctx, req)
 	return rep, FromStatus(err)
 }
 

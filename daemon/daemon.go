@@ -150,7 +150,8 @@ type Daemon struct {
 
 	reloadOnce sync.Once
 	reloadCh   chan struct{}
-	inheritLn  *os.File // the listening socket kept for a reload
+	stopping   chan struct{} // closed when Run stops serving: sessions end between calls
+	inheritLn  *os.File      // the listening socket kept for a reload
 
 	fenceMu sync.Mutex // held by restore and by fenceAll (fence.go)
 
@@ -218,7 +219,7 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, started: time.Now(), gid: -1, reloads: cfg.Reloads, reloadCh: make(chan struct{}),
+	d := &Daemon{cfg: cfg, log: cfg.Logger, started: time.Now(), gid: -1, reloads: cfg.Reloads, reloadCh: make(chan struct{}), stopping: make(chan struct{}),
 		owners: make(map[string]*owner), procs: make(map[int]*processRefs)}
 	d.mgr = lockmgr.NewManager(cfg.Driver, lockmgr.Options{Observer: (*observer)(d)})
 	cfg.Metrics.register(d)
@@ -392,6 +393,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err := d.keepLibvirtListener(); err != nil {
 			return err
 		}
+	}
+	select {
+	case <-d.stopping:
+	default:
+		close(d.stopping)
 	}
 	stopped := make(chan struct{})
 	go func() { d.srv.GracefulStop(); close(stopped) }()

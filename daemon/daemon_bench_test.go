@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/vmlock/vmlock/api"
@@ -20,6 +21,20 @@ import (
 // same). cfg's zero fields get test defaults: the lockspace driver, a
 // socket and state directory in a temporary directory.
 func startInProcess(tb testing.TB, cfgs ...Config) (*api.Client, string) {
+	tb.Helper()
+	sock, stop := runInProcess(tb, cfgs...)
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close(); stop() })
+	return c, filepath.Dir(sock)
+}
+
+// runInProcess runs a daemon (and its lock-holder) in the test process and
+// returns its socket, in the test's temporary directory, and a function
+// that stops it gracefully and returns once Run has.
+func runInProcess(tb testing.TB, cfgs ...Config) (socket string, stop func()) {
 	tb.Helper()
 	dir := tb.TempDir()
 	state := filepath.Join(dir, "state")
@@ -46,12 +61,10 @@ func startInProcess(tb testing.TB, cfgs ...Config) (*api.Client, string) {
 	}
 	done := make(chan struct{})
 	go func() { d.Run(ctx); close(done) }()
-	c, err := api.Dial(ctx, filepath.Join(dir, "s.sock"))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { c.Close(); cancel(); <-done })
-	return c, dir
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	tb.Cleanup(stop)
+	return cfg.Socket, stop
 }
 
 func BenchmarkAPIAcquireRelease(b *testing.B) {

@@ -101,16 +101,22 @@ func (d *Daemon) recovered(method string, err *error) {
 	}
 }
 
-// intercept authenticates, bounds and measures every call, and turns its
-// error into an API status.
-func (d *Daemon) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
-	t0 := time.Now()
+// intercept authenticates every unary call and runs it (see run).
+func (d *Daemon) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
-	defer d.recovered(method, &err)
-	ctx, err = d.authenticate(ctx, method)
+	ctx, err := d.authenticate(ctx, method)
 	if err != nil {
 		return nil, api.ToStatus(err)
 	}
+	return d.run(ctx, method, req, h)
+}
+
+// run bounds and measures a call of an authenticated caller, whether unary
+// or carried by a Session, and turns its error (or panic) into an API
+// status.
+func (d *Daemon) run(ctx context.Context, method string, req any, h grpc.UnaryHandler) (resp any, err error) {
+	t0 := time.Now()
+	defer d.recovered(method, &err)
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
 	defer cancel()
 	resp, err = h(ctx, req)

@@ -17,6 +17,7 @@ package vmlockpb
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -28,6 +29,299 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+type Call struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The caller's remaining deadline; 0: the daemon's request_timeout,
+	// which also bounds any longer one.
+	TimeoutMs int64 `protobuf:"varint,2,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// Types that are valid to be assigned to Method:
+	//
+	//	*Call_Status
+	//	*Call_Acquire
+	//	*Call_Release
+	//	*Call_Inquire
+	Method        isCall_Method `protobuf_oneof:"method"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Call) Reset() {
+	*x = Call{}
+	mi := &file_vmlock_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Call) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Call) ProtoMessage() {}
+
+func (x *Call) ProtoReflect() protoreflect.Message {
+	mi := &file_vmlock_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Call.ProtoReflect.Descriptor instead.
+func (*Call) Descriptor() ([]byte, []int) {
+	return file_vmlock_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Call) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Call) GetTimeoutMs() int64 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+func (x *Call) GetMethod() isCall_Method {
+	if x != nil {
+		return x.Method
+	}
+	return nil
+}
+
+func (x *Call) GetStatus() *StatusRequest {
+	if x != nil {
+		if x, ok := x.Method.(*Call_Status); ok {
+			return x.Status
+		}
+	}
+	return nil
+}
+
+func (x *Call) GetAcquire() *AcquireRequest {
+	if x != nil {
+		if x, ok := x.Method.(*Call_Acquire); ok {
+			return x.Acquire
+		}
+	}
+	return nil
+}
+
+func (x *Call) GetRelease() *ReleaseRequest {
+	if x != nil {
+		if x, ok := x.Method.(*Call_Release); ok {
+			return x.Release
+		}
+	}
+	return nil
+}
+
+func (x *Call) GetInquire() *InquireRequest {
+	if x != nil {
+		if x, ok := x.Method.(*Call_Inquire); ok {
+			return x.Inquire
+		}
+	}
+	return nil
+}
+
+type isCall_Method interface {
+	isCall_Method()
+}
+
+type Call_Status struct {
+	Status *StatusRequest `protobuf:"bytes,10,opt,name=status,proto3,oneof"`
+}
+
+type Call_Acquire struct {
+	Acquire *AcquireRequest `protobuf:"bytes,11,opt,name=acquire,proto3,oneof"`
+}
+
+type Call_Release struct {
+	Release *ReleaseRequest `protobuf:"bytes,12,opt,name=release,proto3,oneof"`
+}
+
+type Call_Inquire struct {
+	Inquire *InquireRequest `protobuf:"bytes,13,opt,name=inquire,proto3,oneof"`
+}
+
+func (*Call_Status) isCall_Method() {}
+
+func (*Call_Acquire) isCall_Method() {}
+
+func (*Call_Release) isCall_Method() {}
+
+func (*Call_Inquire) isCall_Method() {}
+
+type Reply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Set when the call failed: the status its unary method would have
+	// returned (fields as google.rpc.Status).
+	Error *CallStatus `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*Reply_Status
+	//	*Reply_State
+	Result        isReply_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Reply) Reset() {
+	*x = Reply{}
+	mi := &file_vmlock_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Reply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Reply) ProtoMessage() {}
+
+func (x *Reply) ProtoReflect() protoreflect.Message {
+	mi := &file_vmlock_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Reply.ProtoReflect.Descriptor instead.
+func (*Reply) Descriptor() ([]byte, []int) {
+	return file_vmlock_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Reply) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Reply) GetError() *CallStatus {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *Reply) GetResult() isReply_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *Reply) GetStatus() *StatusReply {
+	if x != nil {
+		if x, ok := x.Result.(*Reply_Status); ok {
+			return x.Status
+		}
+	}
+	return nil
+}
+
+func (x *Reply) GetState() *StateReply {
+	if x != nil {
+		if x, ok := x.Result.(*Reply_State); ok {
+			return x.State
+		}
+	}
+	return nil
+}
+
+type isReply_Result interface {
+	isReply_Result()
+}
+
+type Reply_Status struct {
+	Status *StatusReply `protobuf:"bytes,10,opt,name=status,proto3,oneof"`
+}
+
+type Reply_State struct {
+	State *StateReply `protobuf:"bytes,11,opt,name=state,proto3,oneof"` // of acquire, release and inquire
+}
+
+func (*Reply_Status) isReply_Result() {}
+
+func (*Reply_State) isReply_Result() {}
+
+// CallStatus is a google.rpc.Status, wire for wire.
+type CallStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Code          int32                  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Details       []*anypb.Any           `protobuf:"bytes,3,rep,name=details,proto3" json:"details,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CallStatus) Reset() {
+	*x = CallStatus{}
+	mi := &file_vmlock_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CallStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CallStatus) ProtoMessage() {}
+
+func (x *CallStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_vmlock_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CallStatus.ProtoReflect.Descriptor instead.
+func (*CallStatus) Descriptor() ([]byte, []int) {
+	return file_vmlock_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CallStatus) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *CallStatus) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *CallStatus) GetDetails() []*anypb.Any {
+	if x != nil {
+		return x.Details
+	}
+	return nil
+}
 
 type Object struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -43,7 +337,7 @@ type Object struct {
 
 func (x *Object) Reset() {
 	*x = Object{}
-	mi := &file_vmlock_proto_msgTypes[0]
+	mi := &file_vmlock_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -55,7 +349,7 @@ func (x *Object) String() string {
 func (*Object) ProtoMessage() {}
 
 func (x *Object) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[0]
+	mi := &file_vmlock_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -68,7 +362,7 @@ func (x *Object) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Object.ProtoReflect.Descriptor instead.
 func (*Object) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{0}
+	return file_vmlock_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Object) GetUuid() string {
@@ -124,7 +418,7 @@ type Resource struct {
 
 func (x *Resource) Reset() {
 	*x = Resource{}
-	mi := &file_vmlock_proto_msgTypes[1]
+	mi := &file_vmlock_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -136,7 +430,7 @@ func (x *Resource) String() string {
 func (*Resource) ProtoMessage() {}
 
 func (x *Resource) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[1]
+	mi := &file_vmlock_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -149,7 +443,7 @@ func (x *Resource) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resource.ProtoReflect.Descriptor instead.
 func (*Resource) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{1}
+	return file_vmlock_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Resource) GetType() string {
@@ -181,7 +475,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_vmlock_proto_msgTypes[2]
+	mi := &file_vmlock_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -193,7 +487,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[2]
+	mi := &file_vmlock_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -206,7 +500,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{2}
+	return file_vmlock_proto_rawDescGZIP(), []int{5}
 }
 
 type StatusReply struct {
@@ -227,7 +521,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_vmlock_proto_msgTypes[3]
+	mi := &file_vmlock_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -239,7 +533,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[3]
+	mi := &file_vmlock_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -252,7 +546,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{3}
+	return file_vmlock_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StatusReply) GetVersion() string {
@@ -336,7 +630,7 @@ type AcquireRequest struct {
 
 func (x *AcquireRequest) Reset() {
 	*x = AcquireRequest{}
-	mi := &file_vmlock_proto_msgTypes[4]
+	mi := &file_vmlock_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -348,7 +642,7 @@ func (x *AcquireRequest) String() string {
 func (*AcquireRequest) ProtoMessage() {}
 
 func (x *AcquireRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[4]
+	mi := &file_vmlock_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -361,7 +655,7 @@ func (x *AcquireRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireRequest.ProtoReflect.Descriptor instead.
 func (*AcquireRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{4}
+	return file_vmlock_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AcquireRequest) GetObject() *Object {
@@ -394,7 +688,7 @@ type StateReply struct {
 
 func (x *StateReply) Reset() {
 	*x = StateReply{}
-	mi := &file_vmlock_proto_msgTypes[5]
+	mi := &file_vmlock_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -406,7 +700,7 @@ func (x *StateReply) String() string {
 func (*StateReply) ProtoMessage() {}
 
 func (x *StateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[5]
+	mi := &file_vmlock_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -419,7 +713,7 @@ func (x *StateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateReply.ProtoReflect.Descriptor instead.
 func (*StateReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{5}
+	return file_vmlock_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StateReply) GetState() string {
@@ -439,7 +733,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_vmlock_proto_msgTypes[6]
+	mi := &file_vmlock_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +745,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[6]
+	mi := &file_vmlock_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +758,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{6}
+	return file_vmlock_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReleaseRequest) GetUuid() string {
@@ -490,7 +784,7 @@ type InquireRequest struct {
 
 func (x *InquireRequest) Reset() {
 	*x = InquireRequest{}
-	mi := &file_vmlock_proto_msgTypes[7]
+	mi := &file_vmlock_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -502,7 +796,7 @@ func (x *InquireRequest) String() string {
 func (*InquireRequest) ProtoMessage() {}
 
 func (x *InquireRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[7]
+	mi := &file_vmlock_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -515,7 +809,7 @@ func (x *InquireRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InquireRequest.ProtoReflect.Descriptor instead.
 func (*InquireRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{7}
+	return file_vmlock_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *InquireRequest) GetUuid() string {
@@ -533,7 +827,7 @@ type LocksRequest struct {
 
 func (x *LocksRequest) Reset() {
 	*x = LocksRequest{}
-	mi := &file_vmlock_proto_msgTypes[8]
+	mi := &file_vmlock_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -545,7 +839,7 @@ func (x *LocksRequest) String() string {
 func (*LocksRequest) ProtoMessage() {}
 
 func (x *LocksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[8]
+	mi := &file_vmlock_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -558,7 +852,7 @@ func (x *LocksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocksRequest.ProtoReflect.Descriptor instead.
 func (*LocksRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{8}
+	return file_vmlock_proto_rawDescGZIP(), []int{11}
 }
 
 type Holder struct {
@@ -576,7 +870,7 @@ type Holder struct {
 
 func (x *Holder) Reset() {
 	*x = Holder{}
-	mi := &file_vmlock_proto_msgTypes[9]
+	mi := &file_vmlock_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +882,7 @@ func (x *Holder) String() string {
 func (*Holder) ProtoMessage() {}
 
 func (x *Holder) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[9]
+	mi := &file_vmlock_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +895,7 @@ func (x *Holder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Holder.ProtoReflect.Descriptor instead.
 func (*Holder) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{9}
+	return file_vmlock_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Holder) GetName() string {
@@ -666,7 +960,7 @@ type Lock struct {
 
 func (x *Lock) Reset() {
 	*x = Lock{}
-	mi := &file_vmlock_proto_msgTypes[10]
+	mi := &file_vmlock_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +972,7 @@ func (x *Lock) String() string {
 func (*Lock) ProtoMessage() {}
 
 func (x *Lock) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[10]
+	mi := &file_vmlock_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +985,7 @@ func (x *Lock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Lock.ProtoReflect.Descriptor instead.
 func (*Lock) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{10}
+	return file_vmlock_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Lock) GetResource() *Resource {
@@ -738,7 +1032,7 @@ type LocksReply struct {
 
 func (x *LocksReply) Reset() {
 	*x = LocksReply{}
-	mi := &file_vmlock_proto_msgTypes[11]
+	mi := &file_vmlock_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -750,7 +1044,7 @@ func (x *LocksReply) String() string {
 func (*LocksReply) ProtoMessage() {}
 
 func (x *LocksReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[11]
+	mi := &file_vmlock_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -763,7 +1057,7 @@ func (x *LocksReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocksReply.ProtoReflect.Descriptor instead.
 func (*LocksReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{11}
+	return file_vmlock_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LocksReply) GetLocks() []*Lock {
@@ -783,7 +1077,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_vmlock_proto_msgTypes[12]
+	mi := &file_vmlock_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -795,7 +1089,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[12]
+	mi := &file_vmlock_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -808,7 +1102,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{12}
+	return file_vmlock_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RevokeRequest) GetResource() *Resource {
@@ -834,7 +1128,7 @@ type RevokeReply struct {
 
 func (x *RevokeReply) Reset() {
 	*x = RevokeReply{}
-	mi := &file_vmlock_proto_msgTypes[13]
+	mi := &file_vmlock_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -846,7 +1140,7 @@ func (x *RevokeReply) String() string {
 func (*RevokeReply) ProtoMessage() {}
 
 func (x *RevokeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[13]
+	mi := &file_vmlock_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -859,7 +1153,7 @@ func (x *RevokeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeReply.ProtoReflect.Descriptor instead.
 func (*RevokeReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{13}
+	return file_vmlock_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeReply) GetKilledPids() []int64 {
@@ -877,7 +1171,7 @@ type ReloadRequest struct {
 
 func (x *ReloadRequest) Reset() {
 	*x = ReloadRequest{}
-	mi := &file_vmlock_proto_msgTypes[14]
+	mi := &file_vmlock_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -889,7 +1183,7 @@ func (x *ReloadRequest) String() string {
 func (*ReloadRequest) ProtoMessage() {}
 
 func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[14]
+	mi := &file_vmlock_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -902,7 +1196,7 @@ func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadRequest.ProtoReflect.Descriptor instead.
 func (*ReloadRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{14}
+	return file_vmlock_proto_rawDescGZIP(), []int{17}
 }
 
 type ReloadReply struct {
@@ -914,7 +1208,7 @@ type ReloadReply struct {
 
 func (x *ReloadReply) Reset() {
 	*x = ReloadReply{}
-	mi := &file_vmlock_proto_msgTypes[15]
+	mi := &file_vmlock_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -926,7 +1220,7 @@ func (x *ReloadReply) String() string {
 func (*ReloadReply) ProtoMessage() {}
 
 func (x *ReloadReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[15]
+	mi := &file_vmlock_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -939,7 +1233,7 @@ func (x *ReloadReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadReply.ProtoReflect.Descriptor instead.
 func (*ReloadReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{15}
+	return file_vmlock_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ReloadReply) GetPid() int64 {
@@ -953,7 +1247,29 @@ var File_vmlock_proto protoreflect.FileDescriptor
 
 const file_vmlock_proto_rawDesc = "" +
 	"\n" +
-	"\fvmlock.proto\x12\tvmlock.v1\"x\n" +
+	"\fvmlock.proto\x12\tvmlock.v1\x1a\x19google/protobuf/any.proto\"\x98\x02\n" +
+	"\x04Call\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x02 \x01(\x03R\ttimeoutMs\x122\n" +
+	"\x06status\x18\n" +
+	" \x01(\v2\x18.vmlock.v1.StatusRequestH\x00R\x06status\x125\n" +
+	"\aacquire\x18\v \x01(\v2\x19.vmlock.v1.AcquireRequestH\x00R\aacquire\x125\n" +
+	"\arelease\x18\f \x01(\v2\x19.vmlock.v1.ReleaseRequestH\x00R\arelease\x125\n" +
+	"\ainquire\x18\r \x01(\v2\x19.vmlock.v1.InquireRequestH\x00R\ainquireB\b\n" +
+	"\x06method\"\xaf\x01\n" +
+	"\x05Reply\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.vmlock.v1.CallStatusR\x05error\x120\n" +
+	"\x06status\x18\n" +
+	" \x01(\v2\x16.vmlock.v1.StatusReplyH\x00R\x06status\x12-\n" +
+	"\x05state\x18\v \x01(\v2\x15.vmlock.v1.StateReplyH\x00R\x05stateB\b\n" +
+	"\x06result\"j\n" +
+	"\n" +
+	"CallStatus\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12.\n" +
+	"\adetails\x18\x03 \x03(\v2\x14.google.protobuf.AnyR\adetails\"x\n" +
 	"\x06Object\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x0e\n" +
@@ -1016,7 +1332,7 @@ const file_vmlock_proto_rawDesc = "" +
 	"killedPids\"\x0f\n" +
 	"\rReloadRequest\"\x1f\n" +
 	"\vReloadReply\x12\x10\n" +
-	"\x03pid\x18\x01 \x01(\x03R\x03pid2\xac\x03\n" +
+	"\x03pid\x18\x01 \x01(\x03R\x03pid2\xde\x03\n" +
 	"\x06VMLock\x12:\n" +
 	"\x06Status\x12\x18.vmlock.v1.StatusRequest\x1a\x16.vmlock.v1.StatusReply\x12;\n" +
 	"\aAcquire\x12\x19.vmlock.v1.AcquireRequest\x1a\x15.vmlock.v1.StateReply\x12;\n" +
@@ -1024,7 +1340,8 @@ const file_vmlock_proto_rawDesc = "" +
 	"\aInquire\x12\x19.vmlock.v1.InquireRequest\x1a\x15.vmlock.v1.StateReply\x127\n" +
 	"\x05Locks\x12\x17.vmlock.v1.LocksRequest\x1a\x15.vmlock.v1.LocksReply\x12:\n" +
 	"\x06Revoke\x12\x18.vmlock.v1.RevokeRequest\x1a\x16.vmlock.v1.RevokeReply\x12:\n" +
-	"\x06Reload\x12\x18.vmlock.v1.ReloadRequest\x1a\x16.vmlock.v1.ReloadReplyB'Z%github.com/vmlock/vmlock/api/vmlockpbb\x06proto3"
+	"\x06Reload\x12\x18.vmlock.v1.ReloadRequest\x1a\x16.vmlock.v1.ReloadReply\x120\n" +
+	"\aSession\x12\x0f.vmlock.v1.Call\x1a\x10.vmlock.v1.Reply(\x010\x01B'Z%github.com/vmlock/vmlock/api/vmlockpbb\x06proto3"
 
 var (
 	file_vmlock_proto_rawDescOnce sync.Once
@@ -1038,52 +1355,66 @@ func file_vmlock_proto_rawDescGZIP() []byte {
 	return file_vmlock_proto_rawDescData
 }
 
-var file_vmlock_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_vmlock_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_vmlock_proto_goTypes = []any{
-	(*Object)(nil),         // 0: vmlock.v1.Object
-	(*Resource)(nil),       // 1: vmlock.v1.Resource
-	(*StatusRequest)(nil),  // 2: vmlock.v1.StatusRequest
-	(*StatusReply)(nil),    // 3: vmlock.v1.StatusReply
-	(*AcquireRequest)(nil), // 4: vmlock.v1.AcquireRequest
-	(*StateReply)(nil),     // 5: vmlock.v1.StateReply
-	(*ReleaseRequest)(nil), // 6: vmlock.v1.ReleaseRequest
-	(*InquireRequest)(nil), // 7: vmlock.v1.InquireRequest
-	(*LocksRequest)(nil),   // 8: vmlock.v1.LocksRequest
-	(*Holder)(nil),         // 9: vmlock.v1.Holder
-	(*Lock)(nil),           // 10: vmlock.v1.Lock
-	(*LocksReply)(nil),     // 11: vmlock.v1.LocksReply
-	(*RevokeRequest)(nil),  // 12: vmlock.v1.RevokeRequest
-	(*RevokeReply)(nil),    // 13: vmlock.v1.RevokeReply
-	(*ReloadRequest)(nil),  // 14: vmlock.v1.ReloadRequest
-	(*ReloadReply)(nil),    // 15: vmlock.v1.ReloadReply
+	(*Call)(nil),           // 0: vmlock.v1.Call
+	(*Reply)(nil),          // 1: vmlock.v1.Reply
+	(*CallStatus)(nil),     // 2: vmlock.v1.CallStatus
+	(*Object)(nil),         // 3: vmlock.v1.Object
+	(*Resource)(nil),       // 4: vmlock.v1.Resource
+	(*StatusRequest)(nil),  // 5: vmlock.v1.StatusRequest
+	(*StatusReply)(nil),    // 6: vmlock.v1.StatusReply
+	(*AcquireRequest)(nil), // 7: vmlock.v1.AcquireRequest
+	(*StateReply)(nil),     // 8: vmlock.v1.StateReply
+	(*ReleaseRequest)(nil), // 9: vmlock.v1.ReleaseRequest
+	(*InquireRequest)(nil), // 10: vmlock.v1.InquireRequest
+	(*LocksRequest)(nil),   // 11: vmlock.v1.LocksRequest
+	(*Holder)(nil),         // 12: vmlock.v1.Holder
+	(*Lock)(nil),           // 13: vmlock.v1.Lock
+	(*LocksReply)(nil),     // 14: vmlock.v1.LocksReply
+	(*RevokeRequest)(nil),  // 15: vmlock.v1.RevokeRequest
+	(*RevokeReply)(nil),    // 16: vmlock.v1.RevokeReply
+	(*ReloadRequest)(nil),  // 17: vmlock.v1.ReloadRequest
+	(*ReloadReply)(nil),    // 18: vmlock.v1.ReloadReply
+	(*anypb.Any)(nil),      // 19: google.protobuf.Any
 }
 var file_vmlock_proto_depIdxs = []int32{
-	0,  // 0: vmlock.v1.AcquireRequest.object:type_name -> vmlock.v1.Object
-	1,  // 1: vmlock.v1.AcquireRequest.resources:type_name -> vmlock.v1.Resource
-	1,  // 2: vmlock.v1.ReleaseRequest.resources:type_name -> vmlock.v1.Resource
-	1,  // 3: vmlock.v1.Lock.resource:type_name -> vmlock.v1.Resource
-	9,  // 4: vmlock.v1.Lock.holders:type_name -> vmlock.v1.Holder
-	10, // 5: vmlock.v1.LocksReply.locks:type_name -> vmlock.v1.Lock
-	1,  // 6: vmlock.v1.RevokeRequest.resource:type_name -> vmlock.v1.Resource
-	2,  // 7: vmlock.v1.VMLock.Status:input_type -> vmlock.v1.StatusRequest
-	4,  // 8: vmlock.v1.VMLock.Acquire:input_type -> vmlock.v1.AcquireRequest
-	6,  // 9: vmlock.v1.VMLock.Release:input_type -> vmlock.v1.ReleaseRequest
-	7,  // 10: vmlock.v1.VMLock.Inquire:input_type -> vmlock.v1.InquireRequest
-	8,  // 11: vmlock.v1.VMLock.Locks:input_type -> vmlock.v1.LocksRequest
-	12, // 12: vmlock.v1.VMLock.Revoke:input_type -> vmlock.v1.RevokeRequest
-	14, // 13: vmlock.v1.VMLock.Reload:input_type -> vmlock.v1.ReloadRequest
-	3,  // 14: vmlock.v1.VMLock.Status:output_type -> vmlock.v1.StatusReply
-	5,  // 15: vmlock.v1.VMLock.Acquire:output_type -> vmlock.v1.StateReply
-	5,  // 16: vmlock.v1.VMLock.Release:output_type -> vmlock.v1.StateReply
-	5,  // 17: vmlock.v1.VMLock.Inquire:output_type -> vmlock.v1.StateReply
-	11, // 18: vmlock.v1.VMLock.Locks:output_type -> vmlock.v1.LocksReply
-	13, // 19: vmlock.v1.VMLock.Revoke:output_type -> vmlock.v1.RevokeReply
-	15, // 20: vmlock.v1.VMLock.Reload:output_type -> vmlock.v1.ReloadReply
-	14, // [14:21] is the sub-list for method output_type
-	7,  // [7:14] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	5,  // 0: vmlock.v1.Call.status:type_name -> vmlock.v1.StatusRequest
+	7,  // 1: vmlock.v1.Call.acquire:type_name -> vmlock.v1.AcquireRequest
+	9,  // 2: vmlock.v1.Call.release:type_name -> vmlock.v1.ReleaseRequest
+	10, // 3: vmlock.v1.Call.inquire:type_name -> vmlock.v1.InquireRequest
+	2,  // 4: vmlock.v1.Reply.error:type_name -> vmlock.v1.CallStatus
+	6,  // 5: vmlock.v1.Reply.status:type_name -> vmlock.v1.StatusReply
+	8,  // 6: vmlock.v1.Reply.state:type_name -> vmlock.v1.StateReply
+	19, // 7: vmlock.v1.CallStatus.details:type_name -> google.protobuf.Any
+	3,  // 8: vmlock.v1.AcquireRequest.object:type_name -> vmlock.v1.Object
+	4,  // 9: vmlock.v1.AcquireRequest.resources:type_name -> vmlock.v1.Resource
+	4,  // 10: vmlock.v1.ReleaseRequest.resources:type_name -> vmlock.v1.Resource
+	4,  // 11: vmlock.v1.Lock.resource:type_name -> vmlock.v1.Resource
+	12, // 12: vmlock.v1.Lock.holders:type_name -> vmlock.v1.Holder
+	13, // 13: vmlock.v1.LocksReply.locks:type_name -> vmlock.v1.Lock
+	4,  // 14: vmlock.v1.RevokeRequest.resource:type_name -> vmlock.v1.Resource
+	5,  // 15: vmlock.v1.VMLock.Status:input_type -> vmlock.v1.StatusRequest
+	7,  // 16: vmlock.v1.VMLock.Acquire:input_type -> vmlock.v1.AcquireRequest
+	9,  // 17: vmlock.v1.VMLock.Release:input_type -> vmlock.v1.ReleaseRequest
+	10, // 18: vmlock.v1.VMLock.Inquire:input_type -> vmlock.v1.InquireRequest
+	11, // 19: vmlock.v1.VMLock.Locks:input_type -> vmlock.v1.LocksRequest
+	15, // 20: vmlock.v1.VMLock.Revoke:input_type -> vmlock.v1.RevokeRequest
+	17, // 21: vmlock.v1.VMLock.Reload:input_type -> vmlock.v1.ReloadRequest
+	0,  // 22: vmlock.v1.VMLock.Session:input_type -> vmlock.v1.Call
+	6,  // 23: vmlock.v1.VMLock.Status:output_type -> vmlock.v1.StatusReply
+	8,  // 24: vmlock.v1.VMLock.Acquire:output_type -> vmlock.v1.StateReply
+	8,  // 25: vmlock.v1.VMLock.Release:output_type -> vmlock.v1.StateReply
+	8,  // 26: vmlock.v1.VMLock.Inquire:output_type -> vmlock.v1.StateReply
+	14, // 27: vmlock.v1.VMLock.Locks:output_type -> vmlock.v1.LocksReply
+	16, // 28: vmlock.v1.VMLock.Revoke:output_type -> vmlock.v1.RevokeReply
+	18, // 29: vmlock.v1.VMLock.Reload:output_type -> vmlock.v1.ReloadReply
+	1,  // 30: vmlock.v1.VMLock.Session:output_type -> vmlock.v1.Reply
+	23, // [23:31] is the sub-list for method output_type
+	15, // [15:23] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_vmlock_proto_init() }
@@ -1091,13 +1422,23 @@ func file_vmlock_proto_init() {
 	if File_vmlock_proto != nil {
 		return
 	}
+	file_vmlock_proto_msgTypes[0].OneofWrappers = []any{
+		(*Call_Status)(nil),
+		(*Call_Acquire)(nil),
+		(*Call_Release)(nil),
+		(*Call_Inquire)(nil),
+	}
+	file_vmlock_proto_msgTypes[1].OneofWrappers = []any{
+		(*Reply_Status)(nil),
+		(*Reply_State)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmlock_proto_rawDesc), len(file_vmlock_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

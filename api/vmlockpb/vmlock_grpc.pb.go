@@ -34,6 +34,7 @@ const (
 	VMLock_Locks_FullMethodName   = "/vmlock.v1.VMLock/Locks"
 	VMLock_Revoke_FullMethodName  = "/vmlock.v1.VMLock/Revoke"
 	VMLock_Reload_FullMethodName  = "/vmlock.v1.VMLock/Reload"
+	VMLock_Session_FullMethodName = "/vmlock.v1.VMLock/Session"
 )
 
 // VMLockClient is the client API for VMLock service.
@@ -59,6 +60,15 @@ type VMLockClient interface {
 	Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeReply, error)
 	// Reload re-executes the daemon in place; every lock stays held.
 	Reload(ctx context.Context, in *ReloadRequest, opts ...grpc.CallOption) (*ReloadReply, error)
+	// Session carries calls of the methods above over one stream, for a
+	// client that makes many: a stream message costs about half a unary call.
+	// Each Call is answered by one Reply with the same id, in order, one at a
+	// time. A call's checks, effects and errors are those of its method. The
+	// daemon ends a session (status OK) only between calls, when it stops or
+	// reloads: a Call it has not answered then was not run, and the client
+	// makes it again (the Go client, package api, falls back to the unary
+	// method).
+	Session(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[Call, Reply], error)
 }
 
 type vMLockClient struct {
@@ -139,6 +149,19 @@ func (c *vMLockClient) Reload(ctx context.Context, in *ReloadRequest, opts ...gr
 	return out, nil
 }
 
+func (c *vMLockClient) Session(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[Call, Reply], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &VMLock_ServiceDesc.Streams[0], VMLock_Session_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[Call, Reply]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMLock_SessionClient = grpc.BidiStreamingClient[Call, Reply]
+
 // VMLockServer is the server API for VMLock service.
 // All implementations must embed UnimplementedVMLockServer
 // for forward compatibility.
@@ -162,6 +185,15 @@ type VMLockServer interface {
 	Revoke(context.Context, *RevokeRequest) (*RevokeReply, error)
 	// Reload re-executes the daemon in place; every lock stays held.
 	Reload(context.Context, *ReloadRequest) (*ReloadReply, error)
+	// Session carries calls of the methods above over one stream, for a
+	// client that makes many: a stream message costs about half a unary call.
+	// Each Call is answered by one Reply with the same id, in order, one at a
+	// time. A call's checks, effects and errors are those of its method. The
+	// daemon ends a session (status OK) only between calls, when it stops or
+	// reloads: a Call it has not answered then was not run, and the client
+	// makes it again (the Go client, package api, falls back to the unary
+	// method).
+	Session(grpc.BidiStreamingServer[Call, Reply]) error
 	mustEmbedUnimplementedVMLockServer()
 }
 
@@ -192,6 +224,9 @@ func (UnimplementedVMLockServer) Revoke(context.Context, *RevokeRequest) (*Revok
 }
 func (UnimplementedVMLockServer) Reload(context.Context, *ReloadRequest) (*ReloadReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reload not implemented")
+}
+func (UnimplementedVMLockServer) Session(grpc.BidiStreamingServer[Call, Reply]) error {
+	return status.Error(codes.Unimplemented, "method Session not implemented")
 }
 func (UnimplementedVMLockServer) mustEmbedUnimplementedVMLockServer() {}
 func (UnimplementedVMLockServer) testEmbeddedByValue()                {}
@@ -340,6 +375,13 @@ func _VMLock_Reload_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMLock_Session_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(VMLockServer).Session(&grpc.GenericServerStream[Call, Reply]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMLock_SessionServer = grpc.BidiStreamingServer[Call, Reply]
+
 // VMLock_ServiceDesc is the grpc.ServiceDesc for VMLock service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -376,6 +418,13 @@ var VMLock_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _VMLock_Reload_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Session",
+			Handler:       _VMLock_Session_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "vmlock.proto",
 }

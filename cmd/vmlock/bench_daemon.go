@@ -409,7 +409,9 @@ func newBenchInternalCmds() []*cobra.Command {
 				}
 				defer pprof.StopCPUProfile()
 			}
-			runtime.GOMAXPROCS(1) // vmlockd's default max_procs
+			if os.Getenv("GOMAXPROCS") == "" {
+				runtime.GOMAXPROCS(1) // vmlockd's default max_procs
+			}
 			drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
 			if err != nil {
 				return err

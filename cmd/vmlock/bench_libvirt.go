@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,6 +74,7 @@ type lvBenchEnv struct {
 	owners     []*exec.Cmd
 	cpuProfile string
 	cpu        [2]float64 // CPU µs per cycle of the last lvRate: virtlockd, vmlockd (with its lock-holder)
+	clientCPU  float64    // the benchmark's own CPU µs per cycle in the last lvRate's virtlockd rounds
 	processes  sync.WaitGroup
 }
 
@@ -318,7 +320,7 @@ func cpuTicks(pids ...int) time.Duration {
 func lvRate(ctx context.Context, e *lvBenchEnv, vl, vm []*lvConn, d time.Duration) (vlRate, vmRate float64, vlS, vmS bench.Samples, err error) {
 	const rounds = 4
 	var vlN, vmN int
-	var vlT, vmT, vlCPU, vmCPU time.Duration
+	var vlT, vmT, vlCPU, vmCPU, ownCPU time.Duration
 	for r := range rounds {
 		for i := range 2 {
 			isVL := (r+i)%2 == 0
@@ -330,7 +332,7 @@ func lvRate(ctx context.Context, e *lvBenchEnv, vl, vm []*lvConn, d time.Duratio
 			if isVL {
 				pids = []int{e.vl.Process.Pid}
 			}
-			cpu0 := cpuTicks(pids...)
+			cpu0, own0 := cpuTicks(pids...), cpuTicks(os.Getpid())
 			t0 := time.Now()
 			n, s, err := lvThroughput(ctx, cs, d/rounds)
 			if err != nil {
@@ -339,6 +341,7 @@ func lvRate(ctx context.Context, e *lvBenchEnv, vl, vm []*lvConn, d time.Duratio
 			el := time.Since(t0)
 			cpu := cpuTicks(pids...) - cpu0
 			if isVL {
+				ownCPU += cpuTicks(os.Getpid()) - own0
 				vlN, vlT, vlCPU, vlS = vlN+n, vlT+el, vlCPU+cpu, append(vlS, s...)
 			} else {
 				vmN, vmT, vmCPU, vmS = vmN+n, vmT+el, vmCPU+cpu, append(vmS, s...)
@@ -346,6 +349,7 @@ func lvRate(ctx context.Context, e *lvBenchEnv, vl, vm []*lvConn, d time.Duratio
 		}
 	}
 	e.cpu = [2]float64{bench.Micros(vlCPU) / float64(max(vlN, 1)), bench.Micros(vmCPU) / float64(max(vmN, 1))}
+	e.clientCPU = bench.Micros(ownCPU) / float64(max(vlN, 1))
 	return float64(vlN) / vlT.Seconds(), float64(vmN) / vmT.Seconds(), vlS, vmS, nil
 }
 
@@ -398,9 +402,18 @@ func benchLibvirt(ctx context.Context, o *benchLibvirtOpts, stdout io.Writer) er
 			}
 		}
 	}
+	// The floor of any daemon: a process-to-process unix round trip.
+	echo, err := startEcho(dir)
+	if err != nil {
+		return err
+	}
+	defer echo.close()
 	vl[0].calls, vm[0].calls = make([]bench.Samples, 3), make([]bench.Samples, 3)
-	fmt.Fprintf(os.Stderr, "bench libvirt: %d interleaved cycles on 1 connection to virtlockd and to vmlockd\n", o.iterations)
-	s := bench.Interleave(o.warmup, o.iterations, one(vl[0]), one(vm[0]))
+	fmt.Fprintf(os.Stderr, "bench libvirt: %d interleaved cycles on 1 connection to virtlockd and to vmlockd, and unix round trips\n", o.iterations)
+	s := bench.Interleave(o.warmup, o.iterations, one(vl[0]), one(vm[0]), echo.roundTrip)
+	if failed == nil {
+		failed = echo.err
+	}
 	if failed != nil {
 		return fmt.Errorf("bench libvirt: %w", failed)
 	}
@@ -420,6 +433,13 @@ func benchLibvirt(ctx context.Context, o *benchLibvirtOpts, stdout io.Writer) er
 	r.Metric("virtlockd_cycle_p99_us", vl99)
 	r.Metric("vmlockd_cycle_p50_us", vm50)
 	r.Metric("vmlockd_cycle_p99_us", vm99)
+	// A cycle is 3 calls. What a daemon answering each call in exactly one
+	// round trip would reach against virtlockd on one connection:
+	rtt50 := bench.Micros(s[2].Percentile(50))
+	r.Metric("unix_rtt_p50_us", rtt50)
+	r.Metric("virtlockd_call_vs_unix_rtt", vl50/3/rtt50)
+	r.Metric("vmlockd_call_vs_unix_rtt", vm50/3/rtt50)
+	r.Metric("throughput_1conn_bound_vs_virtlockd", vl50/(3*rtt50))
 
 	fmt.Fprintf(os.Stderr, "bench libvirt: throughput, 1 connection, %v each\n", o.duration)
 	vlR1, vmR1, _, _, err := lvRate(ctx, e, vl[:1], vm[:1], o.duration)
@@ -440,6 +460,10 @@ func benchLibvirt(ctx context.Context, o *benchLibvirtOpts, stdout io.Writer) er
 	r.Metric("vmlockd_cycles_per_s_8conn", vmR8)
 	r.Metric("virtlockd_cpu_per_cycle_8conn_us", e.cpu[0])
 	r.Metric("vmlockd_cpu_per_cycle_8conn_us", e.cpu[1])
+	// The clients' own CPU bounds any daemon's rate on this machine: with
+	// every CPU busy, a daemon that cost nothing would reach this ratio.
+	r.Metric("client_cpu_per_cycle_8conn_us", e.clientCPU)
+	r.Metric("throughput_8conn_bound_vs_virtlockd", float64(runtime.NumCPU())*1e6/e.clientCPU/vlR8)
 	r.Metric("virtlockd_cycle_p99_8conn_us", bench.Micros(vlS8.Percentile(99)))
 	r.Metric("vmlockd_cycle_p99_8conn_us", bench.Micros(vmS8.Percentile(99)))
 

@@ -1,0 +1,100 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/vmlock/vmlock/api/vmlockpb"
+)
+
+// Session serves calls over one stream (see vmlock.proto). The stream was
+// authenticated when it opened (interceptStream); each call is then run
+// like a unary one: bounded, measured, its error an API status.
+//
+// Invariant: the session ends (status OK) only between calls, so a Call it
+// has not answered was not run and the client may make it again. Calls are
+// read by a goroutine of their own so that a stop or reload ends an idle
+// session at once instead of waiting in Recv.
+func (s *service) Session(stream grpc.BidiStreamingServer[vmlockpb.Call, vmlockpb.Reply]) error {
+	ctx := stream.Context()
+	calls := make(chan *vmlockpb.Call)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			c, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case calls <- c:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for {
+		select {
+		case <-s.d.stopping:
+			return nil
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		case c := <-calls:
+			if err := stream.Send(s.serveCall(ctx, c)); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// serveCall runs one call of a session and returns its reply.
+func (s *service) serveCall(ctx context.Context, c *vmlockpb.Call) *vmlockpb.Reply {
+	if c.TimeoutMs > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(c.TimeoutMs)*time.Millisecond)
+		defer cancel()
+	}
+	var method string
+	var req any
+	var h grpc.UnaryHandler
+	switch m := c.Method.(type) {
+	case *vmlockpb.Call_Status:
+		method, req = "Status", m.Status
+		h = func(ctx context.Context, r any) (any, error) { return s.Status(ctx, r.(*vmlockpb.StatusRequest)) }
+	case *vmlockpb.Call_Acquire:
+		method, req = "Acquire", m.Acquire
+		h = func(ctx context.Context, r any) (any, error) { return s.Acquire(ctx, r.(*vmlockpb.AcquireRequest)) }
+	case *vmlockpb.Call_Release:
+		method, req = "Release", m.Release
+		h = func(ctx context.Context, r any) (any, error) { return s.Release(ctx, r.(*vmlockpb.ReleaseRequest)) }
+	case *vmlockpb.Call_Inquire:
+		method, req = "Inquire", m.Inquire
+		h = func(ctx context.Context, r any) (any, error) { return s.Inquire(ctx, r.(*vmlockpb.InquireRequest)) }
+	default:
+		return &vmlockpb.Reply{Id: c.Id, Error: &vmlockpb.CallStatus{Code: int32(codes.Unimplemented),
+			Message: "this session call names no method this vmlockd knows (a newer client?)"}}
+	}
+	rep := &vmlockpb.Reply{Id: c.Id}
+	resp, err := s.d.run(ctx, method, req, h)
+	if err != nil {
+		st := status.Convert(err).Proto()
+		rep.Error = &vmlockpb.CallStatus{Code: st.Code, Message: st.Message, Details: st.Details}
+		return rep
+	}
+	switch r := resp.(type) {
+	case *vmlockpb.StatusReply:
+		rep.Result = &vmlockpb.Reply_Status{Status: r}
+	case *vmlockpb.StateReply:
+		rep.Result = &vmlockpb.Reply_State{State: r}
+	}
+	return rep
+}
