@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"sort"
@@ -53,7 +54,7 @@ func newBenchEtcdCmd() *cobra.Command {
 	f := c.Flags()
 	f.BoolVar(&o.json, "json", false, "print the report as one JSON object (shared/specs/bench-output.md)")
 	f.IntVar(&o.rounds, "rounds", 200, "timed grant rounds")
-	f.IntVar(&o.handoffs, "handoffs", 30, "timed hand-offs of each kind")
+	f.IntVar(&o.handoffs, "handoffs", 100, "timed hand-offs of each kind")
 	f.DurationVar(&o.queueDelay, "queue-delay", 10*time.Millisecond, "how long the waiter is queued before the holder releases")
 	f.DurationVar(&o.ttl, "ttl", etcdlock.DefaultTTL, "session TTL of the hosts that die in the takeover test")
 	return c
@@ -222,7 +223,7 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 	reqs[0].Resource.Name = "/var/lib/vmlock-bench/handoff.qcow2"
 	// driver: h1 holds, h2 waits; the release is timed until h2 holds.
 	var rel bench.Samples // the release transaction alone
-	driver := func() (time.Duration, error) {
+	driver := func(wait time.Duration) (time.Duration, error) {
 		held, err := h1.Acquire(ctx, reqs)
 		if err != nil {
 			return 0, err
@@ -248,7 +249,7 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		case r := <-done:
 			return 0, fmt.Errorf("waiter did not wait: %v", r.err)
 		}
-		time.Sleep(o.queueDelay)
+		time.Sleep(wait)
 		t := time.Now()
 		if err := h1.Release(ctx, held); err != nil {
 			return 0, err
@@ -261,7 +262,7 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		return r.at.Sub(t), h2.Release(ctx, r.ls)
 	}
 	key := mutexKey(reqs[0])
-	mutex := func() (time.Duration, error) {
+	mutex := func(wait time.Duration) (time.Duration, error) {
 		m1, m2 := concurrency.NewMutex(s1, key), concurrency.NewMutex(s2, key)
 		if err := m1.Lock(ctx); err != nil {
 			return 0, err
@@ -284,7 +285,7 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 			}
 			time.Sleep(time.Millisecond)
 		}
-		time.Sleep(o.queueDelay)
+		time.Sleep(wait)
 		t := time.Now()
 		if err := m1.Unlock(ctx); err != nil {
 			return 0, err
@@ -296,11 +297,20 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 	}
 	var ds, ms bench.Samples
 	for i := range 3 + o.handoffs {
-		a, err := driver()
+		// Each hand-off starts at a random point of etcd's watcher sync
+		// period (100 ms): the Mutex's waiter watches from the revision it
+		// read, which puts its watcher in the unsynced group until the
+		// server's next sync, so how soon it hears of a release depends on
+		// where that loop is. Rounds that took a fixed time could
+		// phase-lock with it and show the Mutex's best or worst case
+		// instead of its typical one.
+		time.Sleep(rand.N(100 * time.Millisecond))
+		a, err := driver(o.queueDelay)
 		if err != nil {
 			return fmt.Errorf("driver hand-off: %w", err)
 		}
-		b, err := mutex()
+		time.Sleep(rand.N(100 * time.Millisecond))
+		b, err := mutex(o.queueDelay)
 		if err != nil {
 			return fmt.Errorf("mutex hand-off: %w", err)
 		}
