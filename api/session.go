@@ -64,8 +64,12 @@ func (s *session) do(ctx context.Context, rpc vmlockpb.VMLockClient, call *vmloc
 	}
 	stop := context.AfterFunc(ctx, s.cancel)
 	defer stop()
-	// A failed Send shows in Recv, which says how the stream ended.
-	_ = s.stream.Send(call)
+	if err := s.stream.Send(call); err != nil {
+		// Not sent (the stream ended, or the connection did): the unary
+		// call makes it, waiting for the daemon if it is coming back.
+		s.drop()
+		return nil, false, nil
+	}
 	rep, err = s.stream.Recv()
 	switch {
 	case err == nil && rep.Id == call.Id:
