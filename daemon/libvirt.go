@@ -93,6 +93,7 @@ func (d *Daemon) listenLibvirt(ctx context.Context) error {
 		// A libvirt call may wait on the lock driver (a dead NFS server):
 		// bound it like the native API's calls.
 		CallTimeout: d.cfg.RequestTimeout,
+		Observe:     d.cfg.Metrics.observeLibvirt,
 	})
 	if err != nil {
 		return err

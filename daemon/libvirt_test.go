@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
@@ -198,6 +200,21 @@ func TestLibvirtDomainIsAnOwnerPinnedByPid(t *testing.T) {
 
 	other := e.register("dom-b", 2, sleeper(t))
 	wantBusy(t, other.AcquireResource(ctx, "", disk, 0), `"dom-a"`, "pid "+strconv.Itoa(pid))
+	// The endpoint's calls are counted by procedure and result.
+	m := e.d.cfg.Metrics
+	for _, c := range []struct {
+		proc, result string
+		want         float64
+	}{
+		{"REGISTER", "ok", 2}, {"ACQUIRE_RESOURCE", "ok", 1}, {"ACQUIRE_RESOURCE", "busy", 1}, {"RELEASE_RESOURCE", "ok", 0},
+	} {
+		if got := testutil.ToFloat64(m.libvirt.WithLabelValues(c.proc, c.result)); got != c.want {
+			t.Errorf("vmlock_libvirt_calls_total{%s,%s} = %v, want %v", c.proc, c.result, got, c.want)
+		}
+	}
+	if got := testutil.ToFloat64(m.busy); got != 1 {
+		t.Errorf("busy refusals = %v, want 1 (the libvirt one)", got)
+	}
 
 	// The connection's peer is not the owner: closing it releases nothing,
 	// but the owner's exit does, through the daemon's pid tracking.

@@ -1,8 +1,12 @@
 package daemon
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/vmlock/vmlock/virtlockd"
 )
 
 // Metrics are the daemon's Prometheus metrics, on a registry of their own
@@ -13,6 +17,7 @@ type Metrics struct {
 	busy        prometheus.Counter
 	revocations prometheus.Counter
 	latency     *prometheus.HistogramVec
+	libvirt     *prometheus.CounterVec
 }
 
 // NewMetrics returns the metrics, registered on a new registry.
@@ -32,8 +37,11 @@ func NewMetrics() *Metrics {
 			Name: "vmlock_request_duration_seconds", Help: "API call latency, by method.",
 			Buckets: prometheus.ExponentialBuckets(10e-6, 4, 10),
 		}, []string{"method"}),
+		libvirt: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmlock_libvirt_calls_total", Help: "Calls on the libvirt (virtlockd protocol) endpoint, by procedure and result (ok, busy or error).",
+		}, []string{"procedure", "result"}),
 	}
-	m.Registry.MustRegister(m.acquires, m.busy, m.revocations, m.latency,
+	m.Registry.MustRegister(m.acquires, m.busy, m.revocations, m.latency, m.libvirt,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -46,4 +54,22 @@ func (m *Metrics) register(d *Daemon) {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vmlock_owners", Help: "Objects whose owner process is watched."},
 			func() float64 { return float64(d.ownerCount()) }),
 	)
+}
+
+// observeLibvirt counts a call of the libvirt endpoint and records its
+// latency under the method "libvirt.PROCEDURE". A busy refusal also counts
+// as one of the daemon's busy refusals.
+func (m *Metrics) observeLibvirt(p virtlockd.Procedure, took time.Duration, rerr *virtlockd.RemoteError) {
+	result := "ok"
+	switch {
+	case rerr == nil:
+	case rerr.Code == virtlockd.CodeResourceBusy:
+		result = "busy"
+		m.busy.Inc()
+	default:
+		result = "error"
+	}
+	name := p.String()
+	m.libvirt.WithLabelValues(name, result).Inc()
+	m.latency.WithLabelValues("libvirt." + name).Observe(took.Seconds())
 }

@@ -85,6 +85,10 @@ type Config struct {
 	// CallTimeout bounds every call's work in the lock table (a lock driver
 	// that hangs on a dead NFS server); 0 means 30 s.
 	CallTimeout time.Duration
+	// Observe, if set, is called after every call that was decoded and
+	// answered: its procedure, how long it took, and its error (nil for
+	// success). For metrics; it must not block.
+	Observe func(p Procedure, took time.Duration, err *RemoteError)
 }
 
 // Server serves virtlockd's protocol on top of a lockmgr.Manager. Create it
@@ -101,6 +105,7 @@ type Server struct {
 	maxClients  int64
 	callTimeout time.Duration
 	euid        int
+	observe     func(Procedure, time.Duration, *RemoteError)
 
 	ownerLocks keyedMutex // by object uuid; taken before keyLocks
 	keyLocks   keyedMutex // by resource key
@@ -138,7 +143,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s := &Server{
 		mgr: cfg.Manager, owners: cfg.Owners, kill: cfg.Kill, authorize: cfg.Authorize,
 		store: cfg.Store, host: cfg.Host, log: cfg.Logger,
-		maxClients: int64(cfg.MaxClients), callTimeout: cfg.CallTimeout, euid: os.Geteuid(),
+		maxClients: int64(cfg.MaxClients), callTimeout: cfg.CallTimeout, euid: os.Geteuid(), observe: cfg.Observe,
 		grants:     make(map[string]*grant),
 		lockspaces: map[string]*lockspace{"": {}},
 	}
@@ -355,7 +360,11 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		reply := false
 		switch {
 		case err == nil:
+			t0 := time.Now()
 			rerr, reply = s.dispatch(ctx, c, h, payload)
+			if reply && s.observe != nil && h.Procedure.valid() {
+				s.observe(h.Procedure, time.Since(t0), rerr)
+			}
 		case errors.Is(err, ErrMessageTooLarge):
 			rerr = newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Unable to decode message payload: %v", err))
 			reply = h.Type == TypeCall || h.Type == TypeCallWithFDs
