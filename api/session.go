@@ -10,6 +10,7 @@ import (
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/vmlock/vmlock/api/vmlockpb"
@@ -25,12 +26,13 @@ type session struct {
 	stream grpc.BidiStreamingClient[vmlockpb.Call, vmlockpb.Reply]
 	cancel context.CancelFunc
 	lastID uint64
-	closed bool
+	closed bool // by Close, or the daemon has no sessions: unary calls only
 }
 
 // do makes call on the session. handled is false when the call was
-// certainly not run: the session was busy or could not be opened, or the
-// daemon ended it (stopping or reloading) before answering; the caller then
+// certainly not run: the session was busy or could not be opened, the call
+// could not be sent, the daemon ended the session (stopping or reloading)
+// before answering, or the daemon has no sessions; the caller then
 // makes the unary call, which waits through a reload. Otherwise err is the
 // call's error as FromStatus returns it, and a reply that arrives after
 // ctx is done is not waited for (the stream is dropped, as a unary call is
@@ -84,6 +86,12 @@ func (s *session) do(ctx context.Context, rpc vmlockpb.VMLockClient, call *vmloc
 			Msg: fmt.Sprintf("vmlockd answered call %d of a session with the reply to call %d", call.Id, rep.Id)}
 	case errors.Is(err, io.EOF):
 		s.drop() // ended between calls: ours was not run
+		return nil, false, nil
+	case status.Code(err) == codes.Unimplemented:
+		// A vmlockd older than sessions (a client upgraded first): the
+		// call was not run; use unary calls from now on.
+		s.drop()
+		s.closed = true
 		return nil, false, nil
 	}
 	s.drop()
