@@ -43,7 +43,9 @@ func newBenchEtcdCmd() *cobra.Command {
   - a grant of 1 and of 8 disks through the etcd driver (one transaction) against
     concurrency.Mutex taking the same 8 resources one by one;
   - hand-off to a waiting host (release → the waiter holds the lock) against Mutex hand-off,
-    the waiter queued --queue-delay before the release;
+    the waiter queued --queue-delay before the release, each hand-off starting at a random
+    point of etcd's 100 ms watcher sync loop; with each host's client pinned to one member
+    (the goal) and with every client spread over all members (handoff_spread_*);
   - takeover: hosts die right after a lease renewal; another host waits for their disks.
     takeover_s_over_ttl = the slowest takeover − TTL.`,
 		Args: cobra.NoArgs,
@@ -80,53 +82,67 @@ func runBenchEtcd(ctx context.Context, o *benchEtcdOpts, stdout, stderr io.Write
 	defer cl.Close()
 	eps := cl.Endpoints()
 
-	newHost := func(name string, ttl time.Duration) (*etcdlock.Driver, error) {
+	newHost := func(name string, ttl time.Duration, eps []string) (*etcdlock.Driver, error) {
 		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 		return etcdlock.New(ctx, etcdlock.Config{Endpoints: eps, Host: name, TTL: ttl, Logger: logger})
 	}
-	h1, err := newHost("bench-1", 0)
-	if err != nil {
-		return err
+	var closers []func() error
+	defer func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}()
+	// side is one host: the etcd driver, and a Mutex session of its own
+	// client configured alike.
+	type side struct {
+		d *etcdlock.Driver
+		s *concurrency.Session
 	}
-	defer h1.Close()
-	h2, err := newHost("bench-2", 0)
-	if err != nil {
-		return err
+	newSide := func(name string, eps []string) (side, error) {
+		d, err := newHost(name, 0, eps)
+		if err != nil {
+			return side{}, err
+		}
+		closers = append(closers, d.Close)
+		cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			return side{}, err
+		}
+		closers = append(closers, cli.Close)
+		s, err := concurrency.NewSession(cli, concurrency.WithTTL(int(etcdlock.DefaultTTL/time.Second)))
+		if err != nil {
+			return side{}, err
+		}
+		closers = append(closers, s.Close)
+		return side{d, s}, nil
 	}
-	defer h2.Close()
-	cli1, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		return err
+	// Spread: every client knows every member (clientv3 balances its
+	// calls over them). Pinned: each host talks to a member of its own,
+	// as hosts configured with their nearest member do.
+	var spread, pinned [2]side
+	for i := range 2 {
+		var err error
+		if spread[i], err = newSide(fmt.Sprintf("bench-%d", i+1), eps); err != nil {
+			return err
+		}
+		if pinned[i], err = newSide(fmt.Sprintf("bench-pinned-%d", i+1), eps[i:i+1]); err != nil {
+			return err
+		}
 	}
-	defer cli1.Close()
-	cli2, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		return err
-	}
-	defer cli2.Close()
-	s1, err := concurrency.NewSession(cli1, concurrency.WithTTL(int(etcdlock.DefaultTTL/time.Second)))
-	if err != nil {
-		return err
-	}
-	defer s1.Close()
-	s2, err := concurrency.NewSession(cli2, concurrency.WithTTL(int(etcdlock.DefaultTTL/time.Second)))
-	if err != nil {
-		return err
-	}
-	defer s2.Close()
 
 	rep := bench.NewReport("etcd")
 	progress("grants: %d rounds of 1 and 8 disks, driver and Mutex interleaved", o.rounds)
-	if err := benchGrants(ctx, o.rounds, h1, s1, rep); err != nil {
+	if err := benchGrants(ctx, o.rounds, spread[0].d, spread[0].s, rep); err != nil {
 		return err
 	}
-	progress("hand-off: %d rounds of each, waiter queued %s before the release", o.handoffs, o.queueDelay)
-	if err := benchHandoff(ctx, o, h1, h2, s1, s2, rep); err != nil {
+	progress("hand-off: %d rounds of each, hosts pinned to one member each and spread over all, waiter queued %s before the release", o.handoffs, o.queueDelay)
+	if err := benchHandoff(ctx, o, pinned[0].d, pinned[1].d, pinned[0].s, pinned[1].s, spread[0].d, spread[1].d, spread[0].s, spread[1].s, rep); err != nil {
 		return err
 	}
 	progress("takeover: 3 hosts with TTL %s die right after a renewal", o.ttl)
-	if err := benchTakeover(ctx, o.ttl, newHost, h2, rep); err != nil {
+	victim := func(name string, ttl time.Duration) (*etcdlock.Driver, error) { return newHost(name, ttl, eps) }
+	if err := benchTakeover(ctx, o.ttl, victim, spread[1].d, rep); err != nil {
 		return err
 	}
 	if o.json {
@@ -218,12 +234,24 @@ func benchGrants(ctx context.Context, rounds int, d *etcdlock.Driver, s *concurr
 	return nil
 }
 
-func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver, s1, s2 *concurrency.Session, rep *bench.Report) error {
+// benchHandoff measures hand-offs between two pinned hosts (the goal: each
+// host's client talks to one member) and between two spread ones (every
+// client balances over every member), the driver's and the Mutex's in turn.
+//
+// The Mutex's waiter watches from the revision its Get returned, which puts
+// its watcher in etcd's unsynced group until the member's next watcher sync
+// (every 100 ms), so it hears of the release up to 100 ms late: the ~100 ms
+// of shared/specs/peers-and-floors.md. A spread client may send the Get to
+// one member and the watch to another that has not applied that revision
+// yet; such a watch is synced at once, so spread Mutex hand-offs are fast or
+// slow by the luck of that race. The driver watches from "now" and is always
+// synced.
+func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver, s1, s2 *concurrency.Session, sh1, sh2 *etcdlock.Driver, ss1, ss2 *concurrency.Session, rep *bench.Report) error {
 	reqs := benchDisks(1, "bbbbbbbb-0000-0000-0000-000000000002")
 	reqs[0].Resource.Name = "/var/lib/vmlock-bench/handoff.qcow2"
 	// driver: h1 holds, h2 waits; the release is timed until h2 holds.
 	var rel bench.Samples // the release transaction alone
-	driver := func(wait time.Duration) (time.Duration, error) {
+	driver := func(h1, h2 *etcdlock.Driver, wait time.Duration) (time.Duration, error) {
 		held, err := h1.Acquire(ctx, reqs)
 		if err != nil {
 			return 0, err
@@ -262,7 +290,7 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		return r.at.Sub(t), h2.Release(ctx, r.ls)
 	}
 	key := mutexKey(reqs[0])
-	mutex := func(wait time.Duration) (time.Duration, error) {
+	mutex := func(s1, s2 *concurrency.Session, wait time.Duration) (time.Duration, error) {
 		m1, m2 := concurrency.NewMutex(s1, key), concurrency.NewMutex(s2, key)
 		if err := m1.Lock(ctx); err != nil {
 			return 0, err
@@ -295,35 +323,46 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		}
 		return at.Sub(t), m2.Unlock(ctx)
 	}
-	var ds, ms bench.Samples
+	var ds, ms, sds, sms bench.Samples
 	for i := range 3 + o.handoffs {
 		// Each hand-off starts at a random point of etcd's watcher sync
-		// period (100 ms): the Mutex's waiter watches from the revision it
-		// read, which puts its watcher in the unsynced group until the
-		// server's next sync, so how soon it hears of a release depends on
-		// where that loop is. Rounds that took a fixed time could
-		// phase-lock with it and show the Mutex's best or worst case
-		// instead of its typical one.
-		time.Sleep(rand.N(100 * time.Millisecond))
-		a, err := driver(o.queueDelay)
-		if err != nil {
-			return fmt.Errorf("driver hand-off: %w", err)
-		}
-		time.Sleep(rand.N(100 * time.Millisecond))
-		b, err := mutex(o.queueDelay)
-		if err != nil {
-			return fmt.Errorf("mutex hand-off: %w", err)
+		// period (100 ms): rounds that took a fixed time could phase-lock
+		// with it and show the Mutex's best or worst case instead of its
+		// typical one.
+		var got [4]time.Duration
+		for j := range got {
+			time.Sleep(rand.N(100 * time.Millisecond))
+			var err error
+			switch j {
+			case 0:
+				got[j], err = driver(h1, h2, o.queueDelay)
+			case 1:
+				got[j], err = mutex(s1, s2, o.queueDelay)
+			case 2:
+				got[j], err = driver(sh1, sh2, o.queueDelay)
+			case 3:
+				got[j], err = mutex(ss1, ss2, o.queueDelay)
+			}
+			if err != nil {
+				return fmt.Errorf("hand-off %d: %w", j, err)
+			}
 		}
 		if i >= 3 {
-			ds, ms = append(ds, a), append(ms, b)
+			ds, ms, sds, sms = append(ds, got[0]), append(ms, got[1]), append(sds, got[2]), append(sms, got[3])
 		}
 	}
-	dm, mm := bench.Micros(ds.Percentile(50))/1000, bench.Micros(ms.Percentile(50))/1000
+	p50 := func(s bench.Samples) float64 { return bench.Micros(s.Percentile(50)) / 1000 }
+	p90 := func(s bench.Samples) float64 { return bench.Micros(s.Percentile(90)) / 1000 }
+	dm, mm := p50(ds), p50(ms)
 	rep.Metric("handoff_driver_p50_ms", dm)
-	rep.Metric("handoff_driver_p90_ms", bench.Micros(ds.Percentile(90))/1000)
-	rep.Metric("handoff_driver_release_p50_ms", bench.Micros(rel.Percentile(50))/1000)
+	rep.Metric("handoff_driver_p90_ms", p90(ds))
+	rep.Metric("handoff_driver_release_p50_ms", p50(rel))
 	rep.Metric("handoff_mutex_p50_ms", mm)
-	rep.Metric("handoff_mutex_p90_ms", bench.Micros(ms.Percentile(90))/1000)
+	rep.Metric("handoff_mutex_p90_ms", p90(ms))
+	rep.Metric("handoff_spread_driver_p50_ms", p50(sds))
+	rep.Metric("handoff_spread_mutex_p50_ms", p50(sms))
+	rep.Metric("handoff_spread_mutex_p90_ms", p90(sms))
+	rep.Metric("handoff_spread_speedup_vs_mutex", p50(sms)/p50(sds))
 	rep.Metric("handoff_queue_delay_ms", bench.Micros(o.queueDelay)/1000)
 	rep.Goal("handoff_speedup_vs_mutex", mm/dm, 10, bench.Higher)
 	return nil
