@@ -2,6 +2,8 @@ package lockmgr
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -24,4 +26,27 @@ func BenchmarkBounded(b *testing.B) {
 			Bounded(ctx, f, nil)
 		}
 	})
+}
+
+// The cost of canonicalising a disk path: one without a symlink (checked in
+// one openat2) and one through a symlink (resolved through /proc).
+func BenchmarkCanonical(b *testing.B) {
+	dir := b.TempDir()
+	img := filepath.Join(dir, "a.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.img")
+	if err := os.Symlink(img, link); err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct{ name, path string }{{"plain", img}, {"symlink", link}} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := Canonical(DiskResource(c.path, Exclusive)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

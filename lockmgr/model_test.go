@@ -69,8 +69,12 @@ func TestCanonicalResolvesSymlinks(t *testing.T) {
 	if err := os.Symlink(img, link); err != nil {
 		t.Fatal(err)
 	}
+	linkDir := filepath.Join(dir, "linkdir")
+	if err := os.Symlink(dir, linkDir); err != nil {
+		t.Fatal(err)
+	}
 	real, _ := filepath.EvalSymlinks(img)
-	for _, p := range []string{img, link, filepath.Join(dir, ".", "sub", "..", "a.img")} {
+	for _, p := range []string{img, real, link, filepath.Join(linkDir, "a.img"), filepath.Join(linkDir, "link.img"), filepath.Join(dir, ".", "sub", "..", "a.img")} {
 		if p == filepath.Join(dir, ".", "sub", "..", "a.img") {
 			os.Mkdir(filepath.Join(dir, "sub"), 0o700)
 		}
