@@ -93,12 +93,6 @@ func runBenchEtcd(ctx context.Context, o *benchEtcdOpts, stdout, stderr io.Write
 			closers[i]()
 		}
 	}()
-	// side is one host: the etcd driver, and a Mutex session of its own
-	// client configured alike.
-	type side struct {
-		d *etcdlock.Driver
-		s *concurrency.Session
-	}
 	newSide := func(name string, eps []string) (side, error) {
 		d, err := newHost(name, 0, eps)
 		if err != nil {
@@ -137,7 +131,7 @@ func runBenchEtcd(ctx context.Context, o *benchEtcdOpts, stdout, stderr io.Write
 		return err
 	}
 	progress("hand-off: %d rounds of each, hosts pinned to one member each and spread over all, waiter queued %s before the release", o.handoffs, o.queueDelay)
-	if err := benchHandoff(ctx, o, pinned[0].d, pinned[1].d, pinned[0].s, pinned[1].s, spread[0].d, spread[1].d, spread[0].s, spread[1].s, rep); err != nil {
+	if err := benchHandoff(ctx, o, pinned, spread, rep); err != nil {
 		return err
 	}
 	progress("takeover: 3 hosts with TTL %s die right after a renewal", o.ttl)
@@ -234,6 +228,13 @@ func benchGrants(ctx context.Context, rounds int, d *etcdlock.Driver, s *concurr
 	return nil
 }
 
+// side is one host of the benchmark: the etcd driver, and a Mutex session
+// of its own client configured alike.
+type side struct {
+	d *etcdlock.Driver
+	s *concurrency.Session
+}
+
 // benchHandoff measures hand-offs between two pinned hosts (the goal: each
 // host's client talks to one member) and between two spread ones (every
 // client balances over every member), the driver's and the Mutex's in turn.
@@ -246,12 +247,13 @@ func benchGrants(ctx context.Context, rounds int, d *etcdlock.Driver, s *concurr
 // yet; such a watch is synced at once, so spread Mutex hand-offs are fast or
 // slow by the luck of that race. The driver watches from "now" and is always
 // synced.
-func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver, s1, s2 *concurrency.Session, sh1, sh2 *etcdlock.Driver, ss1, ss2 *concurrency.Session, rep *bench.Report) error {
+func benchHandoff(ctx context.Context, o *benchEtcdOpts, pinned, spread [2]side, rep *bench.Report) error {
 	reqs := benchDisks(1, "bbbbbbbb-0000-0000-0000-000000000002")
 	reqs[0].Resource.Name = "/var/lib/vmlock-bench/handoff.qcow2"
 	// driver: h1 holds, h2 waits; the release is timed until h2 holds.
 	var rel bench.Samples // the release transaction alone
-	driver := func(h1, h2 *etcdlock.Driver, wait time.Duration) (time.Duration, error) {
+	driver := func(hosts [2]side, wait time.Duration) (time.Duration, error) {
+		h1, h2 := hosts[0].d, hosts[1].d
 		held, err := h1.Acquire(ctx, reqs)
 		if err != nil {
 			return 0, err
@@ -290,7 +292,8 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		return r.at.Sub(t), h2.Release(ctx, r.ls)
 	}
 	key := mutexKey(reqs[0])
-	mutex := func(s1, s2 *concurrency.Session, wait time.Duration) (time.Duration, error) {
+	mutex := func(hosts [2]side, wait time.Duration) (time.Duration, error) {
+		s1, s2 := hosts[0].s, hosts[1].s
 		m1, m2 := concurrency.NewMutex(s1, key), concurrency.NewMutex(s2, key)
 		if err := m1.Lock(ctx); err != nil {
 			return 0, err
@@ -329,19 +332,18 @@ func benchHandoff(ctx context.Context, o *benchEtcdOpts, h1, h2 *etcdlock.Driver
 		// period (100 ms): rounds that took a fixed time could phase-lock
 		// with it and show the Mutex's best or worst case instead of its
 		// typical one.
-		var got [4]time.Duration
+		var got [4]time.Duration // pinned driver, pinned Mutex, spread driver, spread Mutex
 		for j := range got {
 			time.Sleep(rand.N(100 * time.Millisecond))
 			var err error
-			switch j {
-			case 0:
-				got[j], err = driver(h1, h2, o.queueDelay)
-			case 1:
-				got[j], err = mutex(s1, s2, o.queueDelay)
-			case 2:
-				got[j], err = driver(sh1, sh2, o.queueDelay)
-			case 3:
-				got[j], err = mutex(ss1, ss2, o.queueDelay)
+			hosts := pinned
+			if j >= 2 {
+				hosts = spread
+			}
+			if j%2 == 0 {
+				got[j], err = driver(hosts, o.queueDelay)
+			} else {
+				got[j], err = mutex(hosts, o.queueDelay)
 			}
 			if err != nil {
 				return fmt.Errorf("hand-off %d: %w", j, err)
