@@ -609,8 +609,10 @@ func (s *Server) busyIfHeld(r lockmgr.Resource) *RemoteError {
 	return nil
 }
 
-// createResource creates a resource's file (mode 0600) unless it is held.
-func (s *Server) createResource(ls *lockspace, name string) *RemoteError {
+// whileFree resolves a resource's file and runs f on it with the
+// resource's key lock held, unless somebody holds the resource (a busy
+// error naming the holder).
+func (s *Server) whileFree(ls *lockspace, name string, f func(file string) *RemoteError) *RemoteError {
 	r, file, rerr := resource(ls, name, lockmgr.Exclusive)
 	if rerr == nil {
 		r, rerr = canonical(r)
@@ -623,38 +625,35 @@ func (s *Server) createResource(ls *lockspace, name string) *RemoteError {
 	if rerr := s.busyIfHeld(r); rerr != nil {
 		return rerr
 	}
-	f, err := openFile(ls, file, unix.O_WRONLY|unix.O_CREAT)
-	if err != nil {
-		return systemError(fmt.Sprintf("Failed to create file '%s'", file), err)
-	}
-	f.Close()
-	return nil
+	return f(file)
+}
+
+// createResource creates a resource's file (mode 0600) unless it is held.
+func (s *Server) createResource(ls *lockspace, name string) *RemoteError {
+	return s.whileFree(ls, name, func(file string) *RemoteError {
+		f, err := openFile(ls, file, unix.O_WRONLY|unix.O_CREAT)
+		if err != nil {
+			return systemError(fmt.Sprintf("Failed to create file '%s'", file), err)
+		}
+		f.Close()
+		return nil
+	})
 }
 
 // deleteResource removes a resource's lease file unless it is held. In the
 // default lockspace, whose names are disk images, it refuses: vmlockd never
 // deletes a disk image.
 func (s *Server) deleteResource(ls *lockspace, name string) *RemoteError {
-	r, file, rerr := resource(ls, name, lockmgr.Exclusive)
-	if rerr == nil {
-		r, rerr = canonical(r)
-	}
-	if rerr != nil {
-		return rerr
-	}
-	unlock := s.keyLocks.lock(r.Key())
-	defer unlock()
-	if rerr := s.busyIfHeld(r); rerr != nil {
-		return rerr
-	}
-	if ls.path == "" {
-		return newRemoteError(CodeOperationDenied, DomainLockspace,
-			fmt.Sprintf("vmlockd does not delete %s: the default lockspace names disk images", file))
-	}
-	if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return systemError(fmt.Sprintf("Unable to delete lockspace resource %s", file), err)
-	}
-	return nil
+	return s.whileFree(ls, name, func(file string) *RemoteError {
+		if ls.path == "" {
+			return newRemoteError(CodeOperationDenied, DomainLockspace,
+				fmt.Sprintf("vmlockd does not delete %s: the default lockspace names disk images", file))
+		}
+		if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return systemError(fmt.Sprintf("Unable to delete lockspace resource %s", file), err)
+		}
+		return nil
+	})
 }
 
 // closeRule applies virtlockd's rule when a client closes its connection:
