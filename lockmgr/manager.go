@@ -272,7 +272,7 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 			m.mu.Lock()
 			m.unreserveLocked(ob, locked)
 			m.mu.Unlock()
-			return m.nameHolder(err)
+			return m.nameHolder(ob, err)
 		}
 	}
 	now := m.now()
@@ -355,10 +355,12 @@ func (m *Manager) conflictLocked(ob *object, r Resource) error {
 	return nil
 }
 
-// nameHolder fills in the holder of a driver's busy error from the table
-// when the driver could not name it (another Manager in this process, or a
-// race with a grant that is being recorded).
-func (m *Manager) nameHolder(err error) error {
+// nameHolder fills in the holder of a driver's busy error, refusing a
+// request of ob, from the table when the driver could not name it (another
+// Manager in this process, or a race with a grant that is being recorded).
+// Only another object holding the resource in a mode that conflicts with
+// the request is named: never ob itself.
+func (m *Manager) nameHolder(ob *object, err error) error {
 	be, ok := err.(*BusyError)
 	if !ok || be.Holder.UUID != "" {
 		return err
@@ -367,7 +369,7 @@ func (m *Manager) nameHolder(err error) error {
 	defer m.mu.Unlock()
 	if h := m.held[be.Resource.Key()]; h != nil {
 		for id, u := range h.holders {
-			if u.res.Mode != ReadOnly {
+			if id != ob.obj.UUID && u.res.Mode.Conflicts(be.Resource.Mode) {
 				o := h.objs[id].obj
 				return &BusyError{Resource: be.Resource, Holder: holderOf(o, u.res.Mode, u.since)}
 			}
@@ -399,10 +401,11 @@ func (m *Manager) dropHeldLocked(ob *object, u *use) {
 }
 
 // Release releases every held resource of the object (r == nil), or only r
-// (unplug: r is also forgotten). It returns the state string of what it
-// released, for a later Acquire elsewhere. After a release of all, the
-// object stays registered with its resources, so that Acquire takes them
-// again (a paused VM that resumes).
+// (unplug: r is also forgotten, even when the driver fails to release it).
+// It returns the state string of what it released, for a later Acquire
+// elsewhere. A resource that is not held is a CodeNotHeld error and changes
+// nothing. After a release of all, the object stays registered with its
+// resources, so that Acquire takes them again (a paused VM that resumes).
 func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string, error) {
 	if r != nil {
 		if err := r.Validate(); err != nil {
@@ -430,8 +433,7 @@ func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string
 			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not used by object " + ob.obj.UUID}
 		}
 		if !u.held {
-			ob.remove(u)
-			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not held by object " + ob.obj.UUID}
+			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not held by object " + ob.obj.UUID + "; nothing was released"}
 		}
 		rel = []*use{u}
 	} else {
@@ -443,7 +445,9 @@ func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string
 	}
 	state := stateOf(rel).String()
 	err = m.release(ctx, ob, rel)
-	if r != nil && err == nil {
+	if r != nil {
+		// Even if the driver failed: the use is no longer held (see release),
+		// and a later Acquire must not take an unplugged resource again.
 		ob.remove(rel[0])
 	}
 	return state, err

@@ -24,6 +24,13 @@ type memDriver struct {
 	// then blocks until finish is closed.
 	releasing chan struct{}
 	finish    chan struct{}
+	// convHang, if not nil, makes convDriver.Convert block until it is
+	// closed; converts counts conversions.
+	convHang chan struct{}
+	converts int
+	// releaseErr, if not nil, is returned by Release (which releases all
+	// the same).
+	releaseErr error
 }
 
 func newMemDriver() *memDriver {
@@ -92,7 +99,7 @@ func (d *memDriver) Release(_ context.Context, ls []Lease) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.releaseLocked(ls)
-	return nil
+	return d.releaseErr
 }
 
 func (d *memDriver) token(k string) uint64 {
@@ -410,5 +417,47 @@ func TestAResourceStaysListedUntilTheDriverHasReleasedIt(t *testing.T) {
 	}
 	if err := m.Acquire(ctx, uuidB, ""); err != nil {
 		t.Fatalf("acquire after the release: %v", err)
+	}
+}
+
+func TestUnplugOfAResourceNotHeldChangesNothing(t *testing.T) {
+	d := newMemDriver()
+	m := NewManager(d, Options{})
+	ctx := context.Background()
+	register(t, m, uuidA, "vm", DiskResource("/img/a", Exclusive))
+	r := DiskResource("/img/a", Exclusive)
+	if _, err := m.Release(ctx, uuidA, &r); !errors.Is(err, ErrNotHeld) {
+		t.Fatalf("unplug of a resource not acquired yet = %v, want not held", err)
+	}
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	if !d.held("disk:/img/a") {
+		t.Fatal("a refused unplug forgot the resource: Acquire did not take it")
+	}
+}
+
+func TestUnplugForgetsTheResourceEvenIfTheDriverFails(t *testing.T) {
+	d := newMemDriver()
+	m := NewManager(d, Options{})
+	ctx := context.Background()
+	register(t, m, uuidA, "vm", DiskResource("/img/a", Exclusive), DiskResource("/img/b", Exclusive))
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	d.releaseErr = Errorf(CodeInternal, "injected")
+	r := DiskResource("/img/b", Exclusive)
+	if _, err := m.Release(ctx, uuidA, &r); !errors.Is(err, ErrInternal) {
+		t.Fatalf("unplug with a failing driver = %v, want the driver's error", err)
+	}
+	d.releaseErr = nil
+	if _, err := m.Release(ctx, uuidA, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	if d.held("disk:/img/b") {
+		t.Fatal("an unplugged resource was acquired again with the others")
 	}
 }

@@ -28,7 +28,9 @@ type Converter interface {
 //
 // The object must hold r (else a CodeNotHeld error); the same mode is a
 // no-op. A mode that conflicts with another holder in this Manager is
-// refused with a *BusyError naming it, before the driver is asked. Then:
+// refused with a *BusyError naming it, before the driver is asked; while
+// the driver works, the key is reserved in the new mode, so that no
+// conflicting request of another object is granted meanwhile. Then:
 //   - to ReadOnly: the driver's lease is released; the use stays recorded;
 //   - from ReadOnly: a lease is acquired, as by AcquireResource;
 //   - between Exclusive and Shared: through Converter if the driver is
@@ -37,7 +39,8 @@ type Converter interface {
 //     for one holder do not exclude each other (the nop driver) and fails
 //     with a *BusyError with the others.
 //
-// On any failure the object holds r as before. The use keeps its "since"
+// On any failure the object holds r as before (a conversion or a grant
+// that completes after ctx is done is undone). The use keeps its "since"
 // (the holding began then); its token becomes the new lease's. The
 // observer is told of the change.
 func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error {
@@ -53,19 +56,33 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 	if u.res.Mode == r.Mode {
 		return nil
 	}
+	// The key is reserved in the new mode while the driver works, as by
+	// acquire, so that no conflicting request slips in between the check
+	// and the change.
+	reserved := []*use{u}
+	if r.Mode == ReadOnly {
+		reserved = nil
+	}
 	m.mu.Lock()
 	err = m.conflictLocked(ob, r)
+	if err == nil && reserved != nil {
+		m.pending[r.Key()] = append(m.pending[r.Key()], reservation{ob, r.Mode})
+	}
 	m.mu.Unlock()
 	if err != nil {
 		return err
 	}
 
-	old := u.lease
+	old, from := u.lease, u.res.Mode
 	var lease Lease
 	switch conv, ok := m.driver.(Converter); {
 	case r.Mode == ReadOnly:
 	case old != nil && ok:
-		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, old, r.Mode) }, nil)
+		l := old
+		// A conversion that completes after ctx is done is converted back,
+		// so that the lease stays in the mode the table records.
+		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, l, r.Mode) },
+			func(l Lease) { _, _ = conv.Convert(context.Background(), l, from) })
 		old = nil // converted, not to be released
 	default:
 		h := holderOf(ob.obj, r.Mode, time.Time{})
@@ -77,10 +94,14 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 		}
 	}
 	if err != nil {
-		return m.nameHolder(err)
+		m.mu.Lock()
+		m.unreserveLocked(ob, reserved)
+		m.mu.Unlock()
+		return m.nameHolder(ob, err)
 	}
 
 	m.mu.Lock()
+	m.unreserveLocked(ob, reserved)
 	u.res.Mode, u.lease = r.Mode, lease
 	if lease != nil {
 		u.token = lease.Token()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 )
 
 // convDriver is a memDriver that converts leases in place, as the
@@ -11,8 +12,12 @@ import (
 type convDriver struct{ *memDriver }
 
 func (d convDriver) Convert(_ context.Context, l Lease, m Mode) (Lease, error) {
+	if d.convHang != nil {
+		<-d.convHang
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.converts++
 	ml := l.(*memLease)
 	k := ml.r.Key()
 	if m == Exclusive {
@@ -150,5 +155,117 @@ func TestChangeModeWithoutConverter(t *testing.T) {
 	}
 	if err := m.ChangeMode(ctx, uuidA, DiskResource("/img/ro", Exclusive)); err != nil {
 		t.Fatalf("change to the same mode: %v, want a no-op", err)
+	}
+}
+
+// gateDriver is a NopDriver whose exclusive grants wait at a gate, so that
+// a test can act while one is in flight.
+type gateDriver struct {
+	NopDriver
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (d gateDriver) Acquire(ctx context.Context, reqs []Request) ([]Lease, error) {
+	if reqs[0].Resource.Mode == Exclusive {
+		d.entered <- struct{}{}
+		<-d.gate
+	}
+	return d.NopDriver.Acquire(ctx, reqs)
+}
+
+func TestChangeModeReservesTheKey(t *testing.T) {
+	// The NopDriver locks nothing: only the Manager's reservation of the key
+	// keeps a sharer out while an upgrade to exclusive is being granted.
+	for _, from := range []Mode{Shared, ReadOnly} {
+		t.Run(from.String(), func(t *testing.T) {
+			ctx := context.Background()
+			d := gateDriver{entered: make(chan struct{}), gate: make(chan struct{})}
+			m := NewManager(d, Options{})
+			register(t, m, uuidA, "a", DiskResource("/img/base", from))
+			if err := m.Acquire(ctx, uuidA, ""); err != nil {
+				t.Fatal(err)
+			}
+			register(t, m, uuidB, "b")
+			done := make(chan error, 1)
+			go func() { done <- m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Exclusive)) }()
+			<-d.entered
+			err := m.AcquireResource(ctx, uuidB, DiskResource("/img/base", Shared))
+			var be *BusyError
+			if !errors.As(err, &be) || be.Holder.UUID != uuidA || be.Holder.Mode != Exclusive {
+				t.Errorf("shared acquire during an upgrade to exclusive: %v, want busy naming a", err)
+			}
+			close(d.gate)
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range m.Locks() {
+				if len(l.Holders) != 1 {
+					t.Fatalf("after the upgrade %s has holders %+v, want a alone", l.Resource, l.Holders)
+				}
+			}
+		})
+	}
+}
+
+func TestChangeModeBusyDoesNotNameTheCaller(t *testing.T) {
+	ctx := context.Background()
+	d := convDriver{newMemDriver()}
+	m := NewManager(d, Options{})
+	other := NewManager(d, Options{}) // the sharer is unknown to m's table
+	register(t, m, uuidA, "a", DiskResource("/img/base", Shared))
+	register(t, other, uuidB, "b", DiskResource("/img/base", Shared))
+	for _, c := range []struct {
+		m    *Manager
+		uuid string
+	}{{m, uuidA}, {other, uuidB}} {
+		if err := c.m.Acquire(ctx, c.uuid, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Exclusive))
+	var be *BusyError
+	if !errors.As(err, &be) {
+		t.Fatalf("upgrade while another Manager's object shares: %v, want busy", err)
+	}
+	if be.Holder.UUID == uuidA {
+		t.Fatalf("busy error %q names the caller itself as the holder", err)
+	}
+}
+
+func TestChangeModeTimeoutUndoesALateConversion(t *testing.T) {
+	md := newMemDriver()
+	md.convHang = make(chan struct{})
+	d := convDriver{md}
+	m := NewManager(d, Options{})
+	register(t, m, uuidA, "a", DiskResource("/img/base", Shared))
+	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Exclusive)); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("upgrade on a hung driver = %v, want timeout", err)
+	}
+	close(md.convHang) // the late conversion must be undone
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		md.mu.Lock()
+		n, excl, shared := md.converts, md.excl["disk:/img/base"], md.shared["disk:/img/base"]
+		md.mu.Unlock()
+		if n >= 2 {
+			if excl || shared != 1 {
+				t.Fatalf("after the undo the driver holds exclusive=%v shared=%d, want one shared lease", excl, shared)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the late conversion of a timed-out ChangeMode was not undone")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	ls, _, _ := m.Held(uuidA)
+	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Shared || len(ls) != 1 || ls[0].Resource().Mode != Shared {
+		t.Fatalf("after the timeout the table says %v and the lease %v, want shared", mode, ls)
 	}
 }

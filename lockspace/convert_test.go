@@ -71,3 +71,116 @@ func TestConvertInPlace(t *testing.T) {
 		t.Fatalf("convert after release: %v, want not held", err)
 	}
 }
+
+func TestConvertAndResourceDoNotRace(t *testing.T) {
+	e := newEnv(t, true)
+	d := e.driver(t)
+	r := allKinds()[1].res(t, e, 0, lockmgr.Shared)
+	ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Shared), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Release(ctx, ls)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 100 {
+			_ = ls[0].Resource() // the daemon reads leases without the object's lock
+		}
+	}()
+	for i := range 100 {
+		m := lockmgr.Exclusive
+		if i%2 == 1 {
+			m = lockmgr.Shared
+		}
+		if _, err := d.Convert(ctx, ls[0], m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+}
+
+// holderNamed is a distinct holder for each name.
+func holderNamed(name, uuid string) lockmgr.Holder {
+	return lockmgr.Holder{Name: name, UUID: uuid, PID: os.Getpid(), Host: "host-a"}
+}
+
+func TestConvertNamesHolders(t *testing.T) {
+	const (
+		uuidA = "aaaaaaaa-0000-4000-8000-000000000001"
+		uuidB = "bbbbbbbb-0000-4000-8000-000000000002"
+		uuidC = "cccccccc-0000-4000-8000-000000000003"
+	)
+	for _, k := range allKinds() {
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, k.indirect)
+			a, b := e.driver(t), e.driver(t) // two daemons sharing the directories
+			r := k.res(t, e, 0, lockmgr.Shared)
+			acquire := func(d *Driver, name, uuid string) ([]lockmgr.Lease, error) {
+				return d.Acquire(ctx, reqsOf(holderNamed(name, uuid), r))
+			}
+			// b shares first, a is the newest grant: a's upgrade is refused,
+			// and the record (a's own) must not make a name itself.
+			lb, err := acquire(b, "b", uuidB)
+			if err != nil {
+				t.Fatal(err)
+			}
+			la, err := acquire(a, "a", uuidA)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = a.Convert(ctx, la[0], lockmgr.Exclusive)
+			var be *lockmgr.BusyError
+			if !errors.As(err, &be) || be.Holder.UUID == uuidA {
+				t.Fatalf("upgrade with another sharer: %v, want busy not naming the caller", err)
+			}
+			if err := a.Release(ctx, la); err != nil {
+				t.Fatal(err)
+			}
+			// a shares again after b: the record names a. b's upgrade is
+			// refused naming a.
+			if la, err = acquire(a, "a", uuidA); err != nil {
+				t.Fatal(err)
+			}
+			_, err = b.Convert(ctx, lb[0], lockmgr.Exclusive)
+			if !errors.As(err, &be) || be.Holder.UUID != uuidA || be.Holder.Mode != lockmgr.Shared {
+				t.Fatalf("upgrade while a shares: %v, want busy naming a sharing", err)
+			}
+			// b shares once more and leaves, and a upgrades: a newcomer is
+			// refused naming a, who holds it exclusively now, not b, the last
+			// sharer recorded.
+			if err := b.Release(ctx, lb); err != nil {
+				t.Fatal(err)
+			}
+			if lb, err = acquire(b, "b", uuidB); err != nil {
+				t.Fatal(err)
+			}
+			newest := lb[0].Token()
+			if err := b.Release(ctx, lb); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := a.Convert(ctx, la[0], lockmgr.Exclusive); err != nil {
+				t.Fatal(err)
+			}
+			_, err = acquire(b, "c", uuidC)
+			if !errors.As(err, &be) || be.Holder.UUID != uuidA || be.Holder.Mode != lockmgr.Exclusive {
+				t.Fatalf("shared acquire after a's upgrade: %v, want busy naming a holding it exclusively", err)
+			}
+			if err := a.Release(ctx, la); err != nil {
+				t.Fatal(err)
+			}
+			// The record's rewrite kept the file's token (b's, newer than
+			// a's): the next grant goes on from there.
+			lc, err := acquire(b, "c", uuidC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if lc[0].Token() <= newest {
+				t.Fatalf("token %d after a grant with token %d", lc[0].Token(), newest)
+			}
+			if err := b.Release(ctx, lc); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -161,8 +161,9 @@ func (d *Driver) Close() error {
 	return nil
 }
 
-func errClosed() error {
-	return lockmgr.Errorf(lockmgr.CodeInternal, "the lockspace driver is closed")
+// errClosed is the error of a call about r after Close.
+func errClosed(r lockmgr.Resource) error {
+	return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Msg: "the lockspace driver is closed"}
 }
 
 // put drops a reference to h, closing it if it was the last.
@@ -415,7 +416,8 @@ func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byt
 	if err := pwriteAll(recFd, rec, 0); err != nil {
 		return fsError(r, "write the token of", d.filePath(&t), err)
 	}
-	l.token, l.committed = cur+1, true
+	h.Since = now
+	l.token, l.committed, l.holder = cur+1, true, h
 	if l.tf != nil {
 		d.put(l.tf)
 		l.tf = nil
@@ -483,7 +485,7 @@ func (d *Driver) tokenFile(r lockmgr.Resource, path string) (*handle, error) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		return nil, errClosed()
+		return nil, errClosed(r)
 	}
 	if h := d.tokens.getLocked(path); h != nil {
 		d.mu.Unlock()
@@ -498,18 +500,18 @@ func (d *Driver) tokenFile(r lockmgr.Resource, path string) (*handle, error) {
 	if err != nil {
 		return nil, fsError(r, "open token file", filepath.Join(d.cfg.StateDir, "tokens", name), err)
 	}
-	return d.cacheHandle(&d.tokens, path, fd)
+	return d.cacheHandle(r, &d.tokens, path, fd)
 }
 
 // cacheHandle adds a freshly opened descriptor to a cache and returns its
 // handle, referenced; if another goroutine was faster, fd is closed and
-// theirs is returned.
-func (d *Driver) cacheHandle(c *handleCache, key string, fd int) (*handle, error) {
+// theirs is returned. r is the resource it is opened for, for errors.
+func (d *Driver) cacheHandle(r lockmgr.Resource, c *handleCache, key string, fd int) (*handle, error) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
 		_ = unix.Close(fd)
-		return nil, errClosed()
+		return nil, errClosed(r)
 	}
 	if h := c.getLocked(key); h != nil {
 		d.mu.Unlock()
@@ -531,7 +533,7 @@ func (d *Driver) dirFor(r lockmgr.Resource, t *target) (*handle, error) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		return nil, errClosed()
+		return nil, errClosed(r)
 	}
 	if t.sub == "" {
 		d.diskDir.refs++
@@ -550,7 +552,7 @@ func (d *Driver) dirFor(r lockmgr.Resource, t *target) (*handle, error) {
 	if err != nil {
 		return nil, fsError(r, "create lockspace directory", filepath.Join(d.cfg.LeaseDir, t.sub), err)
 	}
-	return d.cacheHandle(&d.dirs, t.sub, fd)
+	return d.cacheHandle(r, &d.dirs, t.sub, fd)
 }
 
 // forgetDir drops a cached lockspace directory that turned out to be

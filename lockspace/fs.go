@@ -142,8 +142,7 @@ func readHolder(fd int) (lockmgr.Holder, bool) {
 	if json.Unmarshal(b[recHeader:recHeader+l], &h) != nil {
 		return lockmgr.Holder{}, false
 	}
-	named := h.UUID != "" || h.Name != "" || h.PID != 0
-	return h, named
+	return h, isNamed(h)
 }
 
 // sameFile reports whether two stats are of one inode.

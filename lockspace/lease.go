@@ -25,14 +25,22 @@ type lease struct {
 	tf        *handle
 	committed bool
 
-	mu   sync.Mutex
+	mu   sync.Mutex // guards the fields below, and res.Mode (see Convert)
 	held bool
 	fd   int
 	file *os.File // made by File, or given to Adopt; owns fd when set
+	// holder is the holder recorded by this grant, with its grant time;
+	// unnamed for an adopted shared lease, whose record may be another's.
+	holder lockmgr.Holder
 }
 
-// Resource returns the leased resource.
-func (l *lease) Resource() lockmgr.Resource { return l.res }
+// Resource returns the leased resource. Its mode is the current one: it
+// changes with Convert.
+func (l *lease) Resource() lockmgr.Resource {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.res
+}
 
 // Token returns the lease's fencing token.
 func (l *lease) Token() uint64 { return l.token }
@@ -218,6 +226,10 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 	}
 	if cur < token || r.Mode == lockmgr.Exclusive && cur != token {
 		return fail(&lockmgr.StaleStateError{Resource: r, Want: token, Current: cur})
+	}
+	if r.Mode == lockmgr.Exclusive {
+		// Nobody was granted the resource since: the record is this lease's.
+		l.holder, _ = readHolder(recFd)
 	}
 	return l, nil
 }

@@ -680,3 +680,21 @@ func TestReleaseAfterFileClosed(t *testing.T) {
 		t.Fatalf("Release touched another file: %v", err)
 	}
 }
+
+func TestAcquireAfterCloseNamesTheResource(t *testing.T) {
+	for _, k := range allKinds() {
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, k.indirect)
+			d := e.driver(t)
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			r := k.res(t, e, 0, lockmgr.Exclusive)
+			_, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+			var le *lockmgr.Error
+			if !errors.As(err, &le) || le.Resource != r.String() {
+				t.Fatalf("Acquire after Close: %v, want an error naming %s", err, r)
+			}
+		})
+	}
+}
