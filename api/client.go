@@ -16,15 +16,25 @@ import (
 	"github.com/vmlock/vmlock/lockmgr"
 )
 
-// DefaultSocket is where vmlockd listens unless told otherwise: under /run
-// for root, under $XDG_RUNTIME_DIR for other users.
-func DefaultSocket() string {
-	if os.Geteuid() != 0 {
-		if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
-			return filepath.Join(d, "vmlock", "vmlockd.sock")
-		}
+// DefaultSocket is where vmlockd listens unless told otherwise, and so where
+// vmlock looks for it: /run/vmlock/vmlockd.sock for root;
+// $XDG_RUNTIME_DIR/vmlock/vmlockd.sock for other users, or, without
+// XDG_RUNTIME_DIR, $TMPDIR/vmlock-UID/vmlock/vmlockd.sock.
+func DefaultSocket() string { return defaultSocket(os.Geteuid(), os.Getenv) }
+
+func defaultSocket(euid int, getenv func(string) string) string {
+	if euid == 0 {
+		return "/run/vmlock/vmlockd.sock"
 	}
-	return "/run/vmlock/vmlockd.sock"
+	run := getenv("XDG_RUNTIME_DIR")
+	if run == "" {
+		tmp := getenv("TMPDIR")
+		if tmp == "" {
+			tmp = "/tmp"
+		}
+		run = filepath.Join(tmp, fmt.Sprintf("vmlock-%d", euid))
+	}
+	return filepath.Join(run, "vmlock", "vmlockd.sock")
 }
 
 // Client is a connection to vmlockd. It is safe for concurrent use. Every

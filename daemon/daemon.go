@@ -77,7 +77,8 @@ type Config struct {
 	KillGrace time.Duration
 	// KillCommand, if set, is run instead of sending SIGTERM to a revoked
 	// holder; "{pid}", "{uuid}" and "{name}" in its arguments are replaced.
-	// SIGKILL still follows after KillGrace if the process survives it.
+	// SIGKILL still follows KillGrace after it started if the process
+	// survives it (a command still running then is stopped).
 	KillCommand []string
 	// HolderCommand starts the lock-holder process (see lockholder.Connect).
 	HolderCommand func() error
@@ -525,8 +526,10 @@ func (d *Daemon) restore(ctx context.Context) error {
 			continue
 		}
 		d.mu.Lock()
+		// A process that owns several objects is watched once: every owner
+		// record refers to the watched process, never to a closed duplicate.
+		proc = d.watchLocked(uuid, proc)
 		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks, mig: restoredMigration(r.rec.Migration)}
-		d.watchLocked(uuid, proc)
 		d.mu.Unlock()
 		restored++
 	}
@@ -548,8 +551,10 @@ func parseRecordKey(k string) (uuid string, chunk int, ok bool) {
 	return uuid, chunk, err == nil && chunk >= 0
 }
 
-// watchLocked ties uuid's locks to p's life. Called with d.mu held.
-func (d *Daemon) watchLocked(uuid string, p *process) {
+// watchLocked ties uuid's locks to p's life and returns the process that is
+// watched: p, or the one already watched for its pid (p is then closed).
+// Called with d.mu held.
+func (d *Daemon) watchLocked(uuid string, p *process) *process {
 	pr := d.procs[p.pid]
 	if pr == nil {
 		pr = &processRefs{p: p, uuids: map[string]bool{}}
@@ -559,6 +564,7 @@ func (d *Daemon) watchLocked(uuid string, p *process) {
 		p.close() // we already watch this process
 	}
 	pr.uuids[uuid] = true
+	return pr.p
 }
 
 // pinLocked returns the watched process pid, opening a pidfd only if it is

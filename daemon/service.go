@@ -303,8 +303,8 @@ func (d *Daemon) own(ctx context.Context, o lockmgr.Object, uid int, mig *migrat
 		}
 	}
 	if err == nil {
+		p = d.watchLocked(o.UUID, p)
 		d.owners[o.UUID] = &owner{obj: o, uid: uid, proc: p, since: time.Now(), mig: mig}
-		d.watchLocked(o.UUID, p)
 	}
 	d.mu.Unlock()
 	if err != nil {
@@ -408,7 +408,9 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 	return &vmlockpb.StateReply{State: st.String()}, nil
 }
 
-// allHeld checks that uuid holds every resource of rs (by canonical key).
+// allHeld checks that uuid holds every resource of rs (by canonical key),
+// and that rs names none twice: the release that follows must not fail
+// half-way.
 func (d *Daemon) allHeld(uuid string, rs []lockmgr.Resource) error {
 	ls, ro, err := d.mgr.Held(uuid)
 	if err != nil {
@@ -421,17 +423,23 @@ func (d *Daemon) allHeld(uuid string, rs []lockmgr.Resource) error {
 	for _, r := range ro {
 		held[r.Key()] = true
 	}
+	seen := make(map[string]bool, len(rs))
 	for _, r := range rs {
-		if held[r.Key()] {
-			continue
+		key := r.Key()
+		if !held[key] {
+			c, err := lockmgr.Canonical(r)
+			if err != nil {
+				return err
+			}
+			key = c.Key()
 		}
-		c, err := lockmgr.Canonical(r)
-		if err != nil {
-			return err
-		}
-		if !held[c.Key()] {
+		if !held[key] {
 			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "not held by object " + uuid + "; nothing was released"}
 		}
+		if seen[key] {
+			return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "named twice; nothing was released"}
+		}
+		seen[key] = true
 	}
 	return nil
 }
@@ -548,27 +556,26 @@ func (d *Daemon) revoke(ctx context.Context, c caller, r lockmgr.Resource, grace
 	}
 }
 
-// kill ends a holder: the kill command or SIGTERM, then SIGKILL after grace.
+// kill ends a holder: the kill command or SIGTERM, then SIGKILL once grace
+// has passed since either began (a kill command that hangs is stopped then).
 func (d *Daemon) kill(ctx context.Context, o *owner, grace time.Duration) error {
 	p := o.proc
+	gctx, cancel := context.WithTimeout(ctx, grace)
+	defer cancel()
 	if len(d.cfg.KillCommand) > 0 {
 		args := make([]string, len(d.cfg.KillCommand))
 		rep := strings.NewReplacer("{pid}", strconv.Itoa(o.obj.PID), "{uuid}", o.obj.UUID, "{name}", o.obj.Name)
 		for i, a := range d.cfg.KillCommand {
 			args[i] = rep.Replace(a)
 		}
-		cctx, cancel := context.WithTimeout(ctx, grace)
-		out, err := exec.CommandContext(cctx, args[0], args[1:]...).CombinedOutput()
-		cancel()
+		out, err := exec.CommandContext(gctx, args[0], args[1:]...).CombinedOutput()
 		if err != nil {
 			d.log.Error("kill command failed; falling back to SIGKILL after the grace period", "cmd", args, "err", err, "output", string(out))
 		}
 	} else if err := p.signal(syscall.SIGTERM); err != nil {
 		return fmt.Errorf("SIGTERM to pid %d: %w", o.obj.PID, err)
 	}
-	gctx, cancel := context.WithTimeout(ctx, grace)
 	err := p.waitExit(gctx)
-	cancel()
 	if err == nil {
 		return nil
 	}

@@ -175,17 +175,21 @@ func (c *Client) List() ([]Entry, error) {
 	buf := make([]byte, maxMsg)
 	oob := make([]byte, oobSize)
 	var out []Entry
+	fail := func(err error) ([]Entry, error) {
+		for i := range out {
+			out[i].Close()
+		}
+		return nil, fmt.Errorf("lockholder: listing: %w", err)
+	}
 	for {
 		m, files, err := recvmsg(c.fd, buf, oob, 0)
 		if err != nil {
-			for i := range out {
-				out[i].Close()
-			}
-			return nil, fmt.Errorf("lockholder: listing: %w", err)
+			return fail(err)
 		}
 		op, key, meta, err := decode(m)
 		if err != nil {
-			return nil, err
+			closeAll(files)
+			return fail(err)
 		}
 		if op == opEnd {
 			return out, nil

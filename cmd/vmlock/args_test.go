@@ -2,6 +2,9 @@ package main
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -54,13 +57,18 @@ func TestParseHoldSpecs(t *testing.T) {
 }
 
 func TestParseResource(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
 	cases := map[string]lockmgr.Resource{
 		"/x/a.img":       lockmgr.DiskResource("/x/a.img", lockmgr.Exclusive),
 		"disk:/x/a.img":  lockmgr.DiskResource("/x/a.img", lockmgr.Exclusive),
 		"lease:ls/k":     lockmgr.LeaseResource("ls", "k", lockmgr.Exclusive),
 		"vnc-port:5901":  {Type: "vnc-port", Name: "5901"},
-		"relative/a.img": lockmgr.DiskResource("relative/a.img", lockmgr.Exclusive),
-		"./relative.img": lockmgr.DiskResource("./relative.img", lockmgr.Exclusive),
+		"relative/a.img": lockmgr.DiskResource(filepath.Join(wd, "relative/a.img"), lockmgr.Exclusive),
+		"./relative.img": lockmgr.DiskResource(filepath.Join(wd, "relative.img"), lockmgr.Exclusive),
+		"disk:rel.img":   lockmgr.DiskResource(filepath.Join(wd, "rel.img"), lockmgr.Exclusive),
 	}
 	for in, want := range cases {
 		got, err := parseResource(in)
@@ -70,5 +78,27 @@ func TestParseResource(t *testing.T) {
 	}
 	if _, err := parseResource("lease:nokey"); !errors.Is(err, lockmgr.ErrInvalidArgument) {
 		t.Errorf("parseResource(lease without key) = %v", err)
+	}
+}
+
+// A relative disk path is the client's: the daemon, whose working directory
+// is another, must get it absolute.
+func TestDiskPathsAreMadeAbsolute(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rf := resourceFlags{disks: []string{"a.img", "sub/b.img:shared", "/abs/c.img:readonly"}}
+	rs, err := rf.resources()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []lockmgr.Resource{
+		lockmgr.DiskResource(filepath.Join(wd, "a.img"), lockmgr.Exclusive),
+		lockmgr.DiskResource(filepath.Join(wd, "sub/b.img"), lockmgr.Shared),
+		lockmgr.DiskResource("/abs/c.img", lockmgr.ReadOnly),
+	}
+	if !slices.Equal(rs, want) {
+		t.Fatalf("resources() = %+v, want %+v", rs, want)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -89,6 +90,10 @@ func (rf *resourceFlags) resources() ([]lockmgr.Resource, error) {
 	var rs []lockmgr.Resource
 	for _, d := range rf.disks {
 		p, m := splitMode(d)
+		p, err := absDisk(p)
+		if err != nil {
+			return nil, err
+		}
 		rs = append(rs, lockmgr.DiskResource(p, m))
 	}
 	for _, l := range rf.leases {
@@ -111,17 +116,35 @@ func (rf *resourceFlags) resources() ([]lockmgr.Resource, error) {
 	return rs, nil
 }
 
+// absDisk makes a disk path absolute against our working directory: vmlockd
+// resolves a relative path against its own, which is another.
+func absDisk(p string) (string, error) {
+	if p == "" || filepath.IsAbs(p) {
+		return p, nil // an empty one is refused by Validate
+	}
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "disk path %q: %v", p, err)
+	}
+	return a, nil
+}
+
 // parseResource reads the RESOURCE argument of revoke: TYPE:NAME, or a bare
-// path for a disk.
+// path for a disk. A relative disk path is made absolute (see absDisk).
 func parseResource(s string) (lockmgr.Resource, error) {
-	if strings.HasPrefix(s, "/") || strings.HasPrefix(s, ".") {
-		return lockmgr.DiskResource(s, lockmgr.Exclusive), nil
+	r := lockmgr.DiskResource(s, lockmgr.Exclusive)
+	if !strings.HasPrefix(s, "/") && !strings.HasPrefix(s, ".") {
+		if t, n, ok := strings.Cut(s, ":"); ok {
+			r = lockmgr.Resource{Type: lockmgr.ResourceType(t), Name: n}
+		}
 	}
-	t, n, ok := strings.Cut(s, ":")
-	if !ok {
-		return lockmgr.DiskResource(s, lockmgr.Exclusive), nil
+	if r.Type == lockmgr.TypeDisk {
+		p, err := absDisk(r.Name)
+		if err != nil {
+			return r, err
+		}
+		r.Name = p
 	}
-	r := lockmgr.Resource{Type: lockmgr.ResourceType(t), Name: n}
 	return r, r.Validate()
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/hierlock"
 )
 
@@ -93,15 +94,10 @@ func defaults() Config {
 	c.Driver = "lockspace"
 	c.LogLevel = "info"
 	c.LogFormat = "text"
+	c.Socket = api.DefaultSocket() // where vmlock looks for it
 	if os.Geteuid() == 0 {
-		c.Socket = "/run/vmlock/vmlockd.sock"
 		c.StateDir = "/var/lib/vmlock"
 	} else {
-		run := os.Getenv("XDG_RUNTIME_DIR")
-		if run == "" {
-			run = filepath.Join(os.TempDir(), fmt.Sprintf("vmlock-%d", os.Geteuid()))
-		}
-		c.Socket = filepath.Join(run, "vmlock", "vmlockd.sock")
 		state := os.Getenv("XDG_STATE_HOME")
 		if state == "" {
 			home, _ := os.UserHomeDir()
@@ -112,8 +108,19 @@ func defaults() Config {
 	return c
 }
 
-// loadConfig reads path over the defaults. Unknown keys are an error.
+// loadConfig reads path over the defaults and checks the result. Unknown
+// keys are an error.
 func loadConfig(path string) (Config, error) {
+	c, err := readConfig(path)
+	if err != nil {
+		return c, err
+	}
+	return c, c.validate()
+}
+
+// readConfig reads path over the defaults, without checking the values (the
+// command line may still override them). Unknown keys are an error.
+func readConfig(path string) (Config, error) {
 	c := defaults()
 	if path == "" {
 		return c, nil
@@ -130,7 +137,7 @@ func loadConfig(path string) (Config, error) {
 		sort.Strings(keys)
 		return c, fmt.Errorf("config %s: unknown key(s): %s (see docs/operations.md)", path, strings.Join(keys, ", "))
 	}
-	return c, c.validate()
+	return c, nil
 }
 
 func (c *Config) validate() error {
@@ -142,6 +149,16 @@ func (c *Config) validate() error {
 		}
 	default:
 		return fmt.Errorf("driver %q: want lockspace, etcd or nop", c.Driver)
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log_level %q: want debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		return fmt.Errorf("log_format %q: want text or json", c.LogFormat)
 	}
 	if c.MaxProcs != nil && *c.MaxProcs < 0 {
 		return fmt.Errorf("max_procs %d: want 0 (every CPU) or more", *c.MaxProcs)

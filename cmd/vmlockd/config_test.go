@@ -66,6 +66,8 @@ func TestConfigErrorsNameTheProblem(t *testing.T) {
 		{"bad levels", "[[hierlock.levels]]\nname = \"a/b\"", "hierlock.levels"},
 		{"not TOML", "socket = ", "vmlockd.toml"},
 		{"negative max_procs", "max_procs = -1", "max_procs -1"},
+		{"unknown log level", `log_level = "verbose"`, `log_level "verbose"`},
+		{"unknown log format", `log_format = "xml"`, `log_format "xml"`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -100,5 +102,34 @@ func TestMaxProcsDefaultsToOneAndYieldsToTheEnvironment(t *testing.T) {
 				t.Fatalf("GOMAXPROCS = %d, want %d", got, c.want)
 			}
 		})
+	}
+}
+
+// Flags override the file, and the result is checked as a whole: a flag can
+// correct a value of the file, and a bad flag is refused like a bad key.
+func TestFlagsOverrideTheFileBeforeItIsChecked(t *testing.T) {
+	path := writeConfig(t, "state_dir = \"relative\"\nlog_level = \"debug\"\n")
+	cases := []struct {
+		args []string
+		want string // an error mentioning this, or none
+	}{
+		{[]string{"--config", path, "--state-dir", "/var/lib/y"}, ""},
+		{[]string{"--config", path}, "state_dir must be an absolute path"},
+		{[]string{"--state-dir", "/var/lib/y", "--log-level", "loud"}, `log_level "loud"`},
+	}
+	for _, c := range cases {
+		cmd := newRootCmd()
+		if err := cmd.ParseFlags(c.args); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := configure(cmd)
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("%q: %v", c.args, err)
+		case c.want == "" && (cfg.StateDir != "/var/lib/y" || cfg.LogLevel != "debug"):
+			t.Errorf("%q: state_dir %q, log_level %q; want the flag's and the file's", c.args, cfg.StateDir, cfg.LogLevel)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+			t.Errorf("%q: %v, want an error mentioning %q", c.args, err, c.want)
+		}
 	}
 }

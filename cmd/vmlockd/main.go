@@ -47,8 +47,6 @@ func main() {
 }
 
 func newRootCmd() *cobra.Command {
-	var configPath string
-	var flags Config
 	root := &cobra.Command{
 		Use:           "vmlockd",
 		Short:         "vmlockd: the lock manager daemon for virtual machines",
@@ -56,28 +54,24 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(configPath)
+			cfg, err := configure(cmd)
 			if err != nil {
-				return err
-			}
-			override(cmd, &cfg, &flags)
-			if err := cfg.validate(); err != nil {
 				return err
 			}
 			return serve(cfg)
 		},
 	}
 	f := root.Flags()
-	f.StringVar(&configPath, "config", "", "configuration file (TOML; keys in docs/operations.md)")
-	f.StringVar(&flags.Socket, "socket", "", "API socket (default /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
-	f.StringVar(&flags.StateDir, "state-dir", "", "state directory (default /var/lib/vmlock as root)")
-	f.StringVar(&flags.Driver, "driver", "", "lock driver: lockspace (default), etcd or nop")
-	f.StringVar(&flags.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address (host:port); off if empty")
-	f.StringVar(&flags.Host, "host", "", "this host's name in lock records (default: the hostname)")
-	f.StringVar(&flags.SocketGroup, "socket-group", "", "group whose members may use the API besides root")
-	f.StringVar(&flags.LogLevel, "log-level", "", "debug, info, warn or error")
-	f.StringVar(&flags.Lockspace.DiskLeaseDir, "disk-lease-dir", "", "lockspace driver: take indirect disk leases in this directory instead of locking images directly")
-	f.StringVar(&flags.LibvirtSocket, "libvirt-socket", "", "serve virtlockd's protocol for libvirt's lockd plugin on this socket (libvirt uses /run/libvirt/virtlockd-sock); off if empty")
+	f.String("config", "", "configuration file (TOML; keys in docs/operations.md)")
+	f.String("socket", "", "API socket (default /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
+	f.String("state-dir", "", "state directory (default /var/lib/vmlock as root)")
+	f.String("driver", "", "lock driver: lockspace (default), etcd or nop")
+	f.String("metrics-addr", "", "serve Prometheus metrics on this address (host:port); off if empty")
+	f.String("host", "", "this host's name in lock records (default: the hostname)")
+	f.String("socket-group", "", "group whose members may use the API besides root")
+	f.String("log-level", "", "debug, info, warn or error")
+	f.String("disk-lease-dir", "", "lockspace driver: take indirect disk leases in this directory instead of locking images directly")
+	f.String("libvirt-socket", "", "serve virtlockd's protocol for libvirt's lockd plugin on this socket (libvirt uses /run/libvirt/virtlockd-sock); off if empty")
 
 	holder := &cobra.Command{
 		Use:    "lock-holder",
@@ -118,22 +112,31 @@ func setMaxProcs(c Config) {
 	runtime.GOMAXPROCS(n)
 }
 
+// configure returns the configuration of the command line cmd: the file of
+// --config (if any) over the defaults, the flags that were set over both,
+// checked as a whole only then, so that a flag can correct a value of the
+// file.
+func configure(cmd *cobra.Command) (Config, error) {
+	path, _ := cmd.Flags().GetString("config")
+	cfg, err := readConfig(path)
+	if err != nil {
+		return cfg, err
+	}
+	override(cmd, &cfg)
+	return cfg, cfg.validate()
+}
+
 // override copies the flags that were set over the file's values.
-func override(cmd *cobra.Command, c, f *Config) {
-	set := func(name string, dst *string, v string) {
+func override(cmd *cobra.Command, c *Config) {
+	for name, dst := range map[string]*string{
+		"socket": &c.Socket, "state-dir": &c.StateDir, "driver": &c.Driver, "metrics-addr": &c.MetricsAddr,
+		"host": &c.Host, "socket-group": &c.SocketGroup, "log-level": &c.LogLevel,
+		"disk-lease-dir": &c.Lockspace.DiskLeaseDir, "libvirt-socket": &c.LibvirtSocket,
+	} {
 		if cmd.Flags().Changed(name) {
-			*dst = v
+			*dst, _ = cmd.Flags().GetString(name)
 		}
 	}
-	set("socket", &c.Socket, f.Socket)
-	set("state-dir", &c.StateDir, f.StateDir)
-	set("driver", &c.Driver, f.Driver)
-	set("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
-	set("host", &c.Host, f.Host)
-	set("socket-group", &c.SocketGroup, f.SocketGroup)
-	set("log-level", &c.LogLevel, f.LogLevel)
-	set("disk-lease-dir", &c.Lockspace.DiskLeaseDir, f.Lockspace.DiskLeaseDir)
-	set("libvirt-socket", &c.LibvirtSocket, f.LibvirtSocket)
 }
 
 func newLogger(c Config) *slog.Logger {
@@ -200,6 +203,10 @@ func serve(c Config) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Caught before New, which may take a while (it takes back every lock):
+	// a SIGHUP meanwhile is a reload once we serve, not the default death.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
 	d, err := daemon.New(ctx, dcfg, lockF)
 	if err != nil {
 		return err
@@ -214,8 +221,6 @@ func serve(c Config) error {
 			_ = srv.Serve(ml)
 		}()
 	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
 	go func() {
 		<-hup
 		d.Reload()

@@ -1,0 +1,110 @@
+package daemon
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
+)
+
+// restartable runs daemons one after the other on one state directory,
+// with a lock-holder that outlives each of them, as vmlockd's does.
+type restartable struct {
+	tb    testing.TB
+	dir   string
+	state string
+}
+
+func newRestartable(tb testing.TB) *restartable {
+	tb.Helper()
+	dir := tb.TempDir()
+	r := &restartable{tb: tb, dir: dir, state: filepath.Join(dir, "state")}
+	os.MkdirAll(r.state, 0o700)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { lockholder.Serve(ctx, r.state); close(done) }()
+	tb.Cleanup(func() { cancel(); <-done })
+	return r
+}
+
+// start runs a daemon and returns a client of it and a function that stops
+// it gracefully (its driver's descriptors closed, as by an exit).
+func (r *restartable) start(cfg Config) (*api.Client, func()) {
+	r.tb.Helper()
+	drv, err := lockspace.New(lockspace.Config{StateDir: r.state, LeaseDir: filepath.Join(r.state, "lockspaces")})
+	if err != nil {
+		r.tb.Fatal(err)
+	}
+	cfg.Driver = drv
+	cfg.Socket, cfg.StateDir = filepath.Join(r.dir, "s.sock"), r.state
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg.HolderCommand = func() error { return nil }
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := New(ctx, cfg, nil)
+	if err != nil {
+		cancel()
+		r.tb.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { d.Run(ctx); close(done) }()
+	c, err := api.Dial(context.Background(), cfg.Socket)
+	if err != nil {
+		r.tb.Fatal(err)
+	}
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		c.Close()
+		cancel()
+		<-done
+		d.lockF.Close()
+		drv.Close()
+	}
+	r.tb.Cleanup(stop)
+	return c, stop
+}
+
+// After a restart, a process that owns two objects is watched once, and
+// revoking the locks of either object kills it and frees them all. (The
+// order in which a restart takes objects back is random: several rounds.)
+func TestRevokeAfterRestartOfAProcessOwningTwoObjects(t *testing.T) {
+	for round := range 8 {
+		victim := round % 2
+		r := newRestartable(t)
+		c, stop := r.start(Config{KillGrace: time.Second})
+		pid := sleeper(t)
+		ctx := context.Background()
+		var disks []string
+		for i, u := range []string{"77777777-0000-4000-8000-000000000001", "77777777-0000-4000-8000-000000000002"} {
+			disk := filepath.Join(r.dir, string(rune('a'+i))+".img")
+			os.WriteFile(disk, nil, 0o600)
+			disks = append(disks, disk)
+			if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: pid}, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+				t.Fatal(err)
+			}
+		}
+		stop()
+		c, _ = r.start(Config{KillGrace: time.Second})
+		if locks, err := c.Locks(ctx); err != nil || len(locks) != 2 {
+			t.Fatalf("after the restart: locks %+v, %v; want both held", locks, err)
+		}
+		pids, err := c.Revoke(ctx, lockmgr.DiskResource(disks[victim], lockmgr.Exclusive), time.Second)
+		if err != nil || len(pids) != 1 || pids[0] != pid {
+			t.Fatalf("revoke %s after the restart: %v, %v; want pid %d killed", disks[victim], pids, err, pid)
+		}
+		if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
+			t.Fatalf("after the revocation: locks %+v, %v; want none", locks, err)
+		}
+	}
+}

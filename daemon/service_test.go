@@ -1,0 +1,66 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// An unplug that names one resource twice (here once through a symlink) is
+// refused as a whole: nothing is released.
+func TestReleaseOfAResourceNamedTwiceChangesNothing(t *testing.T) {
+	c, dir := startInProcess(t)
+	pid := sleeper(t)
+	ctx := context.Background()
+	a, b := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	os.WriteFile(a, nil, 0o600)
+	os.WriteFile(b, nil, 0o600)
+	link := filepath.Join(dir, "link.img")
+	if err := os.Symlink(a, link); err != nil {
+		t.Fatal(err)
+	}
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000001", PID: pid}
+	before, err := c.Acquire(ctx, o, []lockmgr.Resource{lockmgr.DiskResource(a, lockmgr.Exclusive), lockmgr.DiskResource(b, lockmgr.Exclusive)}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, twice := range [][]lockmgr.Resource{
+		{lockmgr.DiskResource(a, lockmgr.Exclusive), lockmgr.DiskResource(a, lockmgr.Exclusive)},
+		{lockmgr.DiskResource(a, lockmgr.Exclusive), lockmgr.DiskResource(link, lockmgr.Exclusive)},
+	} {
+		if _, err := c.Release(ctx, o.UUID, twice...); !errors.Is(err, lockmgr.ErrInvalidArgument) {
+			t.Fatalf("release of %v: %v, want invalid argument", twice, err)
+		}
+		if after, err := c.Inquire(ctx, o.UUID); err != nil || after != before {
+			t.Fatalf("after the refused release: %q, %v; want %q", after, err, before)
+		}
+	}
+}
+
+// A kill command that hangs has the grace period, not a grace period of its
+// own before the grace period: SIGKILL follows the grace period counted from
+// the revocation, and the call's deadline (grace + request timeout) is
+// enough for the holder to die.
+func TestRevokeWithAHangingKillCommand(t *testing.T) {
+	grace := 2 * time.Second
+	c, dir := startInProcess(t, Config{KillCommand: []string{"sleep", "30"}, KillGrace: grace, RequestTimeout: time.Second})
+	pid := sleeper(t)
+	ctx := context.Background()
+	disk := filepath.Join(dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	r := lockmgr.DiskResource(disk, lockmgr.Exclusive)
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000002", PID: pid}, []lockmgr.Resource{r}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if pids, err := c.Revoke(ctx, r, 0); err != nil || len(pids) != 1 || pids[0] != pid {
+		t.Fatalf("revoke: %v, %v; want pid %d killed", pids, err, pid)
+	}
+	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
+		t.Fatalf("after the revocation: %+v, %v; want nothing held", locks, err)
+	}
+}
