@@ -231,3 +231,58 @@ func TestPeerCredentials(t *testing.T) {
 		t.Fatalf("Authorize saw uid %d, want 65534", uid)
 	}
 }
+
+// The daemon's pid tracking may release an exited QEMU's locks before the
+// close rule gets to them (both see the same exit): the close still removes
+// the auto-created lease files whose last holder the owner was, and forgets
+// its grants, as when the close rule releases them itself.
+func TestCloseRuleAfterReleaseElsewhere(t *testing.T) {
+	for _, when := range []string{"before the close", "while killing"} {
+		t.Run(when, func(t *testing.T) {
+			const name = "qemu-elsewhere"
+			m := lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})
+			cfg := Config{Manager: m}
+			if when == "while killing" {
+				cfg.Kill = func(ctx context.Context, p *Peer) error {
+					if err := m.Unregister(ctx, uuidOf(name)); err != nil {
+						return err
+					}
+					return p.Signal(syscall.SIGKILL)
+				}
+			}
+			ts := startServer(t, cfg)
+			ctx := testCtx(t)
+			dir := t.TempDir()
+			lease := filepath.Join(dir, "lease")
+			ch := startOwnerChild(t, ts, name)
+			b := ts.registered(name, ch.pid)
+			wantOK(t, "lockspace", b.CreateLockspace(ctx, dir))
+			wantOK(t, "acquire", b.AcquireResource(ctx, dir, "lease", AcquireAutoCreate))
+			b.Close()
+			ts.waitClosed(os.Getpid())
+			if _, err := os.Stat(lease); err != nil {
+				t.Fatalf("auto-created lease file: %v", err)
+			}
+
+			if when == "before the close" {
+				if err := m.Unregister(ctx, uuidOf(name)); err != nil {
+					t.Fatal(err)
+				}
+				ch.stdin.Close() // the helper exits
+			} else if _, err := io.WriteString(ch.stdin, "close\n"); err != nil {
+				t.Fatal(err)
+			}
+			ts.waitClosed(ch.pid)
+			ch.cmd.Wait()
+			if _, err := os.Stat(lease); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("lease file after its only holder exited: %v, want it removed", err)
+			}
+			ts.s.mu.Lock()
+			n := len(ts.s.grants)
+			ts.s.mu.Unlock()
+			if n != 0 {
+				t.Fatalf("%d grant records left after the only holder exited", n)
+			}
+		})
+	}
+}

@@ -306,25 +306,10 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 		return s.acquireHeld(o, r, h)
 	}
 
-	created := false
-	if autocreate {
-		f, err := openFile(ls, file, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL)
-		switch {
-		case err == nil:
-			created = true
-			f.Close()
-		case errors.Is(err, fs.ErrExist):
-			if f, err = openFile(ls, file, unix.O_RDWR); err != nil {
-				return systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
-			}
-			f.Close()
-		default:
-			return systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
-		}
-	} else if fi, err := os.Stat(file); err != nil {
-		return systemError(fmt.Sprintf("Unable to open resource %s", file), err)
-	} else if fi.IsDir() {
-		return systemError(fmt.Sprintf("Unable to open resource %s", file), syscall.EISDIR)
+	created, rerr := openResource(ls, file, autocreate)
+	if rerr != nil {
+		s.dropIfEmpty(ctx, o) // ensureObject may have registered it for this call
+		return rerr
 	}
 
 	if err := s.mgr.AcquireResource(ctx, o.UUID, r); err != nil {
@@ -368,6 +353,14 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 	}
 	if g == nil {
 		g = &grant{holders: make(map[string]int, 1)}
+		// Other holders were granted before a restart of the server, which
+		// lost its records: they hold it too, and the file goes with the
+		// last of them.
+		for u := range current {
+			if u != o.UUID {
+				g.holders[u] = 1
+			}
+		}
 		// The first holder decides whether the file goes with the last
 		// one, as in virtlockd; in the default lockspace (disk images)
 		// only a file this server created is ever removed.
@@ -380,6 +373,32 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 	return nil
 }
 
+// openResource checks that the file of a resource exists (without
+// AUTOCREATE) or creates it (with it); created says whether it did.
+func openResource(ls *lockspace, file string, autocreate bool) (created bool, rerr *RemoteError) {
+	if !autocreate {
+		if fi, err := os.Stat(file); err != nil {
+			return false, systemError(fmt.Sprintf("Unable to open resource %s", file), err)
+		} else if fi.IsDir() {
+			return false, systemError(fmt.Sprintf("Unable to open resource %s", file), syscall.EISDIR)
+		}
+		return false, nil
+	}
+	f, err := openFile(ls, file, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL)
+	switch {
+	case err == nil:
+		created = true
+	case errors.Is(err, fs.ErrExist):
+		if f, err = openFile(ls, file, unix.O_RDWR); err != nil {
+			return false, systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
+		}
+	default:
+		return false, systemError(fmt.Sprintf("Unable to open/create resource %s", file), err)
+	}
+	f.Close()
+	return created, nil
+}
+
 // acquireHeld answers an ACQUIRE of r by an owner that holds it already
 // (as h): shared on shared counts once more, anything else is busy, naming
 // the owner itself. Called with the owner's lock held.
@@ -388,11 +407,15 @@ func (s *Server) acquireHeld(o lockmgr.Object, r, h lockmgr.Resource) *RemoteErr
 		return remoteError(&lockmgr.BusyError{Resource: h, Holder: lockmgr.Holder{
 			Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: h.Mode}})
 	}
+	current := s.currentHolders(h.Key())
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	g := s.grants[h.Key()]
-	if g == nil { // granted before a restart of the server
-		g = &grant{holders: make(map[string]int, 1)}
+	if g == nil { // granted before a restart of the server, maybe to others too
+		g = &grant{holders: make(map[string]int, len(current))}
+		for u := range current {
+			g.holders[u] = 1
+		}
 		s.grants[h.Key()] = g
 	}
 	if g.holders[o.UUID] == 0 {
@@ -671,6 +694,7 @@ func (s *Server) closeRule(ctx context.Context, c *conn) {
 	unlock := s.ownerLocks.lock(o.UUID)
 	cur, err := s.mgr.Object(o.UUID)
 	if err != nil || cur.PID != o.PID {
+		s.dropGrantsOfGone(o.UUID, err)
 		unlock()
 		return
 	}
@@ -702,7 +726,8 @@ func (s *Server) closeRule(ctx context.Context, c *conn) {
 	defer unlock()
 	cur, err = s.mgr.Object(o.UUID)
 	if err != nil || cur.PID != o.PID {
-		return // released meanwhile (the daemon saw the exit too)
+		s.dropGrantsOfGone(o.UUID, err) // released meanwhile (the daemon saw the exit too)
+		return
 	}
 	leases, _, err = s.mgr.Held(o.UUID)
 	if err != nil {
@@ -713,6 +738,30 @@ func (s *Server) closeRule(ctx context.Context, c *conn) {
 		return
 	}
 	s.log.Info("lock owner exited; its locks are released", "uuid", o.UUID, "name", o.Name, "pid", o.PID, "locks", len(leases))
+}
+
+// dropGrantsOfGone forgets the grants of the object uuid if the lock table
+// no longer has it (err, from looking it up, says it is not registered):
+// the daemon released it behind the server's back. Lease files whose last
+// holder it was are removed, as if the server had released them. Called
+// with the owner's lock held, so that no new grant of the uuid interferes.
+func (s *Server) dropGrantsOfGone(uuid string, err error) {
+	if !errors.Is(err, lockmgr.ErrNotRegistered) {
+		return
+	}
+	var keys []string
+	s.mu.Lock()
+	for key, g := range s.grants {
+		if _, ok := g.holders[uuid]; ok {
+			keys = append(keys, key)
+		}
+	}
+	s.mu.Unlock()
+	for _, key := range keys {
+		unlock := s.keyLocks.lock(key)
+		s.dropGrant(key, uuid)
+		unlock()
+	}
 }
 
 // remoteError maps an error of the lock table onto libvirt's codes, in the

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -243,20 +244,29 @@ func (s *Server) Lockspaces() []string {
 
 // Listen creates a unix socket at path for Serve, mode 0600 (its directory
 // 0755 if missing). A socket file
-// left by a dead daemon is replaced; a live one (something answers on it) is
-// an error, so that vmlockd never steals a running virtlockd's socket.
+// left by a dead daemon (connecting is refused) is replaced; a live one
+// (something answers on it, or connecting fails otherwise, as with a full
+// backlog) is an error, so that vmlockd never steals a running virtlockd's
+// socket.
 func Listen(ctx context.Context, path string) (net.Listener, error) {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != os.ModeSocket {
 			return nil, fmt.Errorf("virtlockd: %s exists and is not a socket", path)
 		}
 		var d net.Dialer
-		if c, err := d.DialContext(ctx, "unix", path); err == nil {
+		c, err := d.DialContext(ctx, "unix", path)
+		switch {
+		case err == nil:
 			c.Close()
 			return nil, fmt.Errorf("virtlockd: %s is in use by another daemon", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("virtlockd: removing a stale socket: %w", err)
+		case errors.Is(err, syscall.ECONNREFUSED): // nobody listens: stale
+			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return nil, fmt.Errorf("virtlockd: removing a stale socket: %w", err)
+			}
+		case !errors.Is(err, syscall.ENOENT):
+			// EAGAIN: a live daemon with a full backlog; anything else
+			// cannot tell a live socket from a stale one either.
+			return nil, fmt.Errorf("virtlockd: %s may be in use by another daemon: %w", path, err)
 		}
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {

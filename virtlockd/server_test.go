@@ -12,8 +12,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -354,6 +357,24 @@ func TestDiskCanonical(t *testing.T) {
 	wantRemote(t, "relative path", b.AcquireResource(ctx, "", "rel.img", 0), CodeInvalidArg, DomainLockspace, "not an absolute file path")
 	wantRemote(t, "missing file", b.AcquireResource(ctx, "", img+".missing", 0), CodeSystemError, DomainLockspace,
 		"Unable to open resource "+img+".missing: no such file or directory")
+}
+
+// An ACQUIRE refused before the lock table is asked (a missing file)
+// leaves no object behind, as one the table refuses does not.
+func TestRefusedAcquireLeavesNoObject(t *testing.T) {
+	ts := startServer(t, Config{})
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	a := ts.registered("a", fakePID+1)
+	wantOK(t, "lockspace", a.CreateLockspace(ctx, dir))
+	wantRemote(t, "missing image", a.AcquireResource(ctx, "", filepath.Join(dir, "missing.img"), 0), CodeSystemError, DomainLockspace,
+		"Unable to open resource")
+	wantRemote(t, "missing lease", a.AcquireResource(ctx, dir, "missing", 0), CodeSystemError, DomainLockspace,
+		"Unable to open resource")
+	wantRemote(t, "directory", a.AcquireResource(ctx, "", dir, 0), CodeSystemError, DomainLockspace, "is a directory")
+	if objs := ts.m.Objects(); len(objs) != 0 {
+		t.Fatalf("refused acquires left objects %+v", objs)
+	}
 }
 
 func TestNotLockedWrongOwner(t *testing.T) {
@@ -783,6 +804,47 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 		t.Fatalf("stale socket: %v", err)
 	}
 	l2.Close()
+
+}
+
+// A live daemon whose backlog is full (connecting fails with EAGAIN, not
+// ECONNREFUSED) keeps its socket: only a refused connection means stale.
+func TestListenKeepsASocketWithAFullBacklog(t *testing.T) {
+	busy := filepath.Join(socketDir(t), "busy")
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: busy}); err != nil {
+		t.Fatal(err)
+	}
+	// Backlog 0: the kernel queues one connection, so a few fill it.
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	full := false
+	for range 8 {
+		c, err := net.Dial("unix", busy)
+		if errors.Is(err, syscall.EAGAIN) {
+			full = true
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	if !full {
+		t.Fatal("8 connections did not fill a backlog of 0")
+	}
+	if l, err := Listen(t.Context(), busy); err == nil {
+		l.Close()
+		t.Fatal("Listen took over a live socket whose backlog is full")
+	}
+	if _, err := os.Lstat(busy); err != nil {
+		t.Fatalf("the live socket was removed: %v", err)
+	}
 }
 
 // The server's records follow the lock table when the daemon releases an
@@ -804,6 +866,36 @@ func TestGrantsFollowTheTable(t *testing.T) {
 		t.Fatalf("lease file after its last real holder released it: %v", err)
 	}
 	wantRemote(t, "b released behind the server's back", b.ReleaseResource(ctx, dir, "k", 0), CodeResourceBusy, DomainLockspace, "is not locked")
+}
+
+// After a restart of the server (the daemon's lock table kept, the
+// server's records lost), a lease shared with an owner granted before the
+// restart is not the new holder's alone: its file stays until the last
+// holder releases it.
+func TestGrantsAcrossARestart(t *testing.T) {
+	m := lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})
+	dir := t.TempDir()
+	file := filepath.Join(dir, "k")
+	ctx := testCtx(t)
+	before := startServer(t, Config{Manager: m, Lockspaces: []string{dir}})
+	a := before.registered("a", fakePID+1)
+	wantOK(t, "a shared before the restart", a.AcquireResource(ctx, dir, "k", AcquireShared|AcquireAutoCreate))
+
+	ts := startServer(t, Config{Manager: m, Lockspaces: []string{dir}})
+	b := ts.registered("b", fakePID+2)
+	wantOK(t, "b shared after the restart", b.AcquireResource(ctx, dir, "k", AcquireShared|AcquireAutoCreate))
+	wantOK(t, "b releases", b.ReleaseResource(ctx, dir, "k", 0))
+	if _, err := os.Stat(file); err != nil {
+		t.Fatalf("lease file removed while a still holds it: %v", err)
+	}
+	a2 := ts.registered("a", fakePID+1)
+	wantOK(t, "a releases after the restart", a2.ReleaseResource(ctx, dir, "k", 0))
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("lease file after its last holder released it: %v, want it removed", err)
+	}
+	if locks := m.Locks(); len(locks) != 0 {
+		t.Fatalf("locks left: %+v", locks)
+	}
 }
 
 // BenchmarkCycle is libvirt's hot path: REGISTER, ACQUIRE, RELEASE of one
