@@ -354,7 +354,7 @@ func (d *Daemon) Manager() *lockmgr.Manager { return d.mgr }
 // RequestTimeout for calls in progress.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.srv = grpc.NewServer(
-		grpc.Creds(peerCredentials{}),
+		grpc.Creds(peerCredentials{gid: d.gid}),
 		grpc.ChainUnaryInterceptor(d.intercept),
 		grpc.ChainStreamInterceptor(d.interceptStream),
 		// A fixed pool of stream workers instead of a goroutine per call.

@@ -28,16 +28,25 @@ import (
 // peerCredentials authenticates API clients by SO_PEERCRED: the kernel's
 // word on the uid, gid and pid of the process at the other end of the unix
 // socket. There is no encryption to add on a local socket.
-type peerCredentials struct{}
+//
+// With a socket group (gid >= 0), a peer that is neither root nor in the
+// group by its primary gid has its supplementary groups read once, at the
+// handshake, from /proc; the peer's pidfd (SO_PEERPIDFD) then proves that
+// the process read is the one that connected, not a later one with its
+// recycled pid. Membership is thus judged as of the connection, as the
+// primary gid of SO_PEERCRED is.
+type peerCredentials struct{ gid int }
 
 type peerInfo struct {
 	credentials.CommonAuthInfo
 	ucred unix.Ucred
+	// inGroup: the peer was a member of the socket group when it connected.
+	inGroup bool
 }
 
 func (peerInfo) AuthType() string { return "peercred" }
 
-func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+func (p peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return nil, nil, errors.New("vmlockd serves unix sockets only")
@@ -54,7 +63,36 @@ func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthIn
 	if cerr != nil {
 		return nil, nil, cerr
 	}
-	return c, peerInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}, ucred: *cred}, nil
+	pi := peerInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}, ucred: *cred}
+	if p.gid >= 0 && cred.Uid != 0 {
+		pi.inGroup = int(cred.Gid) == p.gid
+		if !pi.inGroup {
+			if err := rc.Control(func(fd uintptr) { pi.inGroup = peerInGroup(int(fd), int(cred.Pid), p.gid) }); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	return c, pi, nil
+}
+
+// peerInGroup reports whether the process that connected the socket fd,
+// pid by SO_PEERCRED, has gid among its supplementary groups. Without
+// SO_PEERPIDFD (Linux before 6.5) the pid is trusted as it is.
+func peerInGroup(fd, pid, gid int) bool {
+	pidfd, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEERPIDFD)
+	if err == nil {
+		defer unix.Close(pidfd)
+	}
+	_, gids, err2 := procIDs(pid)
+	if err2 != nil || !slices.Contains(gids, gid) {
+		return false
+	}
+	if err != nil {
+		return true
+	}
+	// Still alive (ESRCH once it has exited; EPERM is an answer too), so
+	// /proc/pid was the connecting process's.
+	return unix.PidfdSendSignal(pidfd, 0, nil, 0) != unix.ESRCH
 }
 
 func (peerCredentials) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -85,7 +123,7 @@ func (d *Daemon) authenticate(ctx context.Context, method string) (context.Conte
 		return nil, lockmgr.Errorf(lockmgr.CodePermission, "no peer credentials")
 	}
 	c := caller{uid: int(pi.ucred.Uid), pid: int(pi.ucred.Pid)}
-	if err := d.authorize(c, int(pi.ucred.Gid)); err != nil {
+	if err := d.authorize(c, pi.inGroup); err != nil {
 		d.log.Warn("refused a client", "uid", c.uid, "pid", c.pid, "method", method)
 		return nil, err
 	}
@@ -149,18 +187,11 @@ type authedStream struct {
 
 func (s *authedStream) Context() context.Context { return s.ctx }
 
-// authorize admits root and members of the socket group.
-func (d *Daemon) authorize(c caller, gid int) error {
-	if c.root() {
+// authorize admits root and members of the socket group (inGroup, as the
+// handshake found the peer).
+func (d *Daemon) authorize(c caller, inGroup bool) error {
+	if c.root() || inGroup && d.gid >= 0 {
 		return nil
-	}
-	if d.gid >= 0 {
-		if gid == d.gid {
-			return nil
-		}
-		if _, gids, err := procIDs(c.pid); err == nil && slices.Contains(gids, d.gid) {
-			return nil
-		}
 	}
 	return lockmgr.Errorf(lockmgr.CodePermission, "uid %d may not use vmlockd: only root and members of the socket group (%s) may", c.uid, groupName(d.gid))
 }

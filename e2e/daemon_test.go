@@ -334,6 +334,10 @@ func TestNonRootClientCannotTouchAnotherUidsLocks(t *testing.T) {
 	if r := d.vmlockAs(&syscall.Credential{Uid: 4242, Gid: 4242}, "status"); r.code != int(lockmgr.CodePermission) && !strings.Contains(r.stderr, "permission denied") {
 		t.Fatalf("uid outside the group: exit %d (%s), want a refusal", r.code, r.stderr)
 	}
+	// A member by a supplementary group is admitted.
+	if r := d.vmlockAs(&syscall.Credential{Uid: 4242, Gid: 4242, Groups: []uint32{65534}}, "status"); r.code != 0 {
+		t.Fatalf("uid in the group by a supplementary group: exit %d (%s), want 0", r.code, r.stderr)
+	}
 }
 
 func TestGarbageAndVanishingClientsLeaveTheDaemonServing(t *testing.T) {
