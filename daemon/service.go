@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -558,14 +559,26 @@ func (d *Daemon) revoke(ctx context.Context, c caller, r lockmgr.Resource, grace
 	// deadline is extended to cover it.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace+d.cfg.RequestTimeout)
 	defer cancel()
-	var pids []int
-	for _, o := range victims {
+	// Every holder at once: one after another, holders that ignore SIGTERM
+	// would each take a grace period, beyond the deadline.
+	errs := make([]error, len(victims))
+	var wg sync.WaitGroup
+	for i, o := range victims {
 		d.log.Warn("revoking: killing the holder", "resource", r.String(), "uuid", o.obj.UUID, "name", o.obj.Name, "pid", o.obj.PID)
-		if err := d.kill(ctx, o, grace); err != nil {
+		wg.Go(func() { errs[i] = d.kill(ctx, o, grace) })
+	}
+	wg.Wait()
+	var pids []int
+	for i, o := range victims {
+		if errs[i] == nil {
+			d.cfg.Metrics.revocations.Inc()
+			pids = append(pids, o.obj.PID)
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
 			return pids, err
 		}
-		d.cfg.Metrics.revocations.Inc()
-		pids = append(pids, o.obj.PID)
 	}
 	// The exit handler releases the locks; wait for it, so that the resource
 	// is free when we answer.

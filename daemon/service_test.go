@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -59,6 +60,41 @@ func TestRevokeWithAHangingKillCommand(t *testing.T) {
 	}
 	if pids, err := c.Revoke(ctx, r, 0); err != nil || len(pids) != 1 || pids[0] != pid {
 		t.Fatalf("revoke: %v, %v; want pid %d killed", pids, err, pid)
+	}
+	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
+		t.Fatalf("after the revocation: %+v, %v; want nothing held", locks, err)
+	}
+}
+
+// Holders that ignore SIGTERM are killed together, within one grace
+// period: one after another, four would outlast the call's deadline
+// (grace + request timeout).
+func TestRevokeKillsEverySharerAtOnce(t *testing.T) {
+	c, dir := startInProcess(t, Config{KillCommand: []string{"sleep", "30"}, KillGrace: 2 * time.Second, RequestTimeout: 3 * time.Second})
+	ctx := context.Background()
+	disk := filepath.Join(dir, "a.img")
+	if err := os.WriteFile(disk, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := lockmgr.DiskResource(disk, lockmgr.Shared)
+	want := map[int]bool{}
+	for i := range 4 {
+		pid := sleeper(t)
+		want[pid] = true
+		o := lockmgr.Object{UUID: fmt.Sprintf("88888888-0000-4000-8000-00000000001%d", i), PID: pid}
+		if _, err := c.Acquire(ctx, o, []lockmgr.Resource{r}, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pids, err := c.Revoke(ctx, r, 0)
+	if err != nil {
+		t.Fatalf("revoke: %v (killed %v)", err, pids)
+	}
+	for _, p := range pids {
+		delete(want, p)
+	}
+	if len(pids) != 4 || len(want) != 0 {
+		t.Fatalf("killed %v; want all four sharers", pids)
 	}
 	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
 		t.Fatalf("after the revocation: %+v, %v; want nothing held", locks, err)

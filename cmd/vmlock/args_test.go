@@ -102,3 +102,18 @@ func TestDiskPathsAreMadeAbsolute(t *testing.T) {
 		t.Fatalf("resources() = %+v, want %+v", rs, want)
 	}
 }
+
+// A --grace the daemon would take as its default (under 1 ms) or cannot
+// use (negative) is a usage error, found before the daemon is asked.
+func TestRevokeRefusesABadGrace(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	for _, g := range []string{"-1s", "500us"} {
+		if code := run([]string{"--socket", sock, "revoke", "--grace", g, "/a.img"}); code != int(lockmgr.CodeInvalidArgument) {
+			t.Errorf("revoke --grace %s: exit %d, want %d", g, code, lockmgr.CodeInvalidArgument)
+		}
+	}
+	// A good one gets as far as the (missing) daemon.
+	if code := run([]string{"--socket", sock, "revoke", "--grace", "1s", "/a.img"}); code == int(lockmgr.CodeInvalidArgument) {
+		t.Errorf("revoke --grace 1s: exit %d, a usage error", code)
+	}
+}

@@ -26,6 +26,10 @@ import (
 // callTimeout bounds every call to the daemon.
 const callTimeout = 30 * time.Second
 
+// maxDaemonGrace is how long revoke waits for a daemon whose kill grace it
+// does not know (no --grace) beyond callTimeout.
+const maxDaemonGrace = 10 * time.Minute
+
 func (g *globals) socketPath() string {
 	if g.socket != "" {
 		return g.socket
@@ -539,11 +543,22 @@ func newRevokeCmd(g *globals) *cobra.Command {
 		Long:  "RESOURCE is a disk path, or TYPE:NAME (disk:/path, lease:LOCKSPACE/KEY, or a custom type).",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if grace < 0 || grace > 0 && grace < time.Millisecond {
+				return usageError{fmt.Errorf("--grace %v: want 0 (the daemon's) or at least 1ms", grace)}
+			}
 			r, err := parseResource(args[0])
 			if err != nil {
 				return err
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout+grace)
+			// The daemon bounds the call by the grace period and its request
+			// timeout; without --grace the CLI does not know the daemon's
+			// grace, so it waits for it generously rather than give up on a
+			// revocation that is still killing.
+			wait := grace
+			if wait == 0 {
+				wait = maxDaemonGrace
+			}
+			ctx, c, done, err := g.connect(cmd.Context(), callTimeout+wait)
 			if err != nil {
 				return err
 			}
