@@ -193,6 +193,11 @@ func (vm *qemuVM) blockCommit(ctx context.Context, req *vmlockpb.BlockCommitRequ
 	return vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartCommit(ctx, vm.c, opts) })
 }
 
+// errJobUnknown is wrapped by startJobLocked's error when QEMU did not say
+// whether it started the job: the job and its locks are kept until the
+// connection is re-attached, so its images must not be cleaned up.
+var errJobUnknown = errors.New("QEMU did not answer whether it started the block job")
+
 // startJobLocked records a job, starts it and tracks it; if QEMU refuses
 // it, the locks are put back.
 func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func() (*qemu.Job, error)) (*vmlockpb.BlockJobInfo, error) {
@@ -202,6 +207,25 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 	vm.rec.Jobs = append(vm.rec.Jobs, rec)
 	vm.saveLocked() // before QEMU starts writing: a restart must find the job
 	q, err := start()
+	var qe *qmp.Error
+	if err != nil && !errors.As(err, &qe) {
+		// QEMU did not answer (the caller gave up, or the connection was
+		// lost): it may run the job all the same. Its word decides.
+		actx, cancel := context.WithTimeout(vm.s.ctx, 10*time.Second)
+		aq, aerr := qemu.Attach(actx, vm.c, rec.ID)
+		cancel()
+		switch {
+		case aerr == nil:
+			vm.s.log.Warn("QEMU started a block job whose start call failed; tracking it", "uuid", vm.uuid, "job", rec.ID, "err", err)
+			q, err = aq, nil
+		case !errors.Is(aerr, qemu.ErrNoSuchJob):
+			// Unknown: keep the job and its locks, and reconnect; attach
+			// then tracks the job or, if QEMU has none, ends it.
+			vm.c.Close()
+			vm.s.log.Error("cannot tell whether QEMU started a block job; keeping its locks until it is re-attached", "uuid", vm.uuid, "job", rec.ID, "err", err, "query", aerr)
+			return nil, fmt.Errorf("%w: job %s (%w); see vmlock blockjob --info", errJobUnknown, rec.ID, err)
+		}
+	}
 	if err != nil {
 		if prev != nil {
 			vm.jobs[rec.Disk] = prev
@@ -212,8 +236,7 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 		if rerr := vm.reconcileLocked(ctx); rerr != nil {
 			vm.s.log.Error("putting the locks back after QEMU refused a job", "uuid", vm.uuid, "err", rerr)
 		}
-		var qe *qmp.Error
-		if errors.As(err, &qe) {
+		if qe != nil {
 			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU refused the job", Err: qe}
 		}
 		return nil, err
@@ -290,7 +313,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	}
 	opts := qemu.MirrorOptions{JobID: rec.ID, Device: d.Root, Target: rec.TargetNode, Sync: "full", Speed: req.Bandwidth, AutoDismiss: new(false)}
 	info, err := vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartMirror(ctx, vm.c, opts) })
-	if err != nil {
+	if err != nil && !errors.Is(err, errJobUnknown) {
 		_ = qemu.BlockdevDel(ctx, vm.c, rec.TargetNode)
 		if rerr := vm.reconcileLocked(ctx); rerr != nil {
 			vm.s.log.Error("releasing a copy target", "uuid", vm.uuid, "err", rerr)
@@ -499,6 +522,18 @@ func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
 	case j.q == nil:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
+	}
+	// The pivot makes the base (or the copy) the active image: only while
+	// the VM holds it exclusively (its lock may have been released through
+	// the API meanwhile; it is taken back if it can be).
+	img := j.rec.Base
+	if j.rec.Type == jobCopy {
+		img = j.rec.Target
+	}
+	if m, ok := vm.heldModes()[img]; !ok || m != lockmgr.Exclusive {
+		if err := vm.reconcileLocked(ctx); err != nil {
+			return fmt.Errorf("no pivot: %s is not locked exclusively for the VM: %w", img, err)
+		}
 	}
 	if err := j.q.Complete(ctx); err != nil {
 		if errors.Is(err, qemu.ErrNotReady) {

@@ -90,6 +90,7 @@ func (s *Subscription) Next(ctx context.Context) (Event, error) {
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
+			s.signal() // pass the wake-up on to the next waiter
 			return Event{}, fmt.Errorf("qmp: subscription closed: %w", ErrClosed)
 		}
 		if s.head < len(s.queue) {
@@ -104,12 +105,17 @@ func (s *Subscription) Next(ctx context.Context) (Event, error) {
 				clear(s.queue[n:])
 				s.queue, s.head = s.queue[:n], 0
 			}
+			more := s.head < len(s.queue)
 			s.mu.Unlock()
+			if more {
+				s.signal() // another waiter may take the next one
+			}
 			return ev, nil
 		}
 		err := s.err
 		s.mu.Unlock()
 		if err != nil {
+			s.signal() // pass the wake-up on to the next waiter
 			return Event{}, err
 		}
 		select {

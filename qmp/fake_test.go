@@ -602,3 +602,44 @@ func TestFakeConcurrentExecute(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// Several goroutines may wait in Next on one subscription (its methods are
+// safe for concurrent use): every one of them must be woken by Close and by
+// the client's end, not just the first (the wake-up channel holds one).
+func TestFakeConcurrentNextAllWoken(t *testing.T) {
+	waiters := func(sub *Subscription, n int) <-chan error {
+		res := make(chan error, n)
+		for range n {
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				_, err := sub.Next(ctx)
+				res <- err
+			}()
+		}
+		time.Sleep(50 * time.Millisecond) // let them block in Next
+		return res
+	}
+	c, f, _ := newFake(t)
+
+	sub := c.Subscribe("E")
+
+	// Close wakes every waiter.
+	res := waiters(sub, 3)
+	sub.Close()
+	for range 3 {
+		if err := <-res; !errors.Is(err, ErrClosed) {
+			t.Fatalf("waiter after Close: %v, want ErrClosed", err)
+		}
+	}
+
+	// The client's end wakes every waiter.
+	sub = c.Subscribe()
+	res = waiters(sub, 3)
+	f.conn.Close()
+	for range 3 {
+		if err := <-res; !errors.Is(err, ErrDisconnected) {
+			t.Fatalf("waiter after the connection was lost: %v, want ErrDisconnected", err)
+		}
+	}
+}

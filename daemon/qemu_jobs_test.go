@@ -1,0 +1,229 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
+	"github.com/vmlock/vmlock/qemu"
+)
+
+// These tests drive the supervisor's block jobs against real QEMU
+// (-machine none), calling the daemon in-process so that they can step in
+// between the supervisor and QEMU. The e2e tests cover the CLI.
+
+func needQEMUTools(t *testing.T) {
+	t.Helper()
+	for _, tool := range []string{"qemu-system-x86_64", "qemu-img"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("CI=true but %s is not installed: %v", tool, err)
+			}
+			t.Skipf("%s not installed: %v", tool, err)
+		}
+	}
+}
+
+type jobTestVM struct {
+	d         *Daemon
+	vm        *qemuVM
+	ctx       context.Context // carries the caller (this process)
+	top, base string
+	dir       string
+}
+
+// startJobTestVM runs a daemon in-process and a QEMU VM on base ← top
+// supervised by it, connected and verified.
+func startJobTestVM(t *testing.T) *jobTestVM {
+	needQEMUTools(t)
+	dir, err := os.MkdirTemp("", "vqd") // short: it holds sockets
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir, _ = filepath.EvalSymlinks(dir)
+	tv := &jobTestVM{top: filepath.Join(dir, "top.qcow2"), base: filepath.Join(dir, "base.qcow2"), dir: dir}
+	for _, args := range [][]string{
+		{"create", "-q", "-f", "qcow2", tv.base, "4M"},
+		{"create", "-q", "-f", "qcow2", "-b", tv.base, "-F", "qcow2", tv.top},
+	} {
+		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+	}
+
+	state := filepath.Join(dir, "state")
+	os.MkdirAll(state, 0o700)
+	drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go lockholder.Serve(ctx, state)
+	cfg := Config{Driver: drv, Socket: filepath.Join(dir, "s.sock"), StateDir: state,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), HolderCommand: func() error { return nil }}
+	if tv.d, err = New(ctx, cfg, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	mon := filepath.Join(dir, "m.qmp")
+	cmd := exec.Command("qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
+		"-drive", "if=none,id=drive0,format=qcow2,file="+tv.top,
+		"-chardev", "socket,id=vmlock-qmp,path="+mon+",server=on,wait=off", "-mon", "chardev=vmlock-qmp,mode=control")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+
+	sup := tv.d.newQEMUSupervisor()
+	tv.ctx = context.WithValue(ctx, callerKey{}, caller{uid: os.Getuid(), pid: os.Getpid()})
+	sctx, scancel := context.WithTimeout(tv.ctx, 30*time.Second)
+	defer scancel()
+	o := lockmgr.Object{UUID: "5e550000-0000-4000-8000-000000000001", Name: "vm1", PID: cmd.Process.Pid}
+	_, err = (&qemuService{s: sup}).Start(sctx, &vmlockpb.QEMUStartRequest{Object: api.ObjectToPB(o),
+		Drives: []*vmlockpb.QEMUDrive{{Path: tv.top, Format: "qcow2"}}, Monitor: mon, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tv.vm, err = sup.lookup("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tv.vm.waitAttached(sctx); err != nil {
+		t.Fatal(err)
+	}
+	if e := tv.vm.errText(); e != "" {
+		t.Fatalf("supervising QEMU: %s", e)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+	return tv
+}
+
+func (tv *jobTestVM) wantLocks(t *testing.T, want map[string]lockmgr.Mode) {
+	t.Helper()
+	if got := tv.vm.heldModes(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("the VM's locks\n got %v\nwant %v", got, want)
+	}
+}
+
+// waitPhase waits until the disk's job is in phase.
+func (tv *jobTestVM) waitPhase(t *testing.T, phase string) *vmlockpb.BlockJobInfo {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0", Action: vmlockpb.BlockJobAction_BLOCK_JOB_INFO})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Phase == phase {
+			return info
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the job never reached phase %s: %+v", phase, info)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A caller that gives up (its connection closed, its deadline passed) after
+// QEMU received block-commit but before its reply arrived: QEMU runs the
+// job, so vmlockd must track it, keep its base exclusive, and let it be
+// pivoted; it must not put the locks back as if the job had been refused.
+func TestJobStartedByQEMUWhenTheCallerGaveUpIsTracked(t *testing.T) {
+	tv := startJobTestVM(t)
+	vm := tv.vm
+	if err := vm.lock(tv.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tv.d.mgr.ChangeMode(tv.ctx, vm.uuid, lockmgr.DiskResource(tv.base, lockmgr.Exclusive)); err != nil {
+		vm.unlock()
+		t.Fatal(err)
+	}
+	rec := jobRecord{Disk: "drive0", Type: jobActiveCommit, Top: tv.top, Base: tv.base, ID: vm.newJobIDLocked("commit", "drive0")}
+	opts := qemu.CommitOptions{JobID: rec.ID, Device: "drive0", AutoDismiss: new(false)}
+	_, err := vm.startJobLocked(tv.ctx, rec, func() (*qemu.Job, error) {
+		// What qmp.Client.Execute returns when the caller's context ends
+		// while the reply is on its way.
+		q, err := qemu.StartCommit(tv.ctx, vm.c, opts)
+		if err != nil {
+			return nil, err
+		}
+		q.Close()
+		return nil, fmt.Errorf("qemu: starting commit job %s: qmp: block-commit: waiting for reply: %w", rec.ID, context.Canceled)
+	})
+	vm.unlock()
+	t.Logf("start: %v", err)
+	if jobs, qerr := qemu.QueryJobs(tv.ctx, vm.c); qerr != nil || len(jobs) != 1 {
+		t.Fatalf("QEMU's jobs: %v %v", jobs, qerr)
+	}
+	// The job runs in QEMU: vmlockd tracks it and its base stays exclusive.
+	tv.waitPhase(t, phaseReady)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Exclusive})
+	info, err := vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0", Action: vmlockpb.BlockJobAction_BLOCK_JOB_PIVOT})
+	if err != nil || info.Phase != phasePivoted {
+		t.Fatalf("pivot: %+v %v", info, err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.base: lockmgr.Exclusive})
+}
+
+// A pivot makes the base (or copy) the active image: it must not happen
+// while the VM does not hold that image exclusively (here its lock was
+// released through the API and another owner took it).
+func TestPivotRefusedWhenTheBaseLockWasLost(t *testing.T) {
+	tv := startJobTestVM(t)
+	vm := tv.vm
+	if _, err := vm.blockCommit(tv.ctx, &vmlockpb.BlockCommitRequest{Disk: "drive0", Active: true}); err != nil {
+		t.Fatal(err)
+	}
+	tv.waitPhase(t, phaseReady)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Exclusive})
+
+	// The base's lock is released through the API (an unplug), and another
+	// process takes it.
+	svc := &service{d: tv.d}
+	if _, err := svc.Release(tv.ctx, &vmlockpb.ReleaseRequest{Uuid: vm.uuid,
+		Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(tv.base, lockmgr.Exclusive))}}); err != nil {
+		t.Fatal(err)
+	}
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	otherUUID := "0ddba11e-0000-4000-8000-000000000001"
+	if _, err := tv.d.acquire(tv.ctx, callerOf(tv.ctx), &vmlockpb.AcquireRequest{
+		Object:    api.ObjectToPB(lockmgr.Object{UUID: otherUUID, PID: other.Process.Pid}),
+		Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(tv.base, lockmgr.Shared))}}); err != nil {
+		t.Fatal(err)
+	}
+
+	_, err := vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0", Action: vmlockpb.BlockJobAction_BLOCK_JOB_PIVOT})
+	if !errors.Is(err, lockmgr.ErrBusy) || !strings.Contains(err.Error(), tv.base) {
+		t.Fatalf("pivot without the base's lock: %v, want busy naming the base", err)
+	}
+	if jobs, qerr := qemu.QueryJobs(tv.ctx, vm.c); qerr != nil || len(jobs) != 1 || jobs[0].Status != qemu.JobReady {
+		t.Fatalf("after the refused pivot, QEMU's jobs: %+v %v", jobs, qerr)
+	}
+	// Abort still works, and the locks are what the graph uses.
+	if _, err := svc.Release(tv.ctx, &vmlockpb.ReleaseRequest{Uuid: otherUUID}); err != nil {
+		t.Fatal(err)
+	}
+	info, err := vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0", Action: vmlockpb.BlockJobAction_BLOCK_JOB_ABORT})
+	if err != nil || info.Phase != phaseAborted {
+		t.Fatalf("abort: %+v %v", info, err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+}
