@@ -120,7 +120,11 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.epoch != epoch || d.fenced || d.closed || !time.Now().Before(d.deadline) {
+	// Unlike a new grant, a conversion whose reply comes after the fence
+	// deadline is kept: its holder runs already and is fenced with the
+	// others if no renewal moves the deadline, and the old key is gone, so
+	// withdrawing the new one would leave the holder with no lock in etcd.
+	if d.epoch != epoch || d.fenced || d.closed {
 		if d.epoch == epoch && !d.fenced {
 			d.sweep[newKey] = newRev
 		}

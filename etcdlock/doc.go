@@ -106,7 +106,9 @@
 // The driver calls OnFence at t + (TTL − FenceMargin) on its monotonic clock
 // if no later renewal was confirmed (and at once when the server says the
 // lease is gone), and refuses from then on to return grants: a grant whose
-// reply arrives after the fence deadline is withdrawn. OnFence must kill
+// reply arrives after the fence deadline is withdrawn (a conversion of a
+// held lease is kept: its holder runs already and is fenced with the
+// others). OnFence must kill
 // every process holding the host's locks (SIGKILL, no grace period) before it
 // returns. Safety needs, with r the rate of the client's clock relative to
 // the server's (r < 1: the client's clock runs slow) and k the time OnFence
@@ -129,7 +131,7 @@
 // deadline passes while vmlockd is down.
 //
 // After fencing, the driver's leases are lost: Release of them returns nil,
-// Acquire fails with a timeout-class error wrapping ErrFenced, and the
-// driver keeps trying to revoke the old lease and start a new session, after
-// which it grants again.
+// Acquire fails with a timeout-class error wrapping ErrFenced, and once
+// OnFence has returned the driver keeps trying to revoke the old lease and
+// start a new session, after which it grants again.
 package etcdlock

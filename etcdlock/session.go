@@ -413,9 +413,14 @@ func (d *Driver) fence(epoch uint64, reason string) {
 	d.nudge(d.dogWake)
 }
 
-// recoverSession revokes the fenced session's lease (its holders are dead:
-// OnFence returned) and starts a new one.
+// recoverSession revokes the fenced session's lease once its holders are
+// dead (OnFence returned) and starts a new one.
 func (d *Driver) recoverSession(old clientv3.LeaseID) error {
+	// fence sets d.fenced before it calls OnFence, under fenceMu: wait for
+	// OnFence to return, since revoking the lease frees its resources at once.
+	d.fenceMu.Lock()
+	//lint:ignore SA2001 an empty critical section: it waits for fence
+	d.fenceMu.Unlock()
 	ctx, cancel := d.opCtx(d.ctx)
 	_, err := d.cli.Revoke(ctx, old)
 	cancel()

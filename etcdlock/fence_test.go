@@ -1,0 +1,93 @@
+package etcdlock
+
+import (
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vmlock/vmlock/etcdlock/etcdtest"
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// The fenced session's lease is revoked only once OnFence has returned:
+// revoking it while OnFence still kills the holders would let another host
+// take a disk whose holder still runs, before the lease could expire.
+func TestNoRevokeBeforeOnFenceReturns(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	p := etcdtest.NewProxy(t, strings.TrimPrefix(c.Endpoints()[0], "http://"))
+
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var once, unblock sync.Once
+	var returned atomic.Bool
+	cfgA := hostConfig([]string{p.URL()}, "host-a")
+	cfgA.TTL, cfgA.FenceMargin, cfgA.OpTimeout = 6*time.Second, 3*time.Second, 500*time.Millisecond
+	cfgA.OnFence = func(string) {
+		once.Do(func() { close(entered) })
+		<-release // the holders take long to die
+		returned.Store(true)
+	}
+	a := newDriver(t, cfgA)
+	t.Cleanup(func() { unblock.Do(func() { close(release) }) }) // before a.Close
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+
+	mustAcquire(t, a, req("/img/k", lockmgr.Exclusive, uuidA))
+	p.SetBlocked(true)
+	select {
+	case <-entered:
+	case <-time.After(15 * time.Second):
+		t.Fatal("host-a was never fenced")
+	}
+	last := a.Status().LastRenewal
+	p.SetBlocked(false)
+	// Until the lease could have expired on its own, the disk is host-a's.
+	for end := last.Add(cfgA.TTL - time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		_, err := b.Acquire(ctxT(t, time.Second), []lockmgr.Request{req("/img/k", lockmgr.Exclusive, uuidB)})
+		if err == nil && !returned.Load() {
+			t.Fatalf("host-b was granted the disk %s after host-a's last confirmed renewal, while host-a's OnFence was still killing its holders",
+				time.Since(last).Round(time.Millisecond))
+		}
+	}
+	unblock.Do(func() { close(release) })
+	eventually(t, 20*time.Second, "a new session", func() bool { return !a.Fenced() })
+}
+
+// A conversion whose reply comes after the fence deadline, in a session
+// that a renewal then keeps alive, leaves the lease held in etcd: a failed
+// conversion must leave the lease as it was, a successful one in its new
+// mode, and never the daemon holding a lease that etcd no longer has.
+func TestLateConversionKeepsTheLease(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	cfgA := hostConfig(c.Endpoints(), "host-a")
+	cfgA.TTL = 6 * time.Second
+	a := newDriver(t, cfgA)
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+
+	ls := mustAcquire(t, a, req("/img/lc", lockmgr.Exclusive, uuidA))
+	// Just after a renewal, as if the conversion's reply came after the
+	// deadline; the next renewal moves the deadline on.
+	n := a.Status().Renewals
+	eventually(t, 10*time.Second, "a renewal", func() bool { return a.Status().Renewals > n })
+	a.mu.Lock()
+	a.deadline = time.Now().Add(-time.Millisecond)
+	a.mu.Unlock()
+	held := ls[0]
+	if l, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Shared); err == nil {
+		held = l
+	} else {
+		t.Logf("late conversion: %v", err)
+	}
+	eventually(t, 10*time.Second, "two more renewals", func() bool { return a.Status().Renewals > n+2 })
+	if a.Fenced() || !a.Holds(held) {
+		t.Fatalf("fenced %v, holds %v: the session was kept alive by renewals", a.Fenced(), a.Holds(held))
+	}
+	_, err := b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/lc", lockmgr.Exclusive, uuidB)})
+	if err == nil {
+		t.Fatalf("host-b was granted exclusively a disk that host-a still holds (as %v)", held.Resource().Mode)
+	}
+	wantBusy(t, err, "/img/lc", "host-a", uuidA, held.Resource().Mode)
+}
