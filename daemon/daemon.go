@@ -169,6 +169,8 @@ type Daemon struct {
 
 	hier *hierService
 	lv   *libvirtEndpoint // the libvirt drop-in, or nil (libvirt.go)
+	// qemu supervises `vmlock run --qemu` VMs; set by Run before it serves.
+	qemu *qemuSupervisor
 }
 
 // owner is the daemon's record of an object beyond the lock table.

@@ -165,6 +165,17 @@ func (s *qemuSupervisor) removeRecord(uuid, monitor string) {
 }
 
 // lookup finds a VM by uuid or name.
+// supervises reports whether the object uuid is a VM of this supervisor
+// (nil: none is).
+func (s *qemuSupervisor) supervises(uuid string) bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.vms[uuid] != nil
+}
+
 func (s *qemuSupervisor) lookup(vm string) (*qemuVM, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -90,6 +90,7 @@ func startJobTestVM(t *testing.T) *jobTestVM {
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 
 	sup := tv.d.newQEMUSupervisor()
+	tv.d.qemu = sup // as Run does
 	tv.ctx = context.WithValue(ctx, callerKey{}, caller{uid: os.Getuid(), pid: os.Getpid()})
 	sctx, scancel := context.WithTimeout(tv.ctx, 30*time.Second)
 	defer scancel()
@@ -191,11 +192,19 @@ func TestPivotRefusedWhenTheBaseLockWasLost(t *testing.T) {
 	tv.waitPhase(t, phaseReady)
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Exclusive})
 
-	// The base's lock is released through the API (an unplug), and another
-	// process takes it.
+	// The API refuses to release a supervised VM's locks behind QEMU's
+	// back, one or all.
 	svc := &service{d: tv.d}
-	if _, err := svc.Release(tv.ctx, &vmlockpb.ReleaseRequest{Uuid: vm.uuid,
-		Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(tv.base, lockmgr.Exclusive))}}); err != nil {
+	base := lockmgr.DiskResource(tv.base, lockmgr.Exclusive)
+	for _, res := range [][]*vmlockpb.Resource{{api.ResourceToPB(base)}, nil} {
+		if _, err := svc.Release(tv.ctx, &vmlockpb.ReleaseRequest{Uuid: vm.uuid, Resources: res}); !errors.Is(err, lockmgr.ErrInvalidArgument) {
+			t.Fatalf("release %v of a supervised VM through the API: %v, want invalid argument", res, err)
+		}
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Exclusive})
+	// The base's lock is lost all the same (here: released in the table
+	// directly), and another process takes it.
+	if _, err := tv.d.mgr.Release(tv.ctx, vm.uuid, &base); err != nil {
 		t.Fatal(err)
 	}
 	other := exec.Command("sleep", "60")

@@ -403,6 +403,12 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 	if err := d.mayAct(callerOf(ctx), uuid); err != nil {
 		return nil, err
 	}
+	if d.qemu.supervises(uuid) {
+		// Its locks follow QEMU's block graph: released behind QEMU's back,
+		// QEMU would go on writing images nobody holds.
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument,
+			"object %s is a QEMU VM that vmlockd supervises (vmlock run --qemu): its locks follow the disks QEMU uses and are released when it exits", uuid)
+	}
 	if len(req.Resources) == 0 {
 		st, err := d.mgr.Release(ctx, uuid, nil)
 		if err != nil {
