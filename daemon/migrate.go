@@ -24,7 +24,8 @@ import (
 // with those resources pending an upgrade. Complete ends it on each side:
 // the side that gives the object up releases everything; the side that
 // keeps it takes its pending resources exclusively again, waiting until
-// the other side has released them.
+// the other side has released them; each upgrade is a new grant with a
+// new token, greater than the other side's.
 //
 // Invariants:
 //   - While the handover lasts both sides hold the resources shared; no
@@ -157,15 +158,22 @@ func (d *Daemon) migratePrepare(ctx context.Context, c caller, id, to string) (s
 	for i, r := range todo {
 		r.Mode = lockmgr.Shared
 		if err := d.mgr.ChangeMode(ctx, uuid, r); err != nil {
-			back := context.WithoutCancel(ctx)
-			for _, u := range todo[:i] {
-				if berr := d.mgr.ChangeMode(back, uuid, u); berr != nil {
-					d.log.Error("migrate prepare: cannot restore an exclusive hold", "uuid", uuid, "resource", u.String(), "err", berr)
-				}
-			}
+			// The mark is restored first, so that every restoring
+			// upgrade's record carries it (and none the failed one).
 			d.mu.Lock()
 			ow.mig = prev
 			d.mu.Unlock()
+			back := context.WithoutCancel(ctx)
+			restored := true
+			for _, u := range todo[:i] {
+				if berr := d.mgr.ChangeMode(back, uuid, u); berr != nil {
+					restored = false
+					d.log.Error("migrate prepare: cannot restore an exclusive hold", "uuid", uuid, "resource", u.String(), "err", berr)
+				}
+			}
+			if !restored {
+				d.recordMark(uuid)
+			}
 			return "", err
 		}
 	}
@@ -292,12 +300,22 @@ func (d *Daemon) migrateComplete(ctx context.Context, c caller, id string, cance
 	d.mu.Lock()
 	ow.mig = nil
 	d.mu.Unlock()
+	d.recordMark(uuid)
 	st, err := d.mgr.Inquire(uuid)
 	if err != nil {
 		return nil, err
 	}
 	d.log.Info("migration completed: kept", "uuid", uuid, "role", mig.Role, "cancel", cancel)
 	return &vmlockpb.MigrateReply{State: st, Role: mig.Role}, nil
+}
+
+// recordMark rewrites uuid's lock-holder record after its mark changed
+// without a change of its locks, so that a restart restores the mark it
+// has now.
+func (d *Daemon) recordMark(uuid string) {
+	if err := d.mgr.Notify(uuid); err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
+		d.log.Error("migration: cannot record the object's mark", "uuid", uuid, "err", err)
+	}
 }
 
 func (d *Daemon) setPending(ow *owner, p []lockmgr.Resource) {

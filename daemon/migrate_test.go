@@ -1,11 +1,17 @@
 package daemon
 
 import (
+	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
+	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
 )
 
 // The destination reads a handover state: the marker names it, every
@@ -67,5 +73,143 @@ func TestRestoredMigrationMarks(t *testing.T) {
 	src := &migration{Role: roleSource, Peer: "dst"}
 	if restoredMigration(pending) != pending || restoredMigration(src) != src || restoredMigration(nil) != nil {
 		t.Fatal("an unfinished handover's mark was dropped")
+	}
+}
+
+// migrationHosts starts two daemons, "src" and "dst", whose lockspace
+// drivers share an indirect disk lease directory: two hosts sharing an NFS
+// lockspace.
+func migrationHosts(t *testing.T) (src, dst *api.Client, disk string) {
+	shared := t.TempDir()
+	start := func(host string) *api.Client {
+		state := filepath.Join(t.TempDir(), "state")
+		drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces"), DiskLeaseDir: filepath.Join(shared, "disks")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { drv.Close() })
+		c, _ := startInProcess(t, Config{Driver: drv, Host: host})
+		return c
+	}
+	return start("src"), start("dst"), filepath.Join(shared, "vm.img")
+}
+
+// tokenIn returns the token a state string gives disk.
+func tokenIn(t *testing.T, state, disk string) uint64 {
+	t.Helper()
+	st, err := lockmgr.ParseState(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range st {
+		if e.Resource.Name == disk {
+			return e.Token
+		}
+	}
+	t.Fatalf("state %q does not list %s", state, disk)
+	return 0
+}
+
+// A cancelled handover can be tried again: the source takes its disk back
+// with a token above the one the destination was granted meanwhile, so the
+// next handover state is current and the destination's acquire succeeds.
+func TestMigrationCanBeRetriedAfterACancel(t *testing.T) {
+	ctx := context.Background()
+	src, dst, disk := migrationHosts(t)
+	const u = "44444444-0000-4000-8000-000000000001"
+	rs := []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}
+	if _, err := src.Acquire(ctx, lockmgr.Object{UUID: u, Name: "vm", PID: sleeper(t)}, rs, ""); err != nil {
+		t.Fatal(err)
+	}
+	dstVM := lockmgr.Object{UUID: u, Name: "vm", PID: sleeper(t)}
+	for round := range 2 {
+		state, err := src.MigratePrepare(ctx, u, "dst")
+		if err != nil {
+			t.Fatalf("round %d: prepare: %v", round, err)
+		}
+		got, err := dst.Acquire(ctx, dstVM, nil, state)
+		if err != nil {
+			t.Fatalf("round %d: destination acquire with the handover state: %v", round, err)
+		}
+		joined := tokenIn(t, got, disk)
+		if r, err := dst.MigrateComplete(ctx, u, true); err != nil || !r.Released {
+			t.Fatalf("round %d: cancel on the destination: %+v, %v", round, r, err)
+		}
+		r, err := src.MigrateComplete(ctx, u, true)
+		if err != nil || r.Released {
+			t.Fatalf("round %d: cancel on the source: %+v, %v", round, r, err)
+		}
+		if tok := tokenIn(t, r.State, disk); tok <= joined {
+			t.Fatalf("round %d: the source holds the disk again with token %d, not above the destination's %d", round, tok, joined)
+		}
+	}
+}
+
+// failingDowngrades is a lockspace driver whose downgrades fail after the
+// first: a `migrate prepare` that fails half-way.
+type failingDowngrades struct {
+	*lockspace.Driver
+	n atomic.Int32
+}
+
+func (f *failingDowngrades) Convert(ctx context.Context, l lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
+	if m == lockmgr.Shared && f.n.Add(1) > 1 {
+		return nil, lockmgr.Errorf(lockmgr.CodeInternal, "injected failure")
+	}
+	return f.Driver.Convert(ctx, l, m)
+}
+
+// The lock-holder record keeps no migration mark the object no longer
+// has: not after a `migrate prepare` that failed and was rolled back, and
+// not after the source kept the object by a cancel. A daemon restarted
+// from the record must not take the object for one being migrated away,
+// whose `migrate complete` would release a running VM's locks.
+func TestNoStaleMigrationMarkAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	for _, how := range []string{"failed prepare", "cancel"} {
+		t.Run(how, func(t *testing.T) {
+			r := newRestartable(t)
+			if how == "failed prepare" {
+				r.wrap = func(d *lockspace.Driver) lockmgr.Driver { return &failingDowngrades{Driver: d} }
+			}
+			c, stop := r.start(Config{Host: "src"})
+			const u = "55555555-0000-4000-8000-000000000001"
+			var rs []lockmgr.Resource
+			for _, n := range []string{"a.img", "b.img"} {
+				disk := filepath.Join(r.dir, n)
+				os.WriteFile(disk, nil, 0o600)
+				rs = append(rs, lockmgr.DiskResource(disk, lockmgr.Exclusive))
+			}
+			if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: sleeper(t)}, rs, ""); err != nil {
+				t.Fatal(err)
+			}
+			_, err := c.MigratePrepare(ctx, u, "dst")
+			if how == "failed prepare" {
+				if err == nil {
+					t.Fatal("prepare succeeded with a failing downgrade")
+				}
+			} else {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res, err := c.MigrateComplete(ctx, u, true); err != nil || res.Released {
+					t.Fatalf("cancel on the source: %+v, %v; want the object kept", res, err)
+				}
+			}
+			stop()
+			c, _ = r.start(Config{Host: "src"})
+			if res, err := c.MigrateComplete(ctx, u, false); !errors.Is(err, lockmgr.ErrNotRegistered) {
+				t.Fatalf("migrate complete after the restart: %+v, %v; want not registered (no migration)", res, err)
+			}
+			locks, err := c.Locks(ctx)
+			if err != nil || len(locks) != 2 {
+				t.Fatalf("after the restart: locks %+v, %v; want both disks held", locks, err)
+			}
+			for _, l := range locks {
+				if len(l.Holders) != 1 || l.Holders[0].Mode != lockmgr.Exclusive {
+					t.Fatalf("lock %+v after the restart, want held exclusively", l)
+				}
+			}
+		})
 	}
 }

@@ -22,6 +22,8 @@ type restartable struct {
 	tb    testing.TB
 	dir   string
 	state string
+	// wrap, if set, wraps the lockspace driver of the next start.
+	wrap func(*lockspace.Driver) lockmgr.Driver
 }
 
 func newRestartable(tb testing.TB) *restartable {
@@ -45,6 +47,9 @@ func (r *restartable) start(cfg Config) (*api.Client, func()) {
 		r.tb.Fatal(err)
 	}
 	cfg.Driver = drv
+	if r.wrap != nil {
+		cfg.Driver, r.wrap = r.wrap(drv), nil
+	}
 	cfg.Socket, cfg.StateDir = filepath.Join(r.dir, "s.sock"), r.state
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	cfg.HolderCommand = func() error { return nil }

@@ -18,16 +18,22 @@ var _ lockmgr.Converter = (*Driver)(nil)
 // unheld at any revision:
 //
 //	to Shared:    If CreateRevision(key) == rev
+//	              Then: Delete(key), Put(new holder key, record, lease)
 //	to Exclusive: If CreateRevision(key) == rev, and no other key in P res/K/
 //	              (two range comparisons around our own key)
-//	Then:         Delete(key), Put(new holder key, record, lease)
+//	              Then: Delete(key), Put(new holder key, record, lease), Put(P tok/K)
 //
-// The token key is not touched: the fencing token stays the grant's (the
-// record carries it, so a re-attached daemon adopts the lease by it), and a
-// state string made before the conversion stays current. A downgrade never
-// meets a conflict; an upgrade fails with a *lockmgr.BusyError naming
-// another holder while there is one, and the lease stays shared. A lease
-// that is no longer in etcd is a CodeNotHeld error.
+// A downgrade keeps the grant's fencing token and leaves the token key
+// alone (the record carries the token, so a re-attached daemon adopts the
+// lease by it), so a state string made before it stays current. An upgrade
+// is a new exclusive grant: its token is the transaction's revision (the
+// new key's CreateRevision), greater than every token granted for the
+// resource so far, a sharer's since the lease's own grant included, and
+// the token key moves with it, so a state string made before the upgrade
+// is stale and one made after it is current. A downgrade never meets a
+// conflict; an upgrade fails with a *lockmgr.BusyError naming another
+// holder while there is one, and the lease stays shared. A lease that is
+// no longer in etcd is a CodeNotHeld error.
 //
 // When etcd's answer is lost (the transaction may or may not have been
 // applied) Convert reads the keys back to learn which; if it cannot find
@@ -58,7 +64,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		d.mu.Unlock()
 		return l, nil
 	}
-	id, epoch, oldKey, oldRev := d.leaseID, d.epoch, l.key, l.rev
+	id, epoch, oldKey, oldRev, token := d.leaseID, d.epoch, l.key, l.rev, l.token
 	nres := l.res
 	nres.Mode = m
 	k := nres.Key()
@@ -79,20 +85,25 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		d.mu.Unlock()
 	}()
 
-	val, err := json.Marshal(record{Resource: nres, Holder: h, Token: l.token})
+	rec := record{Resource: nres, Holder: h, Token: token}
+	if m == lockmgr.Exclusive {
+		rec.Token = 0 // a new grant: its token is the new key's CreateRevision
+	}
+	val, err := json.Marshal(rec)
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: nres.String(), Msg: "encode holder", Err: err}
 	}
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(oldKey), "=", oldRev)}
+	thens := []clientv3.Op{clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))}
 	if m == lockmgr.Exclusive {
 		cmps = append(cmps,
 			clientv3.Compare(clientv3.CreateRevision(base), "=", 0).WithRange(oldKey),
 			clientv3.Compare(clientv3.CreateRevision(oldKey+"\x00"), "=", 0).WithRange(clientv3.GetPrefixRangeEnd(base)))
+		thens = append(thens, clientv3.OpPut(d.ks.token(k), d.cfg.Host))
 	}
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
-	resp, err := d.cli.Txn(octx).If(cmps...).
-		Then(clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))).
+	resp, err := d.cli.Txn(octx).If(cmps...).Then(thens...).
 		Else(clientv3.OpGet(oldKey), clientv3.OpGet(base, clientv3.WithPrefix(), clientv3.WithLimit(2))).Commit()
 	applied, newRev := false, int64(0)
 	switch {
@@ -140,6 +151,9 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		delete(d.live, oldKey)
 	}
 	l.res, l.key, l.rev, l.holder = nres, newKey, newRev, h
+	if m == lockmgr.Exclusive {
+		l.token = uint64(newRev)
+	}
 	d.live[newKey] = l
 	return l, nil
 }

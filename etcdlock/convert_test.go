@@ -13,7 +13,8 @@ var _ lockmgr.Converter = (*Driver)(nil)
 
 // The migration handover on etcd: the source downgrades to shared (same
 // token), the destination joins with the source's token, the source leaves,
-// the destination upgrades; at no revision is the disk unheld.
+// the destination upgrades (a new token); at no revision is the disk
+// unheld.
 func TestConvertForHandover(t *testing.T) {
 	t.Parallel()
 	c := fastCluster(t)
@@ -45,12 +46,13 @@ func TestConvertForHandover(t *testing.T) {
 		t.Fatalf("refused upgrade changed the lease to %v", down.Resource().Mode)
 	}
 	mustRelease(t, src, down)
+	joined := ld[0].Token()
 	up, err := dst.Convert(ctx, ld[0], lockmgr.Exclusive)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if up.Token() != ld[0].Token() || up.Resource().Mode != lockmgr.Exclusive {
-		t.Fatalf("upgraded lease %v token %d", up.Resource(), up.Token())
+	if up.Token() <= joined || up.Resource().Mode != lockmgr.Exclusive {
+		t.Fatalf("upgraded lease %v token %d, want exclusive with a token above %d", up.Resource(), up.Token(), joined)
 	}
 	_, err = third.Acquire(ctx, []lockmgr.Request{req(disk, lockmgr.Shared, uuidC)})
 	wantBusy(t, err, disk, "host-b", uuidA, lockmgr.Exclusive)
@@ -64,6 +66,62 @@ func TestConvertForHandover(t *testing.T) {
 	if lc[0].Token() <= up.Token() {
 		t.Fatalf("token after the handover %d, not above %d", lc[0].Token(), up.Token())
 	}
+}
+
+// An upgrade is a new exclusive grant: its token is greater than every
+// token granted for the resource before, a sharer's since the lease's own
+// grant included, and it is the resource's current token, against which
+// a state string's is checked. This is the cancelled handover: the
+// destination joins and leaves, the source takes the disk back and hands
+// it over again.
+func TestUpgradeTakesANewToken(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	src := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	dst := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	ctx := ctxT(t, 20*time.Second)
+	const disk = "/img/cancelled.qcow2"
+
+	ls := mustAcquire(t, src, req(disk, lockmgr.Exclusive, uuidA))
+	t1 := ls[0].Token()
+	down, err := src.Convert(ctx, ls[0], lockmgr.Shared)
+	if err != nil {
+		t.Fatal(err)
+	}
+	join := func(tok uint64) ([]lockmgr.Lease, error) {
+		in := req(disk, lockmgr.Shared, uuidA)
+		in.Expect = tok
+		return dst.Acquire(ctx, []lockmgr.Request{in})
+	}
+	ld, err := join(t1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t2 := ld[0].Token()
+	mustRelease(t, dst, ld...)
+	up, err := src.Convert(ctx, down, lockmgr.Exclusive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t3 := up.Token()
+	if t3 <= t2 {
+		t.Fatalf("upgrade after a sharer was granted token %d: token %d, want greater", t2, t3)
+	}
+	if down, err = src.Convert(ctx, up, lockmgr.Shared); err != nil {
+		t.Fatal(err)
+	}
+	if down.Token() != t3 {
+		t.Fatalf("downgrade changed the token from %d to %d", t3, down.Token())
+	}
+	var stale *lockmgr.StaleStateError
+	if _, err := join(t1); !errors.As(err, &stale) || stale.Current != t3 {
+		t.Fatalf("join with the token before the upgrade: %v, want stale state with current token %d", err, t3)
+	}
+	if ld, err = join(t3); err != nil {
+		t.Fatalf("join with the upgraded token: %v", err)
+	}
+	mustRelease(t, dst, ld...)
+	mustRelease(t, src, down)
 }
 
 // A converted lease is taken back after a restart by its original token,

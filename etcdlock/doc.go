@@ -74,9 +74,12 @@
 // hold to a shared one in place (Convert: one transaction deletes the
 // holder key and puts the new one, the token key untouched, so the token
 // and a state string made before stay current), and the destination
-// converts its shared hold back to exclusive once the source released. A
-// converted grant's record carries its token, since its key's
-// CreateRevision is no longer the token; re-attach and Adopt use it.
+// converts its shared hold back to exclusive once the source released (or
+// the source does, when the handover is cancelled). An upgrade is a new
+// grant: its token is its transaction's revision, which the token key takes
+// too, so it is greater than the other side's shared grant's. A downgraded
+// grant's record carries its token, since its key's CreateRevision is no
+// longer the token; re-attach and Adopt use it.
 //
 // # Waiting
 //

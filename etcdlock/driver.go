@@ -50,14 +50,15 @@ type Driver struct {
 	recovered  map[string]recoveredGrant // holder key → grant found on re-attach, not yet adopted
 }
 
-// lease is one granted resource. Its token never changes; Convert moves
-// it to another holder key (res.Mode, key and rev change, under d.mu).
+// lease is one granted resource. Convert moves it to another holder key
+// (res.Mode, key and rev change, under d.mu), and an upgrade gives it a new
+// token (under d.mu).
 type lease struct {
 	d        *Driver
 	res      lockmgr.Resource
 	token    uint64
 	key      string
-	rev      int64          // CreateRevision of key: equal to token until a Convert
+	rev      int64          // CreateRevision of key: equal to token unless a downgrade moved it
 	holder   lockmgr.Holder // as recorded in the key's value
 	epoch    uint64
 	released bool // under d.mu
@@ -70,8 +71,13 @@ func (l *lease) Resource() lockmgr.Resource {
 	return l.res
 }
 
-// Token returns the fencing token of the grant.
-func (l *lease) Token() uint64 { return l.token }
+// Token returns the fencing token of the grant: a new one after an
+// upgrade by Convert.
+func (l *lease) Token() uint64 {
+	l.d.mu.Lock()
+	defer l.d.mu.Unlock()
+	return l.token
+}
 
 type recoveredGrant struct {
 	res    lockmgr.Resource
@@ -140,22 +146,38 @@ func (d *Driver) Name() string { return "etcd" }
 // daemon restarting within the TTL re-attaches to them. Use Shutdown to give
 // them up at once.
 func (d *Driver) Close() error {
+	if !d.stop() {
+		return nil
+	}
+	return d.cli.Close()
+}
+
+// stop marks the driver closed and stops its loops, waiting for them; it
+// returns false if the driver was closed already. Once it returns, no
+// renewal is in flight and nothing fences the session any more.
+func (d *Driver) stop() bool {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		return nil
+		return false
 	}
 	d.closed = true
 	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
-	return d.cli.Close()
+	return true
 }
 
 // Shutdown revokes the session's lease, which releases every lock of this
 // host at once, forgets the session (its state file), and closes the
-// driver.
+// driver. It first stops renewing and watching the session, so that a
+// renewal that meets the revoked lease cannot fence (kill) the holders. A
+// fenced session is not revoked (its lease is lost already). Shutdown after
+// Close or Shutdown does nothing.
 func (d *Driver) Shutdown(ctx context.Context) error {
+	if !d.stop() {
+		return nil
+	}
 	d.mu.Lock()
 	id, fenced := d.leaseID, d.fenced
 	d.mu.Unlock()
@@ -171,7 +193,7 @@ func (d *Driver) Shutdown(ctx context.Context) error {
 			d.removeState()
 		}
 	}
-	if cerr := d.Close(); err == nil && cerr != nil {
+	if cerr := d.cli.Close(); err == nil && cerr != nil {
 		err = opError("etcd driver: close", cerr)
 	}
 	return err

@@ -1,11 +1,18 @@
 package etcdlock
 
 import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vmlock/vmlock/etcdlock/etcdtest"
 	"github.com/vmlock/vmlock/lockmgr"
@@ -90,4 +97,59 @@ func TestLateConversionKeepsTheLease(t *testing.T) {
 		t.Fatalf("host-b was granted exclusively a disk that host-a still holds (as %v)", held.Resource().Mode)
 	}
 	wantBusy(t, err, "/img/lc", "host-a", uuidA, held.Resource().Mode)
+}
+
+// revokeAndLinger is a clientv3.Lease whose Revoke, once the lease is
+// revoked, lingers until fenced is closed or wait passes: long enough for
+// the session's next renewal to fall due and meet the revoked lease.
+type revokeAndLinger struct {
+	clientv3.Lease
+	fenced <-chan struct{}
+	wait   time.Duration
+}
+
+func (l *revokeAndLinger) Revoke(ctx context.Context, id clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error) {
+	resp, err := l.Lease.Revoke(ctx, id)
+	select {
+	case <-l.fenced:
+	case <-time.After(l.wait):
+	}
+	return resp, err
+}
+
+// Shutdown stops renewing the session before it revokes the lease: a
+// renewal after the revocation would find the lease gone and fence, killing
+// every holder of a host that is only giving its locks up. The locks are
+// free for other hosts at once, and the session is forgotten.
+func TestShutdownRevokesWithoutFencing(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	fenced := make(chan struct{})
+	var once sync.Once
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.StateDir = t.TempDir()
+	cfg.TTL, cfg.FenceMargin = 3*time.Second, time.Second // a renewal every second
+	cfg.OnFence = func(string) { once.Do(func() { close(fenced) }) }
+	a := newDriver(t, cfg)
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	mustAcquire(t, a, req("/img/s", lockmgr.Exclusive, uuidA))
+
+	a.mu.Lock() // orders the swap before the renewal loop's next call
+	a.cli.Lease = &revokeAndLinger{Lease: a.cli.Lease, fenced: fenced, wait: 2 * time.Second}
+	a.mu.Unlock()
+	if err := a.Shutdown(ctxT(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-fenced:
+		t.Fatal("Shutdown fenced the host")
+	default:
+	}
+	mustAcquire(t, b, req("/img/s", lockmgr.Exclusive, uuidB))
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, stateFileName)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("session file after Shutdown: %v, want it removed", err)
+	}
+	if err := a.Shutdown(ctxT(t, time.Second)); err != nil {
+		t.Fatalf("a second Shutdown: %v", err)
+	}
 }

@@ -55,7 +55,9 @@ type record struct {
 	Resource lockmgr.Resource `json:"resource"`
 	Holder   lockmgr.Holder   `json:"holder"`
 	// Token is the grant's fencing token when it differs from the key's
-	// CreateRevision: after a Convert moved the grant to another key.
+	// CreateRevision: after a downgrade by Convert moved the grant to
+	// another key (an upgrade is a new grant, whose token is its key's
+	// CreateRevision).
 	Token uint64 `json:"token,omitempty"`
 }
 

@@ -669,6 +669,19 @@ func (m *Manager) Holdings() []Holding {
 	return out
 }
 
+// Notify tells the observer what the object uuid holds, as after a change
+// of it, in order with the changes: for a caller whose own part of the
+// observer's records changed (the daemon's migration mark).
+func (m *Manager) Notify(uuid string) error {
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return err
+	}
+	defer ob.op.Unlock()
+	m.notify(ob)
+	return nil
+}
+
 // Held returns the leases an object holds (for the daemon's bookkeeping).
 func (m *Manager) Held(uuid string) ([]Lease, []Resource, error) {
 	ob, err := m.lookup(uuid)

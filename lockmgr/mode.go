@@ -11,7 +11,10 @@ import (
 // to Shared (a downgrade) cannot meet a conflict; a conversion to
 // Exclusive fails with a *BusyError while anyone else holds the resource.
 // m is Exclusive or Shared. The returned lease replaces l (it may be l
-// itself, changed); its token may stay l's, since the grant is the same.
+// itself, changed). A downgrade keeps l's token; an upgrade is a new grant,
+// whose token is greater than every token granted for the resource so far
+// (another sharer's included) and is the resource's current one for
+// Request.Expect.
 //
 // Drivers whose own leases of one resource exclude each other (the
 // lockspace driver's OFD locks do) need this for Manager.ChangeMode to

@@ -2,6 +2,7 @@ package lockspace
 
 import (
 	"context"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
@@ -15,10 +16,15 @@ import (
 // mode at once. A downgrade to Shared always succeeds. An upgrade to
 // Exclusive fails with a *lockmgr.BusyError while anyone else holds the
 // resource, naming them as far as the record tells (never the lease's own
-// holder), and the lease keeps its shared lock. The token is unchanged:
-// the grant is the same. An upgrade rewrites the record with the lease's
-// holder (and the file's current token), so that busy errors elsewhere
-// name it rather than the newest sharer. The returned lease is x.
+// holder), and the lease keeps its shared lock. A downgrade keeps the
+// token. An upgrade is a new exclusive grant: the lease takes a new token,
+// the record's current one plus one, so that it is greater than every
+// token granted for the resource so far (a sharer's granted since the
+// lease's own grant included) and a state string made with the old token
+// is stale; the record is rewritten with it and the lease's holder, so that
+// busy errors elsewhere name the holder rather than the newest sharer. If
+// the record cannot be written the lease is converted back to shared and
+// keeps its token. The returned lease is x.
 func (d *Driver) Convert(_ context.Context, x lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
 	l, ok := x.(*lease)
 	if !ok || l.d != d {
@@ -53,11 +59,20 @@ func (d *Driver) Convert(_ context.Context, x lockmgr.Lease, m lockmgr.Mode) (lo
 		}
 		return nil, &lockmgr.BusyError{Resource: r, Holder: h}
 	}
-	l.res.Mode = m
-	l.holder.Mode = m
-	if m == lockmgr.Exclusive && isNamed(l.holder) {
-		l.rewriteRecord() // best effort: the conversion is done
+	h := l.holder
+	h.Mode = m
+	if m == lockmgr.Exclusive {
+		tok, err := l.regrant(h)
+		if err != nil {
+			// Back to shared: converting our own write lock to a read
+			// lock meets no conflict.
+			_ = tryLock(l.fd, lockType(lockmgr.Shared), lockByte)
+			return nil, err
+		}
+		l.token = tok
 	}
+	l.res.Mode = m
+	l.holder = h
 	return l, nil
 }
 
@@ -85,20 +100,37 @@ func (l *lease) readRecord() (lockmgr.Holder, bool) {
 	return readHolder(fd)
 }
 
-// rewriteRecord records l's holder, keeping the file's current token.
-// Called with l.mu held and byte 0 write-locked, which excludes every
-// other writer of the record.
-func (l *lease) rewriteRecord() {
+// regrant records an upgrade of l as a new grant to h and returns its
+// token: the record's current token plus one (for a record without one,
+// the lockspace directory's high-water mark's), never less than l's own
+// plus one. An unnamed h (an adopted shared lease, which does not know its
+// holder) keeps the holder recorded. Called with l.mu held and byte 0
+// write-locked, which excludes every other writer of the record.
+func (l *lease) regrant(h lockmgr.Holder) (uint64, error) {
 	fd, done, err := l.recordFd()
 	if err != nil {
-		return
+		return 0, err
 	}
 	defer done()
 	cur, fresh, err := readToken(fd)
-	if err != nil || fresh {
-		return
+	if err != nil {
+		return 0, fsError(l.res, "read the token of", l.path(), err)
 	}
-	_ = pwriteAll(fd, appendRecord(nil, cur, l.holder, l.holder.Since, &l.d.holders), 0)
+	if fresh && l.dir != nil {
+		if cur, err = l.dir.readHWM(); err != nil {
+			return 0, fsError(l.res, "read the high-water mark of", filepath.Dir(l.path()), err)
+		}
+	}
+	tok := max(cur, l.token) + 1
+	if !isNamed(h) {
+		if rec, named := readHolder(fd); named {
+			h = rec
+		}
+	}
+	if err := pwriteAll(fd, appendRecord(nil, tok, h, h.Since, &l.d.holders), 0); err != nil {
+		return 0, fsError(l.res, "write the token of", l.path(), err)
+	}
+	return tok, nil
 }
 
 // isNamed reports whether h names anyone (see readHolder).

@@ -36,8 +36,8 @@ func TestConvertInPlace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if up.Resource().Mode != lockmgr.Exclusive || up.Token() != tok {
-		t.Fatalf("converted lease %v token %d, want exclusive with token %d", up.Resource(), up.Token(), tok)
+	if up.Resource().Mode != lockmgr.Exclusive || up.Token() <= tok {
+		t.Fatalf("converted lease %v token %d, want exclusive with a token above %d", up.Resource(), up.Token(), tok)
 	}
 	if _, err := b.Acquire(ctx, []lockmgr.Request{shared}); !errors.Is(err, lockmgr.ErrBusy) {
 		t.Fatalf("shared acquire during the exclusive hold: %v, want busy", err)
@@ -169,16 +169,90 @@ func TestConvertNamesHolders(t *testing.T) {
 			if err := a.Release(ctx, la); err != nil {
 				t.Fatal(err)
 			}
-			// The record's rewrite kept the file's token (b's, newer than
-			// a's): the next grant goes on from there.
+			// The upgrade's token follows the file's (b's, newer than a's),
+			// and the next grant goes on from there.
+			if la[0].Token() <= newest {
+				t.Fatalf("upgrade's token %d after a grant with token %d", la[0].Token(), newest)
+			}
 			lc, err := acquire(b, "c", uuidC)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if lc[0].Token() <= newest {
-				t.Fatalf("token %d after a grant with token %d", lc[0].Token(), newest)
+			if lc[0].Token() <= la[0].Token() {
+				t.Fatalf("token %d after a grant with token %d", lc[0].Token(), la[0].Token())
 			}
 			if err := b.Release(ctx, lc); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// An upgrade is a new exclusive grant: its token is greater than every
+// token granted for the resource before, a sharer's since the lease's own
+// grant included, and it is the resource's current token (a state string
+// made with it is current). A downgrade keeps the token. This is the
+// cancelled migration handover: the source downgrades, the destination
+// joins and leaves, the source takes the disk back and hands it over again.
+func TestUpgradeTakesANewToken(t *testing.T) {
+	for _, k := range allKinds() {
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, k.indirect)
+			src, dst := e.driver(t), e.driver(t)
+			r := k.res(t, e, 0, lockmgr.Exclusive)
+			ls, err := src.Acquire(ctx, reqsOf(holderNamed("src", "aaaaaaaa-0000-4000-8000-000000000001"), r))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t1 := ls[0].Token()
+			down, err := src.Convert(ctx, ls[0], lockmgr.Shared)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if down.Token() != t1 {
+				t.Fatalf("downgrade changed the token from %d to %d", t1, down.Token())
+			}
+			shared := r
+			shared.Mode = lockmgr.Shared
+			join := func(want uint64) ([]lockmgr.Lease, error) {
+				return dst.Acquire(ctx, []lockmgr.Request{{Resource: shared, Holder: holderNamed("dst", "bbbbbbbb-0000-4000-8000-000000000002"), Expect: want}})
+			}
+			ld, err := join(t1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t2 := ld[0].Token()
+			if err := dst.Release(ctx, ld); err != nil {
+				t.Fatal(err)
+			}
+			up, err := src.Convert(ctx, down, lockmgr.Exclusive)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t3 := up.Token()
+			if t3 <= t2 {
+				t.Fatalf("upgrade after a sharer was granted token %d: token %d, want greater", t2, t3)
+			}
+			// Handed over again: the state's token is the current one.
+			if down, err = src.Convert(ctx, up, lockmgr.Shared); err != nil {
+				t.Fatal(err)
+			}
+			if down.Token() != t3 {
+				t.Fatalf("downgrade changed the token from %d to %d", t3, down.Token())
+			}
+			if _, err := join(t1); !errors.Is(err, lockmgr.ErrStaleState) {
+				t.Fatalf("join with the token before the upgrade: %v, want stale state", err)
+			}
+			if ld, err = join(t3); err != nil {
+				t.Fatalf("join with the upgraded token: %v", err)
+			}
+			if ld[0].Token() <= t3 {
+				t.Fatalf("sharer's token %d after the upgrade's %d", ld[0].Token(), t3)
+			}
+			if err := dst.Release(ctx, ld); err != nil {
+				t.Fatal(err)
+			}
+			if err := src.Release(ctx, []lockmgr.Lease{down}); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -37,8 +37,9 @@
 //
 // An empty (new) file has token 0 and no holder. The token strictly
 // increases on every grant of the resource, shared grants included. An
-// upgrade to exclusive (Convert) rewrites the record with the upgraded
-// lease's holder and the file's token unchanged. A busy
+// upgrade to exclusive (Convert) is a grant too: it rewrites the record with
+// the upgraded lease's holder and the file's token plus one, which becomes
+// the lease's token. A busy
 // error reads the record without locking (best effort) to name the holder;
 // if the conflicting lock is a POSIX lock (F_OFD_GETLK reports its pid; OFD
 // locks report -1) the holder is that foreign process instead.

@@ -15,7 +15,7 @@ import (
 type lease struct {
 	d     *Driver
 	res   lockmgr.Resource
-	token uint64
+	token uint64  // under mu once granted (see Convert)
 	dir   *handle // the lease file's directory (referenced); nil for a direct lease
 	sub   string  // the lease file's lockspace directory, "" for DiskLeaseDir
 	name  string  // the lease file's name in dir
@@ -25,7 +25,7 @@ type lease struct {
 	tf        *handle
 	committed bool
 
-	mu   sync.Mutex // guards the fields below, and res.Mode (see Convert)
+	mu   sync.Mutex // guards the fields below, res.Mode and token (see Convert)
 	held bool
 	fd   int
 	file *os.File // made by File, or given to Adopt; owns fd when set
@@ -42,8 +42,13 @@ func (l *lease) Resource() lockmgr.Resource {
 	return l.res
 }
 
-// Token returns the lease's fencing token.
-func (l *lease) Token() uint64 { return l.token }
+// Token returns the lease's fencing token. It changes with an upgrade by
+// Convert.
+func (l *lease) Token() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.token
+}
 
 // File returns the locked open file: the lock lasts while any copy of its
 // description stays open, in any process, unless the lease is released
