@@ -191,7 +191,7 @@ func (s *authedStream) Context() context.Context { return s.ctx }
 // authorize admits root and members of the socket group (inGroup, as the
 // handshake found the peer).
 func (d *Daemon) authorize(c caller, inGroup bool) error {
-	if c.root() || inGroup && d.gid >= 0 {
+	if c.root() || inGroup {
 		return nil
 	}
 	return lockmgr.Errorf(lockmgr.CodePermission, "uid %d may not use vmlockd: only root and members of the socket group (%s) may", c.uid, groupName(d.gid))
@@ -575,16 +575,19 @@ func (d *Daemon) revoke(ctx context.Context, c caller, r lockmgr.Resource, grace
 	}
 	wg.Wait()
 	var pids []int
+	var failed error
 	for i, o := range victims {
-		if errs[i] == nil {
-			d.cfg.Metrics.revocations.Inc()
-			pids = append(pids, o.obj.PID)
+		if errs[i] != nil {
+			if failed == nil {
+				failed = errs[i]
+			}
+			continue
 		}
+		d.cfg.Metrics.revocations.Inc()
+		pids = append(pids, o.obj.PID)
 	}
-	for _, err := range errs {
-		if err != nil {
-			return pids, err
-		}
+	if failed != nil {
+		return pids, failed
 	}
 	// The exit handler releases the locks; wait for it, so that the resource
 	// is free when we answer.

@@ -352,15 +352,7 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 		}
 	}
 	if g == nil {
-		g = &grant{holders: make(map[string]int, 1)}
-		// Other holders were granted before a restart of the server, which
-		// lost its records: they hold it too, and the file goes with the
-		// last of them.
-		for u := range current {
-			if u != o.UUID {
-				g.holders[u] = 1
-			}
-		}
+		g = seededGrant(current, o.UUID)
 		// The first holder decides whether the file goes with the last
 		// one, as in virtlockd; in the default lockspace (disk images)
 		// only a file this server created is ever removed.
@@ -399,6 +391,20 @@ func openResource(ls *lockspace, file string, autocreate bool) (created bool, re
 	return created, nil
 }
 
+// seededGrant returns a new grant record of a resource, with every holder
+// in current (from the lock table) but except holding it once: they were
+// granted it before a restart of the server, which lost its records, and
+// the file goes with the last of them.
+func seededGrant(current map[string]bool, except string) *grant {
+	g := &grant{holders: make(map[string]int, len(current)+1)}
+	for u := range current {
+		if u != except {
+			g.holders[u] = 1
+		}
+	}
+	return g
+}
+
 // acquireHeld answers an ACQUIRE of r by an owner that holds it already
 // (as h): shared on shared counts once more, anything else is busy, naming
 // the owner itself. Called with the owner's lock held.
@@ -412,10 +418,7 @@ func (s *Server) acquireHeld(o lockmgr.Object, r, h lockmgr.Resource) *RemoteErr
 	defer s.mu.Unlock()
 	g := s.grants[h.Key()]
 	if g == nil { // granted before a restart of the server, maybe to others too
-		g = &grant{holders: make(map[string]int, len(current))}
-		for u := range current {
-			g.holders[u] = 1
-		}
+		g = seededGrant(current, "")
 		s.grants[h.Key()] = g
 	}
 	if g.holders[o.UUID] == 0 {

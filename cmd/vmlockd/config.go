@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -150,9 +151,7 @@ func (c *Config) validate() error {
 	default:
 		return fmt.Errorf("driver %q: want lockspace, etcd or nop", c.Driver)
 	}
-	switch strings.ToLower(c.LogLevel) {
-	case "debug", "info", "warn", "error":
-	default:
+	if _, err := c.logLevel(); err != nil {
 		return fmt.Errorf("log_level %q: want debug, info, warn or error", c.LogLevel)
 	}
 	switch c.LogFormat {
@@ -191,4 +190,12 @@ func (c *Config) validateLibvirt() error {
 		return errors.New("libvirt_lockspace_dirs is set but libvirt_socket is not: the libvirt drop-in is off")
 	}
 	return nil
+}
+
+// logLevel parses log_level as log/slog does (case-insensitive, "warn+1"
+// too).
+func (c *Config) logLevel() (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(c.LogLevel))
+	return l, err
 }

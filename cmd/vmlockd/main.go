@@ -140,10 +140,7 @@ func override(cmd *cobra.Command, c *Config) {
 }
 
 func newLogger(c Config) *slog.Logger {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
-		lvl = slog.LevelInfo
-	}
+	lvl, _ := c.logLevel() // checked by validate
 	opts := &slog.HandlerOptions{Level: lvl}
 	if c.LogFormat == "json" {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
