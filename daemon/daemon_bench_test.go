@@ -36,6 +36,14 @@ func startInProcess(tb testing.TB, cfgs ...Config) (*api.Client, string) {
 // that stops it gracefully and returns once Run has.
 func runInProcess(tb testing.TB, cfgs ...Config) (socket string, stop func()) {
 	tb.Helper()
+	_, socket, stop = serveInProcess(tb, cfgs...)
+	return socket, stop
+}
+
+// serveInProcess is runInProcess that also returns the daemon, for tests
+// that look at its tables.
+func serveInProcess(tb testing.TB, cfgs ...Config) (d *Daemon, socket string, stop func()) {
+	tb.Helper()
 	dir := tb.TempDir()
 	state := filepath.Join(dir, "state")
 	var cfg Config
@@ -64,7 +72,7 @@ func runInProcess(tb testing.TB, cfgs ...Config) (socket string, stop func()) {
 	var once sync.Once
 	stop = func() { once.Do(func() { cancel(); <-done }) }
 	tb.Cleanup(stop)
-	return cfg.Socket, stop
+	return d, cfg.Socket, stop
 }
 
 func BenchmarkAPIAcquireRelease(b *testing.B) {

@@ -227,7 +227,17 @@ func (d *Daemon) mayAct(c caller, uuid string) error {
 	d.mu.Lock()
 	o := d.owners[uuid]
 	d.mu.Unlock()
-	if o != nil && o.uid != c.uid {
+	if o == nil {
+		// An object is in the table a moment before its owner is recorded
+		// (acquireNew, libvirt's REGISTER): whose it is, is not known yet,
+		// so only root may touch it. An object not in the table is left to
+		// the call to report as not registered.
+		if _, err := d.mgr.Object(uuid); err == nil {
+			return lockmgr.Errorf(lockmgr.CodePermission, "object %s is being registered by another call; uid %d may not change it", uuid, c.uid)
+		}
+		return nil
+	}
+	if o.uid != c.uid {
 		return lockmgr.Errorf(lockmgr.CodePermission, "object %s was registered by uid %d; uid %d may not change it", uuid, o.uid, c.uid)
 	}
 	return nil

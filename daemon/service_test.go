@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockmgr"
 )
 
@@ -98,5 +99,38 @@ func TestRevokeKillsEverySharerAtOnce(t *testing.T) {
 	}
 	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
 		t.Fatalf("after the revocation: %+v, %v; want nothing held", locks, err)
+	}
+}
+
+// An object is in the lock table a moment before its owner is recorded.
+// In that moment another uid may not release it (which would make the
+// registering call fail); root may, and an unknown object is reported as
+// not registered, not as forbidden.
+func TestAnObjectWithoutItsOwnerYetIsNotAnybodys(t *testing.T) {
+	d, _, _ := serveInProcess(t)
+	pid := sleeper(t)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000002", PID: pid}
+	if err := d.mgr.Register(o); err != nil { // as acquireNew does, before own
+		t.Fatal(err)
+	}
+	s := &service{d: d}
+	as := func(uid int) context.Context {
+		return context.WithValue(context.Background(), callerKey{}, caller{uid: uid, pid: os.Getpid()})
+	}
+	if _, err := s.Release(as(4242), &vmlockpb.ReleaseRequest{Uuid: o.UUID}); !errors.Is(err, lockmgr.ErrPermission) {
+		t.Fatalf("release by uid 4242 of an object without an owner yet: %v, want permission denied", err)
+	}
+	if _, err := d.mgr.Object(o.UUID); err != nil {
+		t.Fatalf("the refused release changed the table: %v", err)
+	}
+	const unknown = "88888888-0000-4000-8000-000000000003"
+	if _, err := s.Release(as(4242), &vmlockpb.ReleaseRequest{Uuid: unknown}); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Fatalf("release by uid 4242 of an unknown object: %v, want not registered", err)
+	}
+	if _, err := s.Release(as(0), &vmlockpb.ReleaseRequest{Uuid: o.UUID}); err != nil {
+		t.Fatalf("release by root: %v", err)
+	}
+	if _, err := d.mgr.Object(o.UUID); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Fatalf("after root's release: %v, want not registered", err)
 	}
 }

@@ -79,7 +79,11 @@
 // re-check) and checks every expected token, and only then writes the new
 // tokens and holder records. A busy or stale resource thus changes no
 // token, and everything locked so far is released (lease files this call
-// created are removed) before the error is returned.
+// created are removed) before the error is returned. A shared resource's
+// token can still move after the check (other sharers are granted it), so
+// the shared resources with an expected token have their token mutexes
+// (byte 1) taken together, in the order of their keys, then checked again,
+// and written before any is let go.
 //
 // Tokens and records are written to the page cache, not synced: they survive
 // a restart or crash of the daemon, not a crash of the host (after which no

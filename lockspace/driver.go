@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -68,6 +69,8 @@ type Driver struct {
 	closed bool
 	tokens handleCache // token files, by canonical disk path
 	dirs   handleCache // lockspace directories, by name in LeaseDir
+
+	testHookLocked func() // if set, runs between Acquire's two phases
 }
 
 var _ lockmgr.Driver = (*Driver)(nil)
@@ -289,22 +292,26 @@ func (d *Driver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr
 			return nil, err
 		}
 	}
-	// A shared request's Expect is checked again when its token is written,
-	// since another sharer may have been granted in between; those go first,
-	// so that no later write can fail on a token.
+	if d.testHookLocked != nil {
+		d.testHookLocked()
+	}
+	// Sharers with an Expect go first, so that no later write can fail on
+	// a token.
 	now := time.Now().UTC()
 	var buf [512]byte
-	for pass := range 2 {
-		for i := range reqs {
-			r := &reqs[i]
-			if (r.Resource.Mode == lockmgr.Shared && r.Expect != 0) != (pass == 0) {
-				continue
-			}
-			if err := d.commit(&ls[i], r, now, buf[:0]); err != nil {
-				undo(ls)
-				return nil, err
-			}
+	err := d.commitExpectingSharers(ls, reqs, now, buf[:0])
+	for i := range reqs {
+		r := &reqs[i]
+		if err != nil {
+			break
 		}
+		if r.Resource.Mode != lockmgr.Shared || r.Expect == 0 {
+			err = d.commit(&ls[i], r, now, buf[:0], false)
+		}
+	}
+	if err != nil {
+		undo(ls)
+		return nil, err
 	}
 	out := make([]lockmgr.Lease, len(reqs))
 	for i := range ls {
@@ -387,17 +394,66 @@ func (d *Driver) readCurrent(l *lease, t *target) (uint64, error) {
 	return cur, nil
 }
 
+// commitExpectingSharers commits the shared requests that carry an Expect.
+// lockOne checked their tokens, but other sharers may have been granted
+// since, so each is checked again under its token mutex. All those mutexes
+// are taken before the first check and held until the last write, so that
+// one stale resource fails the call before any token moved. They are taken
+// in the order of the resources' keys, the same in every process, so two
+// such calls cannot wait for each other; nobody else holds two at once.
+func (d *Driver) commitExpectingSharers(ls []lease, reqs []lockmgr.Request, now time.Time, buf []byte) error {
+	var idx []int
+	for i := range reqs {
+		if reqs[i].Resource.Mode == lockmgr.Shared && reqs[i].Expect != 0 {
+			idx = append(idx, i)
+		}
+	}
+	slices.SortFunc(idx, func(a, b int) int { return strings.Compare(reqs[a].Resource.Key(), reqs[b].Resource.Key()) })
+	locked := 0
+	defer func() {
+		for _, i := range idx[:locked] {
+			unlock(ls[i].fd, mutexByte, 1)
+		}
+	}()
+	for _, i := range idx {
+		if err := waitLock(ls[i].fd, unix.F_WRLCK, mutexByte); err != nil {
+			return fsError(reqs[i].Resource, "lock the token of", ls[i].path(), err)
+		}
+		locked++
+	}
+	for _, i := range idx {
+		l, r := &ls[i], &reqs[i]
+		t := l.target()
+		cur, err := d.readCurrent(l, &t)
+		if err != nil {
+			return err
+		}
+		if cur != r.Expect {
+			return &lockmgr.StaleStateError{Resource: r.Resource, Want: r.Expect, Current: cur}
+		}
+		l.token = cur
+	}
+	for _, i := range idx {
+		if err := d.commit(&ls[i], &reqs[i], now, buf, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // commit is Acquire's second phase for one resource: it writes the new
-// token and the holder record (granted at now) and makes l a lease.
-func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byte) error {
+// token and the holder record (granted at now) and makes l a lease. A
+// sharer's token is read again under the token mutex, which commit takes
+// unless mutexHeld (then l.token is already current and checked).
+func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byte, mutexHeld bool) error {
 	r := req.Resource
-	t := target{direct: l.dir == nil, path: r.Name, sub: l.sub, name: l.name}
+	t := l.target()
 	recFd := l.fd
 	if l.tf != nil {
 		recFd = l.tf.fd
 	}
 	cur := l.token
-	if r.Mode == lockmgr.Shared {
+	if r.Mode == lockmgr.Shared && !mutexHeld {
 		if err := waitLock(l.fd, unix.F_WRLCK, mutexByte); err != nil {
 			return fsError(r, "lock the token of", d.filePath(&t), err)
 		}
@@ -405,9 +461,6 @@ func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byt
 		var err error
 		if cur, err = d.readCurrent(l, &t); err != nil {
 			return err
-		}
-		if req.Expect != 0 && req.Expect != cur {
-			return &lockmgr.StaleStateError{Resource: r, Want: req.Expect, Current: cur}
 		}
 	}
 	h := req.Holder

@@ -69,6 +69,11 @@ func (l *lease) File() *os.File {
 	return l.file
 }
 
+// target is the locked file as resolve named it.
+func (l *lease) target() target {
+	return target{direct: l.dir == nil, path: l.res.Name, sub: l.sub, name: l.name}
+}
+
 func (l *lease) path() string {
 	switch {
 	case l.dir == nil:

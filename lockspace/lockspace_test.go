@@ -698,3 +698,55 @@ func TestAcquireAfterCloseNamesTheResource(t *testing.T) {
 		})
 	}
 }
+
+// A handover of several shared resources in which one turns stale between
+// the two phases (another sharer was granted it) fails as a whole without
+// moving any token: the handover can be retried with the tokens that are
+// still current.
+func TestSharedHandoverStaleBetweenPhasesMovesNoToken(t *testing.T) {
+	for _, k := range allKinds() {
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, k.indirect)
+			d, other, third := e.driver(t), e.driver(t), e.driver(t)
+			rs := []lockmgr.Resource{k.res(t, e, 0, lockmgr.Shared), k.res(t, e, 1, lockmgr.Shared), k.res(t, e, 2, lockmgr.Shared)}
+			// Another host keeps all three shared, so their files and tokens stay.
+			held, err := other.Acquire(ctx, reqsOf(otherHolder(lockmgr.Shared), rs...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { other.Release(ctx, held) })
+			handover := func() ([]lockmgr.Lease, error) {
+				reqs := reqsOf(myHolder(lockmgr.Shared), rs...)
+				for i := range reqs {
+					reqs[i].Expect = held[i].Token()
+				}
+				return d.Acquire(ctx, reqs)
+			}
+			// Between the phases a third sharer is granted the last resource.
+			var late []lockmgr.Lease
+			d.testHookLocked = func() {
+				if late, err = third.Acquire(ctx, reqsOf(otherHolder(lockmgr.Shared), rs[2])); err != nil {
+					t.Errorf("the third sharer: %v", err)
+				}
+			}
+			_, err = handover()
+			var se *lockmgr.StaleStateError
+			if !errors.As(err, &se) || se.Resource.Key() != rs[2].Key() {
+				t.Fatalf("handover with %s granted again meanwhile: %v, want stale on it", rs[2], err)
+			}
+			d.testHookLocked = nil
+			if err := third.Release(ctx, late); err != nil {
+				t.Fatal(err)
+			}
+			// The first two tokens did not move: only the third is stale.
+			held[2] = late[0]
+			ls, err := handover()
+			if err != nil {
+				t.Fatalf("retry with the tokens still current: %v", err)
+			}
+			if err := d.Release(ctx, ls); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
