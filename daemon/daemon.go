@@ -250,14 +250,14 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 	}
 	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	h, err := lockholder.Connect(hctx, cfg.StateDir, start)
+	h, kept, err := lockholder.Open(hctx, cfg.StateDir, start)
 	if err != nil {
 		d.lockF.Close()
 		return nil, err
 	}
 	d.holder = h
 	restored := d.startFencing()
-	err = d.restore(ctx)
+	err = d.restore(ctx, kept)
 	if err == nil {
 		d.dropUnadopted(ctx)
 	}
@@ -436,12 +436,8 @@ func (d *Daemon) InheritedFiles() (listener, lock *os.File, err error) {
 	return d.inheritLn, d.lockF, nil
 }
 
-// restore takes back what the lock-holder kept.
-func (d *Daemon) restore(ctx context.Context) error {
-	entries, err := d.holder.List()
-	if err != nil {
-		return err
-	}
+// restore takes back what the lock-holder kept: entries, as it listed them.
+func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error {
 	if len(entries) == 0 {
 		return nil
 	}

@@ -49,6 +49,42 @@ func Connect(ctx context.Context, stateDir string, start func() error) (*Client,
 	}
 }
 
+// Open is Connect followed by List: it connects to the holder of stateDir
+// (starting one with start if none serves it) and returns what the holder
+// keeps. A holder that keeps nothing exits when its controller leaves; one
+// reached at that moment (vmlockd restarted right after the previous one
+// left, so the new connection still waited in the old holder's backlog)
+// goes away without answering. Open then connects again, which starts a
+// new holder, until ctx is done. Any other error of the listing is
+// returned as it is.
+func Open(ctx context.Context, stateDir string, start func() error) (*Client, []Entry, error) {
+	for {
+		c, err := Connect(ctx, stateDir, start)
+		if err != nil {
+			return nil, nil, err
+		}
+		entries, err := c.List()
+		if err == nil {
+			return c, entries, nil
+		}
+		c.Close()
+		if !holderLeft(err) {
+			return nil, nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("the lock-holder went away before answering: %w (last: %v)", ctx.Err(), err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// holderLeft reports whether err says that the holder closed or reset the
+// connection.
+func holderLeft(err error) bool {
+	return errors.Is(err, errEOF) || errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
+}
+
 func dial(path string) (int, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -215,5 +216,71 @@ func TestBurstIsAppliedInOrder(t *testing.T) {
 		if i == 0 && string(e.Meta) != "last" {
 			t.Fatalf("O/0 = %q: a later put was applied before an earlier one", e.Meta)
 		}
+	}
+}
+
+// A holder that keeps nothing exits when its controller leaves. A new
+// controller that reached it at that moment sees it go without an answer;
+// Open then starts a new holder and lists what that one keeps, instead of
+// failing the start of vmlockd.
+func TestOpenOutlivesAHolderThatIsLeaving(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, SocketName)
+	// The leaving holder: it takes the connection and goes without a word.
+	lfd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(lfd, &unix.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(lfd, 8); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		cfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		os.Remove(path)
+		unix.Close(lfd)
+		if err == nil {
+			unix.Close(cfd)
+		}
+	}()
+	var stops []func()
+	defer func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}()
+	starts := 0
+	start := func() error {
+		starts++
+		stops = append(stops, serve(t, dir))
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, entries, err := Open(ctx, dir, start)
+	if err != nil {
+		t.Fatalf("Open with a holder leaving: %v", err)
+	}
+	defer c.Close()
+	if len(entries) != 0 || starts != 1 {
+		t.Fatalf("Open listed %d entries and started %d holders, want 0 and 1", len(entries), starts)
+	}
+	// The client it returned is served by the new holder.
+	if err := c.Put("k", []byte("m"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if entries, err := c.List(); err != nil || len(entries) != 1 || entries[0].Key != "k" {
+		t.Fatalf("List after Put = %v, %v; want the one entry", entries, err)
+	}
+}
+
+// Open does not retry what retrying cannot fix: with no holder and a start
+// that fails, it returns the start's error.
+func TestOpenReturnsAFailedStart(t *testing.T) {
+	_, _, err := Open(context.Background(), filepath.Join(t.TempDir(), "missing"), func() error { return errors.New("cannot start") })
+	if err == nil || !strings.Contains(err.Error(), "cannot start") {
+		t.Fatalf("Open with no holder and a failing start = %v, want the start's error", err)
 	}
 }
