@@ -30,6 +30,7 @@ type Driver struct {
 
 	renewWake chan struct{} // nudges renewLoop (buffered, 1)
 	dogWake   chan struct{} // nudges watchdog (buffered, 1)
+	sweepWake chan struct{} // nudges sweepLoop (buffered, 1)
 	fenceMu   sync.Mutex    // serialises fence, so OnFence never runs twice at once
 	attempts  atomic.Uint64 // grant transactions sent
 
@@ -117,6 +118,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		log:       cfg.Logger.With("driver", "etcd", "host", cfg.Host),
 		renewWake: make(chan struct{}, 1),
 		dogWake:   make(chan struct{}, 1),
+		sweepWake: make(chan struct{}, 1),
 		fenceCh:   make(chan struct{}),
 		live:      make(map[string]*lease),
 		inflight:  make(map[string]int),
@@ -135,6 +137,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	}
 	d.wg.Go(d.renewLoop)
 	d.wg.Go(d.watchdog)
+	d.wg.Go(d.sweepLoop)
 	return d, nil
 }
 

@@ -153,3 +153,48 @@ func TestShutdownRevokesWithoutFencing(t *testing.T) {
 		t.Fatalf("a second Shutdown: %v", err)
 	}
 }
+
+// slowGets is a clientv3.KV whose Get takes delay (or until its context
+// ends): etcd that answers, slowly.
+type slowGets struct {
+	clientv3.KV
+	delay time.Duration
+}
+
+func (s *slowGets) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	select {
+	case <-time.After(s.delay):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return s.KV.Get(ctx, key, opts...)
+}
+
+// The cleanup of grants left behind by unconfirmed replies is best effort
+// and must never hold up the renewals of the session: a slow etcd with many
+// keys to look at would otherwise stop the renewals for longer than the
+// fence margin, and the host would kill every holder although its lease
+// could be renewed all along.
+func TestCleanupDoesNotHoldUpRenewals(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	var fenced atomic.Bool
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.TTL, cfg.FenceMargin = 3*time.Second, time.Second // a renewal every second, a fence 2 s after the last
+	cfg.OnFence = func(string) { fenced.Store(true) }
+	a := newDriver(t, cfg)
+
+	// As if the replies of 20 grants had been lost, with an etcd that takes
+	// 700 ms to answer a read: looking at them all takes 14 s.
+	a.mu.Lock()
+	for i := range 20 {
+		a.sweep[a.ks.excl(lockmgr.DiskResource("/img/lost"+string(rune('a'+i)), lockmgr.Exclusive).Key())] = 0
+	}
+	a.cli.KV = &slowGets{KV: a.cli.KV, delay: 700 * time.Millisecond}
+	n := a.renewals
+	a.mu.Unlock()
+	eventually(t, 20*time.Second, "6 renewals or a fence", func() bool { return fenced.Load() || a.Status().Renewals >= n+6 })
+	if fenced.Load() || a.Fenced() {
+		t.Fatalf("the host fenced itself while etcd renewed its lease (%d renewals)", a.Status().Renewals-n)
+	}
+}

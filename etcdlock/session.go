@@ -275,7 +275,9 @@ func (d *Driver) sleep(dur time.Duration, wake chan struct{}) bool {
 
 // renewLoop renews the session every TTL/3, each attempt bounded, retrying
 // soon after a failure; after a fence it revokes the old lease and starts a
-// new session. It also retries releases that etcd did not confirm.
+// new session. After each confirmed renewal it wakes sweepLoop, which
+// retries releases that etcd did not confirm: never itself, so that no
+// cleanup can delay a renewal.
 func (d *Driver) renewLoop() {
 	var next time.Time // when the next renewal is due
 	var nextEpoch uint64
@@ -310,7 +312,7 @@ func (d *Driver) renewLoop() {
 		case err == nil:
 			d.confirm(epoch, t0, ka.TTL)
 			next = t0.Add(period)
-			d.runSweep()
+			d.nudge(d.sweepWake)
 		case d.ctx.Err() != nil:
 			return
 		case isLeaseNotFound(err):
@@ -428,6 +430,19 @@ func (d *Driver) recoverSession(old clientv3.LeaseID) error {
 		return opError("etcd driver: revoke the fenced lease", err)
 	}
 	return d.newSession(d.ctx)
+}
+
+// sweepLoop runs runSweep each time renewLoop confirms a renewal, until
+// Close.
+func (d *Driver) sweepLoop() {
+	for {
+		select {
+		case <-d.sweepWake:
+			d.runSweep()
+		case <-d.ctx.Done():
+			return
+		}
+	}
 }
 
 // runSweep deletes grants that may have been left behind by a grant whose
