@@ -26,20 +26,23 @@ type Client struct {
 // Connect connects to the holder of stateDir, starting one with start if
 // none serves it. start must launch a process that calls Serve(stateDir) in
 // a session of its own (so that it outlives the caller); Command returns the
-// usual one.
+// usual one. If nobody listens a second after a start, Connect starts
+// another: the first may have found the previous holder still exiting
+// (Serve refuses to run while another holder has the directory), and a
+// holder too many exits at once for the same reason.
 func Connect(ctx context.Context, stateDir string, start func() error) (*Client, error) {
 	path := filepath.Join(stateDir, SocketName)
-	started := false
+	var started time.Time
 	for {
 		fd, err := dial(path)
 		if err == nil {
 			return &Client{fd: fd}, nil
 		}
-		if !started {
+		if started.IsZero() || time.Since(started) >= restartAfter {
 			if err := start(); err != nil {
 				return nil, fmt.Errorf("starting the lock-holder: %w", err)
 			}
-			started = true
+			started = time.Now()
 		}
 		select {
 		case <-ctx.Done():
@@ -84,6 +87,10 @@ func Open(ctx context.Context, stateDir string, start func() error) (*Client, []
 func holderLeft(err error) bool {
 	return errors.Is(err, errEOF) || errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
 }
+
+// restartAfter is how long Connect waits for a started holder to listen
+// before it starts another.
+const restartAfter = time.Second
 
 func dial(path string) (int, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)

@@ -284,3 +284,35 @@ func TestOpenReturnsAFailedStart(t *testing.T) {
 		t.Fatalf("Open with no holder and a failing start = %v, want the start's error", err)
 	}
 }
+
+// A started holder that never listens (it found the previous holder still
+// exiting, and Serve refused to run) is followed by another start.
+func TestConnectStartsAgainIfNobodyListens(t *testing.T) {
+	dir := t.TempDir()
+	var stops []func()
+	defer func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}()
+	starts := 0
+	start := func() error {
+		if starts++; starts > 1 { // the first start's holder gave up at once
+			stops = append(stops, serve(t, dir))
+		}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := Connect(ctx, dir, start)
+	if err != nil {
+		t.Fatalf("Connect after a holder that gave up: %v", err)
+	}
+	defer c.Close()
+	if starts < 2 {
+		t.Fatalf("started %d holder(s), want a second start", starts)
+	}
+	if _, err := c.List(); err != nil {
+		t.Fatalf("List from the second holder: %v", err)
+	}
+}
