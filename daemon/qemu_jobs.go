@@ -95,10 +95,17 @@ func (vm *qemuVM) liveJobLocked(disk string) *blockJob {
 
 var jobIDUnsafe = regexp.MustCompile(`[^A-Za-z0-9_.-]`)
 
-// newJobIDLocked returns a fresh QEMU job id (or node name) for a disk.
+// newJobIDLocked returns a fresh QEMU job id for a disk.
 func (vm *qemuVM) newJobIDLocked(kind, disk string) string {
 	vm.rec.Seq++
 	return fmt.Sprintf("vmlock-%s-%s-%d", kind, jobIDUnsafe.ReplaceAllString(disk, "_"), vm.rec.Seq)
+}
+
+// newNodeNameLocked returns a fresh block node name. QEMU refuses node
+// names longer than 31 bytes, so it does not include the disk's name.
+func (vm *qemuVM) newNodeNameLocked(kind string) string {
+	vm.rec.Seq++
+	return fmt.Sprintf("vmlock-%s-%d", kind, vm.rec.Seq)
 }
 
 // jobDiskLocked finds the disk a request names, and refuses it while a
@@ -298,7 +305,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	}
 	vm.rec.Managed = append(vm.rec.Managed, dest.Name)
 	rec := jobRecord{Disk: d.Name, Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
-		TargetNode: vm.newJobIDLocked("target", d.Name), ID: vm.newJobIDLocked("copy", d.Name)}
+		TargetNode: vm.newNodeNameLocked("target"), ID: vm.newJobIDLocked("copy", d.Name)}
 	node := map[string]any{"driver": format, "node-name": rec.TargetNode,
 		"file": map[string]any{"driver": "file", "filename": dest.Name}}
 	if format == "qcow2" {

@@ -43,11 +43,15 @@ type jobTestVM struct {
 	ctx       context.Context // carries the caller (this process)
 	top, base string
 	dir       string
+	disk      string // the drive's id
 }
 
 // startJobTestVM runs a daemon in-process and a QEMU VM on base ← top
-// supervised by it, connected and verified.
-func startJobTestVM(t *testing.T) *jobTestVM {
+// supervised by it, connected and verified; its disk is drive0.
+func startJobTestVM(t *testing.T) *jobTestVM { return startJobTestVMDisk(t, "drive0") }
+
+// startJobTestVMDisk is startJobTestVM with the drive's id.
+func startJobTestVMDisk(t *testing.T, disk string) *jobTestVM {
 	needQEMUTools(t)
 	dir, err := os.MkdirTemp("", "vqd") // short: it holds sockets
 	if err != nil {
@@ -55,7 +59,7 @@ func startJobTestVM(t *testing.T) *jobTestVM {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	dir, _ = filepath.EvalSymlinks(dir)
-	tv := &jobTestVM{top: filepath.Join(dir, "top.qcow2"), base: filepath.Join(dir, "base.qcow2"), dir: dir}
+	tv := &jobTestVM{top: filepath.Join(dir, "top.qcow2"), base: filepath.Join(dir, "base.qcow2"), dir: dir, disk: disk}
 	for _, args := range [][]string{
 		{"create", "-q", "-f", "qcow2", tv.base, "4M"},
 		{"create", "-q", "-f", "qcow2", "-b", tv.base, "-F", "qcow2", tv.top},
@@ -82,7 +86,7 @@ func startJobTestVM(t *testing.T) *jobTestVM {
 
 	mon := filepath.Join(dir, "m.qmp")
 	cmd := exec.Command("qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
-		"-drive", "if=none,id=drive0,format=qcow2,file="+tv.top,
+		"-drive", "if=none,id="+disk+",format=qcow2,file="+tv.top,
 		"-chardev", "socket,id=vmlock-qmp,path="+mon+",server=on,wait=off", "-mon", "chardev=vmlock-qmp,mode=control")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -125,7 +129,7 @@ func (tv *jobTestVM) waitPhase(t *testing.T, phase string) *vmlockpb.BlockJobInf
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0", Action: vmlockpb.BlockJobAction_BLOCK_JOB_INFO})
+		info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: tv.disk, Action: vmlockpb.BlockJobAction_BLOCK_JOB_INFO})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -235,4 +239,24 @@ func TestPivotRefusedWhenTheBaseLockWasLost(t *testing.T) {
 		t.Fatalf("abort: %+v %v", info, err)
 	}
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+}
+
+// QEMU limits node names to 31 bytes. A copy must start on a disk with a
+// long name (libvirt names its drives "drive-virtio-disk0") just as on
+// drive0: the target node vmlockd adds must have a name QEMU accepts.
+func TestBlockCopyOfADiskWithALongName(t *testing.T) {
+	const disk = "drive-virtio-disk0"
+	tv := startJobTestVMDisk(t, disk)
+	vm := tv.vm
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	if _, err := vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: disk, Dest: dest}); err != nil {
+		t.Fatalf("blockcopy of disk %s: %v", disk, err)
+	}
+	tv.waitPhase(t, phaseReady)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, dest: lockmgr.Exclusive})
+	info, err := vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: disk, Action: vmlockpb.BlockJobAction_BLOCK_JOB_PIVOT})
+	if err != nil || info.Phase != phasePivoted {
+		t.Fatalf("pivot: %+v %v", info, err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
 }

@@ -298,7 +298,7 @@ func (vm *qemuVM) attachDisk(ctx context.Context, req *vmlockpb.QEMUAttachDiskRe
 	}
 	node := req.Node
 	if node == "" {
-		node = vm.newJobIDLocked("disk", "")
+		node = vm.newNodeNameLocked("disk")
 	}
 	opts := map[string]any{"driver": chain[0].Format, "node-name": node, "read-only": req.ReadOnly,
 		"file": map[string]any{"driver": "file", "filename": req.Path, "read-only": req.ReadOnly}}
