@@ -59,6 +59,7 @@ var noArgOptions = []string{
 	"alt-grab", "ctrl-grab", "win2k-hack", "no-fd-bootchk", "no-quit", "only-migratable",
 	"preconfig", "semihosting", "usb", "enable-fips", "curses", "portrait", "no-frame",
 	"old-param", "h", "help", "version", "enable-sync-profile", "xen-attach", "xen-domid-restrict",
+	"mem-prealloc", "singlestep", "async-teardown", "audio-help",
 }
 
 // ParseCommandLine reads the images, the name and -S from QEMU's

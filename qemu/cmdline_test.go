@@ -68,3 +68,17 @@ func TestParseCommandLineSnapshotAndErrors(t *testing.T) {
 		t.Fatal("malformed -blockdev JSON was accepted")
 	}
 }
+
+// QEMU 7.2's options without an argument must not swallow the image that
+// follows them: that image would not be locked before QEMU opens it.
+func TestParseCommandLineOptionsWithoutArgument(t *testing.T) {
+	for _, opt := range []string{"-mem-prealloc", "-singlestep", "-async-teardown", "-audio-help"} {
+		cl, err := ParseCommandLine([]string{"-m", "64", opt, "/img/positional.img"})
+		if err != nil {
+			t.Fatalf("%s: %v", opt, err)
+		}
+		if len(cl.Drives) != 1 || cl.Drives[0].Path != "/img/positional.img" {
+			t.Errorf("%s /img/positional.img: drives %+v, want the positional image", opt, cl.Drives)
+		}
+	}
+}
