@@ -33,6 +33,12 @@ import (
 type Fencer struct {
 	attached chan struct{} // closed by attach
 
+	// armMu serialises passing deadlines on, so that the lock-holder gets
+	// them in order. It is taken before the daemon's recordMu, and mu is
+	// never held while waiting for either: resyncHolder reads the newest
+	// deadline (mu) with recordMu held.
+	armMu sync.Mutex
+
 	mu       sync.Mutex
 	d        *Daemon
 	deadline time.Time // the newest deadline announced
@@ -52,23 +58,29 @@ func (f *Fencer) Fence(reason string) {
 // Deadline is the driver's OnDeadline: it passes the fence deadline on to
 // the lock-holder.
 func (f *Fencer) Deadline(t time.Time) {
+	f.armMu.Lock()
+	defer f.armMu.Unlock()
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.deadline = t
-	if f.d != nil {
-		f.d.armHolder(t)
+	d := f.d
+	f.mu.Unlock()
+	if d != nil {
+		d.armHolder(t)
 	}
 }
 
 // attach makes d the daemon to fence and hands the lock-holder the newest
 // deadline. Called once, with d.holder connected and d.fenceMu held.
 func (f *Fencer) attach(d *Daemon) {
+	f.armMu.Lock()
 	f.mu.Lock()
 	f.d = d
-	if !f.deadline.IsZero() {
-		d.armHolder(f.deadline)
-	}
+	t := f.deadline
 	f.mu.Unlock()
+	if !t.IsZero() {
+		d.armHolder(t)
+	}
+	f.armMu.Unlock()
 	close(f.attached)
 }
 
