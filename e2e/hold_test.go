@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -147,6 +149,38 @@ func TestHoldExitStatuses(t *testing.T) {
 			r := d.vmlock(append([]string{"hold"}, c.args...)...)
 			if r.code != c.code {
 				t.Fatalf("vmlock hold %v: exit %d (%s), want %d", c.args, r.code, strings.TrimSpace(r.stderr), c.code)
+			}
+		})
+	}
+}
+
+// --timeout keeps its meaning at the edges: under a millisecond it is a
+// try-lock (Ganeti's rule), so it fails at once on a held lock instead of
+// waiting without end; a negative timeout is a usage error, not a wait.
+func TestHoldTimeoutEdges(t *testing.T) {
+	d := startDaemon(t)
+	d.startHold("node/n1", "node/n1")
+	cases := []struct {
+		timeout string
+		code    int
+	}{
+		{"500us", int(lockmgr.CodeTimeout)},
+		{"1ns", int(lockmgr.CodeTimeout)},
+		{"-1s", int(lockmgr.CodeInvalidArgument)},
+	}
+	for _, c := range cases {
+		t.Run(c.timeout, func(t *testing.T) {
+			// A watchdog, not a timing check: the bug is a wait without end.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, bins.vmlock, "--socket", d.socket, "hold", "--timeout", c.timeout, "node/n1", "--", "true")
+			out, err := cmd.CombinedOutput()
+			if ctx.Err() != nil {
+				t.Fatalf("vmlock hold --timeout %s still waited for the held node/n1 after 30 s", c.timeout)
+			}
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != c.code {
+				t.Fatalf("vmlock hold --timeout %s: %v (%s), want exit %d", c.timeout, err, strings.TrimSpace(string(out)), c.code)
 			}
 		})
 	}

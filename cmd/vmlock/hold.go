@@ -26,8 +26,9 @@ func newHoldCmd(g *globals) *cobra.Command {
 		Long: `hold takes hierarchical locks in vmlockd's level order, each level in one
 call (LEVEL/* is the whole level; without the first level, its lock is taken
 shared), runs COMMAND, and releases them when COMMAND exits. It exits with
-COMMAND's status. The locks are the session's: if hold itself is killed,
-vmlockd releases them at once.`,
+COMMAND's status. --timeout 0 waits as long as it takes; a timeout under a
+millisecond fails at once if the locks are busy (a try-lock). The locks are
+the session's: if hold itself is killed, vmlockd releases them at once.`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dash := cmd.ArgsLenAtDash()
@@ -39,7 +40,9 @@ vmlockd releases them at once.`,
 				return err
 			}
 			req.Priority = int32(priority)
-			req.TimeoutMs = timeout.Milliseconds()
+			if req.TimeoutMs, err = holdTimeoutMs(timeout); err != nil {
+				return err
+			}
 			command := args[dash:]
 			path, err := exec.LookPath(command[0])
 			if err != nil {
@@ -90,6 +93,20 @@ vmlockd releases them at once.`,
 	c.Flags().DurationVar(&timeout, "timeout", 0, "give up (exit 6) if the locks are not all granted within this time; 0 waits")
 	c.Flags().IntVar(&priority, "priority", 0, "request priority: lower is served first")
 	return c
+}
+
+// holdTimeoutMs turns --timeout into the request's milliseconds: 0 waits,
+// a positive timeout is rounded up (so that one under a millisecond is the
+// try-lock, not a wait without end), a negative one is a usage error.
+func holdTimeoutMs(d time.Duration) (int64, error) {
+	if d < 0 {
+		return 0, usageError{fmt.Errorf("--timeout %v: want 0 (wait) or a positive duration", d)}
+	}
+	ms := int64(d / time.Millisecond)
+	if d%time.Millisecond != 0 {
+		ms++
+	}
+	return ms, nil
 }
 
 // parseHoldSpecs groups LEVEL/NAME[:shared] arguments by level.
