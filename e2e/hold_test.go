@@ -1,13 +1,18 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -184,4 +189,43 @@ func TestHoldTimeoutEdges(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Killing vmlock hold, even with SIGKILL, kills its command with it: the
+// session's locks are released at once, and the command must not go on
+// running without them while the next holder runs.
+func TestHoldKilledTakesItsCommandWithIt(t *testing.T) {
+	d := startDaemon(t)
+	pidFile := filepath.Join(d.dir, "command.pid")
+	hold := exec.Command(bins.vmlock, "--socket", d.socket, "hold", "instance/web1", "--",
+		"sh", "-c", "echo $$ > "+pidFile+".tmp && mv "+pidFile+".tmp "+pidFile+" && exec sleep 300")
+	if err := hold.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hold.Process.Kill(); hold.Wait() })
+	var pid int
+	for deadline := time.Now().Add(10 * time.Second); pid == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the command never started")
+		}
+		b, _ := os.ReadFile(pidFile)
+		pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	}
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	d.waitHier(func(m map[string]hierRow) bool { return len(m["instance/web1"].Owners) > 0 }, "the holder of instance/web1")
+
+	hold.Process.Kill()
+	hold.Wait()
+	d.waitHier(func(m map[string]hierRow) bool { return len(m["instance/web1"].Owners) == 0 }, "instance/web1 free")
+	for deadline := time.Now().Add(10 * time.Second); alive(pid); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the command (pid %d) still runs after its holder was killed, without the locks it was run under", pid)
+		}
+	}
+}
+
+// alive reports whether pid is a process that has not exited.
+func alive(pid int) bool {
+	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	return err == nil && !bytes.Contains(st, []byte(") Z "))
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -28,7 +29,8 @@ call (LEVEL/* is the whole level; without the first level, its lock is taken
 shared), runs COMMAND, and releases them when COMMAND exits. It exits with
 COMMAND's status. --timeout 0 waits as long as it takes; a timeout under a
 millisecond fails at once if the locks are busy (a try-lock). The locks are
-the session's: if hold itself is killed, vmlockd releases them at once.`,
+the session's: if hold itself is killed, even by SIGKILL, COMMAND is killed
+(SIGKILL) with it, and vmlockd releases the locks at once.`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dash := cmd.ArgsLenAtDash()
@@ -65,6 +67,12 @@ the session's: if hold itself is killed, vmlockd releases them at once.`,
 			child := exec.Command(path, command[1:]...)
 			child.Args[0] = command[0]
 			child.Stdin, child.Stdout, child.Stderr = os.Stdin, os.Stdout, os.Stderr
+			// COMMAND must not outlive the session that holds its locks:
+			// the kernel kills it when hold dies. The death signal follows
+			// the thread that forks, so keep this goroutine on its thread
+			// (it lives until hold exits).
+			child.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			runtime.LockOSThread()
 			sigs := make(chan os.Signal, 4)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
 			if err := child.Start(); err != nil {
