@@ -240,7 +240,9 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 			delete(vm.jobs, rec.Disk)
 		}
 		vm.dropJobRecordLocked(rec.ID)
-		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+		cctx, cancel := vm.cleanupContext()
+		defer cancel()
+		if rerr := vm.reconcileLocked(cctx); rerr != nil {
 			vm.s.log.Error("putting the locks back after QEMU refused a job", "uuid", vm.uuid, "err", rerr)
 		}
 		if qe != nil {
@@ -253,6 +255,13 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 		"top", rec.Top, "base", rec.Base, "target", rec.Target)
 	go vm.watch(j, q)
 	return vm.infoLocked(ctx, j), nil
+}
+
+// cleanupContext bounds the work that puts the locks (and QEMU's graph)
+// back after an operation failed: it must be done even if the failure
+// is that the caller's context ended.
+func (vm *qemuVM) cleanupContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(vm.s.ctx, 10*time.Second)
 }
 
 func (vm *qemuVM) dropJobRecordLocked(id string) {
@@ -312,20 +321,30 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		node["backing"] = nil // a full copy stands alone
 	}
 	if err := qemu.BlockdevAdd(ctx, vm.c, node); err != nil {
-		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+		cctx, cancel := vm.cleanupContext()
+		defer cancel()
+		if rerr := vm.reconcileLocked(cctx); rerr != nil {
 			vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
 		}
-		undo()
+		if !slices.Contains(vm.rec.Managed, dest.Name) { // QEMU did not open it
+			undo()
+		}
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU cannot open the copy target", Err: err}
 	}
 	opts := qemu.MirrorOptions{JobID: rec.ID, Device: d.Root, Target: rec.TargetNode, Sync: "full", Speed: req.Bandwidth, AutoDismiss: new(false)}
 	info, err := vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartMirror(ctx, vm.c, opts) })
 	if err != nil && !errors.Is(err, errJobUnknown) {
-		_ = qemu.BlockdevDel(ctx, vm.c, rec.TargetNode)
-		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+		cctx, cancel := vm.cleanupContext()
+		defer cancel()
+		if derr := qemu.BlockdevDel(cctx, vm.c, rec.TargetNode); derr != nil {
+			vm.s.log.Error("removing a copy target from QEMU", "uuid", vm.uuid, "node", rec.TargetNode, "err", derr)
+		}
+		if rerr := vm.reconcileLocked(cctx); rerr != nil {
 			vm.s.log.Error("releasing a copy target", "uuid", vm.uuid, "err", rerr)
 		}
-		undo()
+		if !slices.Contains(vm.rec.Managed, dest.Name) { // QEMU closed it
+			undo()
+		}
 	}
 	return info, err
 }

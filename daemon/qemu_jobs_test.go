@@ -260,3 +260,37 @@ func TestBlockCopyOfADiskWithALongName(t *testing.T) {
 	}
 	tv.wantLocks(t, map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
 }
+
+// A caller that gives up before QEMU received block-commit: QEMU runs no
+// job, so the base, taken exclusively for the job, must be shared again
+// although the caller's context has ended.
+func TestJobNeverStartedWhenTheCallerGaveUpPutsTheLocksBack(t *testing.T) {
+	tv := startJobTestVM(t)
+	vm := tv.vm
+	if err := vm.lock(tv.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tv.d.mgr.ChangeMode(tv.ctx, vm.uuid, lockmgr.DiskResource(tv.base, lockmgr.Exclusive)); err != nil {
+		vm.unlock()
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(tv.ctx)
+	rec := jobRecord{Disk: "drive0", Type: jobActiveCommit, Top: tv.top, Base: tv.base, ID: vm.newJobIDLocked("commit", "drive0")}
+	_, err := vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) {
+		// What qmp.Client.Execute returns when the caller's context ends
+		// before the command was sent.
+		cancel()
+		return nil, fmt.Errorf("qemu: starting commit job %s: qmp: block-commit: waiting to send: %w", rec.ID, context.Canceled)
+	})
+	vm.unlock()
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("start: %v, want the caller's cancellation", err)
+	}
+	if jobs, qerr := qemu.QueryJobs(tv.ctx, vm.c); qerr != nil || len(jobs) != 0 {
+		t.Fatalf("QEMU's jobs: %v %v", jobs, qerr)
+	}
+	if info := tv.waitPhase(t, "none"); info.Id != "" {
+		t.Fatalf("a job that never started is listed: %+v", info)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+}
