@@ -183,12 +183,19 @@ func formatUUID(u [16]byte) string {
 // createLockspace serves the directory path (CREATE_LOCKSPACE, or NEW when
 // isNew): it creates the directory (mode 0700) if needed and records the
 // path in the store. CREATE_LOCKSPACE of a served path succeeds; NEW fails.
+// A served path that is not in the store yet (a configured lockspace) is
+// recorded too, so that it is served after a restart even if the
+// configuration no longer lists it.
 func (s *Server) createLockspace(path string, isNew bool) *RemoteError {
 	s.lsMu.Lock()
 	defer s.lsMu.Unlock()
 	if _, ok := s.lockspaces[path]; ok {
 		if isNew {
 			return newRemoteError(CodeInternalError, DomainRPC, fmt.Sprintf("Lockspace for path %s already exists", path))
+		}
+		if err := s.persistLocked(path); err != nil {
+			// It is served all the same: refusing would fail libvirtd's start.
+			s.log.Error("cannot record a configured lockspace", "path", path, "err", err)
 		}
 		return nil
 	}
@@ -198,17 +205,27 @@ func (s *Server) createLockspace(path string, isNew bool) *RemoteError {
 	if rerr := makeLockspaceDir(path); rerr != nil {
 		return rerr
 	}
-	if s.store != nil {
-		all := append(slices.Clone(s.persisted), path)
-		slices.Sort(all)
-		if err := s.store.Save(all); err != nil {
-			s.log.Error("cannot record a lockspace; refusing it", "path", path, "err", err)
-			return systemError(fmt.Sprintf("Unable to record lockspace %s", path), err)
-		}
-		s.persisted = all
+	if err := s.persistLocked(path); err != nil {
+		s.log.Error("cannot record a lockspace; refusing it", "path", path, "err", err)
+		return systemError(fmt.Sprintf("Unable to record lockspace %s", path), err)
 	}
 	s.lockspaces[path] = &lockspace{path: path, dir: filepath.Clean(path), name: LockspaceName(path)}
 	s.log.Info("lockspace created", "path", path, "lockspace", LockspaceName(path))
+	return nil
+}
+
+// persistLocked adds path to the store unless it is there already (or there
+// is no store). Called with lsMu held.
+func (s *Server) persistLocked(path string) error {
+	if s.store == nil || slices.Contains(s.persisted, path) {
+		return nil
+	}
+	all := append(slices.Clone(s.persisted), path)
+	slices.Sort(all)
+	if err := s.store.Save(all); err != nil {
+		return err
+	}
+	s.persisted = all
 	return nil
 }
 

@@ -556,6 +556,29 @@ func TestLockspacesPersist(t *testing.T) {
 	}
 }
 
+// A configured lockspace that libvirtd asks for is kept in the store too:
+// the daemon serves it after a restart whose configuration no longer
+// lists it, as libvirtd (which sent CREATE_LOCKSPACE only when it started)
+// still expects.
+func TestConfiguredLockspaceAskedForIsKept(t *testing.T) {
+	store := FileStore{Path: filepath.Join(t.TempDir(), "libvirt-lockspaces.json")}
+	dir := filepath.Join(t.TempDir(), "files")
+	ts := startServer(t, Config{Store: store, Lockspaces: []string{dir}})
+	c := ts.dial()
+	wantOK(t, "libvirtd creates the configured lockspace", c.CreateLockspace(testCtx(t), dir))
+	if got, err := store.Load(); err != nil || !slices.Equal(got, []string{dir}) {
+		t.Fatalf("stored %v (%v), want %v", got, err, []string{dir})
+	}
+
+	// Restarted without it in the configuration.
+	ts2 := startServer(t, Config{Store: store})
+	if got, want := ts2.s.Lockspaces(), []string{"", dir}; !slices.Equal(got, want) {
+		t.Fatalf("restarted server serves %v, want %v", got, want)
+	}
+	c2 := ts2.registered("d", fakePID)
+	wantOK(t, "acquire in it after the restart", c2.AcquireResource(testCtx(t), dir, "k", AcquireAutoCreate))
+}
+
 // rawCall writes b on a new raw connection and returns the reader of its
 // replies.
 func (ts *testServer) raw() (net.Conn, *Reader) {
