@@ -214,10 +214,10 @@ func (d *Daemon) handoverState(uuid string) (string, error) {
 
 // handoverIn recognises a handover state given to Acquire on the
 // destination. For any other state it returns rs and state unchanged and a
-// nil mark. For a handover state it checks that this is the destination,
-// takes the state's resources if rs is empty, turns every exclusive
-// resource the state lists into a shared one pending an upgrade, and
-// returns the state without its marker.
+// nil mark. For a handover state it checks that the state has one marker
+// and that this is the destination, takes the state's resources if rs is
+// empty, turns every exclusive resource the state lists into a shared one
+// pending an upgrade, and returns the state without its marker.
 func (d *Daemon) handoverIn(rs []lockmgr.Resource, state string) ([]lockmgr.Resource, string, *migration, error) {
 	if state == "" {
 		return rs, state, nil, nil
@@ -232,6 +232,9 @@ func (d *Daemon) handoverIn(rs []lockmgr.Resource, state string) ([]lockmgr.Reso
 	}
 	to := st[i].Resource.Name
 	st = slices.Delete(st, i, i+1)
+	if slices.ContainsFunc(st, func(e lockmgr.StateEntry) bool { return e.Resource.Type == migrationType }) {
+		return nil, "", nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "the state names more than one migration destination")
+	}
 	if to != d.cfg.Host {
 		return nil, "", nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument,
 			"the state was prepared for a migration to host %q; this vmlockd is host %q", to, d.cfg.Host)

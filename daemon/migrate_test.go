@@ -213,3 +213,18 @@ func TestNoStaleMigrationMarkAfterRestart(t *testing.T) {
 		})
 	}
 }
+
+// A handover state names one destination: a state with a second marker is
+// refused, rather than taking that marker for a resource to lock.
+func TestHandoverStateWithTwoMarkersRefused(t *testing.T) {
+	d := &Daemon{cfg: Config{Host: "dst"}}
+	st := lockmgr.State{
+		{Resource: lockmgr.DiskResource("/img/a", lockmgr.Exclusive), Token: 7},
+		{Resource: lockmgr.Resource{Type: migrationType, Name: "dst", Mode: lockmgr.ReadOnly}},
+		{Resource: lockmgr.Resource{Type: migrationType, Name: "elsewhere", Mode: lockmgr.Exclusive}},
+	}
+	rs, _, _, err := d.handoverIn(nil, st.String())
+	if !errors.Is(err, lockmgr.ErrInvalidArgument) {
+		t.Fatalf("a state with two migration markers: resources %v, error %v; want invalid argument", rs, err)
+	}
+}
