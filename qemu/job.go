@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/vmlock/vmlock/qmp"
 )
@@ -115,7 +117,9 @@ func StartMirror(ctx context.Context, c *qmp.Client, opts MirrorOptions) (*Job, 
 // Attach tracks a job that is already running (e.g. after the supervisor
 // restarted): it subscribes, then reads the job's current status with
 // query-jobs. It fails with an error wrapping ErrNoSuchJob if QEMU has no
-// such job.
+// such job. A job that has already ended (kept by QEMU because it was
+// started without auto-dismiss) has its Result from query-jobs: failed
+// with QEMU's error, cancelled, or completed.
 func Attach(ctx context.Context, c *qmp.Client, id string) (*Job, error) {
 	j := newJob(c, id)
 	info, err := QueryJob(ctx, c, id)
@@ -128,7 +132,11 @@ func Attach(ctx context.Context, c *qmp.Client, id string) (*Job, error) {
 	j.wasReady = info.Status == JobReady || info.Status == JobStandby
 	if info.Status.Ended() {
 		r := &Result{Outcome: OutcomeCompleted, Offset: info.CurrentProgress, Len: info.TotalProgress}
-		if info.Error != "" {
+		switch {
+		case strings.EqualFold(info.Error, syscall.ECANCELED.Error()):
+			// QEMU's error of a cancelled job (BLOCK_JOB_CANCELLED).
+			r.Outcome = OutcomeCancelled
+		case info.Error != "":
 			r.Outcome, r.Error = OutcomeFailed, info.Error
 		}
 		j.result = r

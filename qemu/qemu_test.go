@@ -492,3 +492,41 @@ func TestAttachAfterReconnect(t *testing.T) {
 	quit(t, c, cmd)
 	checkMerged(t, ch.base)
 }
+
+// A job that was cancelled before a supervisor attached to it (it ended
+// while the supervisor was down) is reported cancelled, as the events
+// would have said, not failed: QEMU's query-jobs gives a cancelled job
+// the error "Operation canceled".
+func TestAttachToAJobCancelledMeanwhile(t *testing.T) {
+	ch := makeChain(t)
+	c, _ := startQEMU(t)
+	ctx := testCtx(t)
+	addChain(t, c, ch)
+	job, err := StartCommit(ctx, c, CommitOptions{JobID: "slow", Device: "top", Speed: 1, AutoDismiss: new(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer job.Close()
+	if _, err := job.WaitStatus(ctx, JobRunning); err != nil {
+		t.Fatal(err)
+	}
+	if err := job.Cancel(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := job.Wait(ctx); err != nil || res.Outcome != OutcomeCancelled {
+		t.Fatalf("cancelled job seen through its events: %+v %v", res, err)
+	}
+
+	attached, err := Attach(ctx, c, "slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer attached.Close()
+	res, ok := attached.Result()
+	if !ok || res.Outcome != OutcomeCancelled || res.Error != "" {
+		t.Fatalf("cancelled job seen through query-jobs: %+v (ended %v), want cancelled", res, ok)
+	}
+	if res, err := attached.Wait(ctx); err != nil || res.Outcome != OutcomeCancelled {
+		t.Fatalf("Wait on the attached cancelled job: %+v %v", res, err)
+	}
+}
