@@ -48,8 +48,15 @@ func (h *hierService) ownerName(pid int) hierlock.Owner {
 	return hierlock.Owner(fmt.Sprintf("%s[%d]#%d", name, pid, h.session.Add(1)))
 }
 
+// Session serves one session's requests in order. The session ends when
+// the client ends the stream, its connection closes, or the daemon stops or
+// reloads: the locks live in this process only, so a stop does not wait for
+// them (a graceful stop would otherwise wait out the request timeout for
+// every session that holds a lock); a request in progress is cancelled.
+// Everything the session holds is released when it ends.
 func (h *hierService) Session(stream vmlockpb.HierLock_SessionServer) error {
-	ctx := stream.Context()
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
 	c := callerOf(ctx)
 	owner := h.ownerName(c.pid)
 	h.d.log.Debug("hierarchical lock session opened", "owner", owner, "uid", c.uid)
@@ -59,16 +66,50 @@ func (h *hierService) Session(stream vmlockpb.HierLock_SessionServer) error {
 		}
 		h.d.log.Debug("hierarchical lock session closed; its locks are released", "owner", owner)
 	}()
+	// Requests are read by a goroutine of their own so that a stop ends an
+	// idle session at once instead of waiting in Recv, and cancels a
+	// request in progress.
+	reqs := make(chan *vmlockpb.SessionRequest)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case reqs <- req:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	go func() {
+		select {
+		case <-h.d.stopping:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	for {
-		req, err := stream.Recv()
-		if err != nil {
+		var req *vmlockpb.SessionRequest
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-recvErr:
 			if errors.Is(err, io.EOF) || ctx.Err() != nil {
 				return nil
 			}
 			return err
+		case req = <-reqs:
+			if ctx.Err() != nil {
+				return nil // stopping: not served, so not answered
+			}
 		}
 		rep := &vmlockpb.SessionReply{Id: req.Id, Owner: string(owner)}
 		var names []string
+		var err error
 		switch op := req.Op.(type) {
 		case *vmlockpb.SessionRequest_Acquire:
 			names, err = h.acquire(ctx, owner, op.Acquire)

@@ -1,0 +1,94 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
+)
+
+// hierStream opens a raw hierarchical lock session on the daemon at sock.
+func hierStream(t *testing.T, sock string) vmlockpb.HierLock_SessionClient {
+	t.Helper()
+	conn, err := grpc.NewClient("passthrough:///vmlockd",
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	s, err := vmlockpb.NewHierLockClient(conn).Session(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func hierAcquire(id uint64, level string, names ...string) *vmlockpb.SessionRequest {
+	return &vmlockpb.SessionRequest{Id: id, Op: &vmlockpb.SessionRequest_Acquire{Acquire: &vmlockpb.HierAcquire{
+		Levels: []*vmlockpb.LevelRequest{{Level: level, Names: names}}}}}
+}
+
+// A stop (or reload) ends every hierarchical lock session at once, with
+// status OK, whether it holds locks or waits for them: the locks live in
+// the daemon's memory, so the graceful stop must not wait out the request
+// timeout for sessions that never end by themselves.
+func TestStopEndsHierSessionsAtOnce(t *testing.T) {
+	sock, stop := runInProcess(t, Config{RequestTimeout: time.Minute})
+	holder, waiter := hierStream(t, sock), hierStream(t, sock)
+	if err := holder.Send(hierAcquire(1, "instance", "web1")); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := holder.Recv(); err != nil || r.Code != 0 {
+		t.Fatalf("holder's acquire: %+v %v", r, err)
+	}
+	if err := waiter.Send(hierAcquire(1, "instance", "web1")); err != nil {
+		t.Fatal(err)
+	}
+	// The waiter is queued once the monitor shows it.
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for queued := false; !queued; {
+		rep, err := c.HierMonitor(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range rep.Locks {
+			queued = queued || (l.Name == "instance/web1" && len(l.Pending) == 1)
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	if _, err := holder.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("the holding session after the stop: %v, want EOF (ended by the daemon)", err)
+	}
+	// The waiter's request ends (cancelled, or granted as the holder's
+	// session released first; answered or not), then its session ends.
+	_, err = waiter.Recv()
+	if err == nil {
+		_, err = waiter.Recv()
+	}
+	if !errors.Is(err, io.EOF) {
+		t.Fatalf("the waiting session after the stop: %v, want EOF (ended by the daemon)", err)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not stop with hierarchical lock sessions open")
+	}
+}
