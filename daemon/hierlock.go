@@ -136,6 +136,8 @@ func (h *hierService) Session(stream vmlockpb.HierLock_SessionServer) error {
 // CLI's exit statuses.
 func hierCode(err error) lockmgr.Code {
 	switch {
+	case errors.Is(err, hierlock.ErrOrderViolation): // before the kind it may wrap
+		return lockmgr.CodeInvalidArgument
 	case errors.Is(err, hierlock.ErrTimeout), errors.Is(err, hierlock.ErrCanceled):
 		return lockmgr.CodeTimeout
 	case errors.Is(err, hierlock.ErrNotOwned):
@@ -144,8 +146,7 @@ func hierCode(err error) lockmgr.Code {
 		return lockmgr.CodeNotRegistered
 	case errors.Is(err, hierlock.ErrDeleted):
 		return lockmgr.CodeBusy
-	case errors.Is(err, hierlock.ErrOrderViolation), errors.Is(err, hierlock.ErrInvalid),
-		errors.Is(err, hierlock.ErrNotFound), errors.Is(err, hierlock.ErrExists):
+	case errors.Is(err, hierlock.ErrInvalid), errors.Is(err, hierlock.ErrNotFound), errors.Is(err, hierlock.ErrExists):
 		return lockmgr.CodeInvalidArgument
 	}
 	return lockmgr.CodeOf(err)
@@ -235,9 +236,11 @@ func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vm
 
 // addMissing creates the names a request asks for at a modifiable level
 // that do not exist yet, so that `vmlock hold instance/web1` works without
-// a separate add. Another session adding them first is fine.
+// a separate add. Another session adding them first is fine. Nothing is
+// created at a level the session holds already: the acquire that follows
+// refuses it (each level in one call).
 func (h *hierService) addMissing(ctx context.Context, owner hierlock.Owner, l hierlock.Level, req hierlock.Request, levels []hierlock.LevelConfig) error {
-	if req.All || !levels[l].Modifiable {
+	if req.All || !levels[l].Modifiable || h.mgr.IsOwned(owner, l) {
 		return nil
 	}
 	have, err := h.mgr.Names(l)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockmgr"
 )
 
 // hierStream opens a raw hierarchical lock session on the daemon at sock.
@@ -90,5 +92,43 @@ func TestStopEndsHierSessionsAtOnce(t *testing.T) {
 	case <-stopped:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the daemon did not stop with hierarchical lock sessions open")
+	}
+}
+
+// Each level is acquired in one call: a second request at a level the
+// session holds is an order violation (invalid argument), whether the names
+// it asks for exist already or would be created on first use.
+func TestSecondAcquireAtAHeldLevelIsAnOrderViolation(t *testing.T) {
+	sock, _ := runInProcess(t)
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	s, err := c.HierSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Acquire(ctx, &vmlockpb.HierAcquire{Levels: []*vmlockpb.LevelRequest{{Level: "instance", Names: []string{"a", "b"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"b", "new"} {
+		_, err := s.Acquire(ctx, &vmlockpb.HierAcquire{Levels: []*vmlockpb.LevelRequest{{Level: "instance", Names: []string{name}}}})
+		var le *lockmgr.Error
+		if !errors.As(err, &le) || le.Code != lockmgr.CodeInvalidArgument || !strings.Contains(le.Msg, "each level is acquired in one call") {
+			t.Errorf("second acquire of instance/%s: %v, want an order violation (each level in one call)", name, err)
+		}
+	}
+	// Nothing was created by the refused request.
+	rep, err := c.HierMonitor(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range rep.Locks {
+		if l.Name == "instance/new" {
+			t.Errorf("the refused request created %s", l.Name)
+		}
 	}
 }
