@@ -596,7 +596,9 @@ func (d *Daemon) onExit(pr *processRefs) {
 	pr.p.close()
 	for _, u := range uuids {
 		ctx, cancel := context.WithTimeout(context.Background(), d.cfg.RequestTimeout)
-		err := d.forget(ctx, u)
+		// Only the object this process owned: it may have been released
+		// since and registered again, by another process.
+		err := d.forgetOf(ctx, u, pr.p.pid)
 		cancel()
 		if err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
 			d.log.Error("releasing the locks of an exited owner", "uuid", u, "pid", pr.p.pid, "err", err)
@@ -611,12 +613,25 @@ func (d *Daemon) onExit(pr *processRefs) {
 // forget releases everything of uuid and forgets it. The Manager's
 // observer drops its holder records.
 func (d *Daemon) forget(ctx context.Context, uuid string) error {
-	err := d.mgr.Unregister(ctx, uuid)
+	return d.forgetOf(ctx, uuid, 0)
+}
+
+// forgetOf is forget of the object uuid only if it is registered for
+// process pid (any, if pid is 0); otherwise it changes nothing and returns
+// a not-registered error. The owner record goes only if it is the
+// forgotten object's: a new registration of the uuid may have made its own
+// since the object was unregistered.
+func (d *Daemon) forgetOf(ctx context.Context, uuid string, pid int) error {
+	var gone lockmgr.Object
+	err := d.mgr.UnregisterIf(ctx, uuid, func(o lockmgr.Object) bool {
+		gone = o
+		return pid == 0 || o.PID == pid
+	})
 	if err != nil && errors.Is(err, lockmgr.ErrNotRegistered) {
 		return err
 	}
 	d.mu.Lock()
-	if o := d.owners[uuid]; o != nil {
+	if o := d.owners[uuid]; o != nil && o.obj.PID == gone.PID {
 		delete(d.owners, uuid)
 		if pr := d.procs[o.proc.pid]; pr != nil {
 			delete(pr.uuids, uuid)

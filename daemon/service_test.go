@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -132,5 +134,38 @@ func TestAnObjectWithoutItsOwnerYetIsNotAnybodys(t *testing.T) {
 	}
 	if _, err := d.mgr.Object(o.UUID); !errors.Is(err, lockmgr.ErrNotRegistered) {
 		t.Fatalf("after root's release: %v, want not registered", err)
+	}
+}
+
+// When an owner exits, only the objects it owned are released: an object
+// released meanwhile and registered again by another process keeps its
+// locks, and its owner record.
+func TestExitReleasesOnlyWhatTheProcessOwned(t *testing.T) {
+	d, sock, _ := serveInProcess(t)
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	disk := filepath.Join(filepath.Dir(sock), "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	old, now := sleeper(t), sleeper(t)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000004", Name: "vm", PID: now}
+	if _, err := c.Acquire(ctx, o, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	// The exit of the uuid's earlier owner, noticed late.
+	p := &process{pid: old, done: make(chan struct{}), dead: true}
+	close(p.done)
+	d.onExit(&processRefs{p: p, uuids: map[string]bool{o.UUID: true}})
+	if st, err := c.Inquire(ctx, o.UUID); err != nil || !strings.Contains(st, "exclusive") {
+		t.Fatalf("after the late exit of the earlier owner: %q, %v; want the disk still held", st, err)
+	}
+	d.mu.Lock()
+	ow := d.owners[o.UUID]
+	d.mu.Unlock()
+	if ow == nil || ow.obj.PID != now {
+		t.Fatalf("owner record after the late exit: %+v, want pid %d's", ow, now)
 	}
 }

@@ -519,11 +519,24 @@ func (m *Manager) Inquire(uuid string) (string, error) {
 
 // Unregister releases everything the object holds and forgets it.
 func (m *Manager) Unregister(ctx context.Context, uuid string) error {
+	return m.UnregisterIf(ctx, uuid, nil)
+}
+
+// UnregisterIf is Unregister of the object registered as uuid, if is (when
+// not nil) says it is the one meant: a caller that learnt of an object
+// earlier (its owner process exited) must not release another registration
+// of the same uuid made since. is runs under the object's lock, so no other
+// registration can come between the check and the release. When is refuses
+// it, nothing changes and the error has CodeNotRegistered.
+func (m *Manager) UnregisterIf(ctx context.Context, uuid string, is func(Object) bool) error {
 	ob, err := m.lookup(uuid)
 	if err != nil {
 		return err
 	}
 	defer ob.op.Unlock()
+	if is != nil && !is(ob.obj) {
+		return Errorf(CodeNotRegistered, "object %s is now registered for pid %d; the one meant is gone", ob.obj.UUID, ob.obj.PID)
+	}
 	var held []*use
 	for _, u := range ob.uses {
 		if u.held {

@@ -461,3 +461,33 @@ func TestUnplugForgetsTheResourceEvenIfTheDriverFails(t *testing.T) {
 		t.Fatal("an unplugged resource was acquired again with the others")
 	}
 }
+
+// UnregisterIf releases and forgets the object only if it is the one
+// meant; otherwise it changes nothing.
+func TestUnregisterIfChecksTheObject(t *testing.T) {
+	d := newMemDriver()
+	m := NewManager(d, Options{})
+	register(t, m, uuidA, "web1", DiskResource("/img/a", Exclusive))
+	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	pidIs := func(pid int) func(Object) bool { return func(o Object) bool { return o.PID == pid } }
+	if err := m.UnregisterIf(context.Background(), uuidA, pidIs(101)); !errors.Is(err, ErrNotRegistered) {
+		t.Fatalf("UnregisterIf for another pid = %v, want not registered", err)
+	}
+	if !d.held("disk:/img/a") {
+		t.Fatal("a refused UnregisterIf released the disk")
+	}
+	if _, err := m.Object(uuidA); err != nil {
+		t.Fatalf("a refused UnregisterIf forgot the object: %v", err)
+	}
+	if err := m.UnregisterIf(context.Background(), uuidA, pidIs(100)); err != nil {
+		t.Fatalf("UnregisterIf for its pid: %v", err)
+	}
+	if d.held("disk:/img/a") {
+		t.Fatal("the disk is still held after UnregisterIf")
+	}
+	if _, err := m.Object(uuidA); !errors.Is(err, ErrNotRegistered) {
+		t.Fatalf("after UnregisterIf: %v, want not registered", err)
+	}
+}
