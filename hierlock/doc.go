@@ -47,9 +47,9 @@
 // ahead of it: a new sharer does not barge past a queued exclusive even when
 // only sharers hold the lock, unless its priority puts it at the head.
 // Otherwise it is queued, unless its context's deadline is less than
-// MinTimeout away (or the context is already done): then it fails at once
-// with ErrTimeout without queueing, which is the try-lock (TryAcquire is the
-// same without a context).
+// MinTimeout away (or past): then it fails at once with ErrTimeout without
+// queueing, which is the try-lock (TryAcquire is the same without a
+// context). A context already canceled fails at once with ErrCanceled.
 //
 // Grants are hand-offs: whoever makes the lock available (release,
 // downgrade, a waiter that gives up, a later grant) grants the head entries

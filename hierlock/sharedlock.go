@@ -9,9 +9,10 @@ import (
 )
 
 // MinTimeout is the shortest wait worth queueing for: an acquire whose
-// deadline is closer than this (or already past, or whose context is already
-// canceled) on a busy lock fails at once with ErrTimeout without ever joining
-// the queue, like Ganeti's _LOCK_ACQUIRE_MIN_TIMEOUT. This is the try-lock.
+// deadline is closer than this (or already past) on a busy lock fails at
+// once with ErrTimeout without ever joining the queue, like Ganeti's
+// _LOCK_ACQUIRE_MIN_TIMEOUT. This is the try-lock. (One whose context is
+// already canceled fails at once too, with ErrCanceled.)
 const MinTimeout = time.Millisecond
 
 // SharedLock is a shared/exclusive lock with priorities and fair queueing:
@@ -98,8 +99,9 @@ func (l *SharedLock) invalid(owner Owner, mode Mode) error {
 // It is granted at once only if it fits the current holders and nobody
 // waits ahead of it (no waiter at all, or only waiters of a lower priority,
 // i.e. a greater number). Otherwise, if ctx's deadline is less than
-// MinTimeout away or ctx is already done, it fails at once with ErrTimeout
-// (try-lock). Otherwise it waits until granted, or until ctx is done: a
+// MinTimeout away (or past), it fails at once with ErrTimeout (try-lock),
+// and if ctx is already canceled, at once with ErrCanceled; neither
+// queues. Otherwise it waits until granted, or until ctx is done: a
 // deadline fails only once the lock's clock has reached it (early timer
 // fires and other wake-ups never fail it), with ErrTimeout; a cancellation
 // fails with ErrCanceled. A context without deadline waits forever. If the
