@@ -284,17 +284,28 @@ func TestHungDriverTimesOutAndUndoesLateGrant(t *testing.T) {
 
 // recordingObserver keeps the last holding reported for each object.
 type recordingObserver struct {
-	mu   sync.Mutex
-	last map[string][2]int // leases, read-only uses
+	mu     sync.Mutex
+	counts map[string][2]int // leases, read-only uses
+	tokens map[string]uint64 // the first lease's token, as a record would keep it
 }
 
 func (r *recordingObserver) Changed(o Object, ls []Lease, ro []Resource) {
 	r.mu.Lock()
-	if r.last == nil {
-		r.last = map[string][2]int{}
+	if r.counts == nil {
+		r.counts, r.tokens = map[string][2]int{}, map[string]uint64{}
 	}
-	r.last[o.UUID] = [2]int{len(ls), len(ro)}
+	r.counts[o.UUID] = [2]int{len(ls), len(ro)}
+	if len(ls) > 0 {
+		r.tokens[o.UUID] = ls[0].Token()
+	}
 	r.mu.Unlock()
+}
+
+// last returns the token of uuid's first lease when the observer was last told.
+func (r *recordingObserver) last(uuid string) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.tokens[uuid]
 }
 
 func TestLocksMonitorObserverAndRestore(t *testing.T) {
@@ -316,11 +327,11 @@ func TestLocksMonitorObserverAndRestore(t *testing.T) {
 	if locks[0].Resource.Mode != ReadOnly || locks[0].Holders[0].UUID != uuidA {
 		t.Fatalf("read-only entry = %+v", locks[0])
 	}
-	if got := obs.last[uuidA]; got != [2]int{1, 1} {
+	if got := obs.counts[uuidA]; got != [2]int{1, 1} {
 		t.Fatalf("observer says a holds %v, want 1 lease and 1 read-only use", got)
 	}
-	if err := m.Unregister(ctx, uuidB); err != nil || obs.last[uuidB] != [2]int{0, 0} {
-		t.Fatalf("Unregister: %v, observer says b holds %v", err, obs.last[uuidB])
+	if err := m.Unregister(ctx, uuidB); err != nil || obs.counts[uuidB] != [2]int{0, 0} {
+		t.Fatalf("Unregister: %v, observer says b holds %v", err, obs.counts[uuidB])
 	}
 	// A restarted daemon restores a holder without calling the driver.
 	ls, ro, _ := m.Held(uuidA)

@@ -81,11 +81,15 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 	switch conv, ok := m.driver.(Converter); {
 	case r.Mode == ReadOnly:
 	case old != nil && ok:
-		l := old
+		orig := old
 		// A conversion that completes after ctx is done is converted back,
 		// so that the lease stays in the mode the table records.
-		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, l, r.Mode) },
-			func(l Lease) { _, _ = conv.Convert(context.Background(), l, from) })
+		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, orig, r.Mode) },
+			func(l Lease) {
+				if back, err := conv.Convert(context.Background(), l, from); err == nil {
+					m.settle(ob, u, orig, back)
+				}
+			})
 		old = nil // converted, not to be released
 	default:
 		h := holderOf(ob.obj, r.Mode, time.Time{})
@@ -116,4 +120,26 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, []Lease{old}) }, nil)
 	}
 	return err
+}
+
+// settle records the lease of u after a conversion that completed after its
+// ChangeMode had returned and was converted back: the lease is in the mode
+// the table records, but it may be another Lease value than orig, and an
+// upgrade undone keeps the upgrade's token, which the table and the
+// observer (the daemon's lock-holder records) must show, or a handover
+// state would carry a token already gone. Nothing is done if u no longer
+// holds orig (released meanwhile).
+func (m *Manager) settle(ob *object, u *use, orig, back Lease) {
+	tok := back.Token()
+	ob.op.Lock()
+	defer ob.op.Unlock()
+	m.mu.Lock()
+	same := !ob.gone && u.lease == orig
+	if same {
+		u.lease, u.token = back, tok
+	}
+	m.mu.Unlock()
+	if same {
+		m.notify(ob)
+	}
 }

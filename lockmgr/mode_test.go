@@ -3,6 +3,8 @@ package lockmgr
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -26,6 +28,8 @@ func (d convDriver) Convert(_ context.Context, l Lease, m Mode) (Lease, error) {
 		}
 		d.shared[k]--
 		d.excl[k] = true
+		d.tokens[k]++ // an upgrade is a new grant
+		ml.tok = d.tokens[k]
 	} else {
 		delete(d.excl, k)
 		d.shared[k]++
@@ -94,7 +98,7 @@ func TestChangeModeConvertsInPlace(t *testing.T) {
 	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Shared {
 		t.Fatalf("after a refused upgrade the mode is %v, want shared", mode)
 	}
-	if got := obs.last[uuidA]; got != [2]int{1, 0} {
+	if got := obs.counts[uuidA]; got != [2]int{1, 0} {
 		t.Fatalf("observer says a holds %v, want 1 lease", got)
 	}
 }
@@ -237,7 +241,8 @@ func TestChangeModeTimeoutUndoesALateConversion(t *testing.T) {
 	md := newMemDriver()
 	md.convHang = make(chan struct{})
 	d := convDriver{md}
-	m := NewManager(d, Options{})
+	obs := &recordingObserver{}
+	m := NewManager(d, Options{Observer: obs})
 	register(t, m, uuidA, "a", DiskResource("/img/base", Shared))
 	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
 		t.Fatal(err)
@@ -267,5 +272,24 @@ func TestChangeModeTimeoutUndoesALateConversion(t *testing.T) {
 	ls, _, _ := m.Held(uuidA)
 	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Shared || len(ls) != 1 || ls[0].Resource().Mode != Shared {
 		t.Fatalf("after the timeout the table says %v and the lease %v, want shared", mode, ls)
+	}
+	// The upgrade undone keeps its token, and the state shows that one: a
+	// handover with it is not refused as stale.
+	for {
+		st, err := m.Inquire(uuidA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := md.token("disk:/img/base")
+		if strings.Contains(st, fmt.Sprintf(":%d:", want)) {
+			if obs.last(uuidA) != want {
+				t.Fatalf("the observer was last told of token %d, want %d", obs.last(uuidA), want)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("state after the undone upgrade = %q, want the current token %d", st, want)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
