@@ -476,7 +476,10 @@ func (vm *qemuVM) canon(p string) (string, error) {
 	return r.Name, err
 }
 
-// disksLocked reads QEMU's disks with canonical image paths. Called with
+// disksLocked reads QEMU's disks with canonical image paths. An image
+// whose file QEMU holds open but which no longer has a name (the
+// temporary overlay of -snapshot, which QEMU unlinks at once) has no
+// path: nobody else can open it, and there is nothing to lock. Called with
 // lk held.
 func (vm *qemuVM) disksLocked(ctx context.Context) ([]qemu.Disk, error) {
 	c, err := vm.connectedLocked()
@@ -496,9 +499,38 @@ func (vm *qemuVM) disksLocked(ctx context.Context) ([]qemu.Disk, error) {
 			if img.Path, err = vm.canon(img.Path); err != nil {
 				return nil, err
 			}
+			if vm.unlinked(img.Path) {
+				img.Path = ""
+			}
 		}
 	}
 	return disks, nil
+}
+
+// unlinked reports whether the file QEMU opened as path has no name left:
+// nothing is at path, and QEMU holds a file that was there and whose link
+// count is 0. A file merely renamed (moved elsewhere) is not unlinked: it
+// can still be opened under its new name, and keeps its lock.
+func (vm *qemuVM) unlinked(path string) bool {
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	fds := "/proc/" + strconv.Itoa(vm.pid) + "/fd"
+	ents, err := os.ReadDir(fds)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		fd := filepath.Join(fds, e.Name())
+		if target, err := os.Readlink(fd); err != nil || target != path+" (deleted)" {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat(fd, &st) == nil && st.Nlink == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // wanted is the lock policy: the mode of every image QEMU uses, from its

@@ -294,3 +294,24 @@ func TestJobNeverStartedWhenTheCallerGaveUpPutsTheLocksBack(t *testing.T) {
 	}
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
 }
+
+// An image that is renamed while QEMU uses it can still be opened under its
+// new name: it keeps its lock, although nothing is left at the path QEMU
+// names it by. (Only a file with no name left, like -snapshot's temporary
+// overlay, needs no lock.)
+func TestRenamedImageKeepsItsLock(t *testing.T) {
+	tv := startJobTestVM(t)
+	vm := tv.vm
+	if err := os.Rename(tv.top, tv.top+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.lock(tv.ctx); err != nil {
+		t.Fatal(err)
+	}
+	err := vm.reconcileLocked(tv.ctx)
+	vm.unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+}

@@ -618,3 +618,33 @@ func TestQEMUApiListsChains(t *testing.T) {
 		t.Fatalf("an unknown VM: %v", err)
 	}
 }
+
+// A -snapshot VM reads its images through a temporary overlay: they are
+// backing files, locked shared like any other, so that nobody writes them
+// while the VM reads them. An image another process holds exclusively is
+// refused before QEMU starts, naming the holder.
+func TestQEMUSnapshotImagesAreBackingFiles(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	holder := d.startRun("writer", "--disk", ch.top)
+	argv := append([]string{"run", "--qemu", "--name", "vm1", "--"}, qemuBase...)
+	r := d.vmlock(append(argv, append([]string{"-snapshot"}, driveArg(ch.top)...)...)...)
+	if r.code != int(lockmgr.CodeBusy) || !strings.Contains(r.stderr, `"writer"`) {
+		t.Fatalf("-snapshot VM on an image another process holds exclusively: exit %d, stderr %q; want busy naming the holder", r.code, r.stderr)
+	}
+	holder.Process.Kill()
+	d.waitFree(ch.top, 10*time.Second)
+
+	v := d.startVM("vm1", ch.dir, append([]string{"-snapshot"}, driveArg(ch.top)...)...)
+	modes := d.modes()
+	for _, p := range []string{ch.top, ch.mid, ch.base} {
+		if modes[p] != fmt.Sprintf("shared %d", v.pid()) {
+			t.Fatalf("-snapshot VM: %s is %q, want shared by QEMU; locks %v", p, modes[p], modes)
+		}
+	}
+	if r := d.vmlock("run", "--disk", ch.top, "--", "true"); r.code != int(lockmgr.CodeBusy) {
+		t.Fatalf("exclusive run on the image a -snapshot VM reads: exit %d, want busy", r.code)
+	}
+	v.quit()
+}

@@ -21,12 +21,14 @@ type DriveSpec struct {
 	// or "" if QEMU probes it.
 	Format string
 	// ReadOnly is set for drives QEMU never writes: readonly=on,
-	// read-only=on, media=cdrom, -cdrom, snapshot=on or -snapshot.
+	// read-only=on, media=cdrom, -cdrom.
 	ReadOnly bool
 	// Shared is set when a guest device uses the drive with share-rw=on.
 	Shared bool
-	// Backing is set for a file that a -blockdev opens as another node's
-	// backing image (nested "backing" options).
+	// Backing is set for a file that QEMU opens as a backing image: a
+	// -blockdev's nested "backing" options, or a -drive with snapshot=on
+	// or under -snapshot (QEMU writes to a temporary overlay above it and
+	// reads the file through it).
 	Backing bool
 
 	fromBlockdev bool // -snapshot does not apply
@@ -144,7 +146,7 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 	for i := range drives {
 		d := &drives[i]
 		if snapshot && !d.fromBlockdev {
-			d.ReadOnly = true
+			d.Backing = true
 		}
 		d.Shared = d.ID != "" && shared[d.ID]
 	}
@@ -171,7 +173,8 @@ func parseDrive(val string) (DriveSpec, bool, error) {
 	if d.ID == "" {
 		d.ID = kv["node-name"]
 	}
-	d.ReadOnly = isOn(kv["readonly"]) || isOn(kv["read-only"]) || kv["media"] == "cdrom" || isOn(kv["snapshot"])
+	d.ReadOnly = isOn(kv["readonly"]) || isOn(kv["read-only"]) || kv["media"] == "cdrom"
+	d.Backing = isOn(kv["snapshot"])
 	return d, true, nil
 }
 

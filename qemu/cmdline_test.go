@@ -58,8 +58,17 @@ func TestParseCommandLineSnapshotAndErrors(t *testing.T) {
 	if !cl.Daemonize || cl.Paused {
 		t.Fatalf("daemonize %v paused %v", cl.Daemonize, cl.Paused)
 	}
-	if len(cl.Drives) != 2 || !cl.Drives[0].ReadOnly || cl.Drives[1].ReadOnly {
-		t.Fatalf("-snapshot makes -drive read-only, not -blockdev: %+v", cl.Drives)
+	// Under -snapshot QEMU reads a -drive's image through a temporary
+	// overlay: the image is a backing file. A -blockdev is not affected.
+	if len(cl.Drives) != 2 || !cl.Drives[0].Backing || cl.Drives[0].ReadOnly || cl.Drives[1].Backing {
+		t.Fatalf("-snapshot makes -drive a backing file, not -blockdev: %+v", cl.Drives)
+	}
+	cl, err = ParseCommandLine([]string{"-drive", "file=/a.qcow2,snapshot=on", "-drive", "file=/b.qcow2,snapshot=on,readonly=on"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cl.Drives) != 2 || !cl.Drives[0].Backing || cl.Drives[0].ReadOnly || !cl.Drives[1].ReadOnly {
+		t.Fatalf("snapshot=on: %+v", cl.Drives)
 	}
 	if _, err := ParseCommandLine([]string{"-drive"}); err == nil {
 		t.Fatal("an option without its argument was accepted")
