@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"fmt"
+	"io"
 	"sync"
 
 	"github.com/vmlock/vmlock/api/vmlockpb"
@@ -13,11 +14,15 @@ import (
 // held until it is released, the session is closed, or the process dies.
 // Calls are served one at a time.
 type HierSession struct {
-	mu     sync.Mutex
+	mu     sync.Mutex // held for a whole call
 	stream vmlockpb.HierLock_SessionClient
 	cancel context.CancelFunc
 	id     uint64
 	owner  string
+
+	replies chan *vmlockpb.SessionReply // from the reader, one per request
+	done    chan struct{}               // closed by the reader when the session ends
+	err     error                       // why it ended; set before done is closed
 }
 
 // HierSession opens a session. Its lifetime is independent of ctx's
@@ -29,7 +34,47 @@ func (c *Client) HierSession(ctx context.Context) (*HierSession, error) {
 		cancel()
 		return nil, FromStatus(err)
 	}
-	return &HierSession{stream: st, cancel: cancel}, nil
+	s := &HierSession{stream: st, cancel: cancel, replies: make(chan *vmlockpb.SessionReply, 1), done: make(chan struct{})}
+	go s.read()
+	return s, nil
+}
+
+// read receives the replies until the session ends, whoever ends it: so
+// that Done tells of a daemon that went away even between calls.
+func (s *HierSession) read() {
+	for {
+		rep, err := s.stream.Recv()
+		if err != nil {
+			if err == io.EOF {
+				err = &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "vmlockd ended the hierarchical lock session (it stopped or reloaded): its locks are released"}
+			} else {
+				err = FromStatus(err)
+			}
+			s.err = err
+			close(s.done)
+			return
+		}
+		select {
+		case s.replies <- rep:
+		case <-s.done: // not reached: only read closes done
+		}
+	}
+}
+
+// Done returns a channel that is closed when the session has ended: by
+// Close, or by the daemon (stopped, reloaded, crashed), or with the
+// connection. Its locks are then released: a holder that sees Done closed
+// before it released them no longer holds them. Err says why.
+func (s *HierSession) Done() <-chan struct{} { return s.done }
+
+// Err returns why the session ended, once Done is closed; nil before.
+func (s *HierSession) Err() error {
+	select {
+	case <-s.done:
+		return s.err
+	default:
+		return nil
+	}
 }
 
 // Owner is the session's owner token as the monitor shows it, known after
@@ -49,35 +94,29 @@ func (s *HierSession) call(ctx context.Context, req *vmlockpb.SessionRequest) (*
 	s.id++
 	req.Id = s.id
 	if err := s.stream.Send(req); err != nil {
+		if err == io.EOF { // the stream ended: its status is what Recv got
+			<-s.done
+			return nil, s.err
+		}
 		return nil, FromStatus(err)
 	}
-	type result struct {
-		rep *vmlockpb.SessionReply
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		rep, err := s.stream.Recv()
-		ch <- result{rep, err}
-	}()
-	var r result
+	var rep *vmlockpb.SessionReply
 	select {
-	case r = <-ch:
+	case rep = <-s.replies:
+	case <-s.done:
+		return nil, s.err
 	case <-ctx.Done():
 		s.cancel()
 		return nil, &lockmgr.Error{Code: lockmgr.CodeTimeout, Msg: "hierarchical lock request abandoned; the session is closed", Err: ctx.Err()}
 	}
-	if r.err != nil {
-		return nil, FromStatus(r.err)
+	if rep.Id != req.Id {
+		return nil, fmt.Errorf("vmlockd answered request %d with the reply to %d", req.Id, rep.Id)
 	}
-	if r.rep.Id != req.Id {
-		return nil, fmt.Errorf("vmlockd answered request %d with the reply to %d", req.Id, r.rep.Id)
+	s.owner = rep.Owner
+	if rep.Code != 0 {
+		return rep, &lockmgr.Error{Code: lockmgr.Code(rep.Code), Msg: rep.Error}
 	}
-	s.owner = r.rep.Owner
-	if r.rep.Code != 0 {
-		return r.rep, &lockmgr.Error{Code: lockmgr.Code(r.rep.Code), Msg: r.rep.Error}
-	}
-	return r.rep, nil
+	return rep, nil
 }
 
 // Acquire takes locks at one or more levels (see vmlockpb.HierAcquire) and
@@ -99,9 +138,10 @@ func (s *HierSession) Release(ctx context.Context, level string, names ...string
 
 // Close ends the session; the daemon releases everything it holds.
 func (s *HierSession) Close() error {
-	err := s.stream.CloseSend()
+	// Not CloseSend: it may not run beside a call's Send. Cancelling the
+	// stream ends it for both sides.
 	s.cancel()
-	return err
+	return nil
 }
 
 // HierMonitor returns the daemon's hierarchical locks.

@@ -72,6 +72,15 @@ func serveInProcess(tb testing.TB, cfgs ...Config) (d *Daemon, socket string, st
 	var once sync.Once
 	stop = func() { once.Do(func() { cancel(); <-done }) }
 	tb.Cleanup(stop)
+	// Serving, so that a test may call the daemon's methods directly.
+	c, err := api.Dial(ctx, cfg.Socket)
+	if err == nil {
+		_, err = c.Status(ctx)
+		c.Close()
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
 	return d, cfg.Socket, stop
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -194,16 +195,21 @@ func TestHoldTimeoutEdges(t *testing.T) {
 // Killing vmlock hold, even with SIGKILL, kills its command with it: the
 // session's locks are released at once, and the command must not go on
 // running without them while the next holder runs.
-func TestHoldKilledTakesItsCommandWithIt(t *testing.T) {
-	d := startDaemon(t)
+// holdWithPid starts `vmlock hold instance/web1 -- sleep` with its stderr in
+// errOut, and returns it with the pid of its command, once the monitor
+// shows it holding the lock.
+func (d *daemon) holdWithPid(errOut io.Writer) (hold *exec.Cmd, pid int) {
+	t := d.t
+	t.Helper()
 	pidFile := filepath.Join(d.dir, "command.pid")
-	hold := exec.Command(bins.vmlock, "--socket", d.socket, "hold", "instance/web1", "--",
+	os.Remove(pidFile)
+	hold = exec.Command(bins.vmlock, "--socket", d.socket, "hold", "instance/web1", "--",
 		"sh", "-c", "echo $$ > "+pidFile+".tmp && mv "+pidFile+".tmp "+pidFile+" && exec sleep 300")
+	hold.Stderr = errOut
 	if err := hold.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { hold.Process.Kill(); hold.Wait() })
-	var pid int
 	for deadline := time.Now().Add(10 * time.Second); pid == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the command never started")
@@ -213,15 +219,52 @@ func TestHoldKilledTakesItsCommandWithIt(t *testing.T) {
 	}
 	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
 	d.waitHier(func(m map[string]hierRow) bool { return len(m["instance/web1"].Owners) > 0 }, "the holder of instance/web1")
+	return hold, pid
+}
 
+// waitGone waits for pid to exit.
+func waitGone(t *testing.T, pid int, why string) {
+	t.Helper()
+	for deadline := time.Now().Add(15 * time.Second); alive(pid); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the command (pid %d) still runs %s", pid, why)
+		}
+	}
+}
+
+func TestHoldKilledTakesItsCommandWithIt(t *testing.T) {
+	d := startDaemon(t)
+	hold, pid := d.holdWithPid(nil)
 	hold.Process.Kill()
 	hold.Wait()
 	d.waitHier(func(m map[string]hierRow) bool { return len(m["instance/web1"].Owners) == 0 }, "instance/web1 free")
-	for deadline := time.Now().Add(10 * time.Second); alive(pid); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the command (pid %d) still runs after its holder was killed, without the locks it was run under", pid)
-		}
+	waitGone(t, pid, "after its holder was killed, without the locks it was run under")
+}
+
+// Hierarchical locks live in vmlockd's memory: a reload releases them. The
+// command run under them must not go on as if it held them: hold stops it
+// and says why, with the not-held status.
+func TestHoldStopsItsCommandWhenVmlockdReleasesTheLocks(t *testing.T) {
+	d := startDaemon(t)
+	var stderr bytes.Buffer
+	hold, pid := d.holdWithPid(&stderr)
+	if r := d.vmlock("daemon", "reload"); r.code != 0 {
+		t.Fatalf("reload: %+v", r)
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- hold.Wait() }()
+	var err error
+	select {
+	case err = <-exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("hold and its command still run after the reload released their locks")
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != int(lockmgr.CodeNotHeld) {
+		t.Fatalf("hold after the reload: %v, want exit status %d (not held); stderr %q", err, lockmgr.CodeNotHeld, stderr.String())
+	}
+	mustContain(t, "hold's stderr", stderr.String(), "session", "stopping sh")
+	waitGone(t, pid, "after the reload released its locks")
 }
 
 // alive reports whether pid is a process that has not exited.

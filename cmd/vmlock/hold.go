@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockmgr"
 )
 
 func newHoldCmd(g *globals) *cobra.Command {
@@ -30,7 +31,10 @@ shared), runs COMMAND, and releases them when COMMAND exits. It exits with
 COMMAND's status. --timeout 0 waits as long as it takes; a timeout under a
 millisecond fails at once if the locks are busy (a try-lock). The locks are
 the session's: if hold itself is killed, even by SIGKILL, COMMAND is killed
-(SIGKILL) with it, and vmlockd releases the locks at once.`,
+(SIGKILL) with it, and vmlockd releases the locks at once. If vmlockd ends
+the session while COMMAND runs (it stopped, reloaded or crashed: the
+locks live in its memory and are released), hold says so, sends COMMAND
+SIGTERM (SIGKILL 5 s later) and exits with status 9 (not held).`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dash := cmd.ArgsLenAtDash()
@@ -83,7 +87,25 @@ the session's: if hold itself is killed, even by SIGKILL, COMMAND is killed
 					child.Process.Signal(s)
 				}
 			}()
-			err = child.Wait()
+			exited := make(chan error, 1)
+			go func() { exited <- child.Wait() }()
+			select {
+			case err = <-exited:
+			case <-sess.Done():
+				// The daemon ended the session (stopped, reloaded, crashed):
+				// the locks are released, and COMMAND may not go on as if
+				// it held them.
+				signal.Stop(sigs)
+				fmt.Fprintf(cmd.ErrOrStderr(), "vmlock hold: %v; stopping %s (SIGTERM, SIGKILL after %v)\n", sess.Err(), command[0], holdLostGrace)
+				child.Process.Signal(syscall.SIGTERM)
+				select {
+				case <-exited:
+				case <-time.After(holdLostGrace):
+					child.Process.Kill()
+					<-exited
+				}
+				return exitError{int(lockmgr.CodeNotHeld)}
+			}
 			signal.Stop(sigs)
 			var ee *exec.ExitError
 			switch {
@@ -102,6 +124,10 @@ the session's: if hold itself is killed, even by SIGKILL, COMMAND is killed
 	c.Flags().IntVar(&priority, "priority", 0, "request priority: lower is served first")
 	return c
 }
+
+// holdLostGrace is how long COMMAND has to exit on SIGTERM once its locks
+// are lost, before SIGKILL.
+const holdLostGrace = 5 * time.Second
 
 // holdTimeoutMs turns --timeout into the request's milliseconds: 0 waits,
 // a positive timeout is rounded up (so that one under a millisecond is the
