@@ -235,7 +235,10 @@ func newLocksCmd(g *globals) *cobra.Command {
 			slices.SortStableFunc(locks, less)
 			hier, err := c.HierMonitor(ctx)
 			if err != nil {
-				return err
+				// The resource locks are the monitor's point: show them
+				// even if the daemon cannot list its hierarchical locks.
+				fmt.Fprintln(cmd.ErrOrStderr(), "vmlock: hierarchical locks not shown:", err)
+				hier = &vmlockpb.HierMonitorReply{}
 			}
 			jobs := blockJobsOf(ctx, c)
 			if asJSON {
