@@ -54,10 +54,9 @@ func (s *HierSession) read() {
 			close(s.done)
 			return
 		}
-		select {
-		case s.replies <- rep:
-		case <-s.done: // not reached: only read closes done
-		}
+		// One request is in flight at a time and its call takes the
+		// reply, or cancels the stream: the buffer of one is enough.
+		s.replies <- rep
 	}
 }
 

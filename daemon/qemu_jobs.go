@@ -240,9 +240,7 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 			delete(vm.jobs, rec.Disk)
 		}
 		vm.dropJobRecordLocked(rec.ID)
-		cctx, cancel := vm.cleanupContext()
-		defer cancel()
-		if rerr := vm.reconcileLocked(cctx); rerr != nil {
+		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
 			vm.s.log.Error("putting the locks back after QEMU refused a job", "uuid", vm.uuid, "err", rerr)
 		}
 		if qe != nil {
@@ -262,6 +260,13 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 // is that the caller's context ended.
 func (vm *qemuVM) cleanupContext() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(vm.s.ctx, 10*time.Second)
+}
+
+// reconcileDetachedLocked is reconcileLocked on a cleanupContext.
+func (vm *qemuVM) reconcileDetachedLocked() error {
+	ctx, cancel := vm.cleanupContext()
+	defer cancel()
+	return vm.reconcileLocked(ctx)
 }
 
 func (vm *qemuVM) dropJobRecordLocked(id string) {
@@ -321,9 +326,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		node["backing"] = nil // a full copy stands alone
 	}
 	if err := qemu.BlockdevAdd(ctx, vm.c, node); err != nil {
-		cctx, cancel := vm.cleanupContext()
-		defer cancel()
-		if rerr := vm.reconcileLocked(cctx); rerr != nil {
+		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
 			vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
 		}
 		if !slices.Contains(vm.rec.Managed, dest.Name) { // QEMU did not open it

@@ -291,9 +291,7 @@ func (vm *qemuVM) attachDisk(ctx context.Context, req *vmlockpb.QEMUAttachDiskRe
 	}
 	// Locks first: QEMU must not open an image that is not locked.
 	if err := vm.applyLocked(ctx, want); err != nil {
-		cctx, cancel := vm.cleanupContext()
-		defer cancel()
-		if rerr := vm.reconcileLocked(cctx); rerr != nil {
+		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
 			vm.s.log.Error("putting the locks back after a failed attach", "uuid", vm.uuid, "err", rerr)
 		}
 		return nil, err
@@ -306,9 +304,7 @@ func (vm *qemuVM) attachDisk(ctx context.Context, req *vmlockpb.QEMUAttachDiskRe
 		"file": map[string]any{"driver": "file", "filename": req.Path, "read-only": req.ReadOnly}}
 	aerr := qemu.BlockdevAdd(ctx, c, opts)
 	// Whatever QEMU did, the locks become what it uses.
-	cctx, cancel := vm.cleanupContext()
-	defer cancel()
-	if err := vm.reconcileLocked(cctx); err != nil {
+	if err := vm.reconcileDetachedLocked(); err != nil {
 		return nil, err
 	}
 	if aerr != nil {
@@ -333,9 +329,7 @@ func (vm *qemuVM) detachDisk(ctx context.Context, name string) (*vmlockpb.QEMUDi
 	if err := qemu.BlockdevDel(ctx, vm.c, d.Node); err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: fmt.Sprintf("QEMU cannot remove disk %s (only nodes added by vmlock disk attach or -blockdev can be, once no device uses them)", d.Name), Err: err}
 	}
-	cctx, cancel := vm.cleanupContext()
-	defer cancel()
-	if err := vm.reconcileLocked(cctx); err != nil {
+	if err := vm.reconcileDetachedLocked(); err != nil {
 		return nil, err
 	}
 	vm.s.log.Info("disk detached", "uuid", vm.uuid, "name", vm.name, "disk", d.Name)

@@ -233,7 +233,7 @@ func (d *Daemon) mayAct(c caller, uuid string) error {
 		// so only root may touch it. An object not in the table is left to
 		// the call to report as not registered.
 		if _, err := d.mgr.Object(uuid); err == nil {
-			return lockmgr.Errorf(lockmgr.CodePermission, "object %s is being registered by another call; uid %d may not change it", uuid, c.uid)
+			return lockmgr.Errorf(lockmgr.CodePermission, "object %s is being registered by another call, whose uid is not known yet: uid %d may not change it; retry once that call has returned", uuid, c.uid)
 		}
 		return nil
 	}

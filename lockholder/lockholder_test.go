@@ -245,16 +245,10 @@ func TestOpenOutlivesAHolderThatIsLeaving(t *testing.T) {
 			unix.Close(cfd)
 		}
 	}()
-	var stops []func()
-	defer func() {
-		for _, stop := range stops {
-			stop()
-		}
-	}()
 	starts := 0
 	start := func() error {
 		starts++
-		stops = append(stops, serve(t, dir))
+		t.Cleanup(serve(t, dir))
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -289,16 +283,10 @@ func TestOpenReturnsAFailedStart(t *testing.T) {
 // exiting, and Serve refused to run) is followed by another start.
 func TestConnectStartsAgainIfNobodyListens(t *testing.T) {
 	dir := t.TempDir()
-	var stops []func()
-	defer func() {
-		for _, stop := range stops {
-			stop()
-		}
-	}()
 	starts := 0
 	start := func() error {
 		if starts++; starts > 1 { // the first start's holder gave up at once
-			stops = append(stops, serve(t, dir))
+			t.Cleanup(serve(t, dir))
 		}
 		return nil
 	}

@@ -408,6 +408,9 @@ func (d *Driver) commitExpectingSharers(ls []lease, reqs []lockmgr.Request, now 
 			idx = append(idx, i)
 		}
 	}
+	if len(idx) == 0 {
+		return nil
+	}
 	slices.SortFunc(idx, func(a, b int) int { return strings.Compare(reqs[a].Resource.Key(), reqs[b].Resource.Key()) })
 	locked := 0
 	defer func() {
