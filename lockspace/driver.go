@@ -489,7 +489,7 @@ func (d *Driver) lockDirect(l *lease, t *target) error {
 	if err != nil {
 		return err
 	}
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	fd, err := openImage(path)
 	if err != nil {
 		d.put(tf)
 		return imageError(r, path, err)
@@ -503,6 +503,19 @@ func (d *Driver) lockDirect(l *lease, t *target) error {
 	return nil
 }
 
+// openImage opens a direct lease's image, a canonical path, without
+// following symlinks: if one was swapped in since the path was resolved,
+// the path no longer names the file that was keyed (or that vmlockd checked
+// a client may use), and the open fails with ELOOP instead of reaching
+// another file. Kernels before 5.6 lack openat2 and follow symlinks.
+func openImage(path string) (int, error) {
+	fd, err := unix.Openat2(unix.AT_FDCWD, path, &unix.OpenHow{Flags: unix.O_RDWR | unix.O_CLOEXEC, Resolve: unix.RESOLVE_NO_SYMLINKS})
+	if err == unix.ENOSYS {
+		return unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	}
+	return fd, err
+}
+
 // imageError maps a failure to open a direct lease's image.
 func imageError(r lockmgr.Resource, path string, err error) error {
 	switch errno(err) {
@@ -511,6 +524,9 @@ func imageError(r lockmgr.Resource, path string, err error) error {
 			Msg: "the disk image does not exist (a direct lease locks the image file itself: create it first, or configure indirect disk leases)", Err: err}
 	case unix.EISDIR:
 		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "the disk path is a directory", Err: err}
+	case unix.ELOOP:
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+			Msg: "the disk path has a symbolic link in it (it changed since it was resolved, or was never resolved: see lockmgr.Canonical)", Err: err}
 	}
 	return fsError(r, "open", path, err)
 }

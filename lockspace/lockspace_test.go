@@ -230,6 +230,51 @@ func TestSymlinkIsOneLock(t *testing.T) {
 	}
 }
 
+// A direct lease opens the path it was given without following symlinks:
+// if a directory of a canonical path was swapped for a symlink since it was
+// resolved, the path no longer names the file that was keyed (or checked),
+// and the acquire fails instead of locking whatever the symlink points to.
+func TestDirectLeaseRefusesASymlinkSwappedIn(t *testing.T) {
+	e := newEnv(t, false)
+	d := e.driver(t)
+	dir := filepath.Join(e.root, "images", "vm1")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	keyed := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(keyed, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := lockmgr.Canonical(lockmgr.DiskResource(keyed, lockmgr.Exclusive))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Now the directory becomes a symlink to another one, with a disk.img
+	// of its own.
+	elsewhere := filepath.Join(e.root, "elsewhere")
+	if err := os.Mkdir(elsewhere, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(elsewhere, "disk.img")
+	if err := os.WriteFile(victim, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(dir, dir+".old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(elsewhere, dir); err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+	wantCode(t, err, lockmgr.CodeInvalidArgument)
+	if !errors.Is(err, unix.ELOOP) || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("acquire through a swapped-in symlink: %v, want an error saying the path has a symbolic link", err)
+	}
+	if got := probe(t, victim); got != "free" {
+		t.Fatalf("the symlink's target is %s after the refused acquire, want free", got)
+	}
+}
+
 // raceDuration is how long TestLeaseFileRace hammers one lease file.
 const raceDuration = 10 * time.Second
 
