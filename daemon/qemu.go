@@ -12,7 +12,8 @@ package daemon
 // process (SO_PEERCRED), reads QEMU's block graph, fixes the locks up to
 // exactly what QEMU uses (reconcile), and only then continues the guest.
 // If an image QEMU opened cannot be locked, the guest is never started:
-// QEMU is told to quit.
+// QEMU is killed, and the reason (the image, who holds it) is written on
+// its stderr.
 //
 // Lock modes follow the graph: a disk's active image exclusive (shared
 // for a share-rw device), every backing image shared, every image of a
@@ -385,8 +386,8 @@ func (vm *qemuVM) dialOnce() (*qmp.Client, error) {
 
 // attach takes a new connection into use: it re-attaches to the recorded
 // jobs, reconciles the locks with QEMU's graph and, the first time,
-// continues the guest that vmlock paused, or makes QEMU quit if its
-// images cannot all be locked.
+// continues the guest that vmlock paused, or kills QEMU (see refuse) if
+// its images cannot all be locked.
 func (vm *qemuVM) attach(c *qmp.Client) error {
 	ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
 	defer cancel()
@@ -422,9 +423,10 @@ func (vm *qemuVM) attach(c *qmp.Client) error {
 	err := vm.reconcileLocked(ctx)
 	if err != nil && !vm.rec.Verified {
 		// The guest never ran: it must not run with an image unlocked.
-		vm.s.log.Error("QEMU opened an image that cannot be locked; making it quit before the guest starts", "uuid", vm.uuid, "name", vm.name, "err", err)
-		_ = c.Execute(ctx, "quit", nil, nil)
-		return fmt.Errorf("QEMU was stopped before its guest started: %w", err)
+		err = fmt.Errorf("QEMU was stopped before its guest started: %w", err)
+		vm.s.log.Error("QEMU opened an image that cannot be locked; killing it before the guest starts", "uuid", vm.uuid, "name", vm.name, "err", err)
+		vm.refuse(err)
+		return err
 	}
 	if err != nil {
 		return err
@@ -441,6 +443,56 @@ func (vm *qemuVM) attach(c *qmp.Client) error {
 		vm.saveLocked()
 	}
 	return nil
+}
+
+// refuse ends a QEMU whose guest must not run, saying why on QEMU's
+// stderr. QEMU's quit would exit 0, and vmlock, which QEMU replaced, can
+// no longer speak: so vmlockd writes the reason on the stderr QEMU
+// inherited from vmlock (through a duplicate of QEMU's own descriptor, so
+// it writes nowhere QEMU could not) and kills QEMU, whose process then
+// fails (killed by SIGKILL). The guest never ran, so nothing is lost.
+func (vm *qemuVM) refuse(reason error) {
+	d := vm.s.d
+	d.mu.Lock()
+	o := d.owners[vm.uuid]
+	d.mu.Unlock()
+	if o == nil || o.obj.PID != vm.pid {
+		return // gone already
+	}
+	if err := writeStderrOf(o.proc, "vmlock: "+reason.Error()+"\n"); err != nil {
+		vm.s.log.Warn("cannot tell QEMU's user why it is stopped (see this log)", "uuid", vm.uuid, "err", err)
+	}
+	if err := o.proc.signal(unix.SIGKILL); err != nil {
+		vm.s.log.Error("cannot kill QEMU", "uuid", vm.uuid, "pid", vm.pid, "err", err)
+	}
+}
+
+// writeStderrOf writes msg (truncated to one atomic pipe write) on p's
+// stderr, waiting at most a second for room: a reader that does not read
+// must not hold up the daemon.
+func writeStderrOf(p *process, msg string) error {
+	rc, err := p.file.SyscallConn()
+	if err != nil {
+		return err
+	}
+	fd := -1
+	if cerr := rc.Control(func(pidfd uintptr) { fd, err = unix.PidfdGetfd(int(pidfd), 2, 0) }); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return fmt.Errorf("pidfd_getfd: %w", err)
+	}
+	defer unix.Close(fd)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	if n, err := unix.Poll(fds, 1000); err != nil || n == 0 {
+		return cmp.Or(err, errors.New("stderr not writable"))
+	}
+	const pipeBuf = 4096 // PIPE_BUF: a pipe with room takes this much at once
+	if len(msg) > pipeBuf {
+		msg = msg[:pipeBuf-1] + "\n"
+	}
+	_, err = unix.Write(fd, []byte(msg))
+	return err
 }
 
 // waitAttached waits until the VM's first connection was made and

@@ -648,3 +648,48 @@ func TestQEMUSnapshotImagesAreBackingFiles(t *testing.T) {
 	}
 	v.quit()
 }
+
+// runQEMUToEnd runs QEMU under `vmlock run --qemu` to its end and returns
+// how it ended (a signal's death included) and its stderr.
+func (d *daemon) runQEMUToEnd(name string, args ...string) (*os.ProcessState, string) {
+	d.t.Helper()
+	argv := append([]string{"--socket", d.socket, "run", "--qemu", "--name", name, "--"}, qemuBase...)
+	cmd := exec.Command(bins.vmlock, append(argv, args...)...)
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-qctx(d.t).Done():
+		cmd.Process.Kill()
+		<-done
+		d.t.Fatalf("QEMU under vmlock run --qemu did not end; stderr: %s", errb.String())
+	}
+	return cmd.ProcessState, errb.String()
+}
+
+// An image QEMU opens that vmlock could not see on the command line (a
+// json: filename) and that another process holds: QEMU is stopped before
+// its guest runs, its process fails, and its stderr names the image and
+// who holds it.
+func TestQEMUWhoseImageCannotBeLockedFailsNamingTheHolder(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	holder := d.startRun("writer", "--disk", ch.base)
+	// QEMU's -drive syntax doubles the commas inside a value.
+	opts := strings.ReplaceAll(fmt.Sprintf(`{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":%q}}`, ch.base), ",", ",,")
+	st, stderr := d.runQEMUToEnd("vm1", "-drive", "if=none,id=drive0,file=json:"+opts)
+	if st.Success() {
+		t.Fatalf("QEMU with an image another process holds ended successfully; stderr %q", stderr)
+	}
+	mustContain(t, "QEMU's stderr", stderr, ch.base, "locked exclusively", `vm "writer"`, fmt.Sprintf("pid %d", holder.Process.Pid))
+	// The holder keeps its lock; the VM holds nothing.
+	if got, want := d.modes(), map[string]string{ch.base: fmt.Sprintf("exclusive %d", holder.Process.Pid)}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("locks after the refused VM: %v, want %v", got, want)
+	}
+}
