@@ -285,8 +285,9 @@ func heldAs(leases []lockmgr.Lease, r lockmgr.Resource) (lockmgr.Resource, bool)
 // resource is busy, naming the holder, even for the same owner.
 //
 // libvirt's common case, an exclusive disk without AUTOCREATE, keeps no
-// record in the server, and its path is resolved (symlinks) only by the
-// Manager: the server locks it by its cleaned path.
+// grant record in the server, and its path is resolved (symlinks) only by
+// the Manager: the server locks it by its cleaned path, and records the
+// path only if it named another disk path (see Server.spelled).
 func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name string, flags uint32) *RemoteError {
 	mode := lockmgr.Exclusive
 	if flags&AcquireShared != 0 {
@@ -297,6 +298,7 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 	if rerr != nil {
 		return rerr
 	}
+	sent := r.Name
 	record := ls.path != "" || mode == lockmgr.Shared || autocreate
 	if record {
 		if r, rerr = canonical(r); rerr != nil {
@@ -320,7 +322,7 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 		return remoteError(err)
 	}
 	if h, ok := heldAs(leases, r); ok {
-		return s.acquireHeld(o, r, h)
+		return s.acquireHeld(o, sent, r, h)
 	}
 
 	created, rerr := openResource(ls, file, autocreate)
@@ -337,12 +339,19 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 			// The owner may hold this disk under another spelling.
 			if cr, rerr := canonical(r); rerr == nil {
 				if h, ok := heldAs(leases, cr); ok {
-					return s.acquireHeld(o, cr, h)
+					return s.acquireHeld(o, sent, cr, h)
 				}
 			}
 		}
 		s.dropIfEmpty(ctx, o)
 		return remoteError(err)
+	}
+	if r.Type == lockmgr.TypeDisk {
+		granted := r
+		if !record { // the Manager resolved the path itself
+			granted = s.granted(o.UUID, r, leases)
+		}
+		s.spell(o.UUID, sent, granted)
 	}
 	if !record {
 		return nil
@@ -422,13 +431,17 @@ func seededGrant(current map[string]bool, except string) *grant {
 	return g
 }
 
-// acquireHeld answers an ACQUIRE of r by an owner that holds it already
-// (as h): shared on shared counts once more, anything else is busy, naming
-// the owner itself. Called with the owner's lock held.
-func (s *Server) acquireHeld(o lockmgr.Object, r, h lockmgr.Resource) *RemoteError {
+// acquireHeld answers an ACQUIRE of r (sent as the name sent) by an owner
+// that holds it already (as h): shared on shared counts once more,
+// anything else is busy, naming the owner itself. Called with the owner's
+// lock held.
+func (s *Server) acquireHeld(o lockmgr.Object, sent string, r, h lockmgr.Resource) *RemoteError {
 	if h.Mode != lockmgr.Shared || r.Mode != lockmgr.Shared {
 		return remoteError(&lockmgr.BusyError{Resource: h, Holder: lockmgr.Holder{
 			Name: o.Name, UUID: o.UUID, PID: o.PID, Host: o.Host, Mode: h.Mode}})
+	}
+	if h.Type == lockmgr.TypeDisk {
+		s.spell(o.UUID, sent, h)
 	}
 	current := s.currentHolders(h.Key())
 	s.mu.Lock()
@@ -443,6 +456,62 @@ func (s *Server) acquireHeld(o lockmgr.Object, r, h lockmgr.Resource) *RemoteErr
 	}
 	g.holders[o.UUID]++
 	return nil
+}
+
+// granted returns the disk that the Manager granted the object uuid for r,
+// whose path it resolved itself: r if that is its canonical path, else the
+// one lease the object holds now and did not hold before (leases). Called
+// with the owner's lock held, right after the grant.
+func (s *Server) granted(uuid string, r lockmgr.Resource, before []lockmgr.Lease) lockmgr.Resource {
+	after, _, err := s.mgr.Held(uuid)
+	if err != nil {
+		return r
+	}
+	if h, ok := heldAs(after, r); ok {
+		return h
+	}
+	for _, l := range after {
+		if _, ok := heldAs(before, l.Resource()); !ok {
+			return l.Resource()
+		}
+	}
+	return r
+}
+
+// spell records that the object uuid was granted the disk d for the path
+// sent, if that is not d's own path (see Server.spelled).
+func (s *Server) spell(uuid, sent string, d lockmgr.Resource) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.spelled[uuid]
+	if d.Name == sent {
+		delete(m, sent) // the path names itself now
+		if len(m) == 0 {
+			delete(s.spelled, uuid)
+		}
+		return
+	}
+	if m == nil {
+		m = make(map[string]lockmgr.Resource)
+		s.spelled[uuid] = m
+	}
+	m[sent] = d
+}
+
+// unspell forgets the paths by which the object uuid acquired the
+// resource key; every path of it if key is "".
+func (s *Server) unspell(uuid, key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.spelled[uuid]
+	for p, d := range m {
+		if key == "" || d.Key() == key {
+			delete(m, p)
+		}
+	}
+	if len(m) == 0 {
+		delete(s.spelled, uuid)
+	}
 }
 
 // openFile opens a resource's file; in a lockspace directory it never
@@ -507,6 +576,7 @@ func (s *Server) forget(ctx context.Context, o lockmgr.Object, leases []lockmgr.
 		s.dropGrant(key, o.UUID)
 		unlock()
 	}
+	s.unspell(o.UUID, "")
 	if err != nil {
 		return remoteError(err)
 	}
@@ -585,7 +655,16 @@ func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name strin
 	found := false
 	if cur, err := s.mgr.Object(o.UUID); err == nil && cur.PID == o.PID {
 		leases, _, _ := s.mgr.Held(o.UUID)
-		if held, found = heldAs(leases, r); !found && r.Type == lockmgr.TypeDisk {
+		s.mu.Lock()
+		d, spelled := s.spelled[o.UUID][r.Name]
+		s.mu.Unlock()
+		if spelled { // what this path named when it was acquired
+			held, found = heldAs(leases, d)
+		}
+		if !found {
+			held, found = heldAs(leases, r)
+		}
+		if !found && r.Type == lockmgr.TypeDisk {
 			if cr, rerr := canonical(r); rerr == nil { // held under another spelling?
 				held, found = heldAs(leases, cr)
 			}
@@ -611,7 +690,9 @@ func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name strin
 		return nil
 	}
 	s.mu.Unlock()
-	if _, err := s.mgr.Release(ctx, o.UUID, &held); err != nil {
+	_, err := s.mgr.Release(ctx, o.UUID, &held)
+	s.unspell(o.UUID, key) // released, even if the driver failed (see lockmgr.Manager.Release)
+	if err != nil {
 		return remoteError(err)
 	}
 	s.dropGrant(key, o.UUID)
@@ -769,6 +850,7 @@ func (s *Server) dropGrantsOfGone(uuid string, err error) {
 	if !errors.Is(err, lockmgr.ErrNotRegistered) {
 		return
 	}
+	s.unspell(uuid, "")
 	var keys []string
 	s.mu.Lock()
 	for key, g := range s.grants {

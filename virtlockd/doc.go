@@ -60,7 +60,9 @@
 // An owner is a lockmgr.Object: its uuid, name, id and pid, URI ObjectURI.
 // The default lockspace ("") names disk images by absolute path; each is the
 // disk resource of that path (symlinks resolved, so two spellings are one
-// lock). A lockspace directory D (CREATE_LOCKSPACE, e.g. qemu-lockd.conf's
+// lock). RELEASE of a path releases the disk that the path named at the
+// owner's ACQUIRE, as virtlockd (which keeps the path string) does, even if
+// a symlink in it has been retargeted since. A lockspace directory D (CREATE_LOCKSPACE, e.g. qemu-lockd.conf's
 // file_lockspace_dir, whose names are the SHA-256 of disk paths) holds
 // leases: name N is the lease LockspaceName(D)/N, and D/N is its file.
 // Busy errors keep libvirt's code 87 and domain 51 and carry the

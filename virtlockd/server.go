@@ -114,6 +114,12 @@ type Server struct {
 
 	mu     sync.Mutex
 	grants map[string]*grant // by resource key: resources granted through this server
+	// spelled keeps, by object uuid, the disk paths of the default
+	// lockspace that the owner acquired by a name other than the disk's
+	// canonical path (a symlink), with the disk granted: libvirt releases
+	// by the path it acquired by, and the link may have been retargeted
+	// since.
+	spelled map[string]map[string]lockmgr.Resource
 
 	lsMu       sync.Mutex
 	lockspaces map[string]*lockspace // by path as clients name it
@@ -146,6 +152,7 @@ func NewServer(cfg Config) (*Server, error) {
 		store: cfg.Store, host: cfg.Host, log: cfg.Logger,
 		maxClients: int64(cfg.MaxClients), callTimeout: cfg.CallTimeout, euid: os.Geteuid(), observe: cfg.Observe,
 		grants:     make(map[string]*grant),
+		spelled:    make(map[string]map[string]lockmgr.Resource),
 		lockspaces: map[string]*lockspace{"": {}},
 	}
 	if s.owners == nil {

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/lockmgr"
+	lsdriver "github.com/vmlock/vmlock/lockspace"
 )
 
 type closedConn struct {
@@ -357,6 +358,68 @@ func TestDiskCanonical(t *testing.T) {
 	wantRemote(t, "relative path", b.AcquireResource(ctx, "", "rel.img", 0), CodeInvalidArg, DomainLockspace, "not an absolute file path")
 	wantRemote(t, "missing file", b.AcquireResource(ctx, "", img+".missing", 0), CodeSystemError, DomainLockspace,
 		"Unable to open resource "+img+".missing: no such file or directory")
+}
+
+// libvirt releases a disk by the path it acquired it by. When that path is
+// a symlink retargeted while the domain runs, RELEASE releases the image
+// that ACQUIRE locked (its real OFD lock included), and leaves the link's
+// new target, held by another domain, alone.
+func TestReleaseByASymlinkRetargetedSinceTheAcquire(t *testing.T) {
+	drv, err := lsdriver.New(lsdriver.Config{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{Manager: lockmgr.NewManager(drv, lockmgr.Options{})})
+	ctx := testCtx(t)
+	oldImg, newImg := image(t, "old.img"), image(t, "new.img")
+	link := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.Symlink(oldImg, link); err != nil {
+		t.Fatal(err)
+	}
+	a := ts.registered("a", fakePID+1)
+	b := ts.registered("b", fakePID+2)
+	wantOK(t, "a acquires the link", a.AcquireResource(ctx, "", link, 0))
+	if err := os.Symlink(newImg, link+".new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(link+".new", link); err != nil {
+		t.Fatal(err)
+	}
+	wantOK(t, "b acquires the link's new target", b.AcquireResource(ctx, "", newImg, 0))
+
+	wantOK(t, "a releases the link", a.ReleaseResource(ctx, "", link, 0))
+	if h := ts.holders(diskKey(t, oldImg)); len(h) != 0 {
+		t.Fatalf("the image a acquired is still held by %v", h)
+	}
+	if !ofdFree(t, oldImg) {
+		t.Fatal("the image a acquired is still locked on disk")
+	}
+	if h := ts.holders(diskKey(t, newImg)); !slices.Equal(h, []string{uuidOf("b")}) {
+		t.Fatalf("holders of the new target %v, want b", h)
+	}
+	if ofdFree(t, newImg) {
+		t.Fatal("b's image is no longer locked on disk")
+	}
+	wantRemote(t, "a releases the link again", a.ReleaseResource(ctx, "", link, 0), CodeInternalError, DomainLockspace,
+		fmt.Sprintf("owner %d does not hold the resource lock", fakePID+1))
+	wantRemote(t, "a acquires the link, now b's image", a.AcquireResource(ctx, "", link, 0), CodeResourceBusy, DomainLockspace, `"b"`)
+}
+
+// ofdFree reports whether a write lock on byte 0 of path could be taken
+// now (the lockspace driver's lock).
+func ofdFree(t *testing.T, path string) bool {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 1}
+	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
+	if err != nil && !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES) {
+		t.Fatal(err)
+	}
+	return err == nil
 }
 
 // An ACQUIRE refused before the lock table is asked (a missing file)
