@@ -35,10 +35,26 @@ var _ lockmgr.Converter = (*Driver)(nil)
 // holder while there is one, and the lease stays shared. A lease that is
 // no longer in etcd is a CodeNotHeld error.
 //
-// When etcd's answer is lost (the transaction may or may not have been
-// applied) Convert reads the keys back to learn which; if it cannot find
-// out within OpTimeout, the host fences itself, because a lease whose mode
-// is unknown could be weaker in etcd than the daemon believes.
+// The transaction compares the old key's ModRevision, not merely its
+// existence, so that its outcome can be settled when etcd's answer is lost
+// (a timeout, a broken connection: the proposal may still be committed
+// later). Convert then sends a second transaction that rewrites the old
+// key in place (same value, same lease: a new ModRevision) if its
+// ModRevision is still the one compared, and else reads both keys:
+//
+//   - it succeeded: the conversion was not applied and never will be (its
+//     comparison can no longer hold); the lease is unchanged and Convert
+//     returns a CodeTimeout error;
+//   - the new key holds this attempt's record (a random Attempt value in
+//     it): the conversion was applied, and Convert succeeds;
+//   - the old key is still this grant's (an earlier settling rewrite whose
+//     answer was lost moved its ModRevision): not applied, as in the first
+//     case.
+//
+// The settling transaction is repeated until etcd answers it, for at most
+// OpTimeout; if etcd does not, or the grant is in neither key, the host fences
+// itself, because a lease whose mode is unknown could be weaker in etcd
+// than the daemon believes.
 func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
 	l, ok := x.(*lease)
 	if !ok || l.d != d {
@@ -64,7 +80,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		d.mu.Unlock()
 		return l, nil
 	}
-	id, epoch, oldKey, oldRev, token := d.leaseID, d.epoch, l.key, l.rev, l.token
+	id, epoch, oldKey, oldRev, oldMod, token := d.leaseID, d.epoch, l.key, l.rev, l.mod, l.token
 	nres := l.res
 	nres.Mode = m
 	k := nres.Key()
@@ -85,7 +101,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		d.mu.Unlock()
 	}()
 
-	rec := record{Resource: nres, Holder: h, Token: token}
+	rec := record{Resource: nres, Holder: h, Token: token, Attempt: nonce()}
 	if m == lockmgr.Exclusive {
 		rec.Token = 0 // a new grant: its token is the new key's CreateRevision
 	}
@@ -93,7 +109,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: nres.String(), Msg: "encode holder", Err: err}
 	}
-	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(oldKey), "=", oldRev)}
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod)}
 	thens := []clientv3.Op{clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))}
 	if m == lockmgr.Exclusive {
 		cmps = append(cmps,
@@ -113,20 +129,26 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	case err != nil && definite(err):
 		return nil, opError("etcd driver: convert", err)
 	case err != nil:
-		applied, newRev, err = d.convertOutcome(ctx, id, oldKey, oldRev, newKey)
+		var mod int64
+		applied, newRev, mod, err = d.convertOutcome(ctx, id, oldKey, oldRev, oldMod, newKey, string(val))
 		if err != nil {
 			d.log.Error("a lock conversion's outcome is unknown", "resource", nres.String(), "err", err)
-			d.fence(epoch, "a lock conversion's outcome could not be read back from etcd")
+			d.fence(epoch, "a lock conversion's outcome could not be settled in etcd")
 			return nil, fencedError()
 		}
 		if !applied {
+			d.mu.Lock()
+			if l.key == oldKey && l.mod == oldMod {
+				l.mod = mod // rewritten in place by convertOutcome
+			}
+			d.mu.Unlock()
 			return nil, &lockmgr.Error{Code: lockmgr.CodeTimeout, Resource: nres.String(), Msg: "etcd driver: convert: etcd did not answer in time; the lease is unchanged"}
 		}
 	case resp.Succeeded:
 		applied, newRev = true, resp.Header.Revision
 	}
 	if !applied {
-		return nil, convertRefused(resp, nres, oldKey, oldRev)
+		return nil, convertRefused(resp, nres, oldKey, oldMod)
 	}
 
 	d.mu.Lock()
@@ -150,7 +172,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	if d.live[oldKey] == l {
 		delete(d.live, oldKey)
 	}
-	l.res, l.key, l.rev, l.holder = nres, newKey, newRev, h
+	l.res, l.key, l.rev, l.mod, l.holder = nres, newKey, newRev, newRev, h
 	if m == lockmgr.Exclusive {
 		l.token = uint64(newRev)
 	}
@@ -161,12 +183,12 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 // convertRefused explains a conversion transaction whose comparisons
 // failed: the lease's key is gone (CodeNotHeld), or another holder stands
 // in the way of an upgrade (a *lockmgr.BusyError).
-func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey string, oldRev int64) error {
+func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey string, oldMod int64) error {
 	if len(resp.Responses) != 2 {
 		return lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected conversion reply (%d responses)", len(resp.Responses))
 	}
 	own := resp.Responses[0].GetResponseRange().GetKvs()
-	if len(own) == 0 || own[0].CreateRevision != oldRev {
+	if len(own) == 0 || own[0].ModRevision != oldMod {
 		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "the lease is no longer in etcd (its session expired)"}
 	}
 	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
@@ -177,25 +199,35 @@ func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey strin
 	return lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: conversion of %s refused but no conflict found", r)
 }
 
-// convertOutcome reads back whether a conversion whose reply was lost was
-// applied: the old key still there means no (the transaction is atomic),
-// the new key on our lease means yes. It retries until OpTimeout.
-func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, oldKey string, oldRev int64, newKey string) (bool, int64, error) {
+// convertOutcome settles a conversion whose answer was lost (see Convert):
+// it returns whether it was applied, with the new key's CreateRevision if
+// so, or else the old key's ModRevision now. Once it has returned, the
+// conversion's transaction can no longer change anything. It tries until
+// etcd answers, for at most OpTimeout.
+func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
 	octx, cancel := d.opCtx(context.WithoutCancel(ctx))
 	defer cancel()
 	for {
-		resp, err := d.cli.Txn(octx).Then(clientv3.OpGet(oldKey), clientv3.OpGet(newKey)).Commit()
-		if err == nil {
-			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 && kvs[0].CreateRevision == oldRev {
-				return false, 0, nil
+		resp, err := d.cli.Txn(octx).
+			If(clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod)).
+			Then(clientv3.OpPut(oldKey, "", clientv3.WithIgnoreValue(), clientv3.WithIgnoreLease())).
+			Else(clientv3.OpGet(oldKey), clientv3.OpGet(newKey)).Commit()
+		switch {
+		case err == nil && resp.Succeeded:
+			return false, 0, resp.Header.Revision, nil
+		case err == nil:
+			if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 && string(kvs[0].Value) == val {
+				return true, kvs[0].CreateRevision, 0, nil
 			}
-			if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == id {
-				return true, kvs[0].CreateRevision, nil
+			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 && kvs[0].CreateRevision == oldRev && clientv3.LeaseID(kvs[0].Lease) == id {
+				return false, 0, kvs[0].ModRevision, nil
 			}
-			return false, 0, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "neither the old nor the new holder key is in etcd"}
+			return false, 0, 0, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "neither the old nor the new holder key is in etcd"}
+		case definite(err) || isLeaseNotFound(err):
+			return false, 0, 0, opError("etcd driver: convert", err)
 		}
 		if err := d.pause(octx, 100*time.Millisecond); err != nil {
-			return false, 0, err
+			return false, 0, 0, err
 		}
 	}
 }

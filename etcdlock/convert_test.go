@@ -1,10 +1,15 @@
 package etcdlock
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -188,4 +193,197 @@ func TestOnDeadlineAnnouncesEachRenewal(t *testing.T) {
 	if st := a.Status(); !st.FenceDeadline.Equal(got[len(got)-1]) && st.FenceDeadline.Before(got[len(got)-1]) {
 		t.Fatalf("status deadline %v is before the last announced %v", st.FenceDeadline, got[len(got)-1])
 	}
+}
+
+// lostReplies is a clientv3.KV that loses etcd's answers to the next
+// transactions, one fault from its script per transaction committed:
+// applyLost commits the transaction and loses the answer; late holds the
+// request back (a proposal still on its way) and sends it only when the
+// test closes release, putting etcd's answer on sent. Further transactions
+// pass.
+type lostReplies struct {
+	clientv3.KV
+	mu      sync.Mutex
+	script  []fault
+	release chan struct{}
+	sent    chan lateAnswer
+}
+
+type lateAnswer struct {
+	resp *clientv3.TxnResponse
+	err  error
+}
+
+type fault int
+
+const (
+	applyLost fault = iota
+	late
+)
+
+func loseReplies(d *Driver, script ...fault) *lostReplies {
+	d.mu.Lock() // orders the swap before the sweeper's next look
+	defer d.mu.Unlock()
+	k := &lostReplies{KV: d.cli.KV, script: script, release: make(chan struct{}), sent: make(chan lateAnswer, 1)}
+	d.cli.KV = k
+	return k
+}
+
+// wantLateRefused waits for etcd's answer to the late request and fails
+// the test unless etcd refused it.
+func (k *lostReplies) wantLateRefused(t *testing.T) {
+	t.Helper()
+	a := <-k.sent
+	if a.err != nil {
+		t.Fatalf("the late request: %v", a.err)
+	}
+	if a.resp.Succeeded {
+		t.Fatal("the late conversion request was applied after Convert reported the lease unchanged")
+	}
+}
+
+func (k *lostReplies) Txn(ctx context.Context) clientv3.Txn { return &lossyTxn{k: k, ctx: ctx} }
+
+type lossyTxn struct {
+	k            *lostReplies
+	ctx          context.Context
+	cmps         []clientv3.Cmp
+	thens, elses []clientv3.Op
+}
+
+func (t *lossyTxn) If(cs ...clientv3.Cmp) clientv3.Txn   { t.cmps = append(t.cmps, cs...); return t }
+func (t *lossyTxn) Then(ops ...clientv3.Op) clientv3.Txn { t.thens = append(t.thens, ops...); return t }
+func (t *lossyTxn) Else(ops ...clientv3.Op) clientv3.Txn { t.elses = append(t.elses, ops...); return t }
+
+func (t *lossyTxn) commit(ctx context.Context) (*clientv3.TxnResponse, error) {
+	return t.k.KV.Txn(ctx).If(t.cmps...).Then(t.thens...).Else(t.elses...).Commit()
+}
+
+func (t *lossyTxn) Commit() (*clientv3.TxnResponse, error) {
+	t.k.mu.Lock()
+	if len(t.k.script) == 0 {
+		t.k.mu.Unlock()
+		return t.commit(t.ctx)
+	}
+	f := t.k.script[0]
+	t.k.script = t.k.script[1:]
+	t.k.mu.Unlock()
+	switch f {
+	case applyLost:
+		if _, err := t.commit(t.ctx); err != nil {
+			return nil, err
+		}
+	case late:
+		go func() {
+			<-t.k.release
+			resp, err := t.commit(context.Background())
+			t.k.sent <- lateAnswer{resp, err}
+		}()
+	}
+	return nil, status.Error(codes.Unavailable, "the connection broke before etcd answered")
+}
+
+// A downgrade whose request is still on its way to etcd when the driver
+// gives up waiting for the answer is settled before Convert returns: the
+// lease stays exclusive in etcd as the caller is told, and the request,
+// when it arrives, changes nothing. Another host can therefore never join
+// a disk whose holder believes it holds it exclusively.
+func TestConvertWithALateRequestNeverAppliesAfterReportingUnchanged(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	ctx := ctxT(t, 20*time.Second)
+	const disk = "/img/late.qcow2"
+
+	ls := mustAcquire(t, a, req(disk, lockmgr.Exclusive, uuidA))
+	k := loseReplies(a, late)
+	_, err := a.Convert(ctx, ls[0], lockmgr.Shared)
+	if lockmgr.CodeOf(err) != lockmgr.CodeTimeout || errors.Is(err, ErrFenced) {
+		t.Fatalf("convert with a lost answer: %v, want a timeout saying the lease is unchanged", err)
+	}
+	if !a.Holds(ls[0]) || ls[0].Resource().Mode != lockmgr.Exclusive {
+		t.Fatalf("after the failed downgrade the lease is %v (held %v), want exclusive", ls[0].Resource(), a.Holds(ls[0]))
+	}
+	close(k.release)
+	k.wantLateRefused(t)
+	_, err = b.Acquire(ctx, []lockmgr.Request{req(disk, lockmgr.Shared, uuidB)})
+	wantBusy(t, err, disk, "host-a", uuidA, lockmgr.Exclusive)
+
+	// The lease converts and releases as usual afterwards.
+	down, err := a.Convert(ctx, ls[0], lockmgr.Shared)
+	if err != nil {
+		t.Fatalf("downgrade after the settled one: %v", err)
+	}
+	mustAcquire(t, b, req(disk, lockmgr.Shared, uuidB))
+	mustRelease(t, a, down)
+}
+
+// A conversion that etcd applied but whose answer was lost succeeds: the
+// lease is in its new mode, with the token the conversion gave it.
+func TestConvertWhoseAnswerIsLostAfterItAppliedSucceeds(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	ctx := ctxT(t, 20*time.Second)
+	const disk = "/img/applied.qcow2"
+
+	ls := mustAcquire(t, a, req(disk, lockmgr.Exclusive, uuidA))
+	tok := ls[0].Token()
+	loseReplies(a, applyLost)
+	down, err := a.Convert(ctx, ls[0], lockmgr.Shared)
+	if err != nil {
+		t.Fatalf("downgrade applied, answer lost: %v", err)
+	}
+	if down.Resource().Mode != lockmgr.Shared || down.Token() != tok {
+		t.Fatalf("downgraded lease %v token %d, want shared with token %d", down.Resource(), down.Token(), tok)
+	}
+	in := req(disk, lockmgr.Shared, uuidB)
+	in.Expect = tok
+	ld := mustAcquire(t, b, in)
+	mustRelease(t, b, ld...)
+
+	loseReplies(a, applyLost)
+	up, err := a.Convert(ctx, down, lockmgr.Exclusive)
+	if err != nil {
+		t.Fatalf("upgrade applied, answer lost: %v", err)
+	}
+	if up.Resource().Mode != lockmgr.Exclusive || up.Token() <= ld[0].Token() {
+		t.Fatalf("upgraded lease %v token %d, want exclusive with a token above %d", up.Resource(), up.Token(), ld[0].Token())
+	}
+	in.Expect = up.Token()
+	_, err = b.Acquire(ctx, []lockmgr.Request{in})
+	wantBusy(t, err, disk, "host-a", uuidA, lockmgr.Exclusive)
+	mustRelease(t, a, up)
+	mustAcquire(t, b, in) // the upgrade's token is the resource's current one
+}
+
+// When the answer to the settling transaction is lost too, Convert tries it
+// again and still reaches a sure outcome: the late conversion is refused
+// when it arrives, and the lease stays usable.
+func TestConvertSettlesWhenTheSettlingAnswerIsLostToo(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	ctx := ctxT(t, 20*time.Second)
+	const disk = "/img/twice.qcow2"
+
+	ls := mustAcquire(t, a, req(disk, lockmgr.Shared, uuidA))
+	k := loseReplies(a, late, applyLost)
+	if _, err := a.Convert(ctx, ls[0], lockmgr.Exclusive); lockmgr.CodeOf(err) != lockmgr.CodeTimeout || errors.Is(err, ErrFenced) {
+		t.Fatalf("convert with lost answers: %v, want a timeout saying the lease is unchanged", err)
+	}
+	close(k.release)
+	k.wantLateRefused(t)
+	ld := mustAcquire(t, b, req(disk, lockmgr.Shared, uuidB)) // still shared
+	mustRelease(t, b, ld...)
+	up, err := a.Convert(ctx, ls[0], lockmgr.Exclusive)
+	if err != nil {
+		t.Fatalf("upgrade after the settled one: %v", err)
+	}
+	_, err = b.Acquire(ctx, []lockmgr.Request{req(disk, lockmgr.Shared, uuidB)})
+	wantBusy(t, err, disk, "host-a", uuidA, lockmgr.Exclusive)
+	mustRelease(t, a, up)
 }

@@ -79,7 +79,12 @@
 // grant: its token is its transaction's revision, which the token key takes
 // too, so it is greater than the other side's shared grant's. A downgraded
 // grant's record carries its token, since its key's CreateRevision is no
-// longer the token; re-attach and Adopt use it.
+// longer the token; re-attach and Adopt use it. A conversion's transaction
+// compares the old holder key's ModRevision, so that when etcd's answer is
+// lost Convert can settle the outcome for sure: it rewrites the old key in
+// place (a new ModRevision, which the lost transaction can no longer
+// match) unless that key is gone, and then finds its own record in the new
+// key (see Convert).
 //
 // # Waiting
 //

@@ -52,14 +52,15 @@ type Driver struct {
 }
 
 // lease is one granted resource. Convert moves it to another holder key
-// (res.Mode, key and rev change, under d.mu), and an upgrade gives it a new
-// token (under d.mu).
+// (res.Mode, key, rev and mod change, under d.mu), and an upgrade gives it a
+// new token (under d.mu).
 type lease struct {
 	d        *Driver
 	res      lockmgr.Resource
 	token    uint64
 	key      string
 	rev      int64          // CreateRevision of key: equal to token unless a downgrade moved it
+	mod      int64          // ModRevision of key, which Convert's transaction compares (under d.mu)
 	holder   lockmgr.Holder // as recorded in the key's value
 	epoch    uint64
 	released bool // under d.mu
@@ -84,6 +85,7 @@ type recoveredGrant struct {
 	res    lockmgr.Resource
 	token  uint64
 	rev    int64
+	mod    int64
 	holder lockmgr.Holder
 }
 
@@ -417,7 +419,7 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 		}
 		out := make([]lockmgr.Lease, len(ps))
 		for i, p := range ps {
-			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], rev: int64(tok), holder: holders[i], epoch: epoch}
+			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], rev: int64(tok), mod: int64(tok), holder: holders[i], epoch: epoch}
 			d.live[keys[i]] = l
 			out[i] = l
 		}
@@ -599,7 +601,7 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 	for key, g := range d.recovered {
 		if g.res.Key() == r.Key() && g.res.Mode == r.Mode && g.token == token {
 			delete(d.recovered, key)
-			l := &lease{d: d, res: g.res, token: token, key: key, rev: g.rev, holder: g.holder, epoch: d.epoch}
+			l := &lease{d: d, res: g.res, token: token, key: key, rev: g.rev, mod: g.mod, holder: g.holder, epoch: d.epoch}
 			d.live[key] = l
 			return l, nil
 		}
@@ -614,7 +616,7 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 	d.mu.Lock()
 	var ls []lockmgr.Lease
 	for key, g := range d.recovered {
-		l := &lease{d: d, res: g.res, token: g.token, key: key, rev: g.rev, holder: g.holder, epoch: d.epoch}
+		l := &lease{d: d, res: g.res, token: g.token, key: key, rev: g.rev, mod: g.mod, holder: g.holder, epoch: d.epoch}
 		ls = append(ls, l)
 	}
 	clear(d.recovered)

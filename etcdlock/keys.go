@@ -59,6 +59,17 @@ type record struct {
 	// another key (an upgrade is a new grant, whose token is its key's
 	// CreateRevision).
 	Token uint64 `json:"token,omitempty"`
+	// Attempt is a random value unique to the conversion that wrote the
+	// key, by which Convert recognises its own write when etcd's answer to
+	// it was lost.
+	Attempt string `json:"attempt,omitempty"`
+}
+
+// nonce returns a random value for record.Attempt.
+func nonce() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 func parseRecord(v []byte) (record, bool) {
