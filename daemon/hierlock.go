@@ -172,13 +172,18 @@ func mode(shared bool) hierlock.Mode {
 }
 
 // acquire takes every level of the request in level order, each in one
-// call, under one deadline; on failure it releases what it took.
+// call, under one deadline; on failure it releases what it took. Names a
+// request asks for at a modifiable level are created on first use (so that
+// `vmlock hold instance/web1` works without a separate add) as implicit
+// locks, which go away again once nobody holds or waits for them: a client
+// that locks one name per job leaves nothing behind.
 func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vmlockpb.HierAcquire) ([]string, error) {
 	type step struct {
 		level hierlock.Level
 		req   hierlock.Request
 	}
 	var steps []step
+	levels := h.mgr.Levels()
 	for _, lr := range req.Levels {
 		l, err := h.level(lr.Level)
 		if err != nil {
@@ -193,7 +198,7 @@ func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vm
 			}
 		}
 		steps = append(steps, step{l, hierlock.Request{Names: lr.Names, All: lr.All, Mode: mode(lr.Shared),
-			Priority: int(req.Priority), Opportunistic: req.Opportunistic}})
+			Priority: int(req.Priority), Opportunistic: req.Opportunistic, Create: !lr.All && levels[l].Modifiable}})
 	}
 	if len(steps) == 0 {
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "nothing to acquire")
@@ -213,14 +218,9 @@ func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vm
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.TimeoutMs)*time.Millisecond)
 		defer cancel()
 	}
-	levels := h.mgr.Levels()
 	var got []string
 	var took []hierlock.Level
 	for _, s := range steps {
-		if err := h.addMissing(ctx, owner, s.level, s.req, levels); err != nil {
-			h.undo(owner, took)
-			return nil, err
-		}
 		names, err := h.mgr.Acquire(ctx, owner, s.level, s.req)
 		if err != nil {
 			h.undo(owner, took)
@@ -232,39 +232,6 @@ func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vm
 		}
 	}
 	return got, nil
-}
-
-// addMissing creates the names a request asks for at a modifiable level
-// that do not exist yet, so that `vmlock hold instance/web1` works without
-// a separate add. Another session adding them first is fine. Nothing is
-// created at a level the session holds already: the acquire that follows
-// refuses it (each level in one call).
-func (h *hierService) addMissing(ctx context.Context, owner hierlock.Owner, l hierlock.Level, req hierlock.Request, levels []hierlock.LevelConfig) error {
-	if req.All || !levels[l].Modifiable || h.mgr.IsOwned(owner, l) {
-		return nil
-	}
-	have, err := h.mgr.Names(l)
-	if err != nil {
-		return err
-	}
-	exists := make(map[string]bool, len(have))
-	for _, n := range have {
-		exists[n] = true
-	}
-	var missing []string
-	for _, n := range req.Names {
-		if !exists[n] {
-			missing = append(missing, n)
-		}
-	}
-	if len(missing) == 0 {
-		return nil
-	}
-	err = h.mgr.Add(ctx, owner, l, missing, false, hierlock.Exclusive)
-	if errors.Is(err, hierlock.ErrExists) {
-		return nil
-	}
-	return err
 }
 
 func (h *hierService) undo(owner hierlock.Owner, took []hierlock.Level) {

@@ -3,8 +3,10 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -130,5 +132,61 @@ func TestSecondAcquireAtAHeldLevelIsAnOrderViolation(t *testing.T) {
 		if l.Name == "instance/new" {
 			t.Errorf("the refused request created %s", l.Name)
 		}
+	}
+}
+
+// Names created on first use go away once no session holds or waits for
+// them, so a client that locks one name per job does not make the daemon
+// (and `vmlock locks`) grow; a name added explicitly stays.
+func TestHierNamesCreatedOnFirstUseGoAwayWhenReleased(t *testing.T) {
+	sock, _ := runInProcess(t)
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+
+	adder := hierStream(t, sock)
+	for i, req := range []*vmlockpb.SessionRequest{
+		hierAcquire(1, "cluster", "BGL"),
+		{Id: 2, Op: &vmlockpb.SessionRequest_Add{Add: &vmlockpb.HierAdd{Level: "instance", Names: []string{"kept"}}}},
+		{Id: 3, Op: &vmlockpb.SessionRequest_Release{Release: &vmlockpb.HierRelease{}}},
+	} {
+		if err := adder.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := adder.Recv(); err != nil || r.Code != 0 {
+			t.Fatalf("adder's request %d: %+v %v", i+1, r, err)
+		}
+	}
+
+	s, err := c.HierSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := range 200 {
+		job := fmt.Sprintf("job%d", i)
+		if _, err := s.Acquire(ctx, &vmlockpb.HierAcquire{Levels: []*vmlockpb.LevelRequest{
+			{Level: "instance", Names: []string{job, "kept"}}, {Level: "node", Names: []string{"n-" + job}, Shared: true}}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Release(ctx, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rep, err := c.HierMonitor(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var members []string
+	for _, l := range rep.Locks {
+		if !strings.HasSuffix(l.Name, "/[lockset]") {
+			members = append(members, l.Name)
+		}
+	}
+	if want := []string{"cluster/BGL", "instance/kept"}; !slices.Equal(members, want) {
+		t.Fatalf("the monitor lists %d locks (%v…), want %v", len(members), members[:min(len(members), 5)], want)
 	}
 }

@@ -272,3 +272,29 @@ func alive(pid int) bool {
 	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	return err == nil && !bytes.Contains(st, []byte(") Z "))
 }
+
+// Names created on first use leave `vmlock locks` once nobody holds or
+// waits for them: a management application that locks one name per job
+// does not make the list (and vmlockd) grow.
+func TestLocksNoLongerShowsReleasedNames(t *testing.T) {
+	d := startDaemon(t)
+	d.startHold("instance/running", "instance/running")
+	for i := range 5 {
+		if r := d.vmlock("hold", fmt.Sprintf("instance/job%d", i), "node/n1:shared", "--", "true"); r.code != 0 {
+			t.Fatalf("vmlock hold instance/job%d: exit %d (%s)", i, r.code, strings.TrimSpace(r.stderr))
+		}
+	}
+	// vmlockd releases a session's locks when its stream ends, which may
+	// be just after hold exits.
+	d.waitHier(func(m map[string]hierRow) bool {
+		for name := range m {
+			if strings.HasPrefix(name, "instance/job") || name == "node/n1" {
+				return false
+			}
+		}
+		return true
+	}, "no instance/job* and no node/n1 once their holders exited")
+	if m := d.hierLocks(); len(m["instance/running"].Owners) != 1 {
+		t.Errorf("vmlock locks shows instance/running as %+v, want it held", m["instance/running"])
+	}
+}

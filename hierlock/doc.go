@@ -114,6 +114,24 @@
 // lock first, then the members; Downgrade downgrades the members, then the
 // set-level lock once no member is held exclusively.
 //
+// An exact-names acquire with Create first adds the missing names as
+// implicit members (taking the set-level lock exclusively for that moment,
+// as Add does, so All holders still see no name appear). Explicit members
+// (initial or added) stay until Remove, Ganeti's semantics; an implicit
+// member lives only while it is used, so that a client locking one name per
+// job leaves nothing behind. The invariant, enforced where members are
+// released or an acquire is done with them:
+//
+//	An implicit member is in the set only while someone holds it, waits
+//	for it, or is acquiring it (an acquire in progress that has looked it
+//	up, which pins it).
+//
+// Pinning and unlinking both happen under the set's mutex, so an acquire
+// either pins the member or finds the name missing and creates it again: it
+// never fails because the name went away unused. Only Remove fails its
+// waiters. An implicit member is a member like any other while it exists:
+// All takes it, Names and the monitor list it, and Add makes it explicit.
+//
 // # Manager: levels and rules
 //
 // A Manager has ordered levels (Config; DefaultLevels is current Ganeti's).

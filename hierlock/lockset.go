@@ -30,6 +30,12 @@ type Request struct {
 	// context's deadline then applies to the set-level lock only (with All);
 	// it is ignored for the members.
 	Opportunistic bool
+	// Create makes the names that are not members implicit members first
+	// (taking the set-level lock exclusively for that moment, as Add does,
+	// and waiting for it within the context). An implicit member is
+	// removed again as soon as nobody holds it, waits for it or is about to
+	// acquire it; Add makes it explicit. Must not be set with All.
+	Create bool
 }
 
 // LockSet is a set of named SharedLocks of one kind (Ganeti's LockSet), plus
@@ -50,6 +56,16 @@ type LockSet struct {
 	locks  map[string]*SharedLock // members, including deleted ones not yet unlinked
 	sorted []string               // the keys of locks, naturally sorted
 	owners map[Owner]*holding     // owners holding anything in the set, or acquiring
+	// implicit holds the members created by an acquire with Create, each
+	// with the number of acquires in progress that have looked it up
+	// (pins). The invariant, enforced by dropIfUnusedLocked: an implicit
+	// member stays linked only while it is held, waited for, or pinned;
+	// every call that may leave it unused (a release, an acquire done with
+	// it) checks it under mu afterwards. Looking up and pinning happen
+	// under mu too, so an unlinked lock has nobody left to acquire it, and
+	// an acquire never finds an implicit member removed: it pins it, or
+	// finds the name missing and creates it again.
+	implicit map[*SharedLock]int
 }
 
 // holding is what one owner holds in a set.
@@ -83,7 +99,47 @@ func (s *LockSet) init() {
 		s.set.clock = s.clock
 		s.locks = make(map[string]*SharedLock)
 		s.owners = make(map[Owner]*holding)
+		s.implicit = make(map[*SharedLock]int)
 	})
+}
+
+// linkLocked makes lk the member n, replacing a deleted one not yet unlinked.
+func (s *LockSet) linkLocked(n string, lk *SharedLock) {
+	if _, ok := s.locks[n]; !ok {
+		i, _ := slices.BinarySearchFunc(s.sorted, n, CompareNatural)
+		s.sorted = slices.Insert(s.sorted, i, n)
+	}
+	s.locks[n] = lk
+}
+
+// dropIfUnusedLocked unlinks lk, the member n, if it is implicit, unpinned,
+// and nobody holds it or waits for it; it is marked deleted first, so that
+// a stale reference (a Remove that looked it up) fails with ErrDeleted.
+func (s *LockSet) dropIfUnusedLocked(n string, lk *SharedLock) {
+	pins, implicit := s.implicit[lk]
+	if !implicit || pins > 0 || !lk.deleteIfUnused() {
+		return
+	}
+	delete(s.implicit, lk)
+	if s.locks[n] == lk {
+		delete(s.locks, n)
+		if i, found := slices.BinarySearchFunc(s.sorted, n, CompareNatural); found {
+			s.sorted = slices.Delete(s.sorted, i, i+1)
+		}
+	}
+}
+
+// dropUnused unlinks those of locks (released by the caller) that are now
+// unused implicit members.
+func (s *LockSet) dropUnused(locks map[string]*SharedLock) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.implicit) == 0 {
+		return
+	}
+	for n, lk := range locks {
+		s.dropIfUnusedLocked(n, lk)
+	}
 }
 
 func validNames(set string, names []string) error {
@@ -128,6 +184,9 @@ func (s *LockSet) Names() []string {
 // all-or-nothing: on any failure everything it took is released and nothing
 // is returned. Exact names that are missing or deleted before they are
 // granted fail with ErrNotFound; with All, vanished members are skipped.
+// With Create, missing names are created as implicit members (see Request);
+// an implicit member is never removed under an acquire that looked it up,
+// so only a Remove can make such an acquire fail with ErrNotFound.
 //
 // Errors: ErrInvalid, ErrDoubleAcquire, ErrNotFound, ErrTimeout,
 // ErrCanceled, ErrDeleted (never for members; possible only if the caller
@@ -141,6 +200,8 @@ func (s *LockSet) Acquire(ctx context.Context, owner Owner, req Request) ([]stri
 		return nil, &Error{Kind: ErrInvalid, Lock: s.name, Owner: owner, Msg: "invalid mode " + req.Mode.String()}
 	case req.All && len(req.Names) > 0:
 		return nil, &Error{Kind: ErrInvalid, Lock: s.name, Owner: owner, Msg: "names given with All"}
+	case req.All && req.Create:
+		return nil, &Error{Kind: ErrInvalid, Lock: s.name, Owner: owner, Msg: "Create given with All"}
 	}
 	var names []string
 	if !req.All {
@@ -162,18 +223,22 @@ func (s *LockSet) Acquire(ctx context.Context, owner Owner, req Request) ([]stri
 	s.owners[owner] = h
 	s.mu.Unlock()
 
+	var locks []*SharedLock // looked up; the implicit ones pinned until the end
 	fail := func(err error) ([]string, error) {
 		s.mu.Lock()
 		delete(s.owners, owner)
-		set, locks := h.set, h.locks
+		set, held := h.set, h.locks
 		h.set, h.locks = false, nil
 		s.mu.Unlock()
 		if set {
 			_ = s.set.Release(owner)
 		}
-		for _, lk := range locks {
+		for _, lk := range held {
 			_ = lk.Release(owner)
 		}
+		s.mu.Lock()
+		s.unpinLocked(names, locks)
+		s.mu.Unlock()
 		return nil, err
 	}
 
@@ -183,17 +248,15 @@ func (s *LockSet) Acquire(ctx context.Context, owner Owner, req Request) ([]stri
 		}
 		s.mu.Lock()
 		h.set = true
-		names = slices.Clone(s.sorted)
 		s.mu.Unlock()
 	}
-	// Resolve the members once; a member removed after this point shows up
-	// as ErrDeleted when acquired.
-	locks := make([]*SharedLock, len(names))
-	s.mu.Lock()
-	for i, n := range names {
-		locks[i] = s.locks[n]
+	// Look up the members once; a member removed after this point shows up
+	// as ErrDeleted when acquired (only Remove can do that to an implicit
+	// one: it is pinned).
+	var err error
+	if names, locks, err = s.lookup(ctx, owner, names, req); err != nil {
+		return fail(err)
 	}
-	s.mu.Unlock()
 
 	exact := !req.All && !req.Opportunistic
 	got := make([]string, 0, len(names))
@@ -235,8 +298,67 @@ func (s *LockSet) Acquire(ctx context.Context, owner Owner, req Request) ([]stri
 	if len(h.locks) == 0 && !h.set {
 		delete(s.owners, owner)
 	}
+	s.unpinLocked(names, locks)
 	s.mu.Unlock()
 	return got, nil
+}
+
+// lookup returns the members to acquire (every current one with All) and
+// their locks, nil for a missing name, and pins the implicit ones. With
+// Create it creates the missing names as implicit members, under the
+// set-level lock held exclusively: creating a name is adding it, and no
+// name may appear behind an All holder's back. Whether a name is missing is
+// decided under the same hold of mu that pins: a name unlinked just before
+// is found missing, and created again.
+func (s *LockSet) lookup(ctx context.Context, owner Owner, names []string, req Request) ([]string, []*SharedLock, error) {
+	holdsSet := false
+	for {
+		s.mu.Lock()
+		if req.All {
+			names = slices.Clone(s.sorted)
+		}
+		missing := false
+		for _, n := range names {
+			if lk := s.locks[n]; req.Create && (lk == nil || lk.IsDeleted()) {
+				missing = true
+			}
+		}
+		if missing && !holdsSet {
+			s.mu.Unlock()
+			if err := s.set.Acquire(ctx, owner, Exclusive, req.Priority); err != nil {
+				return names, nil, err
+			}
+			holdsSet = true
+			defer func() { _ = s.set.Release(owner) }() // after the pins below
+			continue
+		}
+		locks := make([]*SharedLock, len(names))
+		for i, n := range names {
+			lk := s.locks[n]
+			if missing && (lk == nil || lk.IsDeleted()) {
+				lk = NewSharedLock(s.lockName(n), s.clock)
+				s.linkLocked(n, lk)
+				s.implicit[lk] = 0
+			}
+			if pins, ok := s.implicit[lk]; ok {
+				s.implicit[lk] = pins + 1
+			}
+			locks[i] = lk
+		}
+		s.mu.Unlock()
+		return names, locks, nil
+	}
+}
+
+// unpinLocked drops an acquire's pins on the implicit ones of locks (the
+// members names), unlinking those now unused.
+func (s *LockSet) unpinLocked(names []string, locks []*SharedLock) {
+	for i, lk := range locks {
+		if pins, ok := s.implicit[lk]; ok {
+			s.implicit[lk] = pins - 1
+			s.dropIfUnusedLocked(names[i], lk)
+		}
+	}
 }
 
 // Release releases everything owner holds in the set: the set-level lock
@@ -315,6 +437,7 @@ func (s *LockSet) release(owner Owner, set bool, locks map[string]*SharedLock) e
 			errs = append(errs, err)
 		}
 	}
+	s.dropUnused(locks)
 	return errors.Join(errs...)
 }
 
@@ -390,11 +513,14 @@ func (s *LockSet) downgrade(owner Owner, names []string, all bool) error {
 // set-level lock exclusively; Add takes the set-level lock exclusively for
 // the duration of the call if it is not held (so it waits, within ctx, for
 // every All holder). With acquired set, owner holds the new members in mode
-// when Add returns.
+// when Add returns. A name that is an implicit member (see Request.Create)
+// is made explicit, so that it stays until Remove; it cannot be added
+// acquired while it is in use.
 //
 // Errors: ErrInvalid, ErrOwnership (owner holds part of the set, or the
-// set-level lock only shared), ErrExists (a name is already a member; then
-// nothing is added), ErrTimeout, ErrCanceled.
+// set-level lock only shared), ErrExists (a name is already an explicit
+// member, or an implicit one in use and acquired is set; then nothing is
+// added), ErrTimeout, ErrCanceled.
 func (s *LockSet) Add(ctx context.Context, owner Owner, names []string, acquired bool, mode Mode) error {
 	s.init()
 	switch {
@@ -424,9 +550,15 @@ func (s *LockSet) Add(ctx context.Context, owner Owner, names []string, acquired
 	defer s.mu.Unlock()
 	var dups []string
 	for _, n := range names {
-		if lk := s.locks[n]; lk != nil && !lk.IsDeleted() {
-			dups = append(dups, n)
+		lk := s.locks[n]
+		if lk == nil {
+			continue
 		}
+		s.dropIfUnusedLocked(n, lk) // unused but not unlinked yet: absent
+		if _, implicit := s.implicit[lk]; lk.IsDeleted() || implicit && !acquired {
+			continue
+		}
+		dups = append(dups, n)
 	}
 	if dups != nil {
 		return &Error{Kind: ErrExists, Lock: s.name, Owner: owner, Names: dups}
@@ -437,16 +569,16 @@ func (s *LockSet) Add(ctx context.Context, owner Owner, names []string, acquired
 		s.owners[owner] = h
 	}
 	for _, n := range names {
+		if lk := s.locks[n]; lk != nil && !lk.IsDeleted() {
+			delete(s.implicit, lk) // implicit and not acquired: now explicit
+			continue
+		}
 		lk := NewSharedLock(s.lockName(n), s.clock)
 		if acquired {
 			lk.holdLocked(owner, mode) // not yet published: no one else can see it
 			h.locks[n] = lk
 		}
-		if _, ok := s.locks[n]; !ok {
-			i, _ := slices.BinarySearchFunc(s.sorted, n, CompareNatural)
-			s.sorted = slices.Insert(s.sorted, i, n)
-		}
-		s.locks[n] = lk
+		s.linkLocked(n, lk)
 	}
 	return nil
 }
@@ -499,6 +631,7 @@ func (s *LockSet) Remove(ctx context.Context, owner Owner, names []string) ([]st
 			return removed, err
 		}
 		s.mu.Lock()
+		delete(s.implicit, lk)
 		if s.locks[n] == lk {
 			delete(s.locks, n)
 			if i, found := slices.BinarySearchFunc(s.sorted, n, CompareNatural); found {

@@ -225,7 +225,8 @@ func target(ls *LockSet, all bool, names []string) string {
 
 // Acquire acquires at one level for owner (LockSet.Acquire), after checking
 // the rules: the BGL is held (unless this is level 0), nothing is held at a
-// higher level, and nothing is held at this level yet.
+// higher level, and nothing is held at this level yet; and with Create (which
+// adds the missing names, implicitly), that the level is modifiable.
 //
 // Errors: *OrderViolationError (ErrOrderViolation) naming the lock asked for
 // and the conflicting held (or missing) lock, and LockSet.Acquire's errors.
@@ -235,6 +236,9 @@ func (m *Manager) Acquire(ctx context.Context, owner Owner, level Level, req Req
 		return nil, err
 	}
 	lock := target(ls, req.All, req.Names)
+	if req.Create && !m.levels[level].Modifiable {
+		return nil, &OrderViolationError{Op: "acquire", Owner: owner, Lock: lock, Rule: RuleNotModifiable}
+	}
 	if level > 0 && !m.bglOwned(owner) {
 		return nil, &OrderViolationError{Op: "acquire", Owner: owner, Lock: lock, Required: m.bglLock(), Rule: RuleBGLFirst}
 	}

@@ -455,6 +455,18 @@ func (l *SharedLock) Delete(ctx context.Context, owner Owner, prio int) error {
 	return nil
 }
 
+// deleteIfUnused marks the lock deleted if nobody holds it or waits for it,
+// and reports whether it did (a LockSet unlinking an implicit member).
+func (l *SharedLock) deleteIfUnused() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.deleted || l.exc != "" || len(l.shr) > 0 || len(l.queue) > 0 {
+		return false
+	}
+	l.deleted = true
+	return true
+}
+
 // Holds reports whether owner holds the lock, and in which mode.
 func (l *SharedLock) Holds(owner Owner) (Mode, bool) {
 	l.mu.Lock()

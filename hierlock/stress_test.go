@@ -187,8 +187,13 @@ func TestStress(t *testing.T) {
 								req.Names = append(req.Names, n)
 							}
 						}
-						if rnd.IntN(10) == 0 {
+						switch rnd.IntN(10) {
+						case 0:
 							req.Names = append(req.Names, "gone")
+						case 1, 2:
+							// Created on first use; gone again once unused.
+							req.Names = append(req.Names, fmt.Sprintf("tmp%d", rnd.IntN(3)))
+							req.Create = true
 						}
 					}
 					c, cancel := ctx()
@@ -199,6 +204,9 @@ func TestStress(t *testing.T) {
 						continue
 					}
 					count(fmt.Sprintf("level granted (all=%v opportunistic=%v)", req.All, req.Opportunistic))
+					if req.Create {
+						count("granted with create")
+					}
 					tr.granted(owner, m.Holdings(owner))
 					if rnd.IntN(8) == 0 && m.IsOwned(owner, l) {
 						after := map[string]Mode{}
@@ -228,6 +236,11 @@ func TestStress(t *testing.T) {
 					if err := m.checkInvariants(); err != nil {
 						unexpected.Store("invariant: "+err.Error(), true)
 					}
+					for _, ls := range m.sets {
+						if err := ls.checkImplicit(); err != nil {
+							unexpected.Store("invariant: "+err.Error(), true)
+						}
+					}
 				}
 				tr.set(owner, nil)
 				expect(m.ReleaseAll(owner))
@@ -253,13 +266,19 @@ func TestStress(t *testing.T) {
 		t.Errorf("conflict: %s", e)
 	}
 	must(t, m.checkInvariants())
+	for _, ls := range m.sets {
+		must(t, ls.checkImplicit())
+		if _, implicit := ls.contents(); implicit != 0 {
+			t.Errorf("%s: %d implicit members left, unused", ls.name, implicit)
+		}
+	}
 	for _, r := range m.Snapshot() {
 		if r.State != StateNone || r.Pending != nil {
 			t.Errorf("lock left behind: %+v", r)
 		}
 	}
 	// The run must have exercised what it claims to.
-	for _, ev := range []string{"bgl granted", "added", "removed", "downgraded", "timeout", ErrNotFound.String(),
+	for _, ev := range []string{"bgl granted", "added", "granted with create", "removed", "downgraded", "timeout", ErrNotFound.String(),
 		"level granted (all=true opportunistic=false)", "level granted (all=false opportunistic=true)"} {
 		if v, ok := stats.Load(ev); !ok || v.(*atomic.Int64).Load() == 0 {
 			t.Errorf("no %q event in the stress run", ev)
