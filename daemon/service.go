@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -30,17 +31,15 @@ import (
 // word on the uid, gid and pid of the process at the other end of the unix
 // socket. There is no encryption to add on a local socket.
 //
-// With a socket group (gid >= 0), a peer that is neither root nor in the
-// group by its primary gid has its supplementary groups read once, at the
-// handshake, from /proc; the peer's pidfd (SO_PEERPIDFD) then proves that
-// the process read is the one that connected, not a later one with its
-// recycled pid. Membership is thus judged as of the connection, as the
-// primary gid of SO_PEERCRED is.
+// A non-root peer's supplementary groups come from SO_PEERGROUPS, also the
+// kernel's word, as of the connect: they decide membership of the socket
+// group (with the primary gid) and the peer's access to files (access.go).
 type peerCredentials struct{ gid int }
 
 type peerInfo struct {
 	credentials.CommonAuthInfo
-	ucred unix.Ucred
+	ucred  unix.Ucred
+	groups []uint32 // supplementary groups; not read for root
 	// inGroup: the peer was a member of the socket group when it connected.
 	inGroup bool
 }
@@ -65,35 +64,17 @@ func (p peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.Auth
 		return nil, nil, cerr
 	}
 	pi := peerInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}, ucred: *cred}
-	if p.gid >= 0 && cred.Uid != 0 {
-		pi.inGroup = int(cred.Gid) == p.gid
-		if !pi.inGroup {
-			if err := rc.Control(func(fd uintptr) { pi.inGroup = peerInGroup(int(fd), int(cred.Pid), p.gid) }); err != nil {
-				return nil, nil, err
-			}
+	if cred.Uid != 0 {
+		var gerr error
+		if err := rc.Control(func(fd uintptr) { pi.groups, gerr = peerGroups(int(fd)) }); err != nil {
+			return nil, nil, err
 		}
+		if gerr != nil {
+			return nil, nil, gerr
+		}
+		pi.inGroup = p.gid >= 0 && (int(cred.Gid) == p.gid || slices.Contains(pi.groups, uint32(p.gid)))
 	}
 	return c, pi, nil
-}
-
-// peerInGroup reports whether the process that connected the socket fd,
-// pid by SO_PEERCRED, has gid among its supplementary groups. Without
-// SO_PEERPIDFD (Linux before 6.5) the pid is trusted as it is.
-func peerInGroup(fd, pid, gid int) bool {
-	pidfd, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEERPIDFD)
-	if err == nil {
-		defer unix.Close(pidfd)
-	}
-	_, gids, err2 := procIDs(pid)
-	if err2 != nil || !slices.Contains(gids, gid) {
-		return false
-	}
-	if err != nil {
-		return true
-	}
-	// Still alive (ESRCH once it has exited; EPERM is an answer too), so
-	// /proc/pid was the connecting process's.
-	return unix.PidfdSendSignal(pidfd, 0, nil, 0) != unix.ESRCH
 }
 
 func (peerCredentials) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -108,6 +89,8 @@ func (peerCredentials) OverrideServerName(string) error           { return nil }
 // caller is the authenticated client of a call.
 type caller struct {
 	uid, pid int
+	gid      int      // primary group
+	groups   []uint32 // supplementary groups (nil for root)
 }
 
 func (c caller) root() bool { return c.uid == 0 }
@@ -123,7 +106,7 @@ func (d *Daemon) authenticate(ctx context.Context, method string) (context.Conte
 	if !ok || !ok2 {
 		return nil, lockmgr.Errorf(lockmgr.CodePermission, "no peer credentials")
 	}
-	c := caller{uid: int(pi.ucred.Uid), pid: int(pi.ucred.Pid)}
+	c := caller{uid: int(pi.ucred.Uid), pid: int(pi.ucred.Pid), gid: int(pi.ucred.Gid), groups: pi.groups}
 	if err := d.authorize(c, pi.inGroup); err != nil {
 		d.log.Warn("refused a client", "uid", c.uid, "pid", c.pid, "method", method)
 		return nil, err
@@ -288,6 +271,10 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 		if err != nil {
 			return "", err
 		}
+		if r.Type == lockmgr.TypeDisk && !filepath.IsAbs(r.Name) {
+			// Relative to what? vmlockd's working directory is not the client's.
+			return "", &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "a disk path must be absolute"}
+		}
 		rs = append(rs, r)
 	}
 	if o.PID <= 0 {
@@ -297,6 +284,16 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 	rs, state, mig, err := d.handoverIn(rs, req.State)
 	if err != nil {
 		return "", err
+	}
+	if !c.root() {
+		for i, r := range rs {
+			if rs[i], err = lockmgr.Canonical(r); err != nil {
+				return "", err
+			}
+			if err := mayUse(ctx, c, rs[i]); err != nil {
+				return "", err
+			}
+		}
 	}
 	if err := d.mgr.Register(o); err == nil {
 		return d.acquireNew(ctx, c, o, rs, state, mig)

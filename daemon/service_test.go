@@ -169,3 +169,18 @@ func TestExitReleasesOnlyWhatTheProcessOwned(t *testing.T) {
 		t.Fatalf("owner record after the late exit: %+v, want pid %d's", ow, now)
 	}
 }
+
+// A relative disk path is refused: vmlockd's working directory is not the
+// client's, so it cannot know which file the client meant.
+func TestRelativeDiskPathIsRefused(t *testing.T) {
+	c, _ := startInProcess(t)
+	pid := sleeper(t)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000002", PID: pid}
+	_, err := c.Acquire(context.Background(), o, []lockmgr.Resource{lockmgr.DiskResource("disk.img", lockmgr.Exclusive)}, "")
+	if !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "must be absolute") {
+		t.Fatalf("acquire of a relative path: %v, want invalid argument saying it must be absolute", err)
+	}
+	if _, err := c.Inquire(context.Background(), o.UUID); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Fatalf("the refused acquire registered the object: %v", err)
+	}
+}

@@ -323,7 +323,7 @@ func TestNonRootClientCannotTouchAnotherUidsLocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { mine.Process.Kill(); mine.Wait() })
-	own := image(t, "own.img")
+	own := imageOf(t, "own.img", 65534)
 	if r := d.vmlockAs(nobody, "acquire", "--uuid", "12345678-1234-1234-1234-123456789abd", "--pid", fmt.Sprint(mine.Process.Pid), "--disk", own); r.code != 0 {
 		t.Fatalf("nobody locking for its own process: exit %d (%s)", r.code, r.stderr)
 	}
@@ -338,6 +338,67 @@ func TestNonRootClientCannotTouchAnotherUidsLocks(t *testing.T) {
 	if r := d.vmlockAs(&syscall.Credential{Uid: 4242, Gid: 4242, Groups: []uint32{65534}}, "status"); r.code != 0 {
 		t.Fatalf("uid in the group by a supplementary group: exit %d (%s), want 0", r.code, r.stderr)
 	}
+}
+
+// vmlockd is root, its socket group's members are not: it locks for them
+// only what they could open themselves, so that none of them can have root
+// open (or lock) a file of the host they have no access to.
+func TestNonRootClientLocksOnlyFilesItCouldOpen(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another uid")
+	}
+	d := startDaemon(t, "--socket-group", "65534")
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	mine := exec.Command("sleep", "300")
+	mine.SysProcAttr = &syscall.SysProcAttr{Credential: nobody}
+	if err := mine.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mine.Process.Kill(); mine.Wait() })
+	pid := fmt.Sprint(mine.Process.Pid)
+
+	rootsOnly := imageOf(t, "shadow.img", 0) // 0600, root's
+	r := d.vmlockAs(nobody, "acquire", "--uuid", "12345678-1234-1234-1234-123456789abe", "--pid", pid, "--disk", rootsOnly)
+	if r.code != int(lockmgr.CodePermission) {
+		t.Fatalf("nobody locking a file only root may open: exit %d (%s), want %d", r.code, r.stderr, lockmgr.CodePermission)
+	}
+	mustContain(t, "the refusal", r.stderr, "uid 65534 may not read and write "+rootsOnly)
+	if !probeFree(t, rootsOnly) {
+		t.Fatal("the refused file is locked")
+	}
+	if len(d.locks()) != 0 {
+		t.Fatalf("a refused acquire left locks: %+v", d.locks())
+	}
+	// All or nothing: its own file is not locked either when another is refused.
+	own := imageOf(t, "own.img", 65534)
+	r = d.vmlockAs(nobody, "acquire", "--uuid", "12345678-1234-1234-1234-123456789abe", "--pid", pid, "--disk", own, "--disk", rootsOnly)
+	if r.code != int(lockmgr.CodePermission) || !probeFree(t, own) {
+		t.Fatalf("nobody locking its own file and root's: exit %d (%s), own file free %v", r.code, r.stderr, probeFree(t, own))
+	}
+	// Root may lock it, for root's process.
+	holder := d.startRun("root-vm", "--disk", rootsOnly)
+	if probeFree(t, rootsOnly) {
+		t.Fatalf("root's run (pid %d) did not lock %s", holder.Process.Pid, rootsOnly)
+	}
+}
+
+// imageOf is image, owned by uid with mode 0600, in a directory anybody may
+// search.
+func imageOf(t *testing.T, name string, uid int) string {
+	t.Helper()
+	p := image(t, name)
+	for _, dir := range []string{filepath.Dir(filepath.Dir(p)), filepath.Dir(p)} { // t.TempDir makes both 0700
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(p, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func TestGarbageAndVanishingClientsLeaveTheDaemonServing(t *testing.T) {

@@ -1,0 +1,135 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/lockmgr"
+)
+
+// Access of non-root clients to files.
+//
+// vmlockd runs as root, and a member of the socket group is not: yet the
+// daemon opens the images a client names (direct leases), reads their
+// headers (qemu-img info) and connects to its QEMU monitor. Unchecked, any
+// group member could have root open any file of the host, and an open alone
+// can have effects (a watchdog device starts counting down). So a non-root
+// client may name only files it could use itself: read and write access for
+// a disk it locks, read access for a read-only one. Whether it could is the
+// kernel's judgement, not vmlockd's: faccessat2 runs on a thread that has
+// taken the client's file-system uid, gid and groups (mode bits, ACLs,
+// search permission on every directory, read-only mounts, LSMs).
+//
+// What is checked is the canonical path (symlinks resolved). Drivers that
+// open the image open that path without following symlinks (the lockspace
+// driver uses RESOLVE_NO_SYMLINKS), so a symlink that a client swaps in
+// between the check and the open makes the open fail instead of reaching
+// another file. A directory renamed in between can only lead to files the
+// client reaches through its own directories, which it could use anyway as
+// long as protected_hardlinks is on (the default of every distribution).
+
+// peerGroups returns the supplementary groups of the process that connected
+// the socket fd, as of its connect (SO_PEERGROUPS, Linux 4.13).
+func peerGroups(fd int) ([]uint32, error) {
+	n := 32
+	for {
+		buf := make([]uint32, n)
+		size := uint32(4 * n)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&size)), 0)
+		switch {
+		case e == unix.ERANGE && int(size)/4 > n:
+			n = int(size) / 4 // the kernel said how many there are
+		case e != 0:
+			return nil, fmt.Errorf("SO_PEERGROUPS: %w", e)
+		default:
+			return buf[:size/4], nil
+		}
+	}
+}
+
+// mayUse checks that the non-root caller c could use the file of the disk
+// resource r (already canonical) in r's mode; root, and a caller of the
+// daemon's own uid, may use any. A disk that does not exist yet needs write
+// and search access to the deepest directory that does, where it would be
+// created. Other resource types name no file of the host and need nothing.
+func mayUse(ctx context.Context, c caller, r lockmgr.Resource) error {
+	if r.Type != lockmgr.TypeDisk || c.root() || c.uid == os.Geteuid() {
+		return nil
+	}
+	want, what := uint32(unix.R_OK|unix.W_OK), "read and write"
+	if r.Mode == lockmgr.ReadOnly {
+		want, what = unix.R_OK, "read"
+	}
+	p := r.Name
+	err := accessAs(ctx, c, p, want)
+	for errors.Is(err, unix.ENOENT) && p != "/" {
+		p = filepath.Dir(p)
+		want, what = unix.W_OK|unix.X_OK, "create files in"
+		err = accessAs(ctx, c, p, want)
+	}
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM), errors.Is(err, unix.EROFS):
+		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
+			Msg: fmt.Sprintf("uid %d may not %s %s (vmlockd locks for a non-root client only what it could use itself)", c.uid, what, p), Err: err}
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return err
+	default:
+		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
+			Msg: fmt.Sprintf("cannot check whether uid %d may %s %s", c.uid, what, p), Err: err}
+	}
+}
+
+// accessAs runs faccessat2(path, mode, AT_EACCESS) with c's file-system
+// identity. The check runs on an OS thread of its own that takes c's fs uid,
+// fs gid and groups (all three are per thread in the kernel, and x/sys sets
+// them with plain system calls, not on every thread as package syscall
+// does); the thread is never unlocked, so the Go runtime ends it with its
+// goroutine and no other goroutine ever runs with c's identity. Changing
+// the fs uid away from 0 drops the thread's file-system capabilities, so
+// root's CAP_DAC_OVERRIDE does not leak into the check. A vmlockd without
+// CAP_SETUID cannot take another identity: the check then fails, closed.
+func accessAs(ctx context.Context, c caller, path string, mode uint32) error {
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // and never unlocked: see above
+		done <- func() error {
+			gids := make([]int, len(c.groups))
+			for i, g := range c.groups {
+				gids[i] = int(g)
+			}
+			if err := unix.Setgroups(gids); err != nil {
+				return fmt.Errorf("setgroups: %w", err)
+			}
+			unix.Setfsgid(c.gid)
+			unix.Setfsuid(c.uid)
+			// setfsuid and setfsgid report no error: ask back (an invalid
+			// id, -1, changes nothing and returns the current one).
+			if g, _ := unix.SetfsgidRetGid(-1); g != c.gid {
+				return fmt.Errorf("setfsgid(%d): still %d: %w", c.gid, g, unix.EPERM)
+			}
+			if u, _ := unix.SetfsuidRetUid(-1); u != c.uid {
+				return fmt.Errorf("setfsuid(%d): still %d: %w", c.uid, u, unix.EPERM)
+			}
+			// faccessat2 itself, never x/sys's fallback for old kernels: it
+			// emulates the check in user space with the process's ids,
+			// which are root's.
+			return unix.Faccessat2(unix.AT_FDCWD, path, mode, unix.AT_EACCESS)
+		}()
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err() // the thread ends on its own, after a hung file system
+	}
+}
