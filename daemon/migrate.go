@@ -329,26 +329,77 @@ func (d *Daemon) setPending(ow *owner, p []lockmgr.Resource) {
 	d.mu.Unlock()
 }
 
-// upgrade takes r exclusively again, retrying while the other side of the
-// handover still holds it, until ctx ends (then the busy error names who
-// still holds it).
+// releaseWaiter is a driver that can wait until nobody but a lease's
+// holder holds its resource (etcdlock.Driver, on an etcd watch).
+type releaseWaiter interface {
+	WaitAlone(ctx context.Context, l lockmgr.Lease) error
+}
+
+// upgrade takes r exclusively again, waiting while the other side of the
+// handover (or anyone else) still holds it, until ctx ends: then the busy
+// error names who still holds it. With a driver that can say when the
+// other holders are gone (releaseWaiter) it sleeps until then; the
+// lockspace driver hears nothing of another host's unlock, so with it, and
+// while the conflict is with another object of this daemon, it tries again
+// after growing pauses.
 func (d *Daemon) upgrade(ctx context.Context, uuid string, r lockmgr.Resource) error {
 	r.Mode = lockmgr.Exclusive
-	wait := 5 * time.Millisecond
+	// The wait ends early enough to answer with the busy error before the
+	// caller's deadline.
+	wctx := ctx
+	if dl, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		wctx, cancel = context.WithDeadline(ctx, dl.Add(-100*time.Millisecond))
+		defer cancel()
+	}
+	waiter, _ := d.cfg.Driver.(releaseWaiter)
+	pause := 5 * time.Millisecond
 	for {
 		err := d.mgr.ChangeMode(ctx, uuid, r)
-		if !errors.Is(err, lockmgr.ErrBusy) {
+		var be *lockmgr.BusyError
+		if !errors.As(err, &be) {
 			return err
 		}
-		dl, ok := ctx.Deadline()
-		if ok && time.Until(dl) < wait+100*time.Millisecond {
-			return err // leave time to answer
+		if l := d.leaseOf(uuid, r); waiter != nil && l != nil && !d.localHolder(uuid, be) {
+			if werr := waiter.WaitAlone(wctx, l); werr != nil {
+				if wctx.Err() != nil {
+					return err
+				}
+				return werr
+			}
+			continue
 		}
 		select {
-		case <-ctx.Done():
+		case <-wctx.Done():
 			return err
-		case <-time.After(wait):
+		case <-time.After(pause):
 		}
-		wait = min(2*wait, 200*time.Millisecond)
+		pause = min(2*pause, 200*time.Millisecond)
 	}
+}
+
+// leaseOf returns the lease by which uuid holds r, or nil.
+func (d *Daemon) leaseOf(uuid string, r lockmgr.Resource) lockmgr.Lease {
+	ls, _, err := d.mgr.Held(uuid)
+	if err != nil {
+		return nil
+	}
+	for _, l := range ls {
+		if l.Resource().Key() == r.Key() {
+			return l
+		}
+	}
+	return nil
+}
+
+// localHolder reports whether be names another object of this daemon: a
+// conflict in its own lock table, of which the driver knows nothing yet
+// while that object's grant is on its way.
+func (d *Daemon) localHolder(uuid string, be *lockmgr.BusyError) bool {
+	if be.Holder.UUID == uuid {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.owners[be.Holder.UUID] != nil
 }

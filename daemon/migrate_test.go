@@ -3,13 +3,18 @@ package daemon
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/etcdlock"
+	"github.com/vmlock/vmlock/etcdlock/etcdtest"
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/lockspace"
 )
@@ -226,5 +231,119 @@ func TestHandoverStateWithTwoMarkersRefused(t *testing.T) {
 	rs, _, _, err := d.handoverIn(nil, st.String())
 	if !errors.Is(err, lockmgr.ErrInvalidArgument) {
 		t.Fatalf("a state with two migration markers: resources %v, error %v; want invalid argument", rs, err)
+	}
+}
+
+// upgradeCounter is an etcd driver that counts the upgrades asked of it
+// and says when the first one was refused as busy.
+type upgradeCounter struct {
+	*etcdlock.Driver
+	upgrades atomic.Int32
+	busy     chan struct{} // closed at the first busy upgrade
+	once     sync.Once
+}
+
+func (u *upgradeCounter) Convert(ctx context.Context, l lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
+	if m != lockmgr.Exclusive {
+		return u.Driver.Convert(ctx, l, m)
+	}
+	u.upgrades.Add(1)
+	nl, err := u.Driver.Convert(ctx, l, m)
+	if errors.Is(err, lockmgr.ErrBusy) {
+		u.once.Do(func() { close(u.busy) })
+	}
+	return nl, err
+}
+
+// etcdHandover starts two daemons, "src" and "dst", on one embedded etcd,
+// and hands an object with one disk from src to dst up to the point where
+// both hold it shared. It returns the clients, the destination's driver
+// and the object's uuid.
+func etcdHandover(t *testing.T, dstCfg Config) (src, dst *api.Client, dstDrv *upgradeCounter, uuid string) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	cl, err := etcdtest.Start(cctx, etcdtest.Options{Dir: filepath.Join(dir, "etcd"), Members: 1, TickMs: 10, ElectionMs: 100, NoFsync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	driver := func(host string) *etcdlock.Driver {
+		drv, err := etcdlock.New(cctx, etcdlock.Config{Endpoints: cl.Endpoints(), Host: host, OpTimeout: 3 * time.Second, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { drv.Close() })
+		return drv
+	}
+	src, _ = startInProcess(t, Config{Driver: driver("src"), Host: "src"})
+	dstDrv = &upgradeCounter{Driver: driver("dst"), busy: make(chan struct{})}
+	dstCfg.Driver, dstCfg.Host = dstDrv, "dst"
+	dst, _ = startInProcess(t, dstCfg)
+
+	uuid = "66666666-0000-4000-8000-000000000001"
+	disk := filepath.Join(dir, "vm.img")
+	os.WriteFile(disk, nil, 0o600)
+	if _, err := src.Acquire(ctx, lockmgr.Object{UUID: uuid, Name: "vm", PID: sleeper(t)}, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	state, err := src.MigratePrepare(ctx, uuid, "dst")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dst.Acquire(ctx, lockmgr.Object{UUID: uuid, Name: "vm", PID: sleeper(t)}, nil, state); err != nil {
+		t.Fatal(err)
+	}
+	return src, dst, dstDrv, uuid
+}
+
+// `migrate complete` on the destination, started before the source has
+// released, sleeps on an etcd watch until the source's hold is gone and
+// then takes the disk exclusively: one refused upgrade, then one granted,
+// however long the source takes.
+func TestMigrateCompleteWakesWhenTheSourceReleases(t *testing.T) {
+	ctx := context.Background()
+	src, dst, drv, u := etcdHandover(t, Config{})
+	done := make(chan error, 1)
+	go func() {
+		_, err := dst.MigrateComplete(ctx, u, false)
+		done <- err
+	}()
+	<-drv.busy
+	// The source takes its time: long enough for a poller to try again
+	// several times (after 5, 10, 20, 40 ms, ...).
+	time.Sleep(300 * time.Millisecond)
+	if r, err := src.MigrateComplete(ctx, u, false); err != nil || !r.Released {
+		t.Fatalf("complete on the source: %+v, %v", r, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("complete on the destination: %v", err)
+	}
+	if n := drv.upgrades.Load(); n != 2 {
+		t.Fatalf("the destination tried %d upgrades, want 2: the refused one and, once the source released, the granted one", n)
+	}
+	locks, err := dst.Locks(ctx)
+	if err != nil || len(locks) != 1 || len(locks[0].Holders) != 1 || locks[0].Holders[0].Mode != lockmgr.Exclusive {
+		t.Fatalf("the destination's locks after completing: %+v, %v; want the disk held exclusively", locks, err)
+	}
+}
+
+// `migrate complete` gives up when its request's time is up and names who
+// still holds the disk; the handover stays pending and completes once the
+// source has released.
+func TestMigrateCompleteGivesUpWithItsRequest(t *testing.T) {
+	ctx := context.Background()
+	src, dst, _, u := etcdHandover(t, Config{RequestTimeout: 2 * time.Second})
+	_, err := dst.MigrateComplete(ctx, u, false)
+	var be *lockmgr.BusyError
+	if !errors.As(err, &be) || be.Holder.Host != "src" {
+		t.Fatalf("complete while the source holds the disk: %v; want busy, naming the source", err)
+	}
+	if r, err := src.MigrateComplete(ctx, u, false); err != nil || !r.Released {
+		t.Fatalf("complete on the source: %+v, %v", r, err)
+	}
+	if r, err := dst.MigrateComplete(ctx, u, false); err != nil || r.Released {
+		t.Fatalf("complete on the destination again: %+v, %v; want the object kept", r, err)
 	}
 }

@@ -84,7 +84,9 @@
 // lost Convert can settle the outcome for sure: it rewrites the old key in
 // place (a new ModRevision, which the lost transaction can no longer
 // match) unless that key is gone, and then finds its own record in the new
-// key (see Convert).
+// key (see Convert). WaitAlone sleeps on a watch until no other holder of
+// a lease's resource is left: vmlockd's side of a handover that keeps the
+// object waits with it for the other side to release before it upgrades.
 //
 // # Waiting
 //

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -485,4 +486,45 @@ func TestLeaderKilled(t *testing.T) {
 		t.Fatalf("release after failover: %v", err)
 	}
 	mustAcquire(t, b, req("/img/l1", lockmgr.Exclusive, uuidB))
+}
+
+// WaitAlone returns once every other holder of the resource is gone, one
+// that joined during the wait included, and not before; it ends with its
+// context.
+func TestWaitAloneReturnsOnceTheOtherHoldersAreGone(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	const disk = "/img/alone"
+
+	la := mustAcquire(t, a, req(disk, lockmgr.Shared, uuidA))
+	if err := a.WaitAlone(ctxT(t, 5*time.Second), la[0]); err != nil {
+		t.Fatalf("wait with no other holder: %v", err)
+	}
+	first := mustAcquire(t, b, req(disk, lockmgr.Shared, uuidB))
+	var lastGone atomic.Bool
+	done := make(chan error, 1)
+	go func() {
+		err := a.WaitAlone(ctxT(t, 20*time.Second), la[0])
+		if err == nil && !lastGone.Load() {
+			err = errors.New("returned while another holder was left")
+		}
+		done <- err
+	}()
+	joined := mustAcquire(t, b, req(disk, lockmgr.Shared, uuidC))
+	mustRelease(t, b, first...)
+	time.Sleep(100 * time.Millisecond) // time for a wrong return to show
+	lastGone.Store(true)
+	mustRelease(t, b, joined...)
+	if err := <-done; err != nil {
+		t.Fatalf("wait: %v", err)
+	}
+
+	mustAcquire(t, b, req(disk, lockmgr.Shared, uuidB))
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := a.WaitAlone(ctx, la[0]); lockmgr.CodeOf(err) != lockmgr.CodeTimeout {
+		t.Fatalf("waiting past the deadline: %v, want timeout", err)
+	}
 }
