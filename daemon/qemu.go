@@ -733,9 +733,22 @@ func (vm *qemuVM) heldModes() map[string]lockmgr.Mode {
 	return out
 }
 
+// relativePath refuses a relative path (a name with a slash that is not
+// absolute) where an image is named: vmlockd cannot know the working
+// directory of the client it is relative to.
+func relativePath(what, name string) error {
+	if strings.ContainsRune(name, '/') && !filepath.IsAbs(name) {
+		return lockmgr.Errorf(lockmgr.CodeInvalidArgument, "%s %q is a relative path: give an absolute path or a name (vmlock makes relative paths absolute itself)", what, name)
+	}
+	return nil
+}
+
 // findDisk finds a disk by its name, backend, device, node, or active
-// image path (canonical).
+// image path (canonical; a relative path is refused).
 func findDisk(disks []qemu.Disk, name string) (*qemu.Disk, error) {
+	if err := relativePath("disk", name); err != nil {
+		return nil, err
+	}
 	canonical := ""
 	if strings.ContainsRune(name, '/') {
 		if r, err := lockmgr.Canonical(lockmgr.DiskResource(name, lockmgr.Exclusive)); err == nil {

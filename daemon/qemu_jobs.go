@@ -125,8 +125,11 @@ func (vm *qemuVM) jobDiskLocked(ctx context.Context, name string) (*qemu.Disk, e
 	return d, nil
 }
 
-// imageIndex finds an image of the chain by path or node name.
+// imageIndex finds an image of the chain by path (absolute) or node name.
 func imageIndex(imgs []qemu.Image, what, name string) (int, error) {
+	if err := relativePath("--"+what, name); err != nil {
+		return 0, err
+	}
 	canonical := name
 	if r, err := lockmgr.Canonical(lockmgr.DiskResource(name, lockmgr.Exclusive)); err == nil && strings.ContainsRune(name, '/') {
 		canonical = r.Name

@@ -3,6 +3,7 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -80,5 +81,20 @@ func TestImageIndex(t *testing.T) {
 	}
 	if _, err := imageIndex(imgs, "base", "/img/other"); !errors.Is(err, lockmgr.ErrInvalidArgument) {
 		t.Fatalf("an image not in the chain: %v", err)
+	}
+}
+
+// vmlockd cannot know the working directory of the client a relative path
+// is relative to: such a path is refused, not resolved in vmlockd's.
+func TestRelativeImagePathsAreRefused(t *testing.T) {
+	imgs := images("/img/top", "/img/base")
+	disks := []qemu.Disk{{Name: "drive0", Node: "n0", Images: imgs}}
+	for _, name := range []string{"img/base", "./base", "../img/base"} {
+		if _, err := imageIndex(imgs, "base", name); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "relative path") {
+			t.Errorf("imageIndex(%q): %v, want an invalid argument naming the relative path", name, err)
+		}
+		if _, err := findDisk(disks, name); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "relative path") {
+			t.Errorf("findDisk(%q): %v, want an invalid argument naming the relative path", name, err)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/qmp"
 )
@@ -692,4 +693,72 @@ func TestQEMUWhoseImageCannotBeLockedFailsNamingTheHolder(t *testing.T) {
 	if got, want := d.modes(), map[string]string{ch.base: fmt.Sprintf("exclusive %d", holder.Process.Pid)}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("locks after the refused VM: %v, want %v", got, want)
 	}
+}
+
+// vmlockIn runs the CLI to completion in directory dir.
+func (d *daemon) vmlockIn(dir string, args ...string) result {
+	d.t.Helper()
+	cmd := exec.Command(bins.vmlock, append([]string{"--socket", d.socket}, args...)...)
+	cmd.Dir = dir
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	r := result{stdout: out.String(), stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee) && ee.Exited():
+		r.code = ee.ExitCode()
+	default:
+		d.t.Fatalf("vmlock %v: %v", args, err)
+	}
+	return r
+}
+
+// Relative image paths are the client's: vmlock makes them absolute
+// against its own working directory (a bare name when such a file is
+// there), not vmlockd against its own.
+func TestQEMUCommitResolvesRelativeImagePathsInTheClientsDirectory(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	r := d.vmlockIn(ch.dir, "blockcommit", "vm1", "drive0", "--top", "mid.qcow2", "--base", "./base.qcow2", "--wait")
+	if r.code != 0 {
+		t.Fatalf("blockcommit --top mid.qcow2 --base ./base.qcow2 in the chain's directory: exit %d, stderr %q", r.code, r.stderr)
+	}
+	mustContain(t, "blockcommit", r.stdout, "Commit complete")
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.base: lockmgr.Shared})
+	// DISK may be the active image's path, relative too.
+	r = d.vmlockIn(ch.dir, "blockjob", "vm1", "./top.qcow2")
+	if r.code != 0 || !strings.Contains(r.stdout, "completed") {
+		t.Fatalf("blockjob ./top.qcow2 in the chain's directory: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+}
+
+// vmlockd cannot know the working directory of an API client: a relative
+// path is refused as an invalid argument, and no job starts.
+func TestQEMUCommitRefusesRelativeImagePathsAtTheAPI(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	rel, err := filepath.Rel(bins.dir, ch.base) // relative to neither process's directory on purpose
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []*vmlockpb.BlockCommitRequest{
+		{Vm: "vm1", Disk: "drive0", Top: "./mid.qcow2"},
+		{Vm: "vm1", Disk: "drive0", Top: ch.mid, Base: rel},
+		{Vm: "vm1", Disk: "./top.qcow2", Top: ch.mid},
+	} {
+		_, err := d.client().BlockCommit(qctx(t), req)
+		if !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "relative path") {
+			t.Fatalf("BlockCommit %v: %v, want an invalid argument naming the relative path", req, err)
+		}
+	}
+	if got := d.jobInfo("vm1", "drive0")["phase"]; got != "none" {
+		t.Fatalf("a refused commit left a job: %v", got)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
 }

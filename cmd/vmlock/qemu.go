@@ -108,6 +108,35 @@ func (g *globals) call(cmd *cobra.Command, f func(ctx context.Context, c *api.Cl
 	return f(ctx, c)
 }
 
+// imageArg returns an image argument (DISK, --top, --base) as vmlockd
+// must get it. vmlockd cannot know this process's working directory, so a
+// relative path is made absolute here: a name with a slash is a path; a
+// name without one is a path if such a file exists here, else a disk or
+// node name, sent as it is.
+func imageArg(s string) (string, error) {
+	if s == "" || filepath.IsAbs(s) {
+		return s, nil
+	}
+	if !strings.ContainsRune(s, '/') {
+		if _, err := os.Stat(s); err != nil {
+			return s, nil
+		}
+	}
+	return filepath.Abs(s)
+}
+
+// imageArgs applies imageArg to each of ps.
+func imageArgs(ps ...*string) error {
+	for _, p := range ps {
+		v, err := imageArg(*p)
+		if err != nil {
+			return err
+		}
+		*p = v
+	}
+	return nil
+}
+
 // bandwidthFlags are virsh's --bandwidth and --bytes.
 type bandwidthFlags struct {
 	n     int64
@@ -158,6 +187,9 @@ committed images once the job has succeeded.`,
 				return err
 			}
 			req.Vm, req.Disk, req.Bandwidth = args[0], args[1], bw.bytesPerSecond()
+			if err := imageArgs(&req.Disk, &req.Top, &req.Base); err != nil {
+				return err
+			}
 			if err := g.call(cmd, func(ctx context.Context, c *api.Client) error {
 				_, err := c.BlockCommit(ctx, &req)
 				return err
@@ -176,12 +208,12 @@ committed images once the job has succeeded.`,
 			case keep:
 				action, done = vmlockpb.BlockJobAction_BLOCK_JOB_ABORT, "Commit complete, overlay image kept"
 			}
-			return waitAndFinish(cmd, g, args[0], args[1], verbose, async, action, done)
+			return waitAndFinish(cmd, g, req.Vm, req.Disk, verbose, async, action, done)
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&req.Top, "top", "", "the top image to commit (path or node; default: the active layer)")
-	f.StringVar(&req.Base, "base", "", "the image to commit into (path or node; default: the bottom of the chain)")
+	f.StringVar(&req.Top, "top", "", "the top image to commit (path, relative to this directory, or node; default: the active layer)")
+	f.StringVar(&req.Base, "base", "", "the image to commit into (path, relative to this directory, or node; default: the bottom of the chain)")
 	f.BoolVar(&req.Shallow, "shallow", false, "commit into the top image's own backing image")
 	f.BoolVar(&req.Active, "active", false, "commit the active layer (a two-phase job)")
 	f.BoolVar(&req.Delete, "delete", false, "unlink the committed images once the job has succeeded")
@@ -231,6 +263,9 @@ complete copy, is released).`,
 				return err
 			}
 			req.Vm, req.Disk, req.Dest, req.Bandwidth = args[0], args[1], dest, bw.bytesPerSecond()
+			if err := imageArgs(&req.Disk); err != nil {
+				return err
+			}
 			if err := g.call(cmd, func(ctx context.Context, c *api.Client) error {
 				_, err := c.BlockCopy(ctx, &req)
 				return err
@@ -248,7 +283,7 @@ complete copy, is released).`,
 			case finish:
 				action, done = vmlockpb.BlockJobAction_BLOCK_JOB_ABORT, "Successfully copied"
 			}
-			return waitAndFinish(cmd, g, args[0], args[1], verbose, async, action, done)
+			return waitAndFinish(cmd, g, req.Vm, req.Disk, verbose, async, action, done)
 		},
 	}
 	f := c.Flags()
@@ -373,6 +408,9 @@ have moved unless --async.`,
 				return err
 			}
 			req := &vmlockpb.BlockJobRequest{Vm: args[0], Disk: args[1], Async: async}
+			if err := imageArgs(&req.Disk); err != nil {
+				return err
+			}
 			switch {
 			case abort:
 				req.Action = vmlockpb.BlockJobAction_BLOCK_JOB_ABORT
@@ -447,8 +485,12 @@ func newDiskCmd(g *globals) *cobra.Command {
 		Short: "remove a disk from QEMU (blockdev-del), then release its chain's locks",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			name, err := imageArg(args[1])
+			if err != nil {
+				return err
+			}
 			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
-				disk, err := c.DetachDisk(ctx, args[0], args[1])
+				disk, err := c.DetachDisk(ctx, args[0], name)
 				if err == nil {
 					fmt.Fprintf(cmd.OutOrStdout(), "detached %s\n", disk.Name)
 				}
