@@ -18,7 +18,8 @@ package daemon
 // Lock modes follow the graph: a disk's active image exclusive (shared
 // for a share-rw device), every backing image shared, every image of a
 // read-only disk recorded only; a running commit job's base exclusive,
-// and a copy job's target (a root of its own) exclusive. Every change —
+// and a copy job's target (a root of its own) exclusive; a qcow2 image's
+// external data file in its image's mode. Every change —
 // hotplug, a job starting or ending — ends with a reconcile, which takes
 // what is missing first, then changes modes (lockmgr.Manager.ChangeMode,
 // atomic), then releases the images QEMU has closed.
@@ -516,9 +517,13 @@ func (vm *qemuVM) connectedLocked() (*qmp.Client, error) {
 
 // canon returns the canonical path of an image QEMU names: relative names
 // are relative to QEMU's working directory.
-func (vm *qemuVM) canon(p string) (string, error) {
+func (vm *qemuVM) canon(p string) (string, error) { return canonAt(vm.pid, p) }
+
+// canonAt returns the canonical path of p, a path relative to the working
+// directory of process pid if it is relative.
+func canonAt(pid int, p string) (string, error) {
 	if !filepath.IsAbs(p) {
-		cwd, err := os.Readlink("/proc/" + strconv.Itoa(vm.pid) + "/cwd")
+		cwd, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/cwd")
 		if err != nil {
 			return "", fmt.Errorf("resolving %s against QEMU's working directory: %w", p, err)
 		}
@@ -545,14 +550,16 @@ func (vm *qemuVM) disksLocked(ctx context.Context) ([]qemu.Disk, error) {
 	for i := range disks {
 		for k := range disks[i].Images {
 			img := &disks[i].Images[k]
-			if img.Path == "" {
-				continue
-			}
-			if img.Path, err = vm.canon(img.Path); err != nil {
-				return nil, err
-			}
-			if vm.unlinked(img.Path) {
-				img.Path = ""
+			for _, p := range []*string{&img.Path, &img.DataFile} {
+				if *p == "" {
+					continue
+				}
+				if *p, err = vm.canon(*p); err != nil {
+					return nil, err
+				}
+				if vm.unlinked(*p) {
+					*p = ""
+				}
 			}
 		}
 	}
@@ -587,28 +594,35 @@ func (vm *qemuVM) unlinked(path string) bool {
 
 // wanted is the lock policy: the mode of every image QEMU uses, from its
 // disks and the live jobs. An image used by two disks gets the stronger
-// mode.
+// mode. A qcow2 image's external data file gets its image's mode: it is
+// written whenever the image is.
 func (vm *qemuVM) wanted(disks []qemu.Disk) map[string]lockmgr.Mode {
 	want := map[string]lockmgr.Mode{}
-	put := func(p string, m lockmgr.Mode) {
-		if p == "" {
-			return // not a local file: nothing vmlock can lock
-		}
-		if cur, ok := want[p]; !ok || m < cur { // Exclusive < Shared < ReadOnly
-			want[p] = m
+	dataFile := map[string]string{} // image path → its data file
+	put := func(img qemu.Image, m lockmgr.Mode) {
+		for _, p := range []string{img.Path, img.DataFile} {
+			if p == "" {
+				continue // not a local file: nothing vmlock can lock
+			}
+			if cur, ok := want[p]; !ok || m < cur { // Exclusive < Shared < ReadOnly
+				want[p] = m
+			}
 		}
 	}
 	for _, d := range disks {
 		for i, img := range d.Images {
+			if img.Path != "" {
+				dataFile[img.Path] = img.DataFile
+			}
 			switch {
 			case d.ReadOnly:
-				put(img.Path, lockmgr.ReadOnly)
+				put(img, lockmgr.ReadOnly)
 			case i > 0:
-				put(img.Path, lockmgr.Shared)
+				put(img, lockmgr.Shared)
 			case d.ShareRW:
-				put(img.Path, lockmgr.Shared)
+				put(img, lockmgr.Shared)
 			default:
-				put(img.Path, lockmgr.Exclusive)
+				put(img, lockmgr.Exclusive)
 			}
 		}
 	}
@@ -618,9 +632,9 @@ func (vm *qemuVM) wanted(disks []qemu.Disk) map[string]lockmgr.Mode {
 		}
 		// The image a job writes: a commit's base, a copy's target.
 		if j.rec.Type == jobCopy {
-			put(j.rec.Target, lockmgr.Exclusive)
+			put(qemu.Image{Path: j.rec.Target, DataFile: dataFile[j.rec.Target]}, lockmgr.Exclusive)
 		} else if _, used := want[j.rec.Base]; used {
-			put(j.rec.Base, lockmgr.Exclusive)
+			put(qemu.Image{Path: j.rec.Base, DataFile: dataFile[j.rec.Base]}, lockmgr.Exclusive)
 		}
 	}
 	return want

@@ -190,11 +190,24 @@ func (vm *qemuVM) blockCommit(ctx context.Context, req *vmlockpb.BlockCommitRequ
 			rec.Delete = append(rec.Delete, img.Path)
 		}
 	}
-	// Locks follow the data: the base is QEMU's to write from now on.
-	if err := vm.s.d.mgr.ChangeMode(ctx, vm.uuid, lockmgr.DiskResource(rec.Base, lockmgr.Exclusive)); err != nil {
-		return nil, fmt.Errorf("the commit cannot start: its base %s cannot be locked exclusively: %w", rec.Base, err)
+	// Locks follow the data: the base (and its data file) is QEMU's to
+	// write from now on.
+	for i, p := range []string{rec.Base, imgs[base].DataFile} {
+		if p == "" {
+			continue
+		}
+		what := "its base " + p
+		if i > 0 {
+			what = fmt.Sprintf("the data file %s of its base %s", p, rec.Base)
+		}
+		if err := vm.s.d.mgr.ChangeMode(ctx, vm.uuid, lockmgr.DiskResource(p, lockmgr.Exclusive)); err != nil {
+			if rerr := vm.reconcileDetachedLocked(); rerr != nil {
+				vm.s.log.Error("putting the locks back after a refused commit", "uuid", vm.uuid, "err", rerr)
+			}
+			return nil, fmt.Errorf("the commit cannot start: %s cannot be locked exclusively: %w", what, err)
+		}
+		vm.s.log.Info("QEMU lock", "uuid", vm.uuid, "name", vm.name, "image", p, "mode", "exclusive", "why", "commit base")
 	}
-	vm.s.log.Info("QEMU lock", "uuid", vm.uuid, "name", vm.name, "image", rec.Base, "mode", "exclusive", "why", "commit base")
 	rec.ID = vm.newJobIDLocked("commit", d.Name)
 	opts := qemu.CommitOptions{JobID: rec.ID, Device: d.Root, BaseNode: imgs[base].Node, Speed: req.Bandwidth, AutoDismiss: new(false)}
 	if top > 0 {
@@ -315,12 +328,32 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 			_ = os.Remove(dest.Name)
 		}
 	}
-	// The target is QEMU's to write: lock it before QEMU opens it.
-	if err := vm.s.d.mgr.AcquireResource(ctx, vm.uuid, dest); err != nil {
-		undo()
-		return nil, fmt.Errorf("the copy cannot start: %w", err)
+	// The target (and an existing target's data file) is QEMU's to
+	// write: lock it before QEMU opens it.
+	targets := []string{dest.Name}
+	if req.ReuseExternal {
+		info, err := qemu.BackingChain(ctx, "", dest.Name, format)
+		if err != nil {
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + dest.Name, Msg: "cannot read the copy target", Err: err}
+		}
+		if df := info[0].DataFile(); df != "" {
+			p, err := vm.canon(df)
+			if err != nil {
+				return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + dest.Name, Msg: "cannot resolve its data file", Err: err}
+			}
+			targets = append(targets, p)
+		}
 	}
-	vm.rec.Managed = append(vm.rec.Managed, dest.Name)
+	for _, p := range targets {
+		if err := vm.s.d.mgr.AcquireResource(ctx, vm.uuid, lockmgr.DiskResource(p, lockmgr.Exclusive)); err != nil {
+			if rerr := vm.reconcileDetachedLocked(); rerr != nil {
+				vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
+			}
+			undo()
+			return nil, fmt.Errorf("the copy cannot start: %w", err)
+		}
+		vm.rec.Managed = append(vm.rec.Managed, p)
+	}
 	rec := jobRecord{Disk: d.Name, Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
 		TargetNode: vm.newNodeNameLocked("target"), ID: vm.newJobIDLocked("copy", d.Name)}
 	node := map[string]any{"driver": format, "node-name": rec.TargetNode,

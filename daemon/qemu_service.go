@@ -54,6 +54,7 @@ func (q *qemuService) Start(ctx context.Context, req *vmlockpb.QEMUStartRequest)
 	// The chains, from the image headers: QEMU opens them the same way.
 	chains := make([][]string, len(req.Drives))
 	backing := map[string]bool{}
+	dataFile := map[string]string{} // image → its external data file
 	for i, dr := range req.Drives {
 		if !filepath.IsAbs(dr.Path) {
 			return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "drive %q: want an absolute path", dr.Path)
@@ -69,6 +70,13 @@ func (q *qemuService) Start(ctx context.Context, req *vmlockpb.QEMUStartRequest)
 			}
 			chains[i] = append(chains[i], r.Name)
 			backing[r.Name] = backing[r.Name] || k > 0
+			if df := img.DataFile(); df != "" {
+				// QEMU opens it relative to its working directory: the
+				// caller's, whose process becomes QEMU.
+				if dataFile[r.Name], err = canonAt(o.PID, df); err != nil {
+					return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + r.Name, Msg: "cannot resolve its data file", Err: err}
+				}
+			}
 		}
 	}
 	want := map[string]lockmgr.Mode{}
@@ -83,8 +91,11 @@ func (q *qemuService) Start(ctx context.Context, req *vmlockpb.QEMUStartRequest)
 			case k > 0 || dr.Backing || dr.Shared || backing[p]:
 				m = lockmgr.Shared
 			}
-			if cur, ok := want[p]; !ok || m < cur {
-				want[p] = m
+			// A data file is written whenever its image is.
+			for _, p := range []string{p, dataFile[p]} {
+				if cur, ok := want[p]; p != "" && (!ok || m < cur) {
+					want[p] = m
+				}
 			}
 		}
 	}
@@ -285,8 +296,20 @@ func (vm *qemuVM) attachDisk(ctx context.Context, req *vmlockpb.QEMUAttachDiskRe
 		case i > 0:
 			m = lockmgr.Shared
 		}
-		if cur, ok := want[r.Name]; !ok || m < cur {
-			want[r.Name] = m
+		paths := []string{r.Name}
+		if df := img.DataFile(); df != "" {
+			// Written whenever its image is; QEMU opens a relative name
+			// relative to its working directory.
+			p, err := vm.canon(df)
+			if err != nil {
+				return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + r.Name, Msg: "cannot resolve its data file", Err: err}
+			}
+			paths = append(paths, p)
+		}
+		for _, p := range paths {
+			if cur, ok := want[p]; !ok || m < cur {
+				want[p] = m
+			}
 		}
 	}
 	// Locks first: QEMU must not open an image that is not locked.

@@ -98,3 +98,26 @@ func TestRelativeImagePathsAreRefused(t *testing.T) {
 		}
 	}
 }
+
+// A qcow2 image's external data file is written whenever the image is: it
+// gets the image's mode, a commit base's exclusive mode included.
+func TestWantedModesLockDataFilesLikeTheirImages(t *testing.T) {
+	vda := images("/a/top", "/a/base")
+	vda[0].DataFile, vda[1].DataFile = "/a/top.data", "/a/base.data"
+	cd := images("/iso")
+	cd[0].DataFile = "/iso.data"
+	disks := []qemu.Disk{{Name: "vda", Images: vda}, {Name: "cd", ReadOnly: true, Images: cd}}
+	vm := &qemuVM{jobs: map[string]*blockJob{}}
+	exp := map[string]lockmgr.Mode{
+		"/a/top": lockmgr.Exclusive, "/a/top.data": lockmgr.Exclusive,
+		"/a/base": lockmgr.Shared, "/a/base.data": lockmgr.Shared,
+		"/iso": lockmgr.ReadOnly, "/iso.data": lockmgr.ReadOnly,
+	}
+	if want := vm.wanted(disks); fmt.Sprint(want) != fmt.Sprint(exp) {
+		t.Fatalf("wanted\n got %v\nwant %v", want, exp)
+	}
+	vm.jobs["vda"] = &blockJob{rec: jobRecord{Type: jobActiveCommit, Top: "/a/top", Base: "/a/base"}}
+	if want := vm.wanted(disks); want["/a/base"] != lockmgr.Exclusive || want["/a/base.data"] != lockmgr.Exclusive {
+		t.Fatalf("during a commit into /a/base: %v", want)
+	}
+}

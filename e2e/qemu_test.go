@@ -762,3 +762,50 @@ func TestQEMUCommitRefusesRelativeImagePathsAtTheAPI(t *testing.T) {
 	}
 	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
 }
+
+// A qcow2 image with an external data file keeps the guest's data there:
+// the data file is locked in its image's mode (exclusive for an active
+// image, shared for a backing one), so another qcow2 image naming the same
+// data file cannot give a second VM write access to it.
+func TestQEMULocksTheDataFileOfAQcow2ImageInItsMode(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	data, img := filepath.Join(ch.dir, "data.raw"), filepath.Join(ch.dir, "img.qcow2")
+	data2, base2, top2 := filepath.Join(ch.dir, "data2.raw"), filepath.Join(ch.dir, "base2.qcow2"), filepath.Join(ch.dir, "top2.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data, img, "1M")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data2, base2, "1M")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base2, "-F", "qcow2", top2)
+	v := d.startVM("vm1", ch.dir, "-drive", "if=none,id=drive0,format=qcow2,file="+img, "-drive", "if=none,id=drive1,format=qcow2,file="+top2)
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{img: lockmgr.Exclusive, data: lockmgr.Exclusive,
+		top2: lockmgr.Exclusive, base2: lockmgr.Shared, data2: lockmgr.Shared})
+	if probeFree(t, data) || probeFree(t, data2) {
+		t.Fatal("an OFD write lock on a data file in use succeeded")
+	}
+
+	// Another qcow2 image on the same data file: refused, naming vm1.
+	other := filepath.Join(ch.dir, "other.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(ch.dir, "scratch.raw"), other, "1M")
+	runTool(t, "qemu-img", "amend", "-f", "qcow2", "-o", "data_file="+data, other)
+	argv := append([]string{"run", "--qemu", "--name", "vm2", "--"}, qemuBase...)
+	r := d.vmlock(append(argv, "-drive", "if=none,id=drive0,format=qcow2,file="+other)...)
+	if r.code != int(lockmgr.CodeBusy) {
+		t.Fatalf("a VM on another image of vm1's data file: exit %d, stderr %q; want busy", r.code, r.stderr)
+	}
+	mustContain(t, "busy message", r.stderr, data, `vm "vm1"`)
+	v.quit()
+}
+
+// QEMU's block graph tells the data file too: an image the command line
+// does not show (a json: filename) has its data file locked with it.
+func TestQEMUDataFileOfAnImageOnlyQEMUsGraphShowsIsLocked(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	data, img := filepath.Join(ch.dir, "data.raw"), filepath.Join(ch.dir, "img.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data, img, "1M")
+	opts := strings.ReplaceAll(fmt.Sprintf(`{"driver":"qcow2","file":{"driver":"file","filename":%q}}`, img), ",", ",,")
+	v := d.startVM("vm1", ch.dir, "-drive", "if=none,id=drive0,file=json:"+opts)
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{img: lockmgr.Exclusive, data: lockmgr.Exclusive})
+	v.quit()
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/vmlock/vmlock/qmp"
 )
@@ -16,6 +17,10 @@ type Image struct {
 	// Path is the local file the image stores its data in, as QEMU names
 	// it, or "" if it is not a local file (NBD, RBD, ...).
 	Path string
+	// DataFile is the local file a qcow2 image with an external data file
+	// keeps its guest data in (its "data-file" child), or "": written
+	// whenever the image is.
+	DataFile string
 	// Format is the node's driver ("qcow2", "raw", "file", ...).
 	Format string
 	// ReadOnly reports whether QEMU opened the node read-only (every
@@ -89,15 +94,8 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 				continue
 			}
 			img := Image{Node: n.Name, Format: n.Driver, ReadOnly: n.ReadOnly, Size: n.Image.VirtualSize}
-			st, err := g.Storage(n.Name)
-			if err != nil {
+			if img.Path, img.DataFile, err = g.files(n); err != nil {
 				return nil, err
-			}
-			for _, s := range st {
-				if s.Driver == "file" || s.Driver == "host_device" || s.Driver == "host_cdrom" {
-					img.Path = s.Filename
-					break
-				}
 			}
 			d.Images = append(d.Images, img)
 		}
@@ -124,4 +122,34 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 		out = append(out, d)
 	}
 	return out, nil
+}
+
+// files returns the local files image node n stores its data in: its
+// image file, and a qcow2 image's external data file ("data-file" child;
+// from the image's header where QEMU's graph is not exact). Either is ""
+// if it is not a local file.
+func (g *Graph) files(n *Node) (path, dataFile string, err error) {
+	local := func(st []*Node) string {
+		for _, s := range st {
+			if s.Driver == "file" || s.Driver == "host_device" || s.Driver == "host_cdrom" {
+				return s.Filename
+			}
+		}
+		return ""
+	}
+	var data []*Node
+	if dn := n.Child("data-file"); dn != "" {
+		if data, err = g.Storage(dn); err != nil {
+			return "", "", err
+		}
+		dataFile = local(data)
+	} else if !g.Exact {
+		dataFile = n.Image.DataFile()
+	}
+	st, err := g.Storage(n.Name)
+	if err != nil {
+		return "", "", err
+	}
+	st = slices.DeleteFunc(st, func(s *Node) bool { return slices.Contains(data, s) })
+	return local(st), dataFile, nil
 }

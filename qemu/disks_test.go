@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"errors"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -98,5 +99,56 @@ func TestBackingChain(t *testing.T) {
 	chain, err = BackingChain(ctx, "", ch.top, "raw")
 	if err != nil || len(chain) != 1 || chain[0].Format != "raw" {
 		t.Fatalf("top read as raw: %+v %v", chain, err)
+	}
+}
+
+// A qcow2 image with an external data file keeps the guest's data there:
+// Disks names that file next to the image, in the backing chain too, and
+// BackingChain reads it from the headers.
+func TestDisksNameTheDataFileOfAQcow2Image(t *testing.T) {
+	dir := t.TempDir()
+	data, img := filepath.Join(dir, "data.raw"), filepath.Join(dir, "img.qcow2")
+	data2, base, top := filepath.Join(dir, "data2.raw"), filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data, img, "1M")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data2, base, "1M")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+	chain, err := BackingChain(testCtx(t), "", top, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || chain[0].DataFile() != "" || chain[1].DataFile() != data2 {
+		t.Fatalf("qemu-img's chain: %+v", chain)
+	}
+
+	c, _ := startQEMU(t, "-drive", "if=none,id=drive0,format=qcow2,file="+img, "-drive", "if=none,id=drive1,format=qcow2,file="+top)
+	ctx := testCtx(t)
+	disks, err := Disks(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]string{}
+	for _, d := range disks {
+		for _, im := range d.Images {
+			files[d.Name] = append(files[d.Name], im.Path+"+"+im.DataFile)
+		}
+	}
+	want := map[string][]string{"drive0": {img + "+" + data}, "drive1": {top + "+", base + "+" + data2}}
+	if fmt.Sprint(files) != fmt.Sprint(want) {
+		t.Fatalf("disks' files (image+data file):\n got %v\nwant %v", files, want)
+	}
+
+	// Where QEMU's graph is not exact, the image's header tells.
+	g, err := QueryGraph(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ig := &Graph{Nodes: map[string]*Node{}}
+	for name, n := range g.Nodes {
+		ig.Nodes[name] = &Node{NodeInfo: n.NodeInfo}
+	}
+	ig.infer()
+	node := disks[slices.IndexFunc(disks, func(d Disk) bool { return d.Name == "drive0" })].Node
+	if p, df, err := ig.files(ig.Nodes[node]); p != img || df != data || err != nil {
+		t.Fatalf("inferred graph: image %q data file %q (%v); want %q, %q", p, df, err, img, data)
 	}
 }

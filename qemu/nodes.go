@@ -23,6 +23,25 @@ type ImageInfo struct {
 	// BackingImage is the backing image's description; only present in
 	// non-flat queries (query-block).
 	BackingImage *ImageInfo `json:"backing-image,omitempty"`
+	// FormatSpecific is the format's own description; see DataFile.
+	FormatSpecific *struct {
+		Type string `json:"type"`
+		Data struct {
+			DataFile string `json:"data-file,omitempty"`
+		} `json:"data"`
+	} `json:"format-specific,omitempty"`
+}
+
+// DataFile returns the external data file a qcow2 image keeps its guest
+// data in (qemu-img create -o data_file=...), as its header names it
+// (QEMU opens a relative name relative to its working directory), or "".
+// The image file itself then holds only metadata: whoever writes the
+// image writes the data file.
+func (i ImageInfo) DataFile() string {
+	if i.FormatSpecific == nil || i.FormatSpecific.Type != "qcow2" {
+		return ""
+	}
+	return i.FormatSpecific.Data.DataFile
 }
 
 // NodeInfo is one block node as query-named-block-nodes reports it (QAPI
