@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -263,6 +264,70 @@ func TestLibvirtLocksAndLockspacesSurviveARestart(t *testing.T) {
 	waitUnheld(t, ac, lease)
 	if err := other.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate); err != nil {
 		t.Fatalf("acquire after the owner exited: %v", err)
+	}
+}
+
+// Lease files that the endpoint auto-created before a restart of vmlockd
+// go with their last holder after it, however that goes: its QEMU exited
+// while vmlockd was down, libvirt releases the lease, or its QEMU exits
+// after the restart (which only the daemon's pid tracking sees: QEMU's
+// connection died with the old daemon).
+func TestLibvirtLeaseFilesGoWithTheirLastHolderAfterARestart(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ctx := context.Background()
+	lsDir := filepath.Join(e.dir, "leases")
+	type dom struct {
+		name  string
+		pid   int
+		kill  func()
+		lease string
+	}
+	var doms []*dom
+	for i, name := range []string{"dom-gone", "dom-releases", "dom-exits"} {
+		pid, kill := ownerProcess(t)
+		d := &dom{name: name, pid: pid, kill: kill, lease: strings.Repeat(fmt.Sprintf("%02x", i+1), 32)}
+		doms = append(doms, d)
+		c := e.register(name, byte(i+1), pid)
+		if err := c.CreateLockspace(ctx, lsDir); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.AcquireResource(ctx, lsDir, d.lease, virtlockd.AcquireAutoCreate); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(filepath.Join(lsDir, d.lease)); err != nil {
+			t.Fatalf("auto-created lease file: %v", err)
+		}
+	}
+	gone, releases, exits := doms[0], doms[1], doms[2]
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+	gone.kill()
+
+	e.start(nil)
+	wantNoFile := func(d *dom) {
+		t.Helper()
+		for t0 := time.Now(); time.Since(t0) < 10*time.Second; time.Sleep(5 * time.Millisecond) {
+			if _, err := os.Stat(filepath.Join(lsDir, d.lease)); errors.Is(err, os.ErrNotExist) {
+				return
+			}
+		}
+		t.Fatalf("the lease file of %s is still there after its last holder went", d.name)
+	}
+	wantNoFile(gone)
+	if _, err := os.Stat(filepath.Join(lsDir, exits.lease)); err != nil {
+		t.Fatalf("a held lease file was removed: %v", err)
+	}
+	c := e.register(releases.name, 2, releases.pid)
+	if err := c.ReleaseResource(ctx, lsDir, releases.lease, 0); err != nil {
+		t.Fatal(err)
+	}
+	wantNoFile(releases)
+	exits.kill()
+	wantNoFile(exits)
+	if ents, err := os.ReadDir(filepath.Join(e.state, LibvirtGrantsDir)); err != nil || len(ents) != 0 {
+		t.Fatalf("grant records left: %v %v", ents, err)
 	}
 }
 

@@ -421,6 +421,19 @@ func (e *libvirtEnv) waitLeaseFree(t *testing.T, path string) time.Duration {
 	return 0
 }
 
+// waitLeaseFileGone polls until the lease file of path is gone: vmlockd
+// removes the files it auto-created with their last holder.
+func (e *libvirtEnv) waitLeaseFileGone(t *testing.T, path string) {
+	t.Helper()
+	file := filepath.Join(e.leases, lease(path))
+	for t0 := time.Now(); time.Since(t0) < 20*time.Second; time.Sleep(2 * time.Millisecond) {
+		if _, err := os.Stat(file); os.IsNotExist(err) {
+			return
+		}
+	}
+	t.Fatalf("the lease file of %s is still there after 20 s", path)
+}
+
 // wantVmlockdRefusal fails unless a virsh error is vmlockd's busy refusal
 // naming the holder.
 func wantVmlockdRefusal(t *testing.T, stderr string, err error, holder *domain, pid int) {
@@ -576,6 +589,7 @@ func TestLibvirt(t *testing.T) {
 		}
 		took := e.waitLeaseFree(t, img)
 		t.Logf("kill -9 of QEMU after a reload: lease free after %v", took.Round(time.Millisecond))
+		e.waitLeaseFileGone(t, img)
 	})
 
 	t.Run("Kill9OfVmlockdKeepsTheRunningDomainsLock", func(t *testing.T) {
@@ -604,6 +618,8 @@ func TestLibvirt(t *testing.T) {
 		e.mustVirsh(t, "destroy", a.name)
 		took := e.waitLeaseFree(t, img)
 		t.Logf("destroy after a vmlockd restart: lease free after %v", took.Round(time.Millisecond))
+		// The lease file it auto-created before the restart goes with it.
+		e.waitLeaseFileGone(t, img)
 		// And the disk can be used again.
 		c := newDomain("lv-after", disk{path: img, target: "vda"})
 		pidC := e.start(t, c)

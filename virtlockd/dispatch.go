@@ -361,8 +361,8 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 		current = s.currentHolders(r.Key())
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	g := s.grants[r.Key()]
+	hadFile := g != nil && g.file != ""
 	if g != nil {
 		// Forget holders that lost the resource behind the server's back
 		// (the daemon released an exited owner), this owner included (it
@@ -386,9 +386,46 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 			g.file = file
 		}
 		s.grants[r.Key()] = g
+		defer s.storeGrant(r.Key(), g.file, hadFile) // after s.mu, under the key's lock
 	}
 	g.holders[o.UUID]++
+	s.mu.Unlock()
 	return nil
+}
+
+// storeGrant records in the grant store that file goes with the last
+// holder of key, or forgets an earlier record (had) if file is "". Called
+// with key's lock held. A failure is logged: the grant stands, only the
+// file might stay behind after a restart.
+func (s *Server) storeGrant(key, file string, had bool) {
+	if s.grantStore == nil {
+		return
+	}
+	var err error
+	switch {
+	case file != "":
+		err = s.grantStore.Put(key, file)
+	case had:
+		err = s.grantStore.Delete(key)
+	}
+	if err != nil {
+		s.log.Warn("cannot record a grant for a restart", "resource", key, "err", err)
+	}
+}
+
+// removeFile removes the file of the resource key, which its last holder
+// released, and then its record in the grant store. Called with key's lock
+// held, or before serving.
+func (s *Server) removeFile(key, file string) {
+	if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("cannot remove an auto-created lease file", "file", file, "err", err)
+		return // the record stays: the next start tries again
+	}
+	if s.grantStore != nil {
+		if err := s.grantStore.Delete(key); err != nil {
+			s.log.Warn("cannot drop the record of a removed lease file", "file", file, "err", err)
+		}
+	}
 }
 
 // openResource checks that the file of a resource exists (without
@@ -616,9 +653,7 @@ func (s *Server) dropGrant(key, uuid string) {
 	delete(s.grants, key)
 	s.mu.Unlock()
 	if g.file != "" {
-		if err := os.Remove(g.file); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.log.Warn("cannot remove an auto-created lease file", "file", g.file, "err", err)
-		}
+		s.removeFile(key, g.file)
 	}
 }
 
@@ -847,10 +882,31 @@ func (s *Server) closeRule(ctx context.Context, c *conn) {
 // holder it was are removed, as if the server had released them. Called
 // with the owner's lock held, so that no new grant of the uuid interferes.
 func (s *Server) dropGrantsOfGone(uuid string, err error) {
-	if !errors.Is(err, lockmgr.ErrNotRegistered) {
-		return
+	if errors.Is(err, lockmgr.ErrNotRegistered) {
+		s.pruneGrants(uuid)
 	}
-	s.unspell(uuid, "")
+}
+
+// Forgotten tells the server that the lock table released the object uuid
+// behind the server's back: the daemon saw its owner process exit, and the
+// server may have no connection that tells it (the daemon restarted since
+// the object's connections were made). The server then drops its records
+// of what the table no longer shows the object holding, and removes the
+// lease files whose last holder it was. It must not be called from an
+// Owners method.
+func (s *Server) Forgotten(uuid string) {
+	unlock := s.ownerLocks.lock(uuid)
+	defer unlock()
+	s.pruneGrants(uuid)
+}
+
+// pruneGrants drops the object uuid from every grant record of a resource
+// that the lock table no longer shows it holding, removing the files whose
+// last holder it was. Called with the owner's lock held.
+func (s *Server) pruneGrants(uuid string) {
+	if _, err := s.mgr.Object(uuid); errors.Is(err, lockmgr.ErrNotRegistered) {
+		s.unspell(uuid, "")
+	}
 	var keys []string
 	s.mu.Lock()
 	for key, g := range s.grants {
@@ -861,7 +917,9 @@ func (s *Server) dropGrantsOfGone(uuid string, err error) {
 	s.mu.Unlock()
 	for _, key := range keys {
 		unlock := s.keyLocks.lock(key)
-		s.dropGrant(key, uuid)
+		if !s.currentHolders(key)[uuid] {
+			s.dropGrant(key, uuid)
+		}
 		unlock()
 	}
 }

@@ -69,4 +69,9 @@
 // lockmgr.BusyError message, which names the holding domain and its pid.
 // Lockspaces that clients create are kept in a LockspaceStore across
 // restarts, because libvirtd sends CREATE_LOCKSPACE only when it starts.
+// Which files go with their last holder is kept in a GrantStore, so that a
+// restarted server still removes them: when their last holder releases
+// them, when its process exits (the daemon, which sees that through its
+// pid tracking, calls Server.Forgotten), or at start if it exited while the
+// daemon was down.
 package virtlockd

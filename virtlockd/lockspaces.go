@@ -104,6 +104,104 @@ func (f FileStore) Save(dirs []string) error {
 	return nil
 }
 
+// GrantStore keeps, across restarts of the daemon, which resources' files
+// go with their last holder (the first holder asked for AUTOCREATE): the
+// lock table survives a restart (the daemon's lock-holder keeps the locks)
+// but the server's records of its grants would not, and the files would
+// stay on disk. Holders are not kept: the restarted server reads them from
+// the lock table.
+type GrantStore interface {
+	// Load returns the recorded files by resource key; none (and no error)
+	// if nothing was ever recorded.
+	Load() (map[string]string, error)
+	// Put records that file goes with the last holder of the resource key.
+	Put(key, file string) error
+	// Delete forgets the record of key; a missing record is no error.
+	Delete(key string) error
+}
+
+// DirGrantStore is a GrantStore in a directory (for example
+// STATEDIR/libvirt-grants, created on demand, mode 0700): one small JSON
+// file per resource, named by the SHA-256 of its key and replaced
+// atomically. Records are not synced to disk: they matter only while the
+// lock-holder keeps locks, which a crash of the host ends too, and a record
+// torn by such a crash is dropped by Load.
+type DirGrantStore struct{ Dir string }
+
+type grantFile struct {
+	Key  string `json:"key"`
+	File string `json:"file"`
+}
+
+func (d DirGrantStore) path(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(d.Dir, hex.EncodeToString(sum[:])+".json")
+}
+
+// Load reads every record; it removes the ones it cannot read and
+// temporary files that a crash left behind.
+func (d DirGrantStore) Load() (map[string]string, error) {
+	ents, err := os.ReadDir(d.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("grant store: %w", err)
+	}
+	out := make(map[string]string, len(ents))
+	for _, e := range ents {
+		p := filepath.Join(d.Dir, e.Name())
+		var g grantFile
+		b, err := os.ReadFile(p)
+		if err == nil && len(b) <= maxStoreFile {
+			err = json.Unmarshal(b, &g)
+		}
+		if err != nil || strings.HasPrefix(e.Name(), ".") || g.Key == "" || !filepath.IsAbs(g.File) || p != d.path(g.Key) {
+			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+				return nil, fmt.Errorf("grant store: %w", rerr)
+			}
+			continue
+		}
+		out[g.Key] = g.File
+	}
+	return out, nil
+}
+
+// Put writes the record to a temporary file and renames it into place.
+func (d DirGrantStore) Put(key, file string) error {
+	b, err := json.Marshal(grantFile{Key: key, File: file})
+	if err != nil {
+		return fmt.Errorf("grant store: %w", err)
+	}
+	if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+		return fmt.Errorf("grant store: %w", err)
+	}
+	tmp, err := os.CreateTemp(d.Dir, ".grant.*")
+	if err != nil {
+		return fmt.Errorf("grant store: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // fails harmlessly after the rename
+	_, err = tmp.Write(b)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), d.path(key))
+	}
+	if err != nil {
+		return fmt.Errorf("grant store: %w", err)
+	}
+	return nil
+}
+
+// Delete removes the record of key.
+func (d DirGrantStore) Delete(key string) error {
+	if err := os.Remove(d.path(key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("grant store: %w", err)
+	}
+	return nil
+}
+
 // lockspace is one lockspace the server knows.
 type lockspace struct {
 	path string // as clients name it; "" is the default lockspace

@@ -72,6 +72,10 @@ type Config struct {
 	// Store persists the lockspaces that clients create; nil keeps them in
 	// memory only.
 	Store LockspaceStore
+	// Grants persists which files go with their resource's last holder,
+	// so that a restarted server still removes them (see GrantStore); nil
+	// keeps that in memory only.
+	Grants GrantStore
 	// Lockspaces are directories served from the start (for example
 	// qemu-lockd.conf's file_lockspace_dir), created (mode 0700) if missing.
 	Lockspaces []string
@@ -101,6 +105,7 @@ type Server struct {
 	kill        func(ctx context.Context, p *Peer) error
 	authorize   func(p *Peer) error
 	store       LockspaceStore
+	grantStore  GrantStore
 	host        string
 	log         *slog.Logger
 	maxClients  int64
@@ -142,14 +147,16 @@ type grant struct {
 // creates the directories of stored and configured lockspaces that are
 // missing; a directory that cannot be created is logged and still served
 // (its calls fail with the system error), so that one bad path does not stop
-// the daemon.
+// the daemon. It loads the stored grants and removes the files of those
+// that nobody holds any more: cfg.Manager must hold every lock it will
+// keep (a restarted daemon's, taken back from its lock-holder).
 func NewServer(cfg Config) (*Server, error) {
 	if cfg.Manager == nil {
 		return nil, errors.New("virtlockd: Config.Manager is required")
 	}
 	s := &Server{
 		mgr: cfg.Manager, owners: cfg.Owners, kill: cfg.Kill, authorize: cfg.Authorize,
-		store: cfg.Store, host: cfg.Host, log: cfg.Logger,
+		store: cfg.Store, grantStore: cfg.Grants, host: cfg.Host, log: cfg.Logger,
 		maxClients: int64(cfg.MaxClients), callTimeout: cfg.CallTimeout, euid: os.Geteuid(), observe: cfg.Observe,
 		grants:     make(map[string]*grant),
 		spelled:    make(map[string]map[string]lockmgr.Resource),
@@ -197,7 +204,44 @@ func NewServer(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("virtlockd: configured lockspace: %w", err)
 		}
 	}
+	if err := s.loadGrants(); err != nil {
+		return nil, fmt.Errorf("virtlockd: %w", err)
+	}
 	return s, nil
+}
+
+// loadGrants rebuilds the grant records that have a file from the store,
+// each holder of the resource in the lock table counted once; the file of
+// a resource nobody holds (its owners exited while the daemon was down) is
+// removed.
+func (s *Server) loadGrants() error {
+	if s.grantStore == nil {
+		return nil
+	}
+	files, err := s.grantStore.Load()
+	if err != nil {
+		return err
+	}
+	holders := make(map[string]map[string]bool, len(files))
+	for _, li := range s.mgr.Locks() {
+		if _, ok := files[li.Resource.Key()]; ok {
+			hs := make(map[string]bool, len(li.Holders))
+			for _, h := range li.Holders {
+				hs[h.UUID] = true
+			}
+			holders[li.Resource.Key()] = hs
+		}
+	}
+	for key, file := range files {
+		if len(holders[key]) == 0 {
+			s.removeFile(key, file)
+			continue
+		}
+		g := seededGrant(holders[key], "")
+		g.file = file
+		s.grants[key] = g
+	}
+	return nil
 }
 
 // addLockspace registers the lockspace directory p, creating it if needed.

@@ -984,6 +984,56 @@ func TestGrantsAcrossARestart(t *testing.T) {
 	}
 }
 
+// Lease files auto-created before a restart of the server (the lock table
+// kept, as the daemon's lock-holder keeps it) still go with their last
+// holder after it: released over the protocol, released by the daemon
+// behind the server's back (Forgotten), or gone while the server was down.
+// A file that was not auto-created stays.
+func TestAutoCreatedLeaseFilesGoWithTheirLastHolderAfterARestart(t *testing.T) {
+	m := lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})
+	dir := t.TempDir()
+	grants := DirGrantStore{Dir: filepath.Join(t.TempDir(), "grants")}
+	ctx := testCtx(t)
+	before := startServer(t, Config{Manager: m, Lockspaces: []string{dir}, Grants: grants})
+	owners := map[string]*Client{}
+	for _, name := range []string{"released", "forgotten", "gone"} {
+		owners[name] = before.registered(name, fakePID+len(owners))
+		wantOK(t, name+" acquires", owners[name].AcquireResource(ctx, dir, name, AcquireAutoCreate))
+	}
+	wantOK(t, "create kept", owners["released"].CreateResource(ctx, dir, "kept", 0))
+	wantOK(t, "acquire kept", owners["released"].AcquireResource(ctx, dir, "kept", 0))
+	if err := m.Unregister(ctx, uuidOf("gone")); err != nil { // its owner exits while the server is down
+		t.Fatal(err)
+	}
+
+	ts := startServer(t, Config{Manager: m, Lockspaces: []string{dir}, Grants: grants})
+	wantGone := func(name string) {
+		t.Helper()
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("lease file %s after its last holder went: %v, want it removed", name, err)
+		}
+	}
+	wantGone("gone")
+	if _, err := os.Stat(filepath.Join(dir, "forgotten")); err != nil {
+		t.Fatalf("lease file removed while its holder holds it: %v", err)
+	}
+	c := ts.registered("released", fakePID)
+	wantOK(t, "release after the restart", c.ReleaseResource(ctx, dir, "released", 0))
+	wantGone("released")
+	wantOK(t, "release kept after the restart", c.ReleaseResource(ctx, dir, "kept", 0))
+	if _, err := os.Stat(filepath.Join(dir, "kept")); err != nil {
+		t.Fatalf("a lease file that was not auto-created was removed: %v", err)
+	}
+	if err := m.Unregister(ctx, uuidOf("forgotten")); err != nil {
+		t.Fatal(err)
+	}
+	ts.s.Forgotten(uuidOf("forgotten"))
+	wantGone("forgotten")
+	if got, err := grants.Load(); err != nil || len(got) != 0 {
+		t.Fatalf("grant records left: %v %v", got, err)
+	}
+}
+
 // BenchmarkCycle is libvirt's hot path: REGISTER, ACQUIRE, RELEASE of one
 // disk on one connection (NopDriver: the protocol and the table only).
 func BenchmarkCycle(b *testing.B) {
