@@ -959,7 +959,21 @@ func systemError(detail string, err error) *RemoteError {
 	var errno syscall.Errno
 	msg := err.Error()
 	if errors.As(err, &errno) {
-		msg = errno.Error()
+		msg = strerror(errno)
 	}
 	return newRemoteError(CodeSystemError, DomainLockspace, detail+": "+msg)
+}
+
+// strerror is e's text as glibc's strerror(3) words it, which virtlockd
+// sends and libvirt shows: Go's texts are glibc's with the first letter
+// lowered.
+func strerror(e syscall.Errno) string {
+	s := e.Error()
+	if n, ok := strings.CutPrefix(s, "errno "); ok {
+		return "Unknown error " + n
+	}
+	if s != "" && 'a' <= s[0] && s[0] <= 'z' {
+		s = string(s[0]-'a'+'A') + s[1:]
+	}
+	return s
 }

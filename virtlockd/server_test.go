@@ -357,7 +357,7 @@ func TestDiskCanonical(t *testing.T) {
 	}
 	wantRemote(t, "relative path", b.AcquireResource(ctx, "", "rel.img", 0), CodeInvalidArg, DomainLockspace, "not an absolute file path")
 	wantRemote(t, "missing file", b.AcquireResource(ctx, "", img+".missing", 0), CodeSystemError, DomainLockspace,
-		"Unable to open resource "+img+".missing: no such file or directory")
+		"Unable to open resource "+img+".missing: No such file or directory")
 }
 
 // libvirt releases a disk by the path it acquired it by. When that path is
@@ -434,9 +434,37 @@ func TestRefusedAcquireLeavesNoObject(t *testing.T) {
 		"Unable to open resource")
 	wantRemote(t, "missing lease", a.AcquireResource(ctx, dir, "missing", 0), CodeSystemError, DomainLockspace,
 		"Unable to open resource")
-	wantRemote(t, "directory", a.AcquireResource(ctx, "", dir, 0), CodeSystemError, DomainLockspace, "is a directory")
+	wantRemote(t, "directory", a.AcquireResource(ctx, "", dir, 0), CodeSystemError, DomainLockspace, "Is a directory")
 	if objs := ts.m.Objects(); len(objs) != 0 {
 		t.Fatalf("refused acquires left objects %+v", objs)
+	}
+}
+
+// A system error reads as virtlockd's (virReportSystemError): the detail,
+// then the system's message as C's strerror words it, which libvirt shows
+// to the user.
+func TestSystemErrorsReadAsStrerror(t *testing.T) {
+	ts := startServer(t, Config{})
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.img")
+	a := ts.registered("a", fakePID+1)
+	for _, c := range []struct{ path, want string }{
+		{missing, "Unable to open resource " + missing + ": No such file or directory"},
+		{dir, "Unable to open resource " + dir + ": Is a directory"},
+	} {
+		err := a.AcquireResource(ctx, "", c.path, 0)
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Code != CodeSystemError || re.Message == nil || *re.Message != c.want {
+			t.Fatalf("acquire %s: got %v, want a system error %q", c.path, err, c.want)
+		}
+	}
+	for errno, want := range map[syscall.Errno]string{
+		syscall.EACCES: "Permission denied", syscall.EIO: "Input/output error", syscall.Errno(4000): "Unknown error 4000",
+	} {
+		if got := strerror(errno); got != want {
+			t.Errorf("strerror(%d) = %q, want %q", int(errno), got, want)
+		}
 	}
 }
 
