@@ -1,12 +1,16 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -22,7 +26,8 @@ import (
 // group member could have root open any file of the host, and an open alone
 // can have effects (a watchdog device starts counting down). So a non-root
 // client may name only files it could use itself: read and write access for
-// a disk it locks, read access for a read-only one. Whether it could is the
+// a disk it locks exclusively, read access for a shared or read-only one.
+// Whether it could is the
 // kernel's judgement, not vmlockd's: faccessat2 runs on a thread that has
 // taken the client's file-system uid, gid and groups (mode bits, ACLs,
 // search permission on every directory, read-only mounts, LSMs).
@@ -55,8 +60,54 @@ func peerGroups(fd int) ([]uint32, error) {
 	}
 }
 
+// credential is the identity of a child that vmlockd runs on c's behalf
+// (qemu-img reading c's images): nil, vmlockd's own, for root and for a
+// caller of vmlockd's uid.
+func (c caller) credential() *syscall.Credential {
+	if c.root() || c.uid == os.Geteuid() {
+		return nil
+	}
+	return &syscall.Credential{Uid: uint32(c.uid), Gid: uint32(c.gid), Groups: c.groups}
+}
+
+// processCaller is the file-system identity of process pid (fs uid, fs gid
+// and supplementary groups, from /proc/PID/status): what vmlockd checks
+// against for a QEMU whose images it locks as QEMU reports them, since any
+// process of the VM's owner can speak QMP on its monitor.
+func processCaller(pid int) (caller, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return caller{}, err
+	}
+	c := caller{uid: -1, gid: -1, pid: pid}
+	for line := range strings.Lines(string(b)) {
+		k, v, _ := strings.Cut(line, ":")
+		f := strings.Fields(v)
+		switch {
+		case k == "Uid" && len(f) == 4: // real, effective, saved, fs
+			c.uid, err = strconv.Atoi(f[3])
+		case k == "Gid" && len(f) == 4:
+			c.gid, err = strconv.Atoi(f[3])
+		case k == "Groups":
+			for _, g := range f {
+				n, gerr := strconv.ParseUint(g, 10, 32)
+				err = cmp.Or(err, gerr)
+				c.groups = append(c.groups, uint32(n))
+			}
+		}
+		if err != nil {
+			return caller{}, fmt.Errorf("/proc/%d/status: %w", pid, err)
+		}
+	}
+	if c.uid < 0 || c.gid < 0 {
+		return caller{}, fmt.Errorf("/proc/%d/status: no Uid or Gid line", pid)
+	}
+	return c, nil
+}
+
 // mayUse checks that the non-root caller c could use the file of the disk
-// resource r (already canonical) in r's mode; root, and a caller of the
+// resource r (already canonical) in r's mode: read and write it if
+// exclusive, read it if shared or read-only. Root, and a caller of the
 // daemon's own uid, may use any. A disk that does not exist yet needs write
 // and search access to the deepest directory that does, where it would be
 // created. Other resource types name no file of the host and need nothing.
@@ -64,9 +115,11 @@ func mayUse(ctx context.Context, c caller, r lockmgr.Resource) error {
 	if r.Type != lockmgr.TypeDisk || c.root() || c.uid == os.Geteuid() {
 		return nil
 	}
-	want, what := uint32(unix.R_OK|unix.W_OK), "read and write"
-	if r.Mode == lockmgr.ReadOnly {
-		want, what = unix.R_OK, "read"
+	// A shared lock says "I read this, nobody may write it": a backing
+	// file of many VMs' overlays, which their owners may only read.
+	want, what := uint32(unix.R_OK), "read"
+	if r.Mode == lockmgr.Exclusive {
+		want, what = unix.R_OK|unix.W_OK, "read and write"
 	}
 	p := r.Name
 	err := accessAs(ctx, c, p, want)

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -71,7 +74,8 @@ func TestNonRootCallersMayUseOnlyTheirOwnFiles(t *testing.T) {
 		{"a file only root may open", other, rootsOnly, lockmgr.Exclusive, false},
 		{"a file only root may open, read-only", other, rootsOnly, lockmgr.ReadOnly, false},
 		{"a readable file, exclusive", other, readable, lockmgr.Exclusive, false},
-		{"a readable file, shared (shared disks are written too)", other, readable, lockmgr.Shared, false},
+		{"a readable file, shared (a backing file)", other, readable, lockmgr.Shared, true},
+		{"a file only root may open, shared", other, rootsOnly, lockmgr.Shared, false},
 		{"a readable file, read-only", other, readable, lockmgr.ReadOnly, true},
 		{"the caller's own file", other, nobodys, lockmgr.Exclusive, true},
 		{"a file of a supplementary group of the caller", member, groups, lockmgr.Exclusive, true},
@@ -105,5 +109,66 @@ func TestNonRootCallersMayUseOnlyTheirOwnFiles(t *testing.T) {
 	// The checks ran on threads of their own: this one is still root's.
 	if _, err := os.ReadFile(rootsOnly); err != nil {
 		t.Fatalf("root cannot read its own file after the checks: %v", err)
+	}
+}
+
+// A QEMU's images are checked against the identity of its process: what
+// it could open itself, whatever it reports on its monitor.
+func TestQEMUImagesAreCheckedAsTheVMsProcess(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a process as another uid")
+	}
+	start := func(cred *syscall.Credential) int {
+		cmd := exec.Command("sleep", "300")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd.Process.Pid
+	}
+	nobodys := start(&syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{4242, 4243}})
+	roots := start(nil)
+
+	c, err := processCaller(nobodys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.uid != 65534 || c.gid != 65534 || !slices.Equal(c.groups, []uint32{4242, 4243}) || c.pid != nobodys {
+		t.Fatalf("processCaller of nobody's sleep: %+v", c)
+	}
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	secret := filepath.Join(dir, "secret.img")
+	if err := os.WriteFile(secret, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := lockmgr.DiskResource(secret, lockmgr.Exclusive)
+	if err := (&qemuVM{pid: nobodys}).mayUse(context.Background(), r); !errors.Is(err, lockmgr.ErrPermission) {
+		t.Fatalf("nobody's QEMU reporting root's file: %v, want a permission error", err)
+	}
+	if err := (&qemuVM{pid: roots}).mayUse(context.Background(), r); err != nil {
+		t.Fatalf("root's QEMU: %v", err)
+	}
+	if err := (&qemuVM{pid: 1 << 30}).mayUse(context.Background(), r); !errors.Is(err, lockmgr.ErrPermission) {
+		t.Fatalf("a QEMU that is gone: %v, want a permission error", err)
+	}
+}
+
+func TestCallerCredentialIsForNonRootOnly(t *testing.T) {
+	if cred := (caller{uid: 0}).credential(); cred != nil {
+		t.Fatalf("root's credential %+v, want nil (vmlockd's own)", cred)
+	}
+	if cred := (caller{uid: os.Geteuid()}).credential(); cred != nil {
+		t.Fatalf("the daemon's own uid: credential %+v, want nil", cred)
+	}
+	other := os.Geteuid() + 1000
+	cred := (caller{uid: other, gid: 7, groups: []uint32{8, 9}}).credential()
+	if cred == nil || cred.Uid != uint32(other) || cred.Gid != 7 || !slices.Equal(cred.Groups, []uint32{8, 9}) {
+		t.Fatalf("credential %+v", cred)
 	}
 }

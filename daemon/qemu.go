@@ -653,6 +653,18 @@ func (vm *qemuVM) reconcileLocked(ctx context.Context) error {
 	return vm.applyLocked(ctx, vm.wanted(disks))
 }
 
+// mayUse checks that the VM's QEMU could use the image r itself, before
+// vmlockd locks it (opens it, as root) because QEMU reported it or a caller
+// asked for it: any process of the VM's owner can speak QMP on the monitor
+// (see access.go).
+func (vm *qemuVM) mayUse(ctx context.Context, r lockmgr.Resource) error {
+	c, err := processCaller(vm.pid)
+	if err != nil {
+		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(), Msg: fmt.Sprintf("cannot tell whose the VM's process %d is", vm.pid), Err: err}
+	}
+	return mayUse(ctx, c, r)
+}
+
 func (vm *qemuVM) applyLocked(ctx context.Context, want map[string]lockmgr.Mode) error {
 	mgr := vm.s.d.mgr
 	ls, ro, err := mgr.Held(vm.uuid)
@@ -686,7 +698,9 @@ func (vm *qemuVM) applyLocked(ctx context.Context, want map[string]lockmgr.Mode)
 		r := lockmgr.DiskResource(p, m)
 		switch {
 		case !ok:
-			err = mgr.AcquireResource(ctx, vm.uuid, r)
+			if err = vm.mayUse(ctx, r); err == nil {
+				err = mgr.AcquireResource(ctx, vm.uuid, r)
+			}
 		case cur != m:
 			err = mgr.ChangeMode(ctx, vm.uuid, r)
 		default:

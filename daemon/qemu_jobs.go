@@ -332,7 +332,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	// write: lock it before QEMU opens it.
 	targets := []string{dest.Name}
 	if req.ReuseExternal {
-		info, err := qemu.BackingChain(ctx, "", dest.Name, format)
+		info, err := qemu.BackingChain(ctx, callerOf(ctx).credential(), dest.Name, format)
 		if err != nil {
 			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + dest.Name, Msg: "cannot read the copy target", Err: err}
 		}
@@ -345,7 +345,12 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		}
 	}
 	for _, p := range targets {
-		if err := vm.s.d.mgr.AcquireResource(ctx, vm.uuid, lockmgr.DiskResource(p, lockmgr.Exclusive)); err != nil {
+		r := lockmgr.DiskResource(p, lockmgr.Exclusive)
+		err := vm.mayUse(ctx, r)
+		if err == nil {
+			err = vm.s.d.mgr.AcquireResource(ctx, vm.uuid, r)
+		}
+		if err != nil {
 			if rerr := vm.reconcileDetachedLocked(); rerr != nil {
 				vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
 			}

@@ -59,7 +59,7 @@ func (q *qemuService) Start(ctx context.Context, req *vmlockpb.QEMUStartRequest)
 		if !filepath.IsAbs(dr.Path) {
 			return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "drive %q: want an absolute path", dr.Path)
 		}
-		chain, err := qemu.BackingChain(ctx, "", dr.Path, dr.Format)
+		chain, err := qemu.BackingChain(ctx, callerOf(ctx).credential(), dr.Path, dr.Format)
 		if err != nil {
 			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + dr.Path, Msg: "cannot read the backing chain", Err: err}
 		}
@@ -275,7 +275,7 @@ func (vm *qemuVM) attachDisk(ctx context.Context, req *vmlockpb.QEMUAttachDiskRe
 	if err != nil {
 		return nil, err
 	}
-	chain, err := qemu.BackingChain(ctx, "", req.Path, req.Format)
+	chain, err := qemu.BackingChain(ctx, callerOf(ctx).credential(), req.Path, req.Format)
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: "disk " + req.Path, Msg: "cannot read the backing chain", Err: err}
 	}

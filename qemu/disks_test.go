@@ -3,8 +3,11 @@ package qemu
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -81,7 +84,7 @@ func TestDisksShareRW(t *testing.T) {
 func TestBackingChain(t *testing.T) {
 	ch := makeChain(t)
 	ctx := testCtx(t)
-	chain, err := BackingChain(ctx, "", ch.top, "qcow2")
+	chain, err := BackingChain(ctx, nil, ch.top, "qcow2")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,13 +95,45 @@ func TestBackingChain(t *testing.T) {
 	if !slices.Equal(files, []string{ch.top, ch.mid, ch.base}) || chain[0].Format != "qcow2" {
 		t.Fatalf("chain %q", files)
 	}
-	if _, err := BackingChain(ctx, "", filepath.Join(ch.dir, "missing.qcow2"), ""); !errors.Is(err, ErrImage) {
+	if _, err := BackingChain(ctx, nil, filepath.Join(ch.dir, "missing.qcow2"), ""); !errors.Is(err, ErrImage) {
 		t.Fatalf("chain of a missing image: %v", err)
 	}
 	// A forced format is not probed: a qcow2 read as raw has no backing.
-	chain, err = BackingChain(ctx, "", ch.top, "raw")
+	chain, err = BackingChain(ctx, nil, ch.top, "raw")
 	if err != nil || len(chain) != 1 || chain[0].Format != "raw" {
 		t.Fatalf("top read as raw: %+v %v", chain, err)
+	}
+}
+
+// Read with a user's identity, the chain reaches only files that user may
+// open: a backing file named in the user's image header but readable only
+// by root is not read (and not opened) on the user's behalf.
+func TestBackingChainReadsWithTheGivenIdentity(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to read as another uid")
+	}
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} { // t.TempDir makes both 0700
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	secret, top := filepath.Join(dir, "secret.raw"), filepath.Join(dir, "top.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "raw", secret, "1M")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", top)
+	if err := os.Chmod(secret, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(top, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	_, err := BackingChain(testCtx(t), nobody, top, "")
+	if !errors.Is(err, ErrImage) || !strings.Contains(err.Error(), "ermission denied") {
+		t.Fatalf("nobody's chain through root's file: %v, want a permission error", err)
+	}
+	if chain, err := BackingChain(testCtx(t), nil, top, ""); err != nil || len(chain) != 2 {
+		t.Fatalf("root's chain: %+v, %v", chain, err)
 	}
 }
 
@@ -112,7 +147,7 @@ func TestDisksNameTheDataFileOfAQcow2Image(t *testing.T) {
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data, img, "1M")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+data2, base, "1M")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-	chain, err := BackingChain(testCtx(t), "", top, "")
+	chain, err := BackingChain(testCtx(t), nil, top, "")
 	if err != nil {
 		t.Fatal(err)
 	}

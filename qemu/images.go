@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"syscall"
 )
 
 // ErrImage is wrapped by BackingChain's errors when qemu-img cannot read
@@ -22,16 +23,19 @@ var ErrImage = errors.New("cannot read image")
 // local file, never as a protocol URL. Every Filename in the result is
 // absolute when path is.
 //
-// qemuImg is the qemu-img binary ("" for "qemu-img" on $PATH).
-func BackingChain(ctx context.Context, qemuImg, path, format string) ([]ImageInfo, error) {
-	if qemuImg == "" {
-		qemuImg = "qemu-img"
-	}
+// as, if not nil, is the identity qemu-img runs with: a daemon reading the
+// images of a less privileged user reads them with that user's rights, so
+// that a backing file named in an image header (which the user writes) can
+// only be one the user could open itself.
+func BackingChain(ctx context.Context, as *syscall.Credential, path, format string) ([]ImageInfo, error) {
 	opts := "file.driver=file,file.filename=" + strings.ReplaceAll(path, ",", ",,")
 	if format != "" {
 		opts = "driver=" + format + "," + opts
 	}
-	cmd := exec.CommandContext(ctx, qemuImg, "info", "--backing-chain", "--output=json", "-U", "--image-opts", opts)
+	cmd := exec.CommandContext(ctx, "qemu-img", "info", "--backing-chain", "--output=json", "-U", "--image-opts", opts)
+	if as != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: as}
+	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
