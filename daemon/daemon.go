@@ -163,6 +163,14 @@ type Daemon struct {
 	recordMu     sync.RWMutex
 	holderClosed bool // Run is over: the holder keeps what it has, nothing is resynced
 
+	// killMu orders killing a lock-holder that stopped answering against
+	// the end of Run: once holderKept is set, no holder is killed, since
+	// after vmlockd exits its holder keeps the locks, even one that is
+	// only paused now.
+	killMu     sync.Mutex
+	holderKept bool
+	killed     *lockholder.Client // the last client whose holder was killed
+
 	mu     sync.Mutex
 	owners map[string]*owner    // by uuid
 	procs  map[int]*processRefs // by pid
@@ -413,6 +421,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// Owner watches end with the process image: nothing is released. Our
 	// own lock descriptors close with it too, so the holder must be there.
 	stopWatch()
+	d.killMu.Lock()
+	d.holderKept = true
+	d.killMu.Unlock()
 	d.ensureHolder()
 	d.recordMu.Lock()
 	d.holderClosed = true
@@ -460,7 +471,7 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		}
 		if !ok {
 			d.log.Error("lock-holder: unreadable record; dropping it", "key", e.Key)
-			_ = d.holder.Drop(e.Key)
+			_ = d.holder.Drop(ctx, e.Key)
 			e.Close()
 			continue
 		}
@@ -519,7 +530,7 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 			if rerr := d.cfg.Driver.Release(ctx, r.leases); rerr != nil {
 				d.log.Error("releasing the locks of a gone owner", "uuid", uuid, "err", rerr)
 			}
-			_ = d.holder.DropPrefix("O/" + uuid + "/")
+			_ = d.holder.DropPrefix(ctx, "O/"+uuid+"/")
 			released += len(r.leases)
 			continue
 		}
@@ -650,22 +661,35 @@ func (d *Daemon) ownerCount() int {
 // observer keeps the lock-holder's records in step with the lock table:
 // after every change of an object it rewrites the object's record, with
 // every lease file attached, before the call that made the change returns.
+//
+// A write that fails has the holder replaced (resyncHolder), which records
+// every object again from the table as it is after the change, so the
+// change is recorded all the same. Only a holder that did not answer
+// within the call's deadline (ctx, or lockholder.DefaultTimeout) fails the
+// call: its caller has given up, so a grant is undone (lockmgr releases
+// it) rather than left held by a call that failed.
 type observer Daemon
 
-func (ob *observer) Changed(o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) {
+func (ob *observer) Changed(ctx context.Context, o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) error {
 	d := (*Daemon)(ob)
 	d.recordMu.RLock()
 	h := d.holder
-	err := d.writeRecord(h, o, leases, ro)
+	err := d.writeRecord(ctx, h, o, leases, ro)
 	d.recordMu.RUnlock()
-	if err != nil {
-		d.resyncHolder(h, err)
+	if err == nil {
+		return nil
 	}
+	d.resyncHolder(h, err)
+	if errors.As(err, new(*lockholder.NotAnsweringError)) {
+		return &lockmgr.Error{Code: lockmgr.CodeTimeout, Msg: "the grant could not be recorded in time and was undone (the lock-holder was replaced)", Err: err}
+	}
+	return nil
 }
 
 // writeRecord writes o's record to h: what it holds now, with every lease
-// file attached. It returns the first error of h (the holder is gone).
-func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) error {
+// file attached. It returns the first error of h (the holder is gone, or
+// did not answer in time: after either, every write to h fails).
+func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) error {
 	d.mu.Lock()
 	ow := d.owners[o.UUID]
 	var rec objectRecord
@@ -683,7 +707,7 @@ func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lo
 	d.mu.Unlock()
 	if len(leases) == 0 && len(ro) == 0 {
 		d.setChunks(o.UUID, 0)
-		return h.DropPrefix("O/" + o.UUID + "/")
+		return h.DropPrefix(ctx, "O/"+o.UUID+"/")
 	}
 	// Write the new records first, then drop the chunks no longer used:
 	// the holder never goes without a record of a lock that is held.
@@ -710,9 +734,9 @@ func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lo
 		}
 		b, err := json.Marshal(r)
 		if err == nil && chunks == 0 {
-			err = h.PutOwned(recordKey(o.UUID, chunks), b, pidfd, files)
+			err = h.PutOwned(ctx, recordKey(o.UUID, chunks), b, pidfd, files)
 		} else if err == nil {
-			err = h.Put(recordKey(o.UUID, chunks), b, files)
+			err = h.Put(ctx, recordKey(o.UUID, chunks), b, files)
 		}
 		if err != nil && first == nil {
 			first = err
@@ -723,7 +747,7 @@ func (d *Daemon) writeRecord(h *lockholder.Client, o lockmgr.Object, leases []lo
 		}
 	}
 	for c := chunks; c < prev; c++ {
-		if err := h.Drop(recordKey(o.UUID, c)); err != nil && first == nil {
+		if err := h.Drop(ctx, recordKey(o.UUID, c)); err != nil && first == nil {
 			first = err
 		}
 	}
@@ -753,17 +777,23 @@ func (d *Daemon) ensureHolder() {
 	alive := h.Alive()
 	d.recordMu.RUnlock()
 	if !alive {
-		d.resyncHolder(h, errors.New("the lock-holder closed its connection"))
+		cause := h.Err() // why the client gave up on it, if it did
+		if cause == nil {
+			cause = errors.New("the lock-holder closed its connection")
+		}
+		d.resyncHolder(h, cause)
 	}
 }
 
-// resyncHolder replaces a lock-holder that failed (it was killed, or its
-// socket broke) while vmlockd runs: until then every lock is still held by
-// vmlockd's own descriptors, but a crash of vmlockd would lose those the
-// holder no longer keeps. It starts a new holder and records every object
-// again, with its lease files, and re-arms the fence deadline. Several
-// calls for one failure do the work once.
+// resyncHolder replaces a lock-holder that failed (it was killed, its
+// socket broke, or it did not answer in time) while vmlockd runs: until
+// then every lock is still held by vmlockd's own descriptors, but a crash
+// of vmlockd would lose those the holder no longer keeps. It kills a
+// holder that did not answer in time (killHolder), starts a new one and
+// records every object again, with its lease files, and re-arms the fence
+// deadline. Several calls for one failure do the work once.
 func (d *Daemon) resyncHolder(failed *lockholder.Client, cause error) {
+	d.killHolder(failed)
 	d.recordMu.Lock()
 	defer d.recordMu.Unlock()
 	if d.holder != failed || d.holderClosed {
@@ -785,18 +815,51 @@ func (d *Daemon) resyncHolder(failed *lockholder.Client, cause error) {
 	d.holder = h
 	if f := d.cfg.Fencer; f != nil {
 		if t := f.latest(); !t.IsZero() {
-			d.armHolderWith(h, t)
+			d.armHolderWith(context.Background(), h, t)
 		}
 	}
 	n := 0
 	for _, hd := range d.mgr.Holdings() {
-		if err := d.writeRecord(h, hd.Object, hd.Leases, hd.ReadOnly); err != nil {
+		// Each write has its own bound (lockholder.DefaultTimeout): a
+		// long table takes as long as it takes with a holder that reads.
+		if err := d.writeRecord(context.Background(), h, hd.Object, hd.Leases, hd.ReadOnly); err != nil {
 			d.log.Error("lock-holder: the new one failed too; locks will not survive a crash of vmlockd", "err", err)
 			return
 		}
 		n++
 	}
 	d.log.Info("lock-holder: replaced; every lock is recorded again", "objects", n)
+}
+
+// killHolder ends the process of a holder that did not answer in time
+// (SIGKILL) and waits for its exit, before resyncHolder starts another.
+// Such a holder (stopped, stuck) still owns the state directory's holder
+// lock and socket, so no replacement could serve while it lives, and it
+// would apply stale records if it ran again; the descriptors queued for it
+// unread (each keeps its lock's open file description) are closed with it. Killing
+// loses no lock: vmlockd's own descriptors hold them all, and the
+// replacement gets every record. It is done before resyncHolder takes
+// recordMu, so that writes still waiting on the failed holder end at once
+// (EPIPE) instead of at their deadlines. A holder that failed otherwise
+// (it closed its end: it is dead or going) is left alone, and so is one
+// this process serves itself (tests); after Run, no holder is killed
+// (holderKept).
+func (d *Daemon) killHolder(h *lockholder.Client) {
+	if !errors.As(h.Err(), new(*lockholder.NotAnsweringError)) {
+		return
+	}
+	d.killMu.Lock()
+	defer d.killMu.Unlock()
+	if d.holderKept || d.killed == h {
+		return
+	}
+	d.killed = h
+	d.log.Error("lock-holder: did not answer in time; killing it", "pid", h.PID(), "err", h.Err())
+	ctx, cancel := context.WithTimeout(context.Background(), lockholder.DefaultTimeout)
+	defer cancel()
+	if err := h.Kill(ctx); err != nil {
+		d.log.Warn("lock-holder: cannot kill the failed one", "pid", h.PID(), "err", err)
+	}
 }
 
 func (d *Daemon) setChunks(uuid string, n int) {

@@ -91,14 +91,22 @@ func (f *Fencer) latest() time.Time {
 	return f.deadline
 }
 
+// armTimeout bounds passing a deadline on from the driver's renewal loop,
+// which must not block: a holder that takes no message for this long is
+// stuck (it reads every millisecond); its client is then unusable, so the
+// next check (watchHolder) replaces it, and the replacement is armed.
+const armTimeout = time.Second
+
 func (d *Daemon) armHolder(t time.Time) {
 	d.recordMu.RLock()
 	defer d.recordMu.RUnlock()
-	d.armHolderWith(d.holder, t)
+	ctx, cancel := context.WithTimeout(context.Background(), armTimeout)
+	defer cancel()
+	d.armHolderWith(ctx, d.holder, t)
 }
 
-func (d *Daemon) armHolderWith(h *lockholder.Client, t time.Time) {
-	if err := h.FenceAt(t); err != nil {
+func (d *Daemon) armHolderWith(ctx context.Context, h *lockholder.Client, t time.Time) {
+	if err := h.FenceAt(ctx, t); err != nil {
 		d.log.Error("lock-holder: cannot pass on the fence deadline; if vmlockd dies now, the holders of its locks are not fenced", "err", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -18,9 +19,97 @@ import (
 // Client is vmlockd's connection to its lock-holder. It is safe for
 // concurrent use; operations are applied by the holder in the order their
 // calls returned.
+//
+// Every operation is bounded by its context and by DefaultTimeout, whichever
+// ends first: a holder that does not read (stopped, stuck) cannot block its
+// controller for ever. An operation that gives up returns a
+// *NotAnsweringError. An operation that fails on the connection (it gave
+// up, or the holder went away) leaves the Client unusable, since a List
+// may have left answers unread: every later operation returns that
+// failure (Err), Alive reports false, and the caller replaces the holder
+// (Kill, if it did not answer, then Connect).
 type Client struct {
-	mu sync.Mutex
-	fd int
+	sem chan struct{} // one operation at a time; a waiter gives up when its context ends
+	f   *os.File      // the connection: non-blocking, in the runtime's poller, for deadlines
+	rc  syscall.RawConn
+	pid int      // the holder's pid, for errors; 0 if unknown
+	pfd *os.File // the holder's pidfd, for Kill; nil if unknown
+
+	mu     sync.Mutex
+	failed error // the failure that made the connection unusable, or nil
+}
+
+// DefaultTimeout bounds every operation whose context has no earlier
+// deadline. A holder that reads takes a message at once (it reads every
+// millisecond under load; a write waits only when hundreds of records sit
+// unread in its socket buffer), so one that takes nothing for this long is
+// stopped or stuck. It is long enough for a holder starved of CPU on a
+// loaded host, and the same as vmlockd's default request timeout.
+const DefaultTimeout = 10 * time.Second
+
+// NotAnsweringError says that the lock-holder did not take a message or
+// answer before the operation's context ended or DefaultTimeout passed. Err
+// is context.DeadlineExceeded or context.Canceled.
+type NotAnsweringError struct {
+	PID int // the lock-holder's pid; 0 if unknown
+	Err error
+}
+
+func (e *NotAnsweringError) Error() string {
+	pid := "unknown"
+	if e.PID > 0 {
+		pid = strconv.Itoa(e.PID)
+	}
+	if errors.Is(e.Err, context.Canceled) {
+		return "the lock-holder (pid " + pid + ") did not answer before the call was cancelled"
+	}
+	return "the lock-holder (pid " + pid + ") did not answer within the deadline"
+}
+
+func (e *NotAnsweringError) Unwrap() error { return e.Err }
+
+// newClient makes a Client of a connected socket, which it owns from now on.
+func newClient(fd int) (*Client, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	c := &Client{sem: make(chan struct{}, 1), f: os.NewFile(uintptr(fd), "lock-holder")}
+	rc, err := c.f.SyscallConn()
+	if err != nil {
+		c.f.Close()
+		return nil, err
+	}
+	c.rc = rc
+	// The peer's credentials are the listener's, taken by the holder when
+	// it listened. A pidfd opened after connecting is the holder's if the
+	// connection is still open afterwards: a holder that had died (its pid
+	// free for reuse) would have reset it.
+	if cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil && cred.Pid > 0 {
+		c.pid = int(cred.Pid)
+		if c.pid == os.Getpid() {
+			return c, nil // served in this process (tests): never Kill it
+		}
+		if pfd, err := unix.PidfdOpen(c.pid, 0); err == nil {
+			c.pfd = os.NewFile(uintptr(pfd), "lock-holder pidfd")
+			if !c.Alive() {
+				c.pfd.Close()
+				c.pfd = nil
+			}
+		}
+	}
+	return c, nil
+}
+
+// PID returns the holder's process id, or 0 if it is unknown.
+func (c *Client) PID() int { return c.pid }
+
+// Err returns the failure that made the Client unusable (every operation
+// returns it now), or nil while it is usable.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failed
 }
 
 // Connect connects to the holder of stateDir, starting one with start if
@@ -36,7 +125,7 @@ func Connect(ctx context.Context, stateDir string, start func() error) (*Client,
 	for {
 		fd, err := dial(path)
 		if err == nil {
-			return &Client{fd: fd}, nil
+			return newClient(fd)
 		}
 		if started.IsZero() || time.Since(started) >= restartAfter {
 			if err := start(); err != nil {
@@ -66,7 +155,7 @@ func Open(ctx context.Context, stateDir string, start func() error) (*Client, []
 		if err != nil {
 			return nil, nil, err
 		}
-		entries, err := c.List()
+		entries, err := c.List(ctx)
 		if err == nil {
 			return c, entries, nil
 		}
@@ -93,7 +182,9 @@ func holderLeft(err error) bool {
 const restartAfter = time.Second
 
 func dial(path string) (int, error) {
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	// Non-blocking: a holder whose backlog is full (it does not accept)
+	// makes Connect retry until its context ends instead of hanging.
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
 		return -1, err
 	}
@@ -127,7 +218,7 @@ func StartDetached(cmd *exec.Cmd) error {
 // MaxFiles). It replaces any entry with the same key. When Put returns nil,
 // the holder keeps the files' open file descriptions even if the caller
 // dies at once.
-func (c *Client) Put(key string, meta []byte, files []*os.File) error {
+func (c *Client) Put(ctx context.Context, key string, meta []byte, files []*os.File) error {
 	if len(files) > MaxFiles {
 		return fmt.Errorf("lockholder: %d descriptors in one entry (at most %d)", len(files), MaxFiles)
 	}
@@ -135,15 +226,15 @@ func (c *Client) Put(key string, meta []byte, files []*os.File) error {
 	if err != nil {
 		return err
 	}
-	return c.send(msg, files)
+	return c.send(ctx, msg, files)
 }
 
 // PutOwned is Put for an entry whose locks belong to the process of the
 // pidfd owner: the holder kills that process (SIGKILL) if a fence deadline
 // armed by FenceAt passes while it holds the entry.
-func (c *Client) PutOwned(key string, meta []byte, owner *os.File, files []*os.File) error {
+func (c *Client) PutOwned(ctx context.Context, key string, meta []byte, owner *os.File, files []*os.File) error {
 	if owner == nil {
-		return c.Put(key, meta, files)
+		return c.Put(ctx, key, meta, files)
 	}
 	if len(files) > MaxFiles {
 		return fmt.Errorf("lockholder: %d descriptors in one entry (at most %d)", len(files), MaxFiles)
@@ -152,7 +243,7 @@ func (c *Client) PutOwned(key string, meta []byte, owner *os.File, files []*os.F
 	if err != nil {
 		return err
 	}
-	return c.send(msg, append([]*os.File{owner}, files...))
+	return c.send(ctx, msg, append([]*os.File{owner}, files...))
 }
 
 // FenceAt arms the holder's fence deadline: if it passes before another
@@ -160,7 +251,7 @@ func (c *Client) PutOwned(key string, meta []byte, owner *os.File, files []*os.F
 // PutOwned. deadline is converted to CLOCK_MONOTONIC when the call is made
 // (it should carry a monotonic reading, as time.Now's do); the zero time
 // disarms. The deadline outlives this connection.
-func (c *Client) FenceAt(deadline time.Time) error {
+func (c *Client) FenceAt(ctx context.Context, deadline time.Time) error {
 	var mono int64
 	if !deadline.IsZero() {
 		mono = max(monoNow()+int64(time.Until(deadline)), 1)
@@ -171,49 +262,180 @@ func (c *Client) FenceAt(deadline time.Time) error {
 	if err != nil {
 		return err
 	}
-	return c.send(msg, nil)
+	return c.send(ctx, msg, nil)
 }
 
 // Drop makes the holder close and forget key's entry.
-func (c *Client) Drop(key string) error {
+func (c *Client) Drop(ctx context.Context, key string) error {
 	msg, err := encode(opDrop, key, nil)
 	if err != nil {
 		return err
 	}
-	return c.send(msg, nil)
+	return c.send(ctx, msg, nil)
 }
 
 // DropPrefix makes the holder forget every entry whose key has prefix.
-func (c *Client) DropPrefix(prefix string) error {
+func (c *Client) DropPrefix(ctx context.Context, prefix string) error {
 	msg, err := encode(opDropPrefix, prefix, nil)
 	if err != nil {
 		return err
 	}
-	return c.send(msg, nil)
+	return c.send(ctx, msg, nil)
 }
 
-func (c *Client) send(msg []byte, files []*os.File) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.fd < 0 {
-		return errClosed
+func (c *Client) send(ctx context.Context, msg []byte, files []*os.File) error {
+	deadline, err := c.begin(ctx)
+	if err != nil {
+		return err
 	}
-	if err := sendmsg(c.fd, msg, files); err != nil {
-		return fmt.Errorf("lockholder: %w", err)
+	defer c.end()
+	if err := c.write(ctx, deadline, msg, files); err != nil {
+		return c.fail(fmt.Errorf("lockholder: %w", err))
 	}
 	return nil
 }
 
 var errClosed = errors.New("lockholder: client closed")
 
-// List returns every entry the holder keeps, with its descriptors (owned by
-// the caller from now on; the holder keeps its own copies).
-func (c *Client) List() ([]Entry, error) {
+// begin waits for the connection (one operation at a time) until ctx ends
+// or DefaultTimeout passes, and returns the operation's deadline. The
+// caller calls end when done.
+func (c *Client) begin(ctx context.Context) (time.Time, error) {
+	deadline := time.Now().Add(DefaultTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	select {
+	case c.sem <- struct{}{}:
+	default:
+		// Another operation is under way; it waits only if the holder
+		// does not read, and then this one would not get through either.
+		t := time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+		select {
+		case c.sem <- struct{}{}:
+		case <-ctx.Done():
+			return deadline, c.fail(c.notAnswering(ctx.Err()))
+		case <-t.C:
+			return deadline, c.fail(c.notAnswering(context.DeadlineExceeded))
+		}
+	}
+	if err := c.Err(); err != nil {
+		<-c.sem
+		return deadline, err
+	}
+	return deadline, nil
+}
+
+func (c *Client) end() { <-c.sem }
+
+func (c *Client) notAnswering(cause error) error {
+	return &NotAnsweringError{PID: c.pid, Err: cause}
+}
+
+// fail makes the connection unusable, with err (the first failure) as what
+// every later operation returns, and returns err.
+func (c *Client) fail(err error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.failed == nil {
+		c.failed = err
+	}
+	return err
+}
+
+// write sends one message. SOCK_SEQPACKET sends a message whole or not at
+// all, so a write that gives up has written nothing; but the caller may
+// have sent earlier parts of a change (an object's record chunks), and a
+// List's answers may be left unread, so a Client that gave up is not used
+// again all the same.
+func (c *Client) write(ctx context.Context, deadline time.Time, msg []byte, files []*os.File) error {
+	var oob []byte
+	if len(files) > 0 {
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		oob = unix.UnixRights(fds...)
+	}
+	var serr error
+	try := func(fd uintptr) bool {
+		for {
+			// MSG_NOSIGNAL: a dead holder is an EPIPE to handle, not a signal.
+			serr = unix.Sendmsg(int(fd), msg, oob, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+			if serr != unix.EINTR {
+				return serr != unix.EAGAIN
+			}
+		}
+	}
+	// First without waiting: a holder that reads has room, and a record
+	// whose call's context has just ended still gets through.
+	if err := c.rc.Control(func(fd uintptr) { try(fd) }); err != nil {
+		return err
+	}
+	if serr != unix.EAGAIN {
+		return serr
+	}
+	// The holder's socket buffer is full: wait for room.
+	if err := c.wait(ctx, deadline, func() error { return c.rc.Write(try) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// read receives one message, waiting until deadline or the end of ctx.
+func (c *Client) read(ctx context.Context, deadline time.Time, buf, oob []byte) (msg []byte, files []*os.File, err error) {
+	try := func(fd uintptr) bool {
+		for {
+			msg, files, err = recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT)
+			if err != unix.EINTR {
+				return err != unix.EAGAIN
+			}
+		}
+	}
+	if cerr := c.wait(ctx, deadline, func() error { return c.rc.Read(try) }); cerr != nil {
+		return nil, nil, cerr
+	}
+	return msg, files, err
+}
+
+// wait runs io, a raw read or write through the runtime poller, with the
+// connection's deadline at deadline, and moved to the past when ctx ends,
+// so that a cancelled call stops waiting at once.
+func (c *Client) wait(ctx context.Context, deadline time.Time, io func() error) error {
+	if err := c.f.SetDeadline(deadline); err != nil {
+		return err
+	}
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = c.f.SetDeadline(time.Unix(1, 0))
+		close(fired)
+	})
+	err := io()
+	if !stop() {
+		<-fired // it must not move the next operation's deadline
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		cause := ctx.Err()
+		if cause == nil {
+			cause = context.DeadlineExceeded
+		}
+		return c.notAnswering(cause)
+	}
+	return err
+}
+
+// List returns every entry the holder keeps, with its descriptors (owned by
+// the caller from now on; the holder keeps its own copies).
+func (c *Client) List(ctx context.Context) ([]Entry, error) {
+	deadline, err := c.begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer c.end()
 	msg, _ := encode(opList, "", nil)
-	if err := sendmsg(c.fd, msg, nil); err != nil {
-		return nil, fmt.Errorf("lockholder: %w", err)
+	if err := c.write(ctx, deadline, msg, nil); err != nil {
+		return nil, c.fail(fmt.Errorf("lockholder: %w", err))
 	}
 	buf := make([]byte, maxMsg)
 	oob := make([]byte, oobSize)
@@ -222,10 +444,10 @@ func (c *Client) List() ([]Entry, error) {
 		for i := range out {
 			out[i].Close()
 		}
-		return nil, fmt.Errorf("lockholder: listing: %w", err)
+		return nil, c.fail(fmt.Errorf("lockholder: listing: %w", err))
 	}
 	for {
-		m, files, err := recvmsg(c.fd, buf, oob, 0)
+		m, files, err := c.read(ctx, deadline, buf, oob)
 		if err != nil {
 			return fail(err)
 		}
@@ -245,34 +467,82 @@ func (c *Client) List() ([]Entry, error) {
 	}
 }
 
-// Alive reports whether the holder still has its end of the connection. It
-// never blocks: the holder sends nothing unasked, so anything readable on
-// the socket is its end-of-file.
+// Alive reports whether the holder still has its end of the connection and
+// no operation has given up on it. It never blocks: the holder sends
+// nothing unasked, so anything readable on the socket is its end-of-file.
 func (c *Client) Alive() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.fd < 0 {
+	if c.Err() != nil {
 		return false
 	}
-	fds := []unix.PollFd{{Fd: int32(c.fd), Events: unix.POLLIN | unix.POLLRDHUP}}
-	for {
-		n, err := unix.Poll(fds, 0)
-		if err == unix.EINTR {
-			continue
+	alive := false
+	err := c.rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
+		for {
+			n, err := unix.Poll(fds, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			alive = err == nil && n == 0
+			return
 		}
-		return err == nil && n == 0
+	})
+	return err == nil && alive
+}
+
+// Kill ends the holder with SIGKILL, through its pidfd, and returns once it
+// has exited (or ctx ends). vmlockd kills a holder that stopped answering
+// before it starts another: the stuck one still owns the holder lock and
+// socket of the state directory, so no other could serve it, and the
+// descriptors queued for it unread are closed with it. While vmlockd runs,
+// its own descriptors keep every lock, so killing the holder loses none.
+func (c *Client) Kill(ctx context.Context) error {
+	if c.pfd == nil {
+		return fmt.Errorf("lockholder: cannot kill the lock-holder (pid %d): its pidfd is unknown", c.pid)
+	}
+	rc, err := c.pfd.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		if serr = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0); serr == unix.ESRCH {
+			serr = nil // gone already
+		}
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("lockholder: killing the lock-holder (pid %d): %w", c.pid, serr)
+	}
+	for {
+		// A pidfd is readable once its process has exited.
+		exited := false
+		if err := rc.Control(func(fd uintptr) {
+			n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+			exited = err == nil && n > 0
+		}); err != nil {
+			return err
+		}
+		if exited {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("lockholder: the killed lock-holder (pid %d) has not exited: %w", c.pid, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 }
 
 // Close closes the connection. The holder keeps every entry; if it holds
-// none, it exits.
+// none, it exits. An operation under way fails.
 func (c *Client) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.fd < 0 {
-		return nil
+	c.fail(errClosed)
+	if c.pfd != nil {
+		c.pfd.Close()
 	}
-	err := unix.Close(c.fd)
-	c.fd = -1
-	return err
+	if err := c.f.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+		return err
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package lockholder
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"syscall"
@@ -57,13 +58,13 @@ func TestFenceDeadlineOutlivesTheController(t *testing.T) {
 	owned, pidfd := child(t)
 	other, _ := child(t)
 	c := connect(t, dir)
-	if err := c.PutOwned("O/a/0", []byte("a"), pidfd, nil); err != nil {
+	if err := c.PutOwned(context.Background(), "O/a/0", []byte("a"), pidfd, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Put("O/b/0", []byte("b"), nil); err != nil {
+	if err := c.Put(context.Background(), "O/b/0", []byte("b"), nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.FenceAt(time.Now().Add(200 * time.Millisecond)); err != nil {
+	if err := c.FenceAt(context.Background(), time.Now().Add(200*time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
@@ -74,7 +75,7 @@ func TestFenceDeadlineOutlivesTheController(t *testing.T) {
 	// The entries stay for the next controller, the owner's pidfd with it.
 	c2 := connect(t, dir)
 	defer c2.Close()
-	es, err := c2.List()
+	es, err := c2.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,40 +102,40 @@ func TestNewerDeadlinesPostponeTheFence(t *testing.T) {
 	owned, pidfd := child(t)
 	c := connect(t, dir)
 	defer c.Close()
-	if err := c.PutOwned("O/a/0", nil, pidfd, nil); err != nil {
+	if err := c.PutOwned(context.Background(), "O/a/0", nil, pidfd, nil); err != nil {
 		t.Fatal(err)
 	}
 	// Renewals every 50 ms, each moving a 1 s deadline: no firing.
 	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if err := c.FenceAt(time.Now().Add(time.Second)); err != nil {
+		if err := c.FenceAt(context.Background(), time.Now().Add(time.Second)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := c.FenceAt(time.Time{}); err != nil {
+	if err := c.FenceAt(context.Background(), time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(1200 * time.Millisecond)
 	if !alive(t, owned) {
 		t.Fatal("the owner was killed although every deadline was replaced in time, or disarmed")
 	}
-	if err := c.FenceAt(time.Now()); err != nil {
+	if err := c.FenceAt(context.Background(), time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	waitKilled(t, owned, 10*time.Second)
 	// An owner put after the firing is not killed by it; the next deadline
 	// that passes kills it.
 	late, pidfd2 := child(t)
-	if err := c.PutOwned("O/b/0", nil, pidfd2, nil); err != nil {
+	if err := c.PutOwned(context.Background(), "O/b/0", nil, pidfd2, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.List(); err != nil { // a round trip: the put was applied
+	if _, err := c.List(context.Background()); err != nil { // a round trip: the put was applied
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
 	if !alive(t, late) {
 		t.Fatal("an owner put after the firing was killed by it")
 	}
-	if err := c.FenceAt(time.Now().Add(50 * time.Millisecond)); err != nil {
+	if err := c.FenceAt(context.Background(), time.Now().Add(50*time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
 	waitKilled(t, late, 10*time.Second)

@@ -1,6 +1,7 @@
 package lockholder
 
 import (
+	"context"
 	"os"
 	"testing"
 
@@ -24,7 +25,10 @@ func TestListThatFailsLeaksNoDescriptor(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fds[1])
-	c := &Client{fd: fds[0]}
+	c, err := newClient(fds[0])
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer c.Close()
 	f, err := os.Open(os.DevNull)
 	if err != nil {
@@ -42,7 +46,7 @@ func TestListThatFailsLeaksNoDescriptor(t *testing.T) {
 		_ = sendmsg(fds[1], msg, []*os.File{f, f})
 		_ = sendmsg(fds[1], []byte{'E'}, []*os.File{f}) // too short to decode, with a descriptor
 	}()
-	_, err = c.List()
+	_, err = c.List(context.Background())
 	<-sent
 	f.Close()
 	before--

@@ -22,6 +22,13 @@
 // do not wake it one by one. The holder exits when its
 // controller goes away and it holds nothing.
 //
+// A holder that stops reading (stopped, stuck) makes its controller's
+// writes wait once its socket buffer is full; every Client operation is
+// bounded by its context and DefaultTimeout, fails with a
+// *NotAnsweringError naming the holder's pid, and leaves the Client
+// unusable; the controller then kills the holder (Client.Kill) and starts
+// another.
+//
 // # Fencing
 //
 // With a cluster lock driver (etcd), a lock lives only as long as the host

@@ -66,7 +66,7 @@ func TestHolderKeepsLocksAfterTheSenderClosesItsCopies(t *testing.T) {
 	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
 	fa, fb := lockedFile(t, a), lockedFile(t, b)
 	c := connect(t, dir)
-	if err := c.Put("O/x/0", []byte(`{"n":1}`), []*os.File{fa, fb}); err != nil {
+	if err := c.Put(context.Background(), "O/x/0", []byte(`{"n":1}`), []*os.File{fa, fb}); err != nil {
 		t.Fatal(err)
 	}
 	// The sender's copies go away, as when vmlockd is killed.
@@ -79,7 +79,7 @@ func TestHolderKeepsLocksAfterTheSenderClosesItsCopies(t *testing.T) {
 	// A new controller gets the record and the descriptors back, in order.
 	c2 := connect(t, dir)
 	defer c2.Close()
-	es, err := c2.List()
+	es, err := c2.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,10 +97,10 @@ func TestHolderKeepsLocksAfterTheSenderClosesItsCopies(t *testing.T) {
 	for _, f := range es[0].Files {
 		f.Close()
 	}
-	if err := c2.DropPrefix("O/x/"); err != nil {
+	if err := c2.DropPrefix(context.Background(), "O/x/"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c2.List(); err != nil { // a round trip: the drop was applied
+	if _, err := c2.List(context.Background()); err != nil { // a round trip: the drop was applied
 		t.Fatal(err)
 	}
 	if !free(t, a) || !free(t, b) {
@@ -115,12 +115,12 @@ func TestPutReplacesAndDropForgets(t *testing.T) {
 	f := lockedFile(t, p)
 	c := connect(t, dir)
 	defer c.Close()
-	c.Put("k", []byte("1"), []*os.File{f})
+	c.Put(context.Background(), "k", []byte("1"), []*os.File{f})
 	f.Close()
-	c.Put("k", []byte("2"), nil) // the new record keeps no descriptor
-	c.Put("other", []byte("3"), nil)
-	c.Drop("other")
-	es, err := c.List()
+	c.Put(context.Background(), "k", []byte("2"), nil) // the new record keeps no descriptor
+	c.Put(context.Background(), "other", []byte("3"), nil)
+	c.Drop(context.Background(), "other")
+	es, err := c.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,21 +139,21 @@ func TestOneHolderPerDirectoryAndBadMessages(t *testing.T) {
 	if err := Serve(context.Background(), dir); err == nil {
 		t.Fatal("a second holder on the same directory started")
 	}
-	if err := c.Put(string(make([]byte, maxKey+1)), nil, nil); err == nil {
+	if err := c.Put(context.Background(), string(make([]byte, maxKey+1)), nil, nil); err == nil {
 		t.Fatal("an over-long key was accepted")
 	}
-	if err := c.Put("k", make([]byte, MaxMeta+1), nil); err == nil {
+	if err := c.Put(context.Background(), "k", make([]byte, MaxMeta+1), nil); err == nil {
 		t.Fatal("an over-long record was accepted")
 	}
-	c.Put("kept", []byte("x"), nil)
+	c.Put(context.Background(), "kept", []byte("x"), nil)
 	// Garbage ends that controller's connection, nothing else.
-	if err := c.send([]byte{'?'}, nil); err != nil {
+	if err := c.send(context.Background(), []byte{'?'}, nil); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
 	c2 := connect(t, dir)
 	defer c2.Close()
-	es, err := c2.List()
+	es, err := c2.List(context.Background())
 	if err != nil || len(es) != 1 || es[0].Key != "kept" {
 		t.Fatalf("after garbage: %+v, %v", es, err)
 	}
@@ -164,7 +164,10 @@ func TestAliveSeesTheHolderGo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &Client{fd: fds[0]}
+	c, err := newClient(fds[0])
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer c.Close()
 	if !c.Alive() {
 		t.Fatal("Alive is false while the other end is open")
@@ -173,7 +176,7 @@ func TestAliveSeesTheHolderGo(t *testing.T) {
 	if c.Alive() {
 		t.Fatal("Alive is true after the other end closed")
 	}
-	if err := c.Put("k", nil, nil); err == nil {
+	if err := c.Put(context.Background(), "k", nil, nil); err == nil {
 		t.Fatal("a Put to a dead holder succeeded")
 	}
 }
@@ -189,19 +192,19 @@ func TestBurstIsAppliedInOrder(t *testing.T) {
 	const n = 2000 // ~2 MiB of records: several times the socket buffer
 	for i := range n {
 		key := "O/" + strconv.Itoa(i)
-		if err := c.Put(key, meta, nil); err != nil {
+		if err := c.Put(context.Background(), key, meta, nil); err != nil {
 			t.Fatal(err)
 		}
 		if i%2 == 1 {
-			if err := c.Drop(key); err != nil {
+			if err := c.Drop(context.Background(), key); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	if err := c.Put("O/0", []byte("last"), nil); err != nil {
+	if err := c.Put(context.Background(), "O/0", []byte("last"), nil); err != nil {
 		t.Fatal(err)
 	}
-	es, err := c.List()
+	es, err := c.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,10 +265,10 @@ func TestOpenOutlivesAHolderThatIsLeaving(t *testing.T) {
 		t.Fatalf("Open listed %d entries and started %d holders, want 0 and 1", len(entries), starts)
 	}
 	// The client it returned is served by the new holder.
-	if err := c.Put("k", []byte("m"), nil); err != nil {
+	if err := c.Put(context.Background(), "k", []byte("m"), nil); err != nil {
 		t.Fatal(err)
 	}
-	if entries, err := c.List(); err != nil || len(entries) != 1 || entries[0].Key != "k" {
+	if entries, err := c.List(context.Background()); err != nil || len(entries) != 1 || entries[0].Key != "k" {
 		t.Fatalf("List after Put = %v, %v; want the one entry", entries, err)
 	}
 }
@@ -300,7 +303,7 @@ func TestConnectStartsAgainIfNobodyListens(t *testing.T) {
 	if starts < 2 {
 		t.Fatalf("started %d holder(s), want a second start", starts)
 	}
-	if _, err := c.List(); err != nil {
+	if _, err := c.List(context.Background()); err != nil {
 		t.Fatalf("List from the second holder: %v", err)
 	}
 }

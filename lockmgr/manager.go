@@ -14,9 +14,13 @@ import (
 // it holds nothing. The daemon uses it to hand lease files to its
 // lock-holder process. Calls for one object are never concurrent and come
 // in the order of the changes; calls for different objects may be
-// concurrent.
+// concurrent. ctx is the call's context (or, for an undo, one without its
+// cancellation). If Changed fails after a grant, the Manager undoes the
+// grant (a release, told to the observer too) and the call fails with
+// Changed's error; after any other change the error is ignored: the change
+// has happened, and the observer must bring its records in step itself.
 type Observer interface {
-	Changed(o Object, leases []Lease, readonly []Resource)
+	Changed(ctx context.Context, o Object, leases []Lease, readonly []Resource) error
 }
 
 // Options configure a Manager. The zero value is usable.
@@ -286,17 +290,23 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		m.addHeldLocked(ob, u)
 	}
 	m.mu.Unlock()
-	m.notify(ob)
+	if err := m.notify(ctx, ob); err != nil {
+		// Not recorded (the daemon's lock-holder did not take it in
+		// time): a caller told that the call failed must hold nothing
+		// new, so the grant is released again, even if ctx is done.
+		_ = m.release(context.WithoutCancel(ctx), ob, todo)
+		return err
+	}
 	return nil
 }
 
 // notify tells the observer what ob holds now. Called with ob.op held.
-func (m *Manager) notify(ob *object) {
+func (m *Manager) notify(ctx context.Context, ob *object) error {
 	if m.obs == nil {
-		return
+		return nil
 	}
 	ls, ro := ob.holding()
-	m.obs.Changed(ob.obj, ls, ro)
+	return m.obs.Changed(ctx, ob.obj, ls, ro)
 }
 
 // holding returns what ob holds: its leases and its read-only uses. Called
@@ -476,7 +486,7 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 	// The observer hears of the release before the driver unlocks: whoever
 	// keeps copies of the lease files drops them first, so no copy outlives
 	// the lock it stood for.
-	m.notify(ob)
+	_ = m.notify(ctx, ob)
 	var err error
 	if len(leases) > 0 {
 		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
@@ -684,15 +694,15 @@ func (m *Manager) Holdings() []Holding {
 
 // Notify tells the observer what the object uuid holds, as after a change
 // of it, in order with the changes: for a caller whose own part of the
-// observer's records changed (the daemon's migration mark).
+// observer's records changed (the daemon's migration mark). It returns the
+// observer's error.
 func (m *Manager) Notify(uuid string) error {
 	ob, err := m.lookup(uuid)
 	if err != nil {
 		return err
 	}
 	defer ob.op.Unlock()
-	m.notify(ob)
-	return nil
+	return m.notify(context.Background(), ob)
 }
 
 // Held returns the leases an object holds (for the daemon's bookkeeping).

@@ -287,9 +287,10 @@ type recordingObserver struct {
 	mu     sync.Mutex
 	counts map[string][2]int // leases, read-only uses
 	tokens map[string]uint64 // the first lease's token, as a record would keep it
+	fail   error             // what Changed returns
 }
 
-func (r *recordingObserver) Changed(o Object, ls []Lease, ro []Resource) {
+func (r *recordingObserver) Changed(_ context.Context, o Object, ls []Lease, ro []Resource) error {
 	r.mu.Lock()
 	if r.counts == nil {
 		r.counts, r.tokens = map[string][2]int{}, map[string]uint64{}
@@ -299,6 +300,7 @@ func (r *recordingObserver) Changed(o Object, ls []Lease, ro []Resource) {
 		r.tokens[o.UUID] = ls[0].Token()
 	}
 	r.mu.Unlock()
+	return r.fail
 }
 
 // last returns the token of uuid's first lease when the observer was last told.
@@ -500,5 +502,44 @@ func TestUnregisterIfChecksTheObject(t *testing.T) {
 	}
 	if _, err := m.Object(uuidA); !errors.Is(err, ErrNotRegistered) {
 		t.Fatalf("after UnregisterIf: %v, want not registered", err)
+	}
+}
+
+// A grant the observer cannot record (the daemon's lock-holder did not take
+// it in time) is undone: the call fails with the observer's error, the
+// driver's lock is released, the table is as before, and the observer
+// hears of the undo.
+func TestAGrantTheObserverCannotRecordIsUndone(t *testing.T) {
+	d := newMemDriver()
+	notRecorded := errors.New("not recorded")
+	obs := &recordingObserver{}
+	m := NewManager(d, Options{Observer: obs})
+	ctx := context.Background()
+	register(t, m, uuidA, "a", DiskResource("/img/kept", Exclusive))
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	obs.mu.Lock()
+	obs.fail = notRecorded
+	obs.mu.Unlock()
+	err := m.AcquireResource(ctx, uuidA, DiskResource("/img/new", Exclusive))
+	if !errors.Is(err, notRecorded) {
+		t.Fatalf("AcquireResource with a failing observer = %v, want its error", err)
+	}
+	if d.held(DiskResource("/img/new", Exclusive).Key()) {
+		t.Fatal("the driver still holds the grant that was not recorded")
+	}
+	if locks := m.Locks(); len(locks) != 1 || locks[0].Resource.Name != "/img/kept" {
+		t.Fatalf("Locks after the undone grant = %+v, want only /img/kept", locks)
+	}
+	if got := obs.counts[uuidA]; got != [2]int{1, 0} {
+		t.Fatalf("the observer was last told that a holds %v, want the one lease it kept", got)
+	}
+	// The object is as before: the same resource can be granted later.
+	obs.mu.Lock()
+	obs.fail = nil
+	obs.mu.Unlock()
+	if err := m.AcquireResource(ctx, uuidA, DiskResource("/img/new", Exclusive)); err != nil {
+		t.Fatalf("AcquireResource once the observer records again: %v", err)
 	}
 }

@@ -114,7 +114,7 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 		u.token = lease.Token()
 	}
 	m.mu.Unlock()
-	m.notify(ob)
+	_ = m.notify(ctx, ob)
 	if old != nil {
 		// The observer no longer lists the old lease: release it now.
 		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, []Lease{old}) }, nil)
@@ -140,6 +140,6 @@ func (m *Manager) settle(ob *object, u *use, orig, back Lease) {
 	}
 	m.mu.Unlock()
 	if same {
-		m.notify(ob)
+		_ = m.notify(context.Background(), ob)
 	}
 }
