@@ -618,6 +618,7 @@ func (d *Daemon) onExit(pr *processRefs) {
 		if err == nil {
 			d.log.Info("owner exited; its locks are released", "uuid", u, "pid", pr.p.pid)
 		}
+		d.libvirtForgotten(u)
 	}
 }
 

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -53,15 +52,6 @@ type libvirtEndpoint struct {
 	cancel context.CancelFunc // stops Serve
 	done   chan struct{}      // closed when Serve returned
 
-	mu      sync.Mutex
-	ctx     context.Context // ends with Serve: so do the watches of owners
-	watched map[ownerWatch]bool
-}
-
-// ownerWatch is a libvirt owner whose process the endpoint watches.
-type ownerWatch struct {
-	uuid string
-	proc *process
 }
 
 // libvirtOwners is the daemon as the libvirt server's virtlockd.Owners: an
@@ -83,52 +73,23 @@ func (lo *libvirtOwners) Register(ctx context.Context, o lockmgr.Object) error {
 	if err := d.own(ctx, o, os.Geteuid(), nil); err != nil {
 		return err
 	}
-	d.watchLibvirtOwner(o.UUID)
 	d.log.Debug("libvirt: domain registered", "uuid", o.UUID, "name", o.Name, "pid", o.PID)
 	return nil
 }
 
-// watchLibvirtOwner tells the libvirt server when the process of the owner
-// uuid exits and the daemon has released it. The server's close rule sees
-// that only through a connection QEMU holds, and the domains that ran
+// libvirtForgotten tells the libvirt server that the daemon released the
+// object uuid because its process exited. The server's close rule sees an
+// exit only through a connection QEMU holds, and the domains that ran
 // before a restart of vmlockd have none: without this, the lease files of
-// their grants would stay on disk. Until the endpoint stops.
-func (d *Daemon) watchLibvirtOwner(uuid string) {
-	lv := d.lv
+// their grants would stay on disk. The server drops only what the lock
+// table no longer shows uuid holding, so telling it of any object is safe.
+func (d *Daemon) libvirtForgotten(uuid string) {
 	d.mu.Lock()
-	ow := d.owners[uuid]
+	lv := d.lv
 	d.mu.Unlock()
-	if lv == nil || ow == nil {
-		return
-	}
-	w := ownerWatch{uuid, ow.proc}
-	lv.mu.Lock()
-	stop := lv.ctx
-	if stop == nil || lv.watched[w] {
-		lv.mu.Unlock()
-		return
-	}
-	lv.watched[w] = true
-	lv.mu.Unlock()
-	go func() {
-		defer func() {
-			lv.mu.Lock()
-			delete(lv.watched, w)
-			lv.mu.Unlock()
-		}()
-		if w.proc.waitExit(stop) != nil {
-			return // the endpoint stopped, or the daemon no longer watches the process
-		}
-		// The daemon's own watch releases the object too; whichever comes
-		// first does it, and only the object of this process.
-		ctx, cancel := context.WithTimeout(context.Background(), d.cfg.RequestTimeout)
-		err := d.forgetOf(ctx, uuid, w.proc.pid)
-		cancel()
-		if err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
-			d.log.Error("libvirt: releasing the locks of an exited domain", "uuid", uuid, "pid", w.proc.pid, "err", err)
-		}
+	if lv != nil {
 		lv.srv.Forgotten(uuid)
-	}()
+	}
 }
 
 // Unregister releases every lock of the object and forgets it.
@@ -175,7 +136,11 @@ func (d *Daemon) listenLibvirt(ctx context.Context) error {
 	// The path stays when the daemon stops: a reload keeps serving it, and
 	// the next start replaces a stale socket file.
 	ln.SetUnlinkOnClose(false)
-	d.lv = &libvirtEndpoint{srv: srv, ln: ln, watched: make(map[ownerWatch]bool)}
+	// Under mu: the exits of restored owners are being watched already
+	// (libvirtForgotten).
+	d.mu.Lock()
+	d.lv = &libvirtEndpoint{srv: srv, ln: ln}
+	d.mu.Unlock()
 	return nil
 }
 
@@ -189,21 +154,6 @@ func (d *Daemon) serveLibvirt(errc chan<- error) (stop func()) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	lv.cancel, lv.done = cancel, make(chan struct{})
-	lv.mu.Lock()
-	lv.ctx = ctx
-	lv.mu.Unlock()
-	// The domains that held locks when vmlockd restarted.
-	d.mu.Lock()
-	var restored []string
-	for uuid, ow := range d.owners {
-		if ow.obj.URI == virtlockd.ObjectURI {
-			restored = append(restored, uuid)
-		}
-	}
-	d.mu.Unlock()
-	for _, uuid := range restored {
-		d.watchLibvirtOwner(uuid)
-	}
 	go func() {
 		defer close(lv.done)
 		if err := lv.srv.Serve(ctx, lv.ln); err != nil {
