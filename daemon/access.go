@@ -131,16 +131,21 @@ func mayUse(ctx context.Context, c caller, r lockmgr.Resource) error {
 	switch {
 	case err == nil:
 		return nil
+	case errors.Is(err, errNoIdentity):
+		// vmlockd's failure, not the client's: fail closed, and say so.
 	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM), errors.Is(err, unix.EROFS):
 		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
 			Msg: fmt.Sprintf("uid %d may not %s %s (vmlockd locks for a non-root client only what it could use itself)", c.uid, what, p), Err: err}
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return err
-	default:
-		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
-			Msg: fmt.Sprintf("cannot check whether uid %d may %s %s", c.uid, what, p), Err: err}
 	}
+	return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
+		Msg: fmt.Sprintf("cannot check whether uid %d may %s %s", c.uid, what, p), Err: err}
 }
+
+// errNoIdentity: vmlockd could not take a client's identity for a check
+// (it lacks CAP_SETUID or CAP_SETGID).
+var errNoIdentity = errors.New("vmlockd cannot take the identity of the client (it needs CAP_SETUID and CAP_SETGID)")
 
 // accessAs runs faccessat2(path, mode, AT_EACCESS) with c's file-system
 // identity. The check runs on an OS thread of its own that takes c's fs uid,
@@ -161,17 +166,17 @@ func accessAs(ctx context.Context, c caller, path string, mode uint32) error {
 				gids[i] = int(g)
 			}
 			if err := unix.Setgroups(gids); err != nil {
-				return fmt.Errorf("setgroups: %w", err)
+				return fmt.Errorf("%w: setgroups: %w", errNoIdentity, err)
 			}
 			unix.Setfsgid(c.gid)
 			unix.Setfsuid(c.uid)
 			// setfsuid and setfsgid report no error: ask back (an invalid
 			// id, -1, changes nothing and returns the current one).
 			if g, _ := unix.SetfsgidRetGid(-1); g != c.gid {
-				return fmt.Errorf("setfsgid(%d): still %d: %w", c.gid, g, unix.EPERM)
+				return fmt.Errorf("%w: setfsgid(%d): still %d", errNoIdentity, c.gid, g)
 			}
 			if u, _ := unix.SetfsuidRetUid(-1); u != c.uid {
-				return fmt.Errorf("setfsuid(%d): still %d: %w", c.uid, u, unix.EPERM)
+				return fmt.Errorf("%w: setfsuid(%d): still %d", errNoIdentity, c.uid, u)
 			}
 			// faccessat2 itself, never x/sys's fallback for old kernels: it
 			// emulates the check in user space with the process's ids,

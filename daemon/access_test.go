@@ -172,3 +172,17 @@ func TestCallerCredentialIsForNonRootOnly(t *testing.T) {
 		t.Fatalf("credential %+v", cred)
 	}
 }
+
+// An identity the kernel does not take (here an invalid uid, which setfsuid
+// ignores, as it ignores any uid from a vmlockd without CAP_SETUID) fails
+// the check closed, and the error says it is vmlockd's failure.
+func TestMayUseFailsClosedWhenTheIdentityIsNotTaken(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(p, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	err := mayUse(context.Background(), caller{uid: -1, gid: os.Getegid()}, lockmgr.DiskResource(p, lockmgr.Exclusive))
+	if !errors.Is(err, lockmgr.ErrPermission) || !errors.Is(err, errNoIdentity) || !strings.Contains(err.Error(), "cannot check whether") {
+		t.Fatalf("got %v, want a permission error saying vmlockd cannot check", err)
+	}
+}
