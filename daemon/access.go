@@ -135,7 +135,7 @@ func mayUse(ctx context.Context, c caller, r lockmgr.Resource) error {
 		// vmlockd's failure, not the client's: fail closed, and say so.
 	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM), errors.Is(err, unix.EROFS):
 		return &lockmgr.Error{Code: lockmgr.CodePermission, Resource: r.String(),
-			Msg: fmt.Sprintf("uid %d may not %s %s (vmlockd locks for a non-root client only what it could use itself)", c.uid, what, p), Err: err}
+			Msg: fmt.Sprintf("uid %d may not %s %s (vmlockd locks for a non-root client only what it could use itself): give uid %d that access, or lock it as root", c.uid, what, p, c.uid), Err: err}
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return err
 	}
