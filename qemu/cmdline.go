@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -69,7 +70,8 @@ var noArgOptions = []string{
 // (key=value and JSON forms), -hda..-hdd, -fda/-fdb, -cdrom, -sd,
 // -mtdblock, -pflash, the positional image, -device ...,drive=X,share-rw=on,
 // -snapshot, -name and -S. Options it does not know are skipped with their
-// argument. It fails only on an option value it cannot parse.
+// argument. It fails on an option without its argument and on -blockdev
+// JSON it cannot parse.
 func ParseCommandLine(args []string) (CommandLine, error) {
 	var cl CommandLine
 	snapshot := false
@@ -78,7 +80,9 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "-") || a == "-" {
-			drives = append(drives, DriveSpec{Path: a}) // the implicit -hda
+			if p, ok := filenamePath(a, ""); ok {
+				drives = append(drives, DriveSpec{Path: p}) // the implicit -hda
+			}
 			continue
 		}
 		opt := strings.TrimLeft(a, "-")
@@ -100,11 +104,7 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 		val := args[i]
 		switch opt {
 		case "drive":
-			d, ok, err := parseDrive(val)
-			if err != nil {
-				return cl, err
-			}
-			if ok {
+			if d, ok := parseDrive(val); ok {
 				drives = append(drives, d)
 			}
 		case "blockdev":
@@ -114,33 +114,22 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 			}
 			drives = append(drives, ds...)
 		case "hda", "hdb", "hdc", "hdd", "fda", "fdb", "sd", "mtdblock", "pflash":
-			if !hasProtocol(val) {
-				drives = append(drives, DriveSpec{Path: val})
+			if p, ok := filenamePath(val, ""); ok {
+				drives = append(drives, DriveSpec{Path: p})
 			}
 		case "cdrom":
-			if !hasProtocol(val) {
-				drives = append(drives, DriveSpec{Path: val, ReadOnly: true})
+			if p, ok := filenamePath(val, ""); ok {
+				drives = append(drives, DriveSpec{Path: p, ReadOnly: true})
 			}
 		case "device":
-			kv, err := parseOpts(val, "driver")
-			if err != nil {
-				return cl, fmt.Errorf("qemu command line: -device %s: %w", val, err)
-			}
-			if d := kv["drive"]; d != "" && isOn(kv["share-rw"]) {
+			o := parseOpts(val, "driver")
+			if d := o.get("drive"); d != "" && o.all(isOn, "share-rw") {
 				shared[d] = true
 			}
 		case "name":
-			kv, err := parseOpts(val, "guest")
-			if err != nil {
-				return cl, fmt.Errorf("qemu command line: -name %s: %w", val, err)
-			}
-			cl.Name = kv["guest"]
+			cl.Name = parseOpts(val, "guest").get("guest")
 		case "chardev":
-			kv, err := parseOpts(val, "backend")
-			if err != nil {
-				return cl, fmt.Errorf("qemu command line: -chardev %s: %w", val, err)
-			}
-			cl.ChardevIDs = append(cl.ChardevIDs, kv["id"])
+			cl.ChardevIDs = append(cl.ChardevIDs, parseOpts(val, "backend").get("id"))
 		}
 	}
 	for i := range drives {
@@ -154,28 +143,26 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 	return cl, nil
 }
 
-func parseDrive(val string) (DriveSpec, bool, error) {
-	kv, err := parseOpts(val, "")
-	if err != nil {
-		return DriveSpec{}, false, fmt.Errorf("qemu command line: -drive %s: %w", val, err)
+func parseDrive(val string) (DriveSpec, bool) {
+	o := parseOpts(val, "")
+	drv := o.get("file.driver")
+	if drv != "" && !isLocalDriver(drv) {
+		return DriveSpec{}, false // nbd, blkdebug...: see CommandLine.Drives
 	}
-	path := kv["file"]
+	path, ok := o.get("file.filename"), true // an option of the driver: taken as it is
 	if path == "" {
-		path = kv["file.filename"]
+		path, ok = filenamePath(o.get("file"), drv)
 	}
-	if path == "" || hasProtocol(path) || (kv["file.driver"] != "" && kv["file.driver"] != "file" && kv["file.driver"] != "host_device") {
-		return DriveSpec{}, false, nil
+	if !ok || path == "" {
+		return DriveSpec{}, false
 	}
-	d := DriveSpec{ID: kv["id"], Path: path, Format: kv["format"]}
-	if d.Format == "" {
-		d.Format = kv["driver"]
-	}
+	d := DriveSpec{ID: o.get("id"), Path: path, Format: cmp.Or(o.get("format"), o.get("driver"))}
 	if d.ID == "" {
-		d.ID = kv["node-name"]
+		d.ID = o.get("node-name")
 	}
-	d.ReadOnly = isOn(kv["readonly"]) || isOn(kv["read-only"]) || kv["media"] == "cdrom"
-	d.Backing = isOn(kv["snapshot"])
-	return d, true, nil
+	d.ReadOnly = o.all(isOn, "readonly", "read-only") || o.all(func(v string) bool { return v == "cdrom" }, "media")
+	d.Backing = o.all(isOn, "snapshot")
+	return d, true
 }
 
 // parseBlockdev lists the local files a -blockdev opens: every "file" or
@@ -187,14 +174,10 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 			return nil, fmt.Errorf("qemu command line: -blockdev %s: %w", val, err)
 		}
 	} else {
-		kv, err := parseOpts(val, "")
-		if err != nil {
-			return nil, fmt.Errorf("qemu command line: -blockdev %s: %w", val, err)
-		}
 		tree = map[string]any{}
-		for k, v := range kv {
+		for _, e := range parseOpts(val, "") {
 			m := tree
-			parts := strings.Split(k, ".")
+			parts := strings.Split(e.key, ".")
 			for _, p := range parts[:len(parts)-1] {
 				sub, ok := m[p].(map[string]any)
 				if !ok {
@@ -203,7 +186,12 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 				}
 				m = sub
 			}
-			m[parts[len(parts)-1]] = v
+			// A subtree outlives a scalar of its name ("file=node0" next to
+			// "file.filename=..."): QEMU refuses such a line, and listing
+			// the file costs only a lock.
+			if _, sub := m[parts[len(parts)-1]].(map[string]any); !sub {
+				m[parts[len(parts)-1]] = e.value
+			}
 		}
 	}
 	id, _ := tree["node-name"].(string)
@@ -215,8 +203,10 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 	walk = func(n map[string]any, format string, backing, ro bool) {
 		drv, _ := n["driver"].(string)
 		ro = ro || isTrue(n["read-only"])
-		if drv == "file" || drv == "host_device" || drv == "host_cdrom" {
-			if p, _ := n["filename"].(string); p != "" && !hasProtocol(p) {
+		if isLocalDriver(drv) {
+			// The driver is named, so QEMU takes the filename as it is, even
+			// "nbd:x" (a relative path).
+			if p, _ := n["filename"].(string); p != "" {
 				out = append(out, DriveSpec{ID: id, Path: p, Format: format, ReadOnly: ro, Backing: backing, fromBlockdev: true})
 			}
 			return
@@ -257,12 +247,33 @@ func isFormat(drv string) bool {
 	return false
 }
 
-// hasProtocol reports whether QEMU reads a filename as "PROTOCOL:..." (an
-// NBD, RBD, ... URL or json:{...}) rather than as a local file: the part
-// before the first colon has no slash.
-func hasProtocol(p string) bool {
+// isLocalDriver reports whether drv is a protocol driver of local files.
+func isLocalDriver(drv string) bool {
+	return drv == "file" || drv == "host_device" || drv == "host_cdrom"
+}
+
+// filenamePath returns the local file that QEMU opens for a filename given
+// the legacy way (-drive file=, -hda, -cdrom, the positional image), with
+// drv the -drive's file.driver or "". Without a driver QEMU reads
+// "PROTOCOL:rest" (the part before the first colon has no slash) as a
+// protocol URL: nbd:, rbd:, json:{...} name no local file, but file:,
+// host_device: and host_cdrom: name the local file rest. A named local
+// driver strips only its own prefix and takes the rest as it is. ok is
+// false when the filename names no local file.
+func filenamePath(p, drv string) (path string, ok bool) {
+	if drv != "" {
+		p = strings.TrimPrefix(p, drv+":")
+		return p, p != ""
+	}
 	i := strings.IndexByte(p, ':')
-	return i > 0 && !strings.Contains(p[:i], "/")
+	if i < 0 || strings.Contains(p[:i], "/") {
+		return p, p != "" // no protocol: a path
+	}
+	if !isLocalDriver(p[:i]) {
+		return "", false
+	}
+	p = p[i+1:]
+	return p, p != ""
 }
 
 func isOn(v string) bool {
@@ -283,39 +294,85 @@ func isTrue(v any) bool {
 	return false
 }
 
-// parseOpts parses QEMU's "key=value,key=value" option syntax, where ",,"
-// stands for a comma inside a value. A first element without "=" is the
-// value of implied (an error if implied is "").
-func parseOpts(s, implied string) (map[string]string, error) {
-	kv := map[string]string{}
-	var elems []string
-	var cur strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == ',' {
-			if i+1 < len(s) && s[i+1] == ',' {
-				cur.WriteByte(',')
-				i++
-				continue
+// options are QEMU options ("key=value,...") in the order given. A key may
+// be given twice; QEMU reads some options' first value and others' last.
+type options []option
+
+type option struct{ key, value string }
+
+// get returns the last value of key, or "".
+func (o options) get(key string) string {
+	for i := len(o) - 1; i >= 0; i-- {
+		if o[i].key == key {
+			return o[i].value
+		}
+	}
+	return ""
+}
+
+// all reports whether any of keys is given and every value given to them
+// satisfies ok. It answers flags that make vmlock lock less (readonly,
+// share-rw, snapshot): true only if the first and the last value agree.
+func (o options) all(ok func(string) bool, keys ...string) bool {
+	given := false
+	for _, e := range o {
+		if slices.Contains(keys, e.key) {
+			if !ok(e.value) {
+				return false
 			}
-			elems = append(elems, cur.String())
-			cur.Reset()
+			given = true
+		}
+	}
+	return given
+}
+
+// parseOpts parses QEMU's option syntax as QEMU does (util/qemu-option.c):
+// a key ends at "=" or ","; a value ends at a lone ",", and ",," in it is
+// a comma. A first element without "=" is, if implied is not "", the value
+// of implied; any other is a flag: "readonly" is readonly=on, "noreadonly"
+// readonly=off. Every string parses.
+func parseOpts(s, implied string) options {
+	var o options
+	for first := true; s != ""; first = false {
+		n := strings.IndexAny(s, "=,")
+		if n < 0 {
+			n = len(s)
+		}
+		var e option
+		switch {
+		case n < len(s) && s[n] == '=':
+			e.key = s[:n]
+			e.value, s = optValue(s[n+1:])
+		case first && implied != "":
+			e.key = implied
+			e.value, s = optValue(s)
+		default:
+			e.key, e.value, s = s[:n], "on", s[n:]
+			if k, no := strings.CutPrefix(e.key, "no"); no {
+				e.key, e.value = k, "off"
+			}
+		}
+		o = append(o, e)
+		s = strings.TrimPrefix(s, ",")
+	}
+	return o
+}
+
+// optValue reads a value up to a lone comma, which it leaves in rest.
+func optValue(s string) (value, rest string) {
+	var b strings.Builder
+	for {
+		i := strings.IndexByte(s, ',')
+		if i < 0 {
+			b.WriteString(s)
+			return b.String(), ""
+		}
+		if i+1 < len(s) && s[i+1] == ',' {
+			b.WriteString(s[:i+1])
+			s = s[i+2:]
 			continue
 		}
-		cur.WriteByte(s[i])
+		b.WriteString(s[:i])
+		return b.String(), s[i:]
 	}
-	elems = append(elems, cur.String())
-	for i, e := range elems {
-		k, v, ok := strings.Cut(e, "=")
-		switch {
-		case ok:
-			kv[k] = v
-		case i == 0 && implied != "":
-			kv[implied] = e
-		case e == "":
-		default:
-			// A bare flag ("readonly" alone means readonly=on).
-			kv[e] = "on"
-		}
-	}
-	return kv, nil
 }

@@ -124,10 +124,18 @@ func makeChain(t testing.TB) *chain {
 // killed when the test ends.
 func startQEMU(t testing.TB, extra ...string) (*qmp.Client, *exec.Cmd) {
 	t.Helper()
+	return startQEMUIn(t, "", extra...)
+}
+
+// startQEMUIn is startQEMU with dir as QEMU's working directory ("": the
+// test's).
+func startQEMUIn(t testing.TB, dir string, extra ...string) (*qmp.Client, *exec.Cmd) {
+	t.Helper()
 	bin := need(t, "qemu-system-x86_64")
 	args := append([]string{"-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg"}, extra...)
 	var stderr bytes.Buffer
 	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
 	cmd.Stderr = &stderr
 	c, err := qmp.Start(testCtx(t), cmd)
 	if err != nil {
