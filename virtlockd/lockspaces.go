@@ -112,7 +112,9 @@ func (f FileStore) Save(dirs []string) error {
 // the lock table.
 type GrantStore interface {
 	// Load returns the recorded files by resource key; none (and no error)
-	// if nothing was ever recorded.
+	// if nothing was ever recorded. It returns every record it could read
+	// even when it reports others that it could not (each a
+	// *GrantRecordError).
 	Load() (map[string]string, error)
 	// Put records that file goes with the last holder of the resource key.
 	Put(key, file string) error
@@ -120,12 +122,34 @@ type GrantStore interface {
 	Delete(key string) error
 }
 
+// GrantRecordError reports a record that a GrantStore's Load could not use
+// (a file torn by a crash of the host, or not a record at all); Load loads
+// the others.
+type GrantRecordError struct {
+	Path string
+	// Removed says that Load removed the file, which can never be read; a
+	// directory is left in place.
+	Removed bool
+	Err     error
+}
+
+func (e *GrantRecordError) Error() string {
+	what := "left in place"
+	if e.Removed {
+		what = "removed"
+	}
+	return fmt.Sprintf("grant store: unusable record %s (%s): %v", e.Path, what, e.Err)
+}
+
+func (e *GrantRecordError) Unwrap() error { return e.Err }
+
 // DirGrantStore is a GrantStore in a directory (for example
 // STATEDIR/libvirt-grants, created on demand, mode 0700): one small JSON
 // file per resource, named by the SHA-256 of its key and replaced
-// atomically. Records are not synced to disk: they matter only while the
-// lock-holder keeps locks, which a crash of the host ends too, and a record
-// torn by such a crash is dropped by Load.
+// atomically (a temporary file renamed into place), so that a crash of the
+// daemon leaves every record whole. Records are not synced to disk: they
+// matter only while the lock-holder keeps locks, which a crash of the host
+// ends too; a record torn by such a crash is reported and dropped by Load.
 type DirGrantStore struct{ Dir string }
 
 type grantFile struct {
@@ -138,8 +162,8 @@ func (d DirGrantStore) path(key string) string {
 	return filepath.Join(d.Dir, hex.EncodeToString(sum[:])+".json")
 }
 
-// Load reads every record; it removes the ones it cannot read and
-// temporary files that a crash left behind.
+// Load reads every record. It removes temporary files that a crash left
+// behind, and reports and removes records it cannot read.
 func (d DirGrantStore) Load() (map[string]string, error) {
 	ents, err := os.ReadDir(d.Dir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -149,22 +173,54 @@ func (d DirGrantStore) Load() (map[string]string, error) {
 		return nil, fmt.Errorf("grant store: %w", err)
 	}
 	out := make(map[string]string, len(ents))
+	var errs []error
 	for _, e := range ents {
 		p := filepath.Join(d.Dir, e.Name())
-		var g grantFile
-		b, err := os.ReadFile(p)
-		if err == nil && len(b) <= maxStoreFile {
-			err = json.Unmarshal(b, &g)
-		}
-		if err != nil || strings.HasPrefix(e.Name(), ".") || g.Key == "" || !filepath.IsAbs(g.File) || p != d.path(g.Key) {
-			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-				return nil, fmt.Errorf("grant store: %w", rerr)
-			}
+		if strings.HasPrefix(e.Name(), ".") && e.Type().IsRegular() { // never renamed into place
+			_ = os.Remove(p)
 			continue
 		}
-		out[g.Key] = g.File
+		key, file, err := d.read(p)
+		if err == nil {
+			out[key] = file
+			continue
+		}
+		rerr := &GrantRecordError{Path: p, Err: err}
+		if e.Type().IsRegular() {
+			if err := os.Remove(p); err == nil || errors.Is(err, fs.ErrNotExist) {
+				rerr.Removed = true
+			}
+		}
+		errs = append(errs, rerr)
 	}
-	return out, nil
+	return out, errors.Join(errs...)
+}
+
+// read reads and checks the record file p.
+func (d DirGrantStore) read(p string) (key, file string, err error) {
+	fh, err := os.Open(p)
+	if err != nil {
+		return "", "", err
+	}
+	defer fh.Close()
+	b, err := io.ReadAll(io.LimitReader(fh, maxStoreFile+1))
+	if err != nil {
+		return "", "", err
+	}
+	if len(b) > maxStoreFile {
+		return "", "", fmt.Errorf("larger than %d bytes", maxStoreFile)
+	}
+	var g grantFile
+	if err := json.Unmarshal(b, &g); err != nil {
+		return "", "", err
+	}
+	switch {
+	case g.Key == "" || p != d.path(g.Key):
+		return "", "", fmt.Errorf("not the record of its key %q", g.Key)
+	case !filepath.IsAbs(g.File):
+		return "", "", fmt.Errorf("file %q is not absolute", g.File)
+	}
+	return g.Key, g.File, nil
 }
 
 // Put writes the record to a temporary file and renames it into place.

@@ -74,7 +74,8 @@ type Config struct {
 	Store LockspaceStore
 	// Grants persists which files go with their resource's last holder,
 	// so that a restarted server still removes them (see GrantStore); nil
-	// keeps that in memory only.
+	// keeps that in memory only. Records it cannot load are logged, not
+	// fatal.
 	Grants GrantStore
 	// Lockspaces are directories served from the start (for example
 	// qemu-lockd.conf's file_lockspace_dir), created (mode 0700) if missing.
@@ -149,7 +150,8 @@ type grant struct {
 // (its calls fail with the system error), so that one bad path does not stop
 // the daemon. It loads the stored grants and removes the files of those
 // that nobody holds any more: cfg.Manager must hold every lock it will
-// keep (a restarted daemon's, taken back from its lock-holder).
+// keep (a restarted daemon's, taken back from its lock-holder). Grant
+// records that cannot be loaded are logged and do not fail it.
 func NewServer(cfg Config) (*Server, error) {
 	if cfg.Manager == nil {
 		return nil, errors.New("virtlockd: Config.Manager is required")
@@ -204,23 +206,21 @@ func NewServer(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("virtlockd: configured lockspace: %w", err)
 		}
 	}
-	if err := s.loadGrants(); err != nil {
-		return nil, fmt.Errorf("virtlockd: %w", err)
-	}
+	s.loadGrants()
 	return s, nil
 }
 
 // loadGrants rebuilds the grant records that have a file from the store,
 // each holder of the resource in the lock table counted once; the file of
 // a resource nobody holds (its owners exited while the daemon was down) is
-// removed.
-func (s *Server) loadGrants() error {
+// removed. Records the store cannot read are logged: their files stay.
+func (s *Server) loadGrants() {
 	if s.grantStore == nil {
-		return nil
+		return
 	}
 	files, err := s.grantStore.Load()
 	if err != nil {
-		return err
+		s.log.Error("cannot load every libvirt grant record; the others are kept", "err", err)
 	}
 	holders := make(map[string]map[string]bool, len(files))
 	for _, li := range s.mgr.Locks() {
@@ -241,7 +241,6 @@ func (s *Server) loadGrants() error {
 		g.file = file
 		s.grants[key] = g
 	}
-	return nil
 }
 
 // addLockspace registers the lockspace directory p, creating it if needed.
