@@ -131,14 +131,23 @@ func pwriteAll(fd int, b []byte, off int64) error {
 func readHolder(fd int) (lockmgr.Holder, bool) {
 	b := make([]byte, recHeader+maxRecJSON)
 	n, err := unix.Pread(fd, b, 0)
-	if err != nil || n < recHeader {
+	if err != nil {
+		return lockmgr.Holder{}, false
+	}
+	return parseHolder(b[:n])
+}
+
+// parseHolder decodes the holder of a record (see appendRecord); ok
+// reports whether it parsed and names anyone. Another host may have written
+// the file, so any bytes are expected.
+func parseHolder(b []byte) (h lockmgr.Holder, ok bool) {
+	if len(b) < recHeader {
 		return lockmgr.Holder{}, false
 	}
 	l := int(binary.LittleEndian.Uint32(b[8:12]))
-	if l == 0 || l > maxRecJSON || recHeader+l > n {
+	if l == 0 || l > maxRecJSON || recHeader+l > len(b) {
 		return lockmgr.Holder{}, false
 	}
-	var h lockmgr.Holder
 	if json.Unmarshal(b[recHeader:recHeader+l], &h) != nil {
 		return lockmgr.Holder{}, false
 	}
