@@ -22,8 +22,9 @@ const LibvirtSocket = "/run/libvirt/virtlockd-sock"
 const LibvirtStoreFile = "libvirt-lockspaces.json"
 
 // LibvirtGrantsDir is the directory in the state directory that records
-// which lease files go with their last holder (virtlockd.GrantStore), so
-// that they are removed after a restart of vmlockd too.
+// which lease files go with their last holder and by which symlinks
+// domains acquired disks (virtlockd.GrantStore), so that after a restart of
+// vmlockd too those files are removed and RELEASE by those paths works.
 const LibvirtGrantsDir = "libvirt-grants"
 
 // LibvirtConfig enables the libvirt drop-in: the daemon serves its lock

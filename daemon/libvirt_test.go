@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockholder"
@@ -387,4 +388,121 @@ func TestLibvirtRefusesALiveSocket(t *testing.T) {
 		t.Fatalf("state directory still locked after a failed start: %v", err)
 	}
 	f.Close()
+}
+
+// ofdFree reports whether an OFD write lock on byte 0 of path can be taken
+// now, as by any other program (the lockspace driver's lock conflicts with
+// it whichever process holds that): it takes the lock and lets it go.
+func ofdFree(t *testing.T, path string) bool {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Start: 0, Len: 1}
+	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
+	if err != nil && !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+// libvirt releases a disk by the path it acquired it by. A domain that
+// acquired its disk through a symlink can still release it by that path
+// after a restart of vmlockd and a retargeting of the link: the image it
+// locked is freed (on disk too), the link's new target is left alone.
+func TestLibvirtReleaseByASymlinkRetargetedAfterARestart(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ctx := context.Background()
+	oldImg, newImg := filepath.Join(e.dir, "old.img"), filepath.Join(e.dir, "new.img")
+	for _, p := range []string{oldImg, newImg} {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(e.dir, "disk.img")
+	if err := os.Symlink(oldImg, link); err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := ownerProcess(t)
+	if err := e.register("dom-a", 1, pid).AcquireResource(ctx, "", link, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	e.start(nil)
+	if err := os.Symlink(newImg, link+".new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(link+".new", link); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.register("dom-a", 1, pid).ReleaseResource(ctx, "", link, 0); err != nil {
+		t.Fatalf("release by the path acquired by, after the restart: %v", err)
+	}
+	ac := e.api()
+	if hs := holders(t, ac, oldImg); len(hs) != 0 {
+		t.Fatalf("the image dom-a acquired is still held by %+v", hs)
+	}
+	if !ofdFree(t, oldImg) {
+		t.Fatal("the image dom-a acquired is still locked on disk")
+	}
+	other := e.register("dom-b", 2, sleeper(t))
+	if err := other.AcquireResource(ctx, "", newImg, 0); err != nil {
+		t.Fatalf("the link's new target: %v", err)
+	}
+	if ents, err := os.ReadDir(filepath.Join(e.state, LibvirtGrantsDir)); err != nil || len(ents) != 0 {
+		t.Fatalf("grant records left: %v %v", ents, err)
+	}
+}
+
+// The locks of domains whose QEMU exited while vmlockd was down are free
+// once the restarted vmlockd serves again, on disk too, and nothing is left
+// of them in the grant store (a disk acquired through a symlink has a
+// record there).
+func TestLibvirtDomainsThatExitedWhileVmlockdWasDownAreReleasedAtItsStart(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ctx := context.Background()
+	img, linked := filepath.Join(e.dir, "a.img"), filepath.Join(e.dir, "b.img")
+	for _, p := range []string{img, linked} {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(e.dir, "b-link.img")
+	if err := os.Symlink(linked, link); err != nil {
+		t.Fatal(err)
+	}
+	pidA, killA := ownerProcess(t)
+	if err := e.register("dom-a", 1, pidA).AcquireResource(ctx, "", img, 0); err != nil {
+		t.Fatal(err)
+	}
+	pidB, killB := ownerProcess(t)
+	if err := e.register("dom-b", 2, pidB).AcquireResource(ctx, "", link, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+	killA()
+	killB()
+
+	e.start(nil)
+	ac := e.api()
+	for _, p := range []string{img, linked} {
+		if hs := holders(t, ac, p); len(hs) != 0 {
+			t.Fatalf("%s is still held by %+v", p, hs)
+		}
+		if !ofdFree(t, p) {
+			t.Fatalf("%s is still locked on disk", p)
+		}
+	}
+	if ents, err := os.ReadDir(filepath.Join(e.state, LibvirtGrantsDir)); (err != nil && !errors.Is(err, os.ErrNotExist)) || len(ents) != 0 {
+		t.Fatalf("grant records left: %v %v", ents, err)
+	}
 }

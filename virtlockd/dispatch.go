@@ -271,8 +271,13 @@ func canonical(r lockmgr.Resource) (lockmgr.Resource, *RemoteError) {
 
 // heldAs returns the resource of leases whose key is r's, if any.
 func heldAs(leases []lockmgr.Lease, r lockmgr.Resource) (lockmgr.Resource, bool) {
+	return heldKey(leases, r.Key())
+}
+
+// heldKey returns the resource of leases whose key is key, if any.
+func heldKey(leases []lockmgr.Lease, key string) (lockmgr.Resource, bool) {
 	for _, l := range leases {
-		if h := l.Resource(); h.Key() == r.Key() {
+		if h := l.Resource(); h.Key() == key {
 			return h, true
 		}
 	}
@@ -386,46 +391,74 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 			g.file = file
 		}
 		s.grants[r.Key()] = g
-		defer s.storeGrant(r.Key(), g.file, hadFile) // after s.mu, under the key's lock
+		if g.file != "" || hadFile {
+			defer s.persist(r.Key()) // after s.mu
+		}
 	}
 	g.holders[o.UUID]++
 	s.mu.Unlock()
 	return nil
 }
 
-// storeGrant records in the grant store that file goes with the last
-// holder of key, or forgets an earlier record (had) if file is "". Called
-// with key's lock held. A failure is logged: the grant stands, only the
-// file might stay behind after a restart.
-func (s *Server) storeGrant(key, file string, had bool) {
+// persist writes the grant store's record of the resource key as the
+// server's records now are (its file, the paths its holders acquired it
+// by), or deletes it once nothing is left to keep. The writes of one key
+// are serialised and each writes the state of its own time, so the last
+// one stands for the latest state. A failure is logged: the grant stands,
+// only its file might stay, or a path not release it, after a restart.
+func (s *Server) persist(key string) {
 	if s.grantStore == nil {
 		return
 	}
+	unlock := s.storeLocks.lock(key)
+	defer unlock()
+	s.mu.Lock()
+	var rec GrantRecord
+	if g := s.grants[key]; g != nil {
+		rec.File = g.file
+	}
+	for uuid, m := range s.spelled {
+		for p, k := range m {
+			if k == key {
+				if rec.Spelled == nil {
+					rec.Spelled = make(map[string][]string)
+				}
+				rec.Spelled[uuid] = append(rec.Spelled[uuid], p)
+			}
+		}
+	}
+	had := s.stored[key]
+	s.mu.Unlock()
+	for _, ps := range rec.Spelled {
+		slices.Sort(ps)
+	}
 	var err error
 	switch {
-	case file != "":
-		err = s.grantStore.Put(key, file)
+	case !rec.empty():
+		err = s.grantStore.Put(key, rec)
 	case had:
 		err = s.grantStore.Delete(key)
+	default:
+		return
 	}
 	if err != nil {
 		s.log.Warn("cannot record a grant for a restart", "resource", key, "err", err)
+		return
 	}
+	s.mu.Lock()
+	s.stored[key] = !rec.empty()
+	s.mu.Unlock()
 }
 
 // removeFile removes the file of the resource key, which its last holder
-// released, and then its record in the grant store. Called with key's lock
-// held, or before serving.
+// released, and then updates its record in the grant store. Called with
+// key's lock held, or before serving.
 func (s *Server) removeFile(key, file string) {
 	if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.log.Warn("cannot remove an auto-created lease file", "file", file, "err", err)
 		return // the record stays: the next start tries again
 	}
-	if s.grantStore != nil {
-		if err := s.grantStore.Delete(key); err != nil {
-			s.log.Warn("cannot drop the record of a removed lease file", "file", file, "err", err)
-		}
-	}
+	s.persist(key)
 }
 
 // openResource checks that the file of a resource exists (without
@@ -516,38 +549,58 @@ func (s *Server) granted(uuid string, r lockmgr.Resource, before []lockmgr.Lease
 }
 
 // spell records that the object uuid was granted the disk d for the path
-// sent, if that is not d's own path (see Server.spelled).
+// sent, if that is not d's own path (see Server.spelled), and keeps the
+// change in the grant store.
 func (s *Server) spell(uuid, sent string, d lockmgr.Resource) {
+	key := d.Key()
+	var changed []string
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	m := s.spelled[uuid]
-	if d.Name == sent {
-		delete(m, sent) // the path names itself now
+	old, had := m[sent]
+	switch {
+	case d.Name == sent && had: // the path names itself now
+		delete(m, sent)
 		if len(m) == 0 {
 			delete(s.spelled, uuid)
 		}
-		return
+		changed = append(changed, old)
+	case d.Name != sent && (!had || old != key):
+		if m == nil {
+			m = make(map[string]string)
+			s.spelled[uuid] = m
+		}
+		m[sent] = key
+		if had {
+			changed = append(changed, old)
+		}
+		changed = append(changed, key)
 	}
-	if m == nil {
-		m = make(map[string]lockmgr.Resource)
-		s.spelled[uuid] = m
+	s.mu.Unlock()
+	for _, k := range changed {
+		s.persist(k)
 	}
-	m[sent] = d
 }
 
 // unspell forgets the paths by which the object uuid acquired the
-// resource key; every path of it if key is "".
+// resource key (every path of it if key is ""), in the grant store too.
 func (s *Server) unspell(uuid, key string) {
+	var changed []string
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	m := s.spelled[uuid]
-	for p, d := range m {
-		if key == "" || d.Key() == key {
+	for p, k := range m {
+		if key == "" || k == key {
 			delete(m, p)
+			if !slices.Contains(changed, k) {
+				changed = append(changed, k)
+			}
 		}
 	}
 	if len(m) == 0 {
 		delete(s.spelled, uuid)
+	}
+	s.mu.Unlock()
+	for _, k := range changed {
+		s.persist(k)
 	}
 }
 
@@ -691,10 +744,10 @@ func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name strin
 	if cur, err := s.mgr.Object(o.UUID); err == nil && cur.PID == o.PID {
 		leases, _, _ := s.mgr.Held(o.UUID)
 		s.mu.Lock()
-		d, spelled := s.spelled[o.UUID][r.Name]
+		key, spelled := s.spelled[o.UUID][r.Name]
 		s.mu.Unlock()
 		if spelled { // what this path named when it was acquired
-			held, found = heldAs(leases, d)
+			held, found = heldKey(leases, key)
 		}
 		if !found {
 			held, found = heldAs(leases, r)

@@ -62,16 +62,19 @@
 // disk resource of that path (symlinks resolved, so two spellings are one
 // lock). RELEASE of a path releases the disk that the path named at the
 // owner's ACQUIRE, as virtlockd (which keeps the path string) does, even if
-// a symlink in it has been retargeted since. A lockspace directory D (CREATE_LOCKSPACE, e.g. qemu-lockd.conf's
+// a symlink in it has been retargeted since, and across a restart of the
+// daemon. A lockspace directory D (CREATE_LOCKSPACE, e.g. qemu-lockd.conf's
 // file_lockspace_dir, whose names are the SHA-256 of disk paths) holds
 // leases: name N is the lease LockspaceName(D)/N, and D/N is its file.
 // Busy errors keep libvirt's code 87 and domain 51 and carry the
 // lockmgr.BusyError message, which names the holding domain and its pid.
 // Lockspaces that clients create are kept in a LockspaceStore across
 // restarts, because libvirtd sends CREATE_LOCKSPACE only when it starts.
-// Which files go with their last holder is kept in a GrantStore, so that a
-// restarted server still removes them: when their last holder releases
-// them, when its process exits (the daemon, which sees that through its
-// pid tracking, calls Server.Forgotten), or at start if it exited while the
-// daemon was down.
+// Which files go with their last holder, and by which other paths
+// (symlinks) owners acquired disks, is kept in a GrantStore, so that a
+// restarted server still releases by those paths and removes those files:
+// when their last holder releases them, when its process exits (the
+// daemon, which sees that through its pid tracking, calls
+// Server.Forgotten), or at start if it exited while the daemon was down.
+// A record the store cannot read is logged and skipped.
 package virtlockd

@@ -14,13 +14,48 @@ import (
 	"github.com/vmlock/vmlock/lockmgr"
 )
 
+// A record written by the store's first version (a key and a file, no
+// version) still loads.
+func TestGrantStoreLoadsARecordOfTheFirstVersion(t *testing.T) {
+	st := DirGrantStore{Dir: t.TempDir()}
+	key := "lease:libvirt:var-lib-libvirt-lockd-files/k"
+	first := `{"key":"lease:libvirt:var-lib-libvirt-lockd-files/k","file":"/var/lib/libvirt/lockd/files/k"}`
+	if err := os.WriteFile(st.path(key), []byte(first), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := st.Load()
+	want := map[string]GrantRecord{key: {File: "/var/lib/libvirt/lockd/files/k"}}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Fatalf("Load = %+v, %v; want %+v", got, err, want)
+	}
+}
+
+// A record keeps the paths by which objects acquired a disk, with or
+// without a file.
+func TestGrantStoreKeepsSpelledPaths(t *testing.T) {
+	st := DirGrantStore{Dir: t.TempDir()}
+	recs := map[string]GrantRecord{
+		"disk:/images/a.img": {Spelled: map[string][]string{"u1": {"/links/a.img", "/other/a.img"}, "u2": {"/links/a.img"}}},
+		"disk:/images/b.img": {File: "/images/b.img", Spelled: map[string][]string{"u1": {"/links/b.img"}}},
+	}
+	for k, r := range recs {
+		if err := st.Put(k, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := st.Load(); err != nil || !reflect.DeepEqual(got, recs) {
+		t.Fatalf("Load = %+v, %v; want %+v", got, err, recs)
+	}
+}
+
 // Records a crash of the host tore, and files that are no records, are
 // reported one by one, naming each file; the others load. Files that can
-// never be read are removed; a directory is left alone. A temporary file that a crash left before its rename is
+// never be read are removed; a record of a later version and a directory
+// are left alone. A temporary file that a crash left before its rename is
 // removed without a word: the record it was to replace stands.
 func TestGrantStoreReportsUnusableRecordsAndLoadsTheOthers(t *testing.T) {
 	st := DirGrantStore{Dir: t.TempDir()}
-	good := "/leases/good"
+	good := GrantRecord{File: "/leases/good", Spelled: map[string][]string{"u": {"/links/good"}}}
 	if err := st.Put("lease:ls/good", good); err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +73,8 @@ func TestGrantStoreReportsUnusableRecordsAndLoadsTheOthers(t *testing.T) {
 	torn := write(st.path("lease:ls/torn"), whole[:len(whole)/2])
 	empty := write(st.path("lease:ls/empty"), nil)
 	garbage := write(st.path("lease:ls/garbage"), []byte("\x00\x17 not json"))
-	foreign := write(st.path("lease:ls/foreign"), []byte(`{"key":"lease:ls/other","file":"/leases/other"}`))
+	foreign := write(st.path("lease:ls/foreign"), []byte(`{"version":2,"key":"lease:ls/other","file":"/leases/other"}`))
+	later := write(st.path("lease:ls/later"), []byte(`{"version":3,"key":"lease:ls/later","file":"/leases/later"}`))
 	dir := filepath.Join(st.Dir, "not-a-record")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -47,7 +83,7 @@ func TestGrantStoreReportsUnusableRecordsAndLoadsTheOthers(t *testing.T) {
 	tmp := write(filepath.Join(st.Dir, ".grant.12345"), whole[:3])
 
 	got, err := st.Load()
-	if want := map[string]string{"lease:ls/good": good}; !reflect.DeepEqual(got, want) {
+	if want := map[string]GrantRecord{"lease:ls/good": good}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("Load = %+v, want %+v", got, want)
 	}
 	reported := map[string]bool{} // path: removed
@@ -58,7 +94,7 @@ func TestGrantStoreReportsUnusableRecordsAndLoadsTheOthers(t *testing.T) {
 		}
 		reported[re.Path] = re.Removed
 	}
-	want := map[string]bool{torn: true, empty: true, garbage: true, foreign: true, dir: false}
+	want := map[string]bool{torn: true, empty: true, garbage: true, foreign: true, later: false, dir: false}
 	if !reflect.DeepEqual(reported, want) {
 		t.Fatalf("reported (path: removed) %v, want %v", reported, want)
 	}

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -104,23 +105,36 @@ func (f FileStore) Save(dirs []string) error {
 	return nil
 }
 
-// GrantStore keeps, across restarts of the daemon, which resources' files
-// go with their last holder (the first holder asked for AUTOCREATE): the
-// lock table survives a restart (the daemon's lock-holder keeps the locks)
-// but the server's records of its grants would not, and the files would
-// stay on disk. Holders are not kept: the restarted server reads them from
-// the lock table.
+// GrantStore keeps, across restarts of the daemon, what the server must
+// know of its grants that the lock table does not say: the lock table
+// survives a restart (the daemon's lock-holder keeps the locks) but the
+// server's records would not. Per resource: the file that goes with its
+// last holder (the first holder asked for AUTOCREATE), so that it is still
+// removed, and the paths other than the disk's own (symlinks) by which
+// holders acquired a disk, so that libvirt can still release it by them
+// after a link was retargeted. Holders are not kept: the restarted server
+// reads them from the lock table.
 type GrantStore interface {
-	// Load returns the recorded files by resource key; none (and no error)
-	// if nothing was ever recorded. It returns every record it could read
-	// even when it reports others that it could not (each a
-	// *GrantRecordError).
-	Load() (map[string]string, error)
-	// Put records that file goes with the last holder of the resource key.
-	Put(key, file string) error
+	// Load returns the records by resource key; none (and no error) if
+	// nothing was ever recorded. It returns every record it could read even
+	// when it reports others that it could not (each a *GrantRecordError).
+	Load() (map[string]GrantRecord, error)
+	// Put replaces the record of the resource key with rec.
+	Put(key string, rec GrantRecord) error
 	// Delete forgets the record of key; a missing record is no error.
 	Delete(key string) error
 }
+
+// GrantRecord is what a GrantStore keeps of one resource.
+type GrantRecord struct {
+	// File goes with the resource's last holder; "" if none does.
+	File string
+	// Spelled lists, by object uuid, the paths other than the disk's own
+	// by which that object acquired the disk.
+	Spelled map[string][]string
+}
+
+func (r GrantRecord) empty() bool { return r.File == "" && len(r.Spelled) == 0 }
 
 // GrantRecordError reports a record that a GrantStore's Load could not use
 // (a file torn by a crash of the host, or not a record at all); Load loads
@@ -128,7 +142,7 @@ type GrantStore interface {
 type GrantRecordError struct {
 	Path string
 	// Removed says that Load removed the file, which can never be read; a
-	// directory is left in place.
+	// record of a later version, or a directory, is left in place.
 	Removed bool
 	Err     error
 }
@@ -152,10 +166,19 @@ func (e *GrantRecordError) Unwrap() error { return e.Err }
 // ends too; a record torn by such a crash is reported and dropped by Load.
 type DirGrantStore struct{ Dir string }
 
+// grantVersion is the version of the records Put writes. Version 1 (no
+// "version" member) has a key and a file only.
+const grantVersion = 2
+
 type grantFile struct {
-	Key  string `json:"key"`
-	File string `json:"file"`
+	Version int                 `json:"version,omitempty"`
+	Key     string              `json:"key"`
+	File    string              `json:"file"`
+	Spelled map[string][]string `json:"spelled,omitempty"`
 }
+
+// errGrantVersion marks a record of a version this code does not know.
+var errGrantVersion = errors.New("unknown record version")
 
 func (d DirGrantStore) path(key string) string {
 	sum := sha256.Sum256([]byte(key))
@@ -164,7 +187,7 @@ func (d DirGrantStore) path(key string) string {
 
 // Load reads every record. It removes temporary files that a crash left
 // behind, and reports and removes records it cannot read.
-func (d DirGrantStore) Load() (map[string]string, error) {
+func (d DirGrantStore) Load() (map[string]GrantRecord, error) {
 	ents, err := os.ReadDir(d.Dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -172,7 +195,7 @@ func (d DirGrantStore) Load() (map[string]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("grant store: %w", err)
 	}
-	out := make(map[string]string, len(ents))
+	out := make(map[string]GrantRecord, len(ents))
 	var errs []error
 	for _, e := range ents {
 		p := filepath.Join(d.Dir, e.Name())
@@ -180,13 +203,13 @@ func (d DirGrantStore) Load() (map[string]string, error) {
 			_ = os.Remove(p)
 			continue
 		}
-		key, file, err := d.read(p)
+		key, rec, err := d.read(p)
 		if err == nil {
-			out[key] = file
+			out[key] = rec
 			continue
 		}
 		rerr := &GrantRecordError{Path: p, Err: err}
-		if e.Type().IsRegular() {
+		if e.Type().IsRegular() && !errors.Is(err, errGrantVersion) {
 			if err := os.Remove(p); err == nil || errors.Is(err, fs.ErrNotExist) {
 				rerr.Removed = true
 			}
@@ -197,35 +220,53 @@ func (d DirGrantStore) Load() (map[string]string, error) {
 }
 
 // read reads and checks the record file p.
-func (d DirGrantStore) read(p string) (key, file string, err error) {
+func (d DirGrantStore) read(p string) (string, GrantRecord, error) {
 	fh, err := os.Open(p)
 	if err != nil {
-		return "", "", err
+		return "", GrantRecord{}, err
 	}
 	defer fh.Close()
 	b, err := io.ReadAll(io.LimitReader(fh, maxStoreFile+1))
 	if err != nil {
-		return "", "", err
+		return "", GrantRecord{}, err
 	}
 	if len(b) > maxStoreFile {
-		return "", "", fmt.Errorf("larger than %d bytes", maxStoreFile)
+		return "", GrantRecord{}, fmt.Errorf("larger than %d bytes", maxStoreFile)
 	}
 	var g grantFile
 	if err := json.Unmarshal(b, &g); err != nil {
-		return "", "", err
+		return "", GrantRecord{}, err
+	}
+	rec := GrantRecord{File: g.File}
+	switch g.Version {
+	case 0: // version 1
+		if g.File == "" {
+			return "", GrantRecord{}, errors.New("no file")
+		}
+	case grantVersion:
+		rec.Spelled = g.Spelled
+	default:
+		return "", GrantRecord{}, fmt.Errorf("%w %d", errGrantVersion, g.Version)
 	}
 	switch {
 	case g.Key == "" || p != d.path(g.Key):
-		return "", "", fmt.Errorf("not the record of its key %q", g.Key)
-	case !filepath.IsAbs(g.File):
-		return "", "", fmt.Errorf("file %q is not absolute", g.File)
+		return "", GrantRecord{}, fmt.Errorf("not the record of its key %q", g.Key)
+	case rec.File != "" && !filepath.IsAbs(rec.File):
+		return "", GrantRecord{}, fmt.Errorf("file %q is not absolute", rec.File)
+	case rec.empty():
+		return "", GrantRecord{}, errors.New("nothing recorded")
 	}
-	return g.Key, g.File, nil
+	for uuid, paths := range rec.Spelled {
+		if uuid == "" || len(paths) == 0 || slices.ContainsFunc(paths, func(s string) bool { return !filepath.IsAbs(s) }) {
+			return "", GrantRecord{}, fmt.Errorf("bad paths of object %q: %q", uuid, paths)
+		}
+	}
+	return g.Key, rec, nil
 }
 
 // Put writes the record to a temporary file and renames it into place.
-func (d DirGrantStore) Put(key, file string) error {
-	b, err := json.Marshal(grantFile{Key: key, File: file})
+func (d DirGrantStore) Put(key string, rec GrantRecord) error {
+	b, err := json.Marshal(grantFile{Version: grantVersion, Key: key, File: rec.File, Spelled: rec.Spelled})
 	if err != nil {
 		return fmt.Errorf("grant store: %w", err)
 	}

@@ -72,10 +72,11 @@ type Config struct {
 	// Store persists the lockspaces that clients create; nil keeps them in
 	// memory only.
 	Store LockspaceStore
-	// Grants persists which files go with their resource's last holder,
-	// so that a restarted server still removes them (see GrantStore); nil
-	// keeps that in memory only. Records it cannot load are logged, not
-	// fatal.
+	// Grants persists which files go with their resource's last holder
+	// and the paths by which disks were acquired through symlinks, so that
+	// a restarted server still removes those files and releases disks by
+	// those paths (see GrantStore); nil keeps that in memory only. Records
+	// it cannot load are logged, not fatal.
 	Grants GrantStore
 	// Lockspaces are directories served from the start (for example
 	// qemu-lockd.conf's file_lockspace_dir), created (mode 0700) if missing.
@@ -116,16 +117,20 @@ type Server struct {
 
 	ownerLocks keyedMutex // by object uuid; taken before keyLocks
 	keyLocks   keyedMutex // by resource key
+	storeLocks keyedMutex // by resource key: one write of its record at a time; taken last
 	clients    atomic.Int64
 
 	mu     sync.Mutex
 	grants map[string]*grant // by resource key: resources granted through this server
 	// spelled keeps, by object uuid, the disk paths of the default
 	// lockspace that the owner acquired by a name other than the disk's
-	// canonical path (a symlink), with the disk granted: libvirt releases
-	// by the path it acquired by, and the link may have been retargeted
-	// since.
-	spelled map[string]map[string]lockmgr.Resource
+	// canonical path (a symlink), with the key of the disk granted:
+	// libvirt releases by the path it acquired by, and the link may have
+	// been retargeted since. It is kept in the grant store too, for a
+	// restart.
+	spelled map[string]map[string]string
+	// stored holds the resource keys that have a record in the grant store.
+	stored map[string]bool
 
 	lsMu       sync.Mutex
 	lockspaces map[string]*lockspace // by path as clients name it
@@ -161,7 +166,8 @@ func NewServer(cfg Config) (*Server, error) {
 		store: cfg.Store, grantStore: cfg.Grants, host: cfg.Host, log: cfg.Logger,
 		maxClients: int64(cfg.MaxClients), callTimeout: cfg.CallTimeout, euid: os.Geteuid(), observe: cfg.Observe,
 		grants:     make(map[string]*grant),
-		spelled:    make(map[string]map[string]lockmgr.Resource),
+		spelled:    make(map[string]map[string]string),
+		stored:     make(map[string]bool),
 		lockspaces: map[string]*lockspace{"": {}},
 	}
 	if s.owners == nil {
@@ -210,21 +216,23 @@ func NewServer(cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// loadGrants rebuilds the grant records that have a file from the store,
-// each holder of the resource in the lock table counted once; the file of
-// a resource nobody holds (its owners exited while the daemon was down) is
-// removed. Records the store cannot read are logged: their files stay.
+// loadGrants rebuilds the server's records from the grant store: each
+// holder of a resource with a file counted once, and the paths by which
+// its holders acquired a disk. A file whose resource nobody holds (its
+// owners exited while the daemon was down) is removed, and the paths of
+// objects that no longer hold the disk are forgotten. Records the store
+// cannot read are logged: their resources lose only what they recorded.
 func (s *Server) loadGrants() {
 	if s.grantStore == nil {
 		return
 	}
-	files, err := s.grantStore.Load()
+	recs, err := s.grantStore.Load()
 	if err != nil {
 		s.log.Error("cannot load every libvirt grant record; the others are kept", "err", err)
 	}
-	holders := make(map[string]map[string]bool, len(files))
+	holders := make(map[string]map[string]bool, len(recs))
 	for _, li := range s.mgr.Locks() {
-		if _, ok := files[li.Resource.Key()]; ok {
+		if _, ok := recs[li.Resource.Key()]; ok {
 			hs := make(map[string]bool, len(li.Holders))
 			for _, h := range li.Holders {
 				hs[h.UUID] = true
@@ -232,14 +240,35 @@ func (s *Server) loadGrants() {
 			holders[li.Resource.Key()] = hs
 		}
 	}
-	for key, file := range files {
-		if len(holders[key]) == 0 {
-			s.removeFile(key, file)
-			continue
+	for key, rec := range recs {
+		s.stored[key] = true
+		hs := holders[key]
+		stale := false
+		for uuid, paths := range rec.Spelled {
+			if !hs[uuid] {
+				stale = true
+				continue
+			}
+			m := s.spelled[uuid]
+			if m == nil {
+				m = make(map[string]string, len(paths))
+				s.spelled[uuid] = m
+			}
+			for _, p := range paths {
+				m[p] = key
+			}
 		}
-		g := seededGrant(holders[key], "")
-		g.file = file
-		s.grants[key] = g
+		switch {
+		case rec.File != "" && len(hs) == 0:
+			s.removeFile(key, rec.File)
+		case rec.File != "":
+			g := seededGrant(hs, "")
+			g.file = rec.File
+			s.grants[key] = g
+		}
+		if stale {
+			s.persist(key)
+		}
 	}
 }
 
