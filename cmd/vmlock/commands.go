@@ -383,7 +383,7 @@ func newAcquireCmd(g *globals) *cobra.Command {
 	var rf resourceFlags
 	var state string
 	c := &cobra.Command{
-		Use:   "acquire --uuid U --pid P [--name N] [--state S] --disk PATH[:MODE]... [--lease LS/KEY[:shared]]...",
+		Use:   "acquire --uuid U --pid P [--name N] [--id I] [--state S] --disk PATH[:MODE]... [--lease LS/KEY[:shared]]... [--resource TYPE:NAME[:MODE]]...",
 		Short: "acquire resources for an object owned by process P (all or nothing); prints the state string",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

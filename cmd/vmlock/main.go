@@ -59,6 +59,10 @@ func (e usageError) Unwrap() error { return e.err }
 // default GOMAXPROCS.
 const annotationParallel = "vmlock/parallel"
 
+// jsonCommands are the commands whose output --output changes; the others
+// print state strings or plain lines whatever it says.
+const jsonCommands = "status, locks, vms, blockjob and migrate complete"
+
 // globals are the flags every subcommand shares.
 type globals struct {
 	socket string
@@ -84,7 +88,7 @@ func newRootCmd() *cobra.Command {
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "vmlockd's socket (default $VMLOCK_SOCKET, else /run/vmlock/vmlockd.sock as root, $XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise)")
-	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format of "+jsonCommands+": table or json (the other commands print plain lines)")
 	addCommands(root, g)
 	root.AddCommand(newBenchCmd())
 	markUsageErrors(root)
