@@ -133,3 +133,22 @@ func TestFlagsOverrideTheFileBeforeItIsChecked(t *testing.T) {
 		}
 	}
 }
+
+// A flag whose value has a default says which, since the flags' own
+// defaults are empty (an empty flag leaves the file's value alone).
+func TestFlagHelpNamesTheDefaults(t *testing.T) {
+	d := defaults()
+	for flag, want := range map[string][]string{
+		"driver":    {d.Driver + " (default)"},
+		"log-level": {d.LogLevel + " (default)"},
+		"socket":    {"/run/vmlock/vmlockd.sock as root", "$XDG_RUNTIME_DIR/vmlock/vmlockd.sock otherwise"},
+		"state-dir": {"/var/lib/vmlock as root", "$XDG_STATE_HOME/vmlock otherwise"},
+	} {
+		usage := newRootCmd().Flags().Lookup(flag).Usage
+		for _, w := range want {
+			if !strings.Contains(usage, w) {
+				t.Errorf("--%s help %q does not say %q", flag, usage, w)
+			}
+		}
+	}
+}
