@@ -667,8 +667,9 @@ func (d *Daemon) ownerCount() int {
 // every object again from the table as it is after the change, so the
 // change is recorded all the same. Only a holder that did not answer
 // within the call's deadline (ctx, or lockholder.DefaultTimeout) fails the
-// call: its caller has given up, so a grant is undone (lockmgr releases
-// it) rather than left held by a call that failed.
+// call: its caller has given up, so a grant or a change of mode is undone
+// (lockmgr releases it, or changes it back) rather than left held by a
+// call that failed.
 type observer Daemon
 
 func (ob *observer) Changed(ctx context.Context, o lockmgr.Object, leases []lockmgr.Lease, ro []lockmgr.Resource) error {
@@ -682,7 +683,7 @@ func (ob *observer) Changed(ctx context.Context, o lockmgr.Object, leases []lock
 	}
 	d.resyncHolder(h, err)
 	if errors.As(err, new(*lockholder.NotAnsweringError)) {
-		return &lockmgr.Error{Code: lockmgr.CodeTimeout, Msg: "the grant could not be recorded in time and was undone (the lock-holder was replaced)", Err: err}
+		return &lockmgr.Error{Code: lockmgr.CodeTimeout, Msg: "the lock-holder did not record it in time and was replaced", Err: err}
 	}
 	return nil
 }

@@ -104,27 +104,47 @@ func (r *realHolders) killAll() {
 	}
 }
 
-// A lock-holder that stops reading (SIGSTOP) does not hang vmlockd: the
-// grant whose record it does not take fails at the call's deadline with a
-// timeout naming the holder's pid, and is undone (the lock is free for
-// others, the table does not list it); the stopped holder is killed and
-// replaced, and later grants work and are kept by the new holder, as are
-// the earlier ones.
-func TestAGrantAStoppedLockHolderDoesNotTakeIsUndoneAndTheHolderReplaced(t *testing.T) {
+// holderRig runs daemons, one after the other, on one state directory
+// with real lock-holder processes, and is another host's view of the same
+// disks.
+type holderRig struct {
+	t        *testing.T
+	dir      string
+	state    string
+	holders  *realHolders
+	leaseCfg lockspace.Config
+	other    *lockspace.Driver // another host's driver
+}
+
+func newHolderRig(t *testing.T) *holderRig {
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")
 	os.MkdirAll(state, 0o700)
-	holders := &realHolders{}
-	t.Cleanup(holders.killAll) // after the daemon has stopped
-	leaseCfg := lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")}
-	drv, err := lockspace.New(leaseCfg)
+	r := &holderRig{t: t, dir: dir, state: state, holders: &realHolders{},
+		leaseCfg: lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")}}
+	t.Cleanup(r.holders.killAll) // after the daemons have stopped
+	other, err := lockspace.New(r.leaseCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	r.other = other
+	return r
+}
+
+// start runs a daemon whose calls time out after 2 s. stop stops it as an
+// exit does: its own lock descriptors close, the lock-holder keeps the
+// locks.
+func (r *holderRig) start() (d *Daemon, c *api.Client, stop func()) {
+	t := r.t
+	drv, err := lockspace.New(r.leaseCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, Config{Driver: drv, Socket: filepath.Join(dir, "s.sock"), StateDir: state,
+	d, err = New(ctx, Config{Driver: drv, Socket: filepath.Join(r.dir, "s.sock"), StateDir: r.state,
 		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
-		HolderCommand:  holders.start(state),
+		HolderCommand:  r.holders.start(r.state),
 		RequestTimeout: 2 * time.Second}, nil)
 	if err != nil {
 		cancel()
@@ -133,7 +153,7 @@ func TestAGrantAStoppedLockHolderDoesNotTakeIsUndoneAndTheHolderReplaced(t *test
 	ran := make(chan struct{})
 	go func() { d.Run(ctx); close(ran) }()
 	stopped := false
-	stop := func() { // as an exit: the daemon's own lock descriptors close
+	stop = func() {
 		if !stopped {
 			stopped = true
 			cancel()
@@ -143,29 +163,39 @@ func TestAGrantAStoppedLockHolderDoesNotTakeIsUndoneAndTheHolderReplaced(t *test
 		}
 	}
 	t.Cleanup(stop)
-	c, err := api.Dial(context.Background(), filepath.Join(dir, "s.sock"))
+	c, err = api.Dial(context.Background(), filepath.Join(r.dir, "s.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
+	return d, c, stop
+}
 
-	// Another host's view of the same disks: a driver of its own.
-	other, err := lockspace.New(leaseCfg)
+// takeable reports whether another host could lock disk in mode m now.
+func (r *holderRig) takeable(disk string, m lockmgr.Mode) bool {
+	ls, err := r.other.Acquire(context.Background(), []lockmgr.Request{{Resource: lockmgr.DiskResource(disk, m)}})
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
-	takeable := func(disk string) bool {
-		ls, err := other.Acquire(context.Background(), []lockmgr.Request{{Resource: lockmgr.DiskResource(disk, lockmgr.Exclusive)}})
-		if err != nil {
-			if !errors.Is(err, lockmgr.ErrBusy) {
-				t.Fatal(err)
-			}
-			return false
+		if !errors.Is(err, lockmgr.ErrBusy) {
+			r.t.Fatal(err)
 		}
-		other.Release(context.Background(), ls)
-		return true
+		return false
 	}
+	r.other.Release(context.Background(), ls)
+	return true
+}
+
+// A lock-holder that stops reading (SIGSTOP) does not hang vmlockd: the
+// grant whose record it does not take fails at the call's deadline with a
+// timeout naming the holder's pid, and is undone (the lock is free for
+// others, the table does not list it); the stopped holder is killed and
+// replaced, and later grants work and are kept by the new holder, as are
+// the earlier ones.
+func TestAGrantAStoppedLockHolderDoesNotTakeIsUndoneAndTheHolderReplaced(t *testing.T) {
+	rig := newHolderRig(t)
+	d, c, stop := rig.start()
+	dir := rig.dir
+	takeable := func(disk string) bool { return rig.takeable(disk, lockmgr.Exclusive) }
+	holders := rig.holders
 
 	owner := sleeper(t)
 	holderPID := d.holderPID()
@@ -249,4 +279,106 @@ func TestAGrantAStoppedLockHolderDoesNotTakeIsUndoneAndTheHolderReplaced(t *test
 			t.Fatalf("grant %d was not kept by the new lock-holder across a stop of vmlockd", i)
 		}
 	}
+}
+
+// A change of mode whose record a stopped lock-holder (SIGSTOP) does not
+// take fails at the call's deadline with a timeout naming the holder's
+// pid, and is undone: the table, the disk's lock and the record the new
+// lock-holder keeps (what a restarted vmlockd takes back) all show the old
+// mode.
+func TestAChangeOfModeAStoppedLockHolderDoesNotTakeIsUndone(t *testing.T) {
+	rig := newHolderRig(t)
+	d, c, stop := rig.start()
+	disk := filepath.Join(rig.dir, "base.img")
+	os.WriteFile(disk, nil, 0o600)
+	obj := lockmgr.Object{UUID: "55555555-0000-4000-8000-000000000001", PID: sleeper(t)}
+	if _, err := c.Acquire(context.Background(), obj, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	holderPID := d.holderPID()
+	holder, holderExited := rig.holders.byPID(holderPID)
+	if holder == nil {
+		t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", holderPID)
+	}
+	if err := holder.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Signal(syscall.SIGKILL) })
+
+	// Downgrades and upgrades, as a block job's base image goes, until one
+	// finds the stopped holder's socket buffer full.
+	mode, failed := lockmgr.Exclusive, false
+	for range 10000 {
+		to := lockmgr.Shared
+		if mode == lockmgr.Shared {
+			to = lockmgr.Exclusive
+		}
+		err := withinGuard(t, "a change of mode with a stopped lock-holder", func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), d.cfg.RequestTimeout)
+			defer cancel()
+			return d.mgr.ChangeMode(ctx, obj.UUID, lockmgr.DiskResource(disk, to))
+		})
+		if err == nil {
+			mode = to
+			continue
+		}
+		if !errors.Is(err, lockmgr.ErrTimeout) {
+			t.Fatalf("change to %s with a stopped lock-holder = %v, want a timeout", to, err)
+		}
+		for _, want := range []string{
+			fmt.Sprintf("lock-holder (pid %d) did not answer within the deadline", holderPID),
+			"held " + mode.Adverb() + " as before",
+		} {
+			if !strings.Contains(err.Error(), want) {
+				t.Fatalf("the timeout %q does not say %q", err, want)
+			}
+		}
+		failed = true
+		break
+	}
+	if !failed {
+		t.Fatal("no change of mode failed with a stopped lock-holder")
+	}
+
+	// Undone: the table and the disk's lock are in the old mode.
+	heldIn := func(c *api.Client) (lockmgr.Mode, bool) {
+		locks, err := c.Locks(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range locks {
+			for _, h := range l.Holders {
+				if l.Resource.Name == disk && h.UUID == obj.UUID {
+					return h.Mode, true
+				}
+			}
+		}
+		return 0, false
+	}
+	if m, ok := heldIn(c); !ok || m != mode {
+		t.Fatalf("after the undone change the table shows %v (%v), want %v", m, ok, mode)
+	}
+	checkLock := func(when string) {
+		t.Helper()
+		if rig.takeable(disk, lockmgr.Exclusive) || rig.takeable(disk, lockmgr.Shared) != (mode == lockmgr.Shared) {
+			t.Fatalf("%s another host can take the disk exclusively %v, shared %v; it is held %s",
+				when, rig.takeable(disk, lockmgr.Exclusive), rig.takeable(disk, lockmgr.Shared), mode.Adverb())
+		}
+	}
+	checkLock("after the undone change")
+	select {
+	case <-holderExited:
+	case <-time.After(holderGuard):
+		t.Fatal("the stopped lock-holder was not killed")
+	}
+
+	// The new holder's record is of the old mode: it keeps the lock
+	// across a stop of vmlockd, and a new vmlockd takes it back so.
+	stop()
+	checkLock("with vmlockd stopped,")
+	_, c2, _ := rig.start()
+	if m, ok := heldIn(c2); !ok || m != mode {
+		t.Fatalf("a restarted vmlockd shows the disk held %v (%v), want %v", m, ok, mode)
+	}
+	checkLock("after the restart")
 }

@@ -15,10 +15,11 @@ import (
 // lock-holder process. Calls for one object are never concurrent and come
 // in the order of the changes; calls for different objects may be
 // concurrent. ctx is the call's context (or, for an undo, one without its
-// cancellation). If Changed fails after a grant, the Manager undoes the
-// grant (a release, told to the observer too) and the call fails with
-// Changed's error; after any other change the error is ignored: the change
-// has happened, and the observer must bring its records in step itself.
+// cancellation). If Changed fails after a grant or a change of mode, the
+// Manager undoes it (a release, or a change back, told to the observer
+// too) and the call fails with Changed's error; after any other change the
+// error is ignored: the change has happened, and the observer must bring
+// its records in step itself.
 type Observer interface {
 	Changed(ctx context.Context, o Object, leases []Lease, readonly []Resource) error
 }
@@ -295,7 +296,7 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		// time): a caller told that the call failed must hold nothing
 		// new, so the grant is released again, even if ctx is done.
 		_ = m.release(context.WithoutCancel(ctx), ob, todo)
-		return err
+		return &Error{Code: CodeOf(err), Msg: "the grant was not recorded and is undone", Err: err}
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package lockmgr
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -45,7 +46,14 @@ type Converter interface {
 // On any failure the object holds r as before (a conversion or a grant
 // that completes after ctx is done is undone). The use keeps its "since"
 // (the holding began then); its token becomes the new lease's. The
-// observer is told of the change.
+// observer is told of the change; if it fails (the daemon's lock-holder
+// did not record it in time), the change is undone as a failed grant is,
+// even if ctx is done: the driver's lease is converted back (or the new
+// one released and the old one kept), the table shows the old mode, the
+// observer is told, and the call fails with the observer's error. A lease
+// converted back carries the driver's current token (a conversion back to
+// exclusive is a new grant). If converting back fails, the object holds r
+// in the new mode, and the error says so.
 func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error {
 	ob, r, err := m.lookupWith(uuid, r)
 	if err != nil {
@@ -59,28 +67,33 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 	if u.res.Mode == r.Mode {
 		return nil
 	}
-	// The key is reserved in the new mode while the driver works, as by
-	// acquire, so that no conflicting request slips in between the check
-	// and the change.
-	reserved := []*use{u}
-	if r.Mode == ReadOnly {
-		reserved = nil
-	}
+	old, from, tok := u.lease, u.res.Mode, u.token
+	// The key is reserved, as by acquire, until the change is recorded or
+	// undone, in the stronger of the two modes (Exclusive < Shared <
+	// ReadOnly): no conflicting request slips in between the check and the
+	// change, nor while the change is recorded one that would keep it from
+	// being undone.
 	m.mu.Lock()
 	err = m.conflictLocked(ob, r)
-	if err == nil && reserved != nil {
-		m.pending[r.Key()] = append(m.pending[r.Key()], reservation{ob, r.Mode})
+	if err == nil {
+		m.pending[r.Key()] = append(m.pending[r.Key()], reservation{ob, min(from, r.Mode)})
 	}
 	m.mu.Unlock()
 	if err != nil {
 		return err
 	}
+	defer func() {
+		m.mu.Lock()
+		m.unreserveLocked(ob, []*use{u})
+		m.mu.Unlock()
+	}()
 
-	old, from := u.lease, u.res.Mode
 	var lease Lease
-	switch conv, ok := m.driver.(Converter); {
+	conv, converts := m.driver.(Converter)
+	converts = converts && old != nil && r.Mode != ReadOnly
+	switch {
 	case r.Mode == ReadOnly:
-	case old != nil && ok:
+	case converts:
 		orig := old
 		// A conversion that completes after ctx is done is converted back,
 		// so that the lease stays in the mode the table records.
@@ -90,7 +103,6 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 					m.settle(ob, u, orig, back)
 				}
 			})
-		old = nil // converted, not to be released
 	default:
 		h := holderOf(ob.obj, r.Mode, time.Time{})
 		var ls []Lease
@@ -101,25 +113,55 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 		}
 	}
 	if err != nil {
-		m.mu.Lock()
-		m.unreserveLocked(ob, reserved)
-		m.mu.Unlock()
 		return m.nameHolder(ob, err)
 	}
-
-	m.mu.Lock()
-	m.unreserveLocked(ob, reserved)
-	u.res.Mode, u.lease = r.Mode, lease
-	if lease != nil {
-		u.token = lease.Token()
+	if converts {
+		old = nil // converted, not to be released
 	}
-	m.mu.Unlock()
-	_ = m.notify(ctx, ob)
+
+	m.setMode(u, r.Mode, lease, tok)
+	if err := m.notify(ctx, ob); err != nil {
+		// Not recorded: a caller told that the call failed must hold r as
+		// before, so the change is undone, even if ctx is done.
+		bctx := context.WithoutCancel(ctx)
+		switch {
+		case converts:
+			back, cerr := conv.Convert(bctx, lease, from)
+			if cerr != nil {
+				// The lease is as it was: in the new mode, as the table says.
+				_ = m.notify(bctx, ob)
+				return &Error{Code: CodeOf(err), Resource: r.String(), Err: err,
+					Msg: fmt.Sprintf("the change to %s was not recorded, and converting it back to %s failed (%v): it is held %s now", r.Mode, from, cerr, r.Mode.Adverb())}
+			}
+			lease = back
+		case lease != nil:
+			// A failed release leaves no usable lease (see release).
+			_ = m.driver.Release(bctx, []Lease{lease})
+			lease = old
+		default:
+			lease = old // to read-only: the old lease was kept
+		}
+		m.setMode(u, from, lease, tok)
+		_ = m.notify(bctx, ob)
+		return &Error{Code: CodeOf(err), Resource: r.String(), Err: err,
+			Msg: fmt.Sprintf("the change to %s was not recorded and is undone: it is held %s as before", r.Mode, from.Adverb())}
+	}
 	if old != nil {
 		// The observer no longer lists the old lease: release it now.
 		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, []Lease{old}) }, nil)
 	}
 	return err
+}
+
+// setMode records that u is held in mode through lease (nil: none, read-
+// only), with lease's token, or tok without one.
+func (m *Manager) setMode(u *use, mode Mode, lease Lease, tok uint64) {
+	if lease != nil {
+		tok = lease.Token()
+	}
+	m.mu.Lock()
+	u.res.Mode, u.lease, u.token = mode, lease, tok
+	m.mu.Unlock()
 }
 
 // settle records the lease of u after a conversion that completed after its

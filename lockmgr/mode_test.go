@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -36,6 +37,14 @@ func (d convDriver) Convert(_ context.Context, l Lease, m Mode) (Lease, error) {
 	}
 	ml.r.Mode = m
 	return ml, nil
+}
+
+// modes returns whether the driver holds key exclusively, and how many
+// shared leases of it it holds.
+func (d *memDriver) modes(key string) (bool, int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.excl[key], d.shared[key]
 }
 
 // modeOf returns the mode in which the Manager's monitor shows uuid
@@ -292,4 +301,278 @@ func TestChangeModeTimeoutUndoesALateConversion(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// lastObserver keeps what each object was last said to hold, fails every
+// call while fail is set, and calls during (if set) before it answers.
+type lastObserver struct {
+	mu     sync.Mutex
+	fail   error
+	during func(ctx context.Context)
+	leases map[string][]Lease
+	ro     map[string][]Resource
+}
+
+func (o *lastObserver) Changed(ctx context.Context, ob Object, ls []Lease, ro []Resource) error {
+	o.mu.Lock()
+	if o.leases == nil {
+		o.leases, o.ro = map[string][]Lease{}, map[string][]Resource{}
+	}
+	o.leases[ob.UUID], o.ro[ob.UUID] = ls, ro
+	fail, during := o.fail, o.during
+	o.mu.Unlock()
+	if during != nil {
+		during(ctx)
+	}
+	return fail
+}
+
+func (o *lastObserver) failWith(err error, during func(context.Context)) {
+	o.mu.Lock()
+	o.fail, o.during = err, during
+	o.mu.Unlock()
+}
+
+// told returns the mode of the one resource uuid was last said to hold,
+// and its token (0 for a read-only use).
+func (o *lastObserver) told(t *testing.T, uuid string) (Mode, uint64) {
+	t.Helper()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	ls, ro := o.leases[uuid], o.ro[uuid]
+	switch {
+	case len(ls) == 1 && len(ro) == 0:
+		return ls[0].Resource().Mode, ls[0].Token()
+	case len(ls) == 0 && len(ro) == 1:
+		return ReadOnly, 0
+	}
+	t.Fatalf("the observer was last told that %s holds leases %v and read-only %v, want one resource", uuid, ls, ro)
+	return 0, 0
+}
+
+// tallyDriver is a NopDriver that counts its live leases by mode: leases
+// of one holder do not exclude each other, so ChangeMode acquires the new
+// one before it releases the old.
+type tallyDriver struct {
+	NopDriver
+	mu   sync.Mutex
+	live map[Mode]int
+}
+
+func (d *tallyDriver) Acquire(ctx context.Context, reqs []Request) ([]Lease, error) {
+	d.mu.Lock()
+	for _, q := range reqs {
+		d.live[q.Resource.Mode]++
+	}
+	d.mu.Unlock()
+	return d.NopDriver.Acquire(ctx, reqs)
+}
+
+func (d *tallyDriver) Release(_ context.Context, ls []Lease) error {
+	d.mu.Lock()
+	for _, l := range ls {
+		d.live[l.Resource().Mode]--
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *tallyDriver) leases() map[Mode]int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[Mode]int{}
+	for m, n := range d.live {
+		if n != 0 {
+			out[m] = n
+		}
+	}
+	return out
+}
+
+// A change of mode the observer cannot record (the daemon's lock-holder
+// did not take it in time) is undone, whichever way the driver changed
+// it: the call fails with the observer's error, the driver holds the
+// resource in the old mode, the table shows the old mode with the
+// driver's current token, and the observer was last told of the old mode.
+func TestAChangeOfModeTheObserverCannotRecordIsUndone(t *testing.T) {
+	const disk = "/img/base"
+	key := DiskResource(disk, Exclusive).Key()
+	type driverState func(t *testing.T)
+	for _, c := range []struct {
+		name     string
+		from, to Mode
+		driver   func() (Driver, driverState)
+	}{
+		{"converted upgrade", Shared, Exclusive, func() (Driver, driverState) {
+			md := newMemDriver()
+			return convDriver{md}, func(t *testing.T) {
+				if excl, shared := md.modes(key); excl || shared != 1 {
+					t.Fatalf("the driver holds exclusive=%v shared=%d, want one shared lease", excl, shared)
+				}
+			}
+		}},
+		{"converted downgrade", Exclusive, Shared, func() (Driver, driverState) {
+			md := newMemDriver()
+			return convDriver{md}, func(t *testing.T) {
+				if excl, shared := md.modes(key); !excl || shared != 0 {
+					t.Fatalf("the driver holds exclusive=%v shared=%d, want one exclusive lease", excl, shared)
+				}
+			}
+		}},
+		{"new lease without a converter", Shared, Exclusive, func() (Driver, driverState) {
+			td := &tallyDriver{live: map[Mode]int{}}
+			return td, func(t *testing.T) {
+				if got := td.leases(); len(got) != 1 || got[Shared] != 1 {
+					t.Fatalf("the driver's live leases by mode: %v, want the one shared lease", got)
+				}
+			}
+		}},
+		{"to read-only", Exclusive, ReadOnly, func() (Driver, driverState) {
+			md := newMemDriver()
+			return md, func(t *testing.T) {
+				if excl, _ := md.modes(key); !excl {
+					t.Fatal("the driver no longer holds the exclusive lease")
+				}
+			}
+		}},
+		{"from read-only", ReadOnly, Exclusive, func() (Driver, driverState) {
+			md := newMemDriver()
+			return md, func(t *testing.T) {
+				if md.held(key) {
+					t.Fatal("the driver still holds the lease of the undone change")
+				}
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			d, driverIsAsBefore := c.driver()
+			obs := &lastObserver{}
+			m := NewManager(d, Options{Observer: obs})
+			register(t, m, uuidA, "a", DiskResource(disk, c.from))
+			if err := m.Acquire(ctx, uuidA, ""); err != nil {
+				t.Fatal(err)
+			}
+			notRecorded := errors.New("not recorded")
+			obs.failWith(notRecorded, nil)
+			err := m.ChangeMode(ctx, uuidA, DiskResource(disk, c.to))
+			if !errors.Is(err, notRecorded) {
+				t.Fatalf("ChangeMode to %s with a failing observer = %v, want its error", c.to, err)
+			}
+			if want := "held " + c.from.Adverb() + " as before"; !strings.Contains(err.Error(), want) {
+				t.Fatalf("the error %q does not say %q", err, want)
+			}
+			if mode, ok := modeOf(m, uuidA, disk); !ok || mode != c.from {
+				t.Fatalf("the monitor shows a holding %s in %v (%v), want %v", disk, mode, ok, c.from)
+			}
+			driverIsAsBefore(t)
+			ls, ro, _ := m.Held(uuidA)
+			var tok uint64
+			switch {
+			case c.from == ReadOnly && len(ls) == 0 && len(ro) == 1:
+			case c.from != ReadOnly && len(ls) == 1 && len(ro) == 0 && ls[0].Resource().Mode == c.from:
+				tok = ls[0].Token()
+			default:
+				t.Fatalf("a holds leases %v and read-only %v, want %s in mode %v", ls, ro, disk, c.from)
+			}
+			st, _ := m.Inquire(uuidA)
+			if want := fmt.Sprintf(":%s:%d:", c.from, tok); !strings.Contains(st, want) {
+				t.Fatalf("state %q, want the old mode with the lease's token (%s)", st, want)
+			}
+			if mode, told := obs.told(t, uuidA); mode != c.from || told != tok {
+				t.Fatalf("the observer was last told of %v token %d, want %v token %d", mode, told, c.from, tok)
+			}
+			// The object is as before: the change can be made later.
+			obs.failWith(nil, nil)
+			if err := m.ChangeMode(ctx, uuidA, DiskResource(disk, c.to)); err != nil {
+				t.Fatalf("ChangeMode once the observer records again: %v", err)
+			}
+		})
+	}
+}
+
+// A change that cannot be converted back after the observer failed to
+// record it (another host took a shared lease meanwhile) fails with the
+// observer's error saying it is held in the new mode, which the table and
+// the observer show: the old mode is never claimed when it is not held.
+func TestAChangeOfModeThatCannotBeConvertedBackSaysWhatIsHeld(t *testing.T) {
+	ctx := context.Background()
+	d := convDriver{newMemDriver()}
+	obs := &lastObserver{}
+	m := NewManager(d, Options{Observer: obs})
+	other := NewManager(d, Options{}) // another host on the same locks
+	register(t, m, uuidA, "a", DiskResource("/img/base", Exclusive))
+	register(t, other, uuidB, "b")
+	if err := m.Acquire(ctx, uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	notRecorded := errors.New("not recorded")
+	var once sync.Once
+	obs.failWith(notRecorded, func(ctx context.Context) {
+		once.Do(func() {
+			if err := other.AcquireResource(ctx, uuidB, DiskResource("/img/base", Shared)); err != nil {
+				t.Errorf("another host's shared acquire after the downgrade: %v", err)
+			}
+		})
+	})
+	err := m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Shared))
+	if !errors.Is(err, notRecorded) {
+		t.Fatalf("ChangeMode = %v, want the observer's error", err)
+	}
+	if want := "held shared now"; !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "as before") {
+		t.Fatalf("the error %q does not say %q (only)", err, want)
+	}
+	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Shared {
+		t.Fatalf("the monitor shows a holding it %v, want shared", mode)
+	}
+	if mode, _ := obs.told(t, uuidA); mode != Shared {
+		t.Fatalf("the observer was last told of %v, want shared", mode)
+	}
+}
+
+// An observer that has not recorded a change when the call's context ends
+// (the daemon's lock-holder does not read) fails it: ChangeMode returns a
+// timeout, with the change undone, rather than success after its deadline.
+func TestAChangeOfModeNotRecordedByTheDeadlineFailsUndone(t *testing.T) {
+	d := convDriver{newMemDriver()}
+	var stuck bool
+	// Like the lock-holder's client, once stuck: it waits until ctx ends.
+	obs := func(ctx context.Context, ob Object, ls []Lease, ro []Resource) error {
+		if !stuck || ctx.Done() == nil {
+			return nil // the undo's record (no deadline) is written
+		}
+		<-ctx.Done()
+		return &Error{Code: CodeTimeout, Msg: "not recorded in time", Err: ctx.Err()}
+	}
+	m := NewManager(d, Options{Observer: observerFunc(obs)})
+	register(t, m, uuidA, "a", DiskResource("/img/base", Exclusive))
+	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	stuck = true
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Shared)) }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("ChangeMode has not returned 30 s after its deadline")
+	}
+	if !errors.Is(err, ErrTimeout) {
+		t.Fatalf("ChangeMode not recorded by its deadline = %v, want a timeout", err)
+	}
+	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Exclusive {
+		t.Fatalf("after the failed downgrade the table says %v, want exclusive", mode)
+	}
+	if excl, shared := d.modes("disk:/img/base"); !excl || shared != 0 {
+		t.Fatalf("after the failed downgrade the driver holds exclusive=%v shared=%d, want one exclusive lease", excl, shared)
+	}
+}
+
+type observerFunc func(ctx context.Context, o Object, ls []Lease, ro []Resource) error
+
+func (f observerFunc) Changed(ctx context.Context, o Object, ls []Lease, ro []Resource) error {
+	return f(ctx, o, ls, ro)
 }
