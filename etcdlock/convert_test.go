@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -199,12 +200,14 @@ func TestOnDeadlineAnnouncesEachRenewal(t *testing.T) {
 // transactions, one fault from its script per transaction committed:
 // applyLost commits the transaction and loses the answer; late holds the
 // request back (a proposal still on its way) and sends it only when the
-// test closes release, putting etcd's answer on sent. Further transactions
-// pass.
+// test closes release, putting etcd's answer on sent; dropped loses the
+// request. Further transactions pass, unless cut is set: then they are
+// dropped too (etcd out of reach).
 type lostReplies struct {
 	clientv3.KV
 	mu      sync.Mutex
 	script  []fault
+	cut     atomic.Bool
 	release chan struct{}
 	sent    chan lateAnswer
 }
@@ -219,6 +222,7 @@ type fault int
 const (
 	applyLost fault = iota
 	late
+	dropped
 )
 
 func loseReplies(d *Driver, script ...fault) *lostReplies {
@@ -238,7 +242,7 @@ func (k *lostReplies) wantLateRefused(t *testing.T) {
 		t.Fatalf("the late request: %v", a.err)
 	}
 	if a.resp.Succeeded {
-		t.Fatal("the late conversion request was applied after Convert reported the lease unchanged")
+		t.Fatal("the late request was applied after the driver reported it had no effect")
 	}
 }
 
@@ -261,12 +265,15 @@ func (t *lossyTxn) commit(ctx context.Context) (*clientv3.TxnResponse, error) {
 
 func (t *lossyTxn) Commit() (*clientv3.TxnResponse, error) {
 	t.k.mu.Lock()
-	if len(t.k.script) == 0 {
+	f := dropped
+	switch {
+	case len(t.k.script) > 0:
+		f = t.k.script[0]
+		t.k.script = t.k.script[1:]
+	case !t.k.cut.Load():
 		t.k.mu.Unlock()
 		return t.commit(t.ctx)
 	}
-	f := t.k.script[0]
-	t.k.script = t.k.script[1:]
 	t.k.mu.Unlock()
 	switch f {
 	case applyLost:

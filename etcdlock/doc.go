@@ -23,10 +23,12 @@
 //	P res/K/e             the exclusive holder, on the holder host's lease
 //	P res/K/s/HOST.RAND   one key per shared holder grant, on the holder host's lease
 //	P tok/K               the token key: not leased, never deleted
+//	P void/HOST.RAND      voids a grant attempt whose answer was lost, on the host's lease
 //
-// The value of a holder key is the JSON of {resource, holder} (the
-// lockmgr.Holder with the driver's host name), so that a busy error names the
-// holder — vm name, uuid, pid, host and since when — whichever host asks.
+// The value of a holder key is the JSON of {resource, holder, attempt} (the
+// lockmgr.Holder with the driver's host name, and a random value unique to
+// the transaction that wrote it), so that a busy error names the holder —
+// vm name, uuid, pid, host and since when — whichever host asks.
 // "e" sorts before "s/", so a range over P res/K/ with limit 1 returns the
 // exclusive holder if there is one, else a shared one.
 //
@@ -37,6 +39,7 @@
 //	If:   for an exclusive request   CreateRevision(P res/K/ as a prefix range) == 0  (no holder at all)
 //	      for a shared request       CreateRevision(P res/K/e) == 0                  (no exclusive holder)
 //	      if Request.Expect != 0     ModRevision(P tok/K) == Expect                  (the state is current)
+//	      once                       CreateRevision(P void/HOST.RAND) == 0           (the attempt is not void)
 //	Then: Put(holder key, record, lease) and Put(P tok/K) for every request
 //	Else: Get(P res/K/, prefix, limit 1) and Get(P tok/K) for every request
 //
@@ -49,12 +52,24 @@
 // the token key moved (checked first: waiting cannot help), else a
 // *lockmgr.BusyError naming the first conflicting holder.
 //
-// Each request costs at most two comparisons, two puts and two gets, and etcd
-// refuses a transaction with more than MaxTxnOps (default 128) operations in
-// any branch, so a grant holds at most MaxTxnOps/2 = 64 resources. A larger
+// Each request costs at most two comparisons, two puts and two gets, the
+// attempt one comparison more, and etcd refuses a transaction with more than
+// MaxTxnOps (default 128) operations in any branch, so a grant holds at most
+// (MaxTxnOps−1)/2 = 63 resources. A larger
 // grant is refused with an invalid-argument error rather than split, because
 // a split grant is no longer atomic to other hosts; set Config.MaxTxnOps when
 // the cluster runs with a larger --max-txn-ops.
+//
+// When etcd's answer to a grant is lost (a timeout, a broken connection:
+// the transaction may be applied, now or later), Acquire voids the attempt
+// before it returns its error: one transaction creates the attempt's void
+// key, so that the grant, if it is still on its way, fails its comparison,
+// and deletes each of its holder keys whose value is still the one the
+// attempt wrote (its RAND), so that no later grant is touched. The void
+// transaction is idempotent and is repeated until etcd answers it, for at
+// most OpTimeout whatever the caller's context; if etcd does not, the
+// driver repeats it after each confirmed renewal until it is done or the
+// session ends. A void key stays until its session ends.
 //
 // Release deletes the holder keys in one transaction of nested transactions,
 // each deleting its key only if its CreateRevision is still the lease's token,

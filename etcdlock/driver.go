@@ -48,6 +48,7 @@ type Driver struct {
 	live       map[string]*lease         // holder key → granted lease of this session
 	inflight   map[string]int            // holder key → grant transactions in flight
 	sweep      map[string]int64          // holder key → token (0: unknown) that may be left behind
+	voids      map[string]attempt        // void key → grant attempt whose answer was lost, not voided yet
 	recovered  map[string]recoveredGrant // holder key → grant found on re-attach, not yet adopted
 }
 
@@ -125,6 +126,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		live:      make(map[string]*lease),
 		inflight:  make(map[string]int),
 		sweep:     make(map[string]int64),
+		voids:     make(map[string]attempt),
 		recovered: make(map[string]recoveredGrant),
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
@@ -276,8 +278,9 @@ type prep struct {
 	excl bool
 }
 
-// maxPerTxn is the number of resources one grant may hold.
-func (d *Driver) maxPerTxn() int { return d.cfg.MaxTxnOps / 2 }
+// maxPerTxn is the number of resources one grant may hold: each costs two
+// comparisons at most, and the attempt's void key one more.
+func (d *Driver) maxPerTxn() int { return (d.cfg.MaxTxnOps - 1) / 2 }
 
 func (d *Driver) prepare(reqs []lockmgr.Request) ([]prep, error) {
 	if n := d.maxPerTxn(); len(reqs) > n {
@@ -308,7 +311,10 @@ func (d *Driver) prepare(reqs []lockmgr.Request) ([]prep, error) {
 // Acquire grants every request or none, in one etcd transaction (see the
 // package comment). A busy resource is a *lockmgr.BusyError naming its
 // holder; a moved token a *lockmgr.StaleStateError; a lost etcd a
-// CodeTimeout error once ctx (or OpTimeout) runs out.
+// CodeTimeout error once ctx (or OpTimeout) runs out. A failed Acquire
+// leaves nothing of its own in etcd: when etcd's answer was lost, the
+// attempt is voided first (see the package comment), which may take up to
+// OpTimeout more.
 func (d *Driver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr.Lease, error) {
 	if len(reqs) == 0 {
 		return nil, nil
@@ -356,8 +362,11 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 	}()
 
 	since := time.Now().Round(0)
+	nc := nonce()
+	at := attempt{lease: id, epoch: epoch, void: d.ks.void(d.cfg.Host, nc), keys: keys, vals: make([]string, len(ps))}
 	holders := make([]lockmgr.Holder, len(ps))
-	cmps := make([]clientv3.Cmp, 0, 2*len(ps))
+	cmps := make([]clientv3.Cmp, 0, 2*len(ps)+1)
+	cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(at.void), "=", 0))
 	thens := make([]clientv3.Op, 0, 2*len(ps))
 	elses := make([]clientv3.Op, 0, 2*len(ps))
 	for i, p := range ps {
@@ -375,12 +384,16 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 			h.Since = since
 		}
 		holders[i] = h
-		val, err := json.Marshal(record{Resource: p.req.Resource, Holder: h})
+		val, err := json.Marshal(record{Resource: p.req.Resource, Holder: h, Attempt: nc})
 		if err != nil {
 			return nil, nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: p.req.Resource.String(), Msg: "encode holder", Err: err}
 		}
-		thens = append(thens, clientv3.OpPut(keys[i], string(val), clientv3.WithLease(id)), clientv3.OpPut(p.tok, d.cfg.Host))
+		at.vals[i] = string(val)
+		thens = append(thens, clientv3.OpPut(keys[i], at.vals[i], clientv3.WithLease(id)), clientv3.OpPut(p.tok, d.cfg.Host))
 		elses = append(elses, clientv3.OpGet(p.base, clientv3.WithPrefix(), clientv3.WithLimit(1)), clientv3.OpGet(p.tok))
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, nil, opError("etcd driver: acquire", err) // nothing sent, nothing to void
 	}
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
@@ -390,18 +403,26 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 			go d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
 			return nil, nil, fencedError()
 		}
-		if !definite(err) {
-			// The transaction may have been committed after all: make sure
-			// no orphan grant stays behind.
+		if definite(err) {
+			return nil, nil, opError("etcd driver: acquire", err)
+		}
+		// The transaction may be committed, now or later: void it, so that
+		// a failed Acquire leaves nothing of its own in etcd.
+		switch verr := d.voidAttempt(at); {
+		case verr == nil:
+			return nil, nil, opError("etcd driver: acquire (nothing was granted)", err)
+		case isLeaseNotFound(verr):
+			go d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
+			return nil, nil, fencedError()
+		default:
+			d.log.Warn("a grant whose answer was lost could not be withdrawn yet; will retry", "err", verr)
 			d.mu.Lock()
 			if d.epoch == epoch && !d.fenced {
-				for _, k := range keys {
-					d.sweep[k] = 0
-				}
+				d.voids[at.void] = at
 			}
 			d.mu.Unlock()
+			return nil, nil, opError("etcd driver: acquire (anything it granted is withdrawn in the background)", err)
 		}
-		return nil, nil, opError("etcd driver: acquire", err)
 	}
 	if resp.Succeeded {
 		tok := uint64(resp.Header.Revision)
@@ -454,6 +475,53 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 		return nil, &conflict{base: p.base, excl: p.excl}, &lockmgr.BusyError{Resource: p.req.Resource, Holder: holderOf(kv.Key, kv.Value)}
 	}
 	return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: grant refused at revision %d but no conflict found", resp.Header.Revision)
+}
+
+// attempt is a grant transaction sent under session epoch (lease) whose
+// answer was lost: it put vals[i] in keys[i] if it was applied, and it is
+// applied only while its void key does not exist.
+type attempt struct {
+	lease clientv3.LeaseID
+	epoch uint64
+	void  string
+	keys  []string
+	vals  []string
+}
+
+// voidAttempt makes sure the grant attempt at has no effect, now or later,
+// trying for at most OpTimeout (or until Close) whatever the caller's
+// context.
+func (d *Driver) voidAttempt(at attempt) error {
+	ctx, cancel := d.opCtx(d.ctx)
+	defer cancel()
+	for {
+		err := d.voidOnce(ctx, at)
+		if err == nil || definite(err) || isLeaseNotFound(err) {
+			return err
+		}
+		if perr := d.pause(ctx, 100*time.Millisecond); perr != nil {
+			return err
+		}
+	}
+}
+
+// voidOnce sends the transaction that voids at: it creates the attempt's
+// void key, so that its transaction, if it is still on its way, fails its
+// comparison, and deletes each key that holds the attempt's own value (its
+// record carries the attempt's random value), so that no later grant is
+// touched. It is idempotent. The void key is on the session's lease: it
+// must outlive any request of the attempt still on its way, and it goes
+// with the session.
+func (d *Driver) voidOnce(ctx context.Context, at attempt) error {
+	ops := make([]clientv3.Op, 0, 1+len(at.keys))
+	ops = append(ops, clientv3.OpPut(at.void, "", clientv3.WithLease(at.lease)))
+	for i, k := range at.keys {
+		ops = append(ops, clientv3.OpTxn(
+			[]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", at.vals[i])},
+			[]clientv3.Op{clientv3.OpDelete(k)}, nil))
+	}
+	_, err := d.cli.Txn(ctx).Then(ops...).Commit()
+	return err
 }
 
 // holderOf names the holder recorded in a holder key.

@@ -205,13 +205,13 @@ func TestInvalidRequests(t *testing.T) {
 	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
 	var many []lockmgr.Request
 	long := "/img/" + strings.Repeat("long-", 700)
-	for i := range 65 {
+	for i := range 64 {
 		many = append(many, req(fmt.Sprintf("%s%d", long, i), lockmgr.Exclusive, uuidA))
 	}
 	if _, err := a.Acquire(ctxT(t, 5*time.Second), many); lockmgr.CodeOf(err) != lockmgr.CodeInvalidArgument {
-		t.Fatalf("65 resources: %v, want invalid argument", err)
+		t.Fatalf("64 resources: %v, want invalid argument", err)
 	}
-	ls := mustAcquire(t, a, many[:64]...)
+	ls := mustAcquire(t, a, many[:63]...)
 	mustRelease(t, a, ls...)
 	if _, err := a.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{many[0], many[0]}); lockmgr.CodeOf(err) != lockmgr.CodeInvalidArgument {
 		t.Fatalf("duplicate: %v, want invalid argument", err)

@@ -47,6 +47,13 @@ func (ks keyspace) shared(k, host string) string {
 	return ks.base(k) + "s/" + esc(host) + "." + hex.EncodeToString(b[:])
 }
 
+// void returns the key that voids the grant attempt with record.Attempt
+// attempt of host: the attempt's transaction is applied only while it does
+// not exist (see Driver.voidAttempt).
+func (ks keyspace) void(host, attempt string) string {
+	return ks.prefix + "void/" + esc(host) + "." + attempt
+}
+
 // isExcl reports whether a holder key is an exclusive one.
 func isExcl(key string) bool { return strings.HasSuffix(key, "/e") }
 
@@ -59,9 +66,9 @@ type record struct {
 	// another key (an upgrade is a new grant, whose token is its key's
 	// CreateRevision).
 	Token uint64 `json:"token,omitempty"`
-	// Attempt is a random value unique to the conversion that wrote the
-	// key, by which Convert recognises its own write when etcd's answer to
-	// it was lost.
+	// Attempt is a random value unique to the grant or conversion that
+	// wrote the key, by which the driver recognises its own write when
+	// etcd's answer to it was lost.
 	Attempt string `json:"attempt,omitempty"`
 }
 

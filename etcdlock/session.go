@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -165,6 +166,7 @@ func (d *Driver) newSession(ctx context.Context) error {
 	d.lastSent, d.deadline = t0, t0.Add(d.ttl-d.cfg.FenceMargin)
 	d.reattached = false
 	clear(d.sweep)
+	clear(d.voids)
 	d.mu.Unlock()
 	d.nudge(d.dogWake)
 	d.log.Info("etcd session started", "lease", fmt.Sprintf("%x", int64(g.ID)), "ttl", d.ttl)
@@ -405,6 +407,7 @@ func (d *Driver) fence(epoch uint64, reason string) {
 	clear(d.live)
 	clear(d.recovered)
 	clear(d.sweep)
+	clear(d.voids)
 	close(d.fenceCh)
 	d.mu.Unlock()
 	d.log.Error("fencing: this host's etcd session is lost; its lock holders must be killed", "reason", reason, "locks_lost", lost)
@@ -446,20 +449,32 @@ func (d *Driver) sweepLoop() {
 }
 
 // runSweep deletes grants that may have been left behind by a grant whose
-// reply was lost or a release that was not confirmed: holder keys on this
-// session's lease that no live lease owns.
+// reply was lost or came too late, or a release that was not confirmed:
+// it voids the grant attempts that Acquire could not void, and deletes
+// holder keys on this session's lease that no live lease owns.
 func (d *Driver) runSweep() {
 	d.mu.Lock()
-	if len(d.sweep) == 0 {
+	if len(d.sweep) == 0 && len(d.voids) == 0 {
 		d.mu.Unlock()
 		return
 	}
 	id, epoch := d.leaseID, d.epoch
-	todo := make(map[string]int64, len(d.sweep))
-	for k, v := range d.sweep {
-		todo[k] = v
-	}
+	todo := maps.Clone(d.sweep)
+	voids := maps.Clone(d.voids)
 	d.mu.Unlock()
+	for key, at := range voids {
+		ctx, cancel := d.opCtx(d.ctx)
+		err := d.voidOnce(ctx, at)
+		cancel()
+		if err != nil && !isLeaseNotFound(err) { // a lost lease took the attempt's keys with it
+			d.log.Warn("withdrawing a grant whose answer was lost failed; will retry", "err", err)
+			return
+		}
+		d.mu.Lock()
+		delete(d.voids, key)
+		d.mu.Unlock()
+		d.log.Info("withdrew a grant whose answer was lost", "keys", at.keys)
+	}
 	for key, tok := range todo {
 		ctx, cancel := d.opCtx(d.ctx)
 		done, err := d.sweepOne(ctx, id, epoch, key, tok)
