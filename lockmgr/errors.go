@@ -13,8 +13,8 @@ import (
 // changes meaning once released.
 type Code int
 
-// The failure classes of DESIGN.md ("Errors"). The first seven are also the
-// vmlock CLI's exit statuses.
+// The failure classes of DESIGN.md ("Errors"). Every code is also the
+// vmlock CLI's exit status for its failures.
 const (
 	CodeOK              Code = 0
 	CodeInternal        Code = 1 // a bug or an unexpected system error
