@@ -417,7 +417,7 @@ func newReleaseCmd(g *globals) *cobra.Command {
 	var uuid string
 	var rf resourceFlags
 	c := &cobra.Command{
-		Use:   "release --uuid U [--disk PATH]...",
+		Use:   "release --uuid U [--disk PATH]... [--lease LS/KEY]... [--resource TYPE:NAME]...",
 		Short: "release all of an object's resources, or the given ones (unplug); prints the released state",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
