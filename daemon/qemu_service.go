@@ -210,7 +210,7 @@ func (vm *qemuVM) diskPB(ctx context.Context, d qemu.Disk, modes map[string]lock
 		if m, ok := modes[img.Path]; ok {
 			mode = m.String()
 		}
-		pd.Images = append(pd.Images, &vmlockpb.QEMUImage{Path: img.Path, Node: img.Node, Format: img.Format, Mode: mode})
+		pd.Images = append(pd.Images, &vmlockpb.QEMUImage{Path: img.Path, Node: img.Node, Format: img.Format, Mode: mode, DataFile: img.DataFile})
 	}
 	if j := vm.jobs[d.Name]; j != nil {
 		pd.Job = vm.infoLocked(ctx, j)

@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -781,6 +783,36 @@ func TestQEMULocksTheDataFileOfAQcow2ImageInItsMode(t *testing.T) {
 		top2: lockmgr.Exclusive, base2: lockmgr.Shared, data2: lockmgr.Shared})
 	if probeFree(t, data) || probeFree(t, data2) {
 		t.Fatal("an OFD write lock on a data file in use succeeded")
+	}
+	// vmlock vms shows each data file with its image, in its mode.
+	var vms []struct {
+		Disks []struct {
+			Images []struct {
+				Path     string `json:"path"`
+				Mode     string `json:"mode"`
+				DataFile string `json:"data_file"`
+			} `json:"images"`
+		} `json:"disks"`
+	}
+	if err := json.Unmarshal([]byte(d.mustRun("vms", "-o", "json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	dataFiles := map[string]string{}
+	for _, vm := range vms {
+		for _, disk := range vm.Disks {
+			for _, im := range disk.Images {
+				dataFiles[im.Path] = im.DataFile
+			}
+		}
+	}
+	if want := map[string]string{img: data, top2: "", base2: data2}; !maps.Equal(dataFiles, want) {
+		t.Fatalf("vms -o json shows the data files %v, want %v", dataFiles, want)
+	}
+	table := d.mustRun("vms")
+	for _, row := range []string{"drive0 data file " + data + " exclusive", "drive1 data file " + data2 + " shared"} {
+		if !slices.ContainsFunc(strings.Split(table, "\n"), func(l string) bool { return strings.Contains(strings.Join(strings.Fields(l), " "), row) }) {
+			t.Fatalf("vms shows no row %q:\n%s", row, table)
+		}
 	}
 
 	// Another qcow2 image on the same data file: refused, naming vm1.

@@ -344,7 +344,8 @@ type QEMUImage struct {
 	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
 	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
 	Format        string                 `protobuf:"bytes,3,opt,name=format,proto3" json:"format,omitempty"`
-	Mode          string                 `protobuf:"bytes,4,opt,name=mode,proto3" json:"mode,omitempty"` // the lock vmlock holds on it
+	Mode          string                 `protobuf:"bytes,4,opt,name=mode,proto3" json:"mode,omitempty"`                         // the lock vmlock holds on it
+	DataFile      string                 `protobuf:"bytes,5,opt,name=data_file,json=dataFile,proto3" json:"data_file,omitempty"` // its external data file (qcow2 data_file), locked in its mode; empty if none
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -403,6 +404,13 @@ func (x *QEMUImage) GetFormat() string {
 func (x *QEMUImage) GetMode() string {
 	if x != nil {
 		return x.Mode
+	}
+	return ""
+}
+
+func (x *QEMUImage) GetDataFile() string {
+	if x != nil {
+		return x.DataFile
 	}
 	return ""
 }
@@ -1189,12 +1197,13 @@ const file_qemu_proto_rawDesc = "" +
 	"\amonitor\x18\x01 \x01(\tR\amonitor\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\"!\n" +
 	"\x0fQEMUListRequest\x12\x0e\n" +
-	"\x02vm\x18\x01 \x01(\tR\x02vm\"_\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\"|\n" +
 	"\tQEMUImage\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x16\n" +
 	"\x06format\x18\x03 \x01(\tR\x06format\x12\x12\n" +
-	"\x04mode\x18\x04 \x01(\tR\x04mode\"\xc3\x01\n" +
+	"\x04mode\x18\x04 \x01(\tR\x04mode\x12\x1b\n" +
+	"\tdata_file\x18\x05 \x01(\tR\bdataFile\"\xc3\x01\n" +
 	"\bQEMUDisk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1b\n" +

@@ -544,6 +544,10 @@ func printVMs(w io.Writer, vms []*vmlockpb.QEMUVM) error {
 				if i == 0 {
 					name, job = "", ""
 				}
+				if img.DataFile != "" {
+					// Locked with its image, in its mode.
+					fmt.Fprintf(tw, "\t%d\t%s\t  data file %s\t%s\t\n", vm.Pid, d.Name, img.DataFile, img.Mode)
+				}
 			}
 		}
 	}
