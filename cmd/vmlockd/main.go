@@ -204,15 +204,22 @@ func serve(c Config) error {
 	// a SIGHUP meanwhile is a reload once we serve, not the default death.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	// The metrics address is taken first: a busy one fails the start
+	// before New creates the socket and takes back the locks.
+	var ml net.Listener
+	if c.MetricsAddr != "" {
+		if ml, err = net.Listen("tcp", c.MetricsAddr); err != nil {
+			return fmt.Errorf("metrics_addr: %w", err)
+		}
+	}
 	d, err := daemon.New(ctx, dcfg, lockF)
 	if err != nil {
+		if ml != nil {
+			ml.Close()
+		}
 		return err
 	}
-	if c.MetricsAddr != "" {
-		ml, err := net.Listen("tcp", c.MetricsAddr)
-		if err != nil {
-			return fmt.Errorf("metrics: %w", err)
-		}
+	if ml != nil {
 		go func() {
 			srv := &http.Server{Handler: promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
 			_ = srv.Serve(ml)
