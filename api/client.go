@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -51,6 +52,10 @@ type Client struct {
 // their own deadline.
 func Dial(ctx context.Context, socket string) (*Client, error) {
 	probe, err := (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		return nil, &lockmgr.Error{Code: lockmgr.CodePermission,
+			Msg: fmt.Sprintf("no permission to use vmlockd's socket %s (root, and members of vmlockd's socket_group, may)", socket), Err: err}
+	}
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal,
 			Msg: fmt.Sprintf("vmlockd is not running or not reachable at %s (start it, or set --socket / VMLOCK_SOCKET)", socket), Err: err}

@@ -286,6 +286,19 @@ kill_command = ["sh", "-c", "echo $0 $1 > %s; kill -KILL $0", "{pid}", "{name}"]
 	}
 }
 
+// A user whom the socket's mode shuts out is told that it lacks the
+// permission (exit 5), not that vmlockd is not running.
+func TestAUserOutsideTheSocketGroupIsToldItLacksPermission(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another uid")
+	}
+	d := startDaemon(t) // no socket_group: the socket is root's alone
+	r := d.vmlockAs(&syscall.Credential{Uid: 65534, Gid: 65534}, "status")
+	if r.code != int(lockmgr.CodePermission) || !strings.Contains(r.stderr, "socket_group") {
+		t.Fatalf("status as nobody: exit %d (%s), want %d saying to join socket_group", r.code, r.stderr, lockmgr.CodePermission)
+	}
+}
+
 func TestNonRootClientCannotTouchAnotherUidsLocks(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a client as another uid")
