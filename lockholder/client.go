@@ -91,6 +91,7 @@ func newClient(fd int) (*Client, error) {
 			return c, nil // served in this process (tests): never Kill it
 		}
 		if pfd, err := unix.PidfdOpen(c.pid, 0); err == nil {
+			reapIfChild(pfd)
 			c.pfd = os.NewFile(uintptr(pfd), "lock-holder pidfd")
 			if !c.Alive() {
 				c.pfd.Close()
@@ -193,6 +194,28 @@ func dial(path string) (int, error) {
 		return -1, err
 	}
 	return fd, nil
+}
+
+// reapIfChild waits, in the background, for the holder whose pidfd is
+// given if it is this process's child. A holder started by the process
+// image that vmlockd replaced on a reload is its child, yet no wait of
+// this image's runtime covers it: unreaped, it would stay a zombie once it
+// exits. (A holder this image started is also waited for by
+// StartDetached's Wait; whichever wait comes first reaps it.)
+func reapIfChild(pidfd int) {
+	var info unix.Siginfo
+	if unix.Waitid(unix.P_PIDFD, pidfd, &info, unix.WEXITED|unix.WNOHANG, nil) != nil || info.Signo != 0 {
+		return // not our child (ECHILD), or it had exited and is reaped now
+	}
+	fd, err := unix.FcntlInt(uintptr(pidfd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	go func() {
+		for unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED, nil) == unix.EINTR {
+		}
+		unix.Close(fd)
+	}()
 }
 
 // Command returns the command that starts a holder: exe with args, in a new

@@ -18,6 +18,13 @@ import (
 const serveEnv = "LOCKHOLDER_TEST_SERVE"
 
 func TestMain(m *testing.M) {
+	if dir := os.Getenv(reexecEnv); dir != "" {
+		if err := reexecMain(dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if dir := os.Getenv(serveEnv); dir != "" {
 		if err := Serve(context.Background(), dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
