@@ -252,16 +252,21 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 		}
 		d.gid = g
 	}
-	start := cfg.HolderCommand
-	if start == nil {
-		start = func() error { return errors.New("no way to start the lock-holder configured") }
+	startHolder := cfg.HolderCommand
+	if startHolder == nil {
+		startHolder = func() error { return errors.New("no way to start the lock-holder configured") }
 	}
+	started := false
+	start := func() error { started = true; return startHolder() }
 	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	h, kept, err := lockholder.Open(hctx, cfg.StateDir, start)
 	if err != nil {
 		d.lockF.Close()
 		return nil, err
+	}
+	if !started {
+		h.ReapIfChild() // a holder from before a reload: our child, which nothing here waits for
 	}
 	d.holder = h
 	restored := d.startFencing()

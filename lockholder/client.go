@@ -91,7 +91,6 @@ func newClient(fd int) (*Client, error) {
 			return c, nil // served in this process (tests): never Kill it
 		}
 		if pfd, err := unix.PidfdOpen(c.pid, 0); err == nil {
-			reapIfChild(pfd)
 			c.pfd = os.NewFile(uintptr(pfd), "lock-holder pidfd")
 			if !c.Alive() {
 				c.pfd.Close()
@@ -196,12 +195,23 @@ func dial(path string) (int, error) {
 	return fd, nil
 }
 
-// reapIfChild waits, in the background, for the holder whose pidfd is
-// given if it is this process's child. A holder started by the process
-// image that vmlockd replaced on a reload is its child, yet no wait of
-// this image's runtime covers it: unreaped, it would stay a zombie once it
-// exits. (A holder this image started is also waited for by
-// StartDetached's Wait; whichever wait comes first reaps it.)
+// ReapIfChild makes the Client's process reap the holder when it exits, if
+// the holder is its child: one started by the process image that vmlockd
+// replaced on a reload is, yet nothing in this image waits for it, so it
+// would stay a zombie. Call it only for a holder this image did not start
+// (StartDetached waits for those, and of two waits only one gets the exit
+// status).
+func (c *Client) ReapIfChild() {
+	if c.pfd == nil {
+		return
+	}
+	if rc, err := c.pfd.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { reapIfChild(int(fd)) })
+	}
+}
+
+// reapIfChild waits in the background for the process of pidfd if it is
+// this process's child.
 func reapIfChild(pidfd int) {
 	var info unix.Siginfo
 	if unix.Waitid(unix.P_PIDFD, pidfd, &info, unix.WEXITED|unix.WNOHANG, nil) != nil || info.Signo != 0 {

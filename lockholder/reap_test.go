@@ -46,6 +46,7 @@ func reexecMain(dir string) error {
 		return err
 	}
 	pid := c.PID()
+	c.ReapIfChild() // as vmlockd does for a holder it did not start
 	if err := c.Drop(ctx, "O/x/0"); err != nil {
 		return err
 	}
