@@ -54,7 +54,7 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 	probe, err := (&net.Dialer{}).DialContext(ctx, "unix", socket)
 	if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
 		return nil, &lockmgr.Error{Code: lockmgr.CodePermission,
-			Msg: fmt.Sprintf("no permission to use vmlockd's socket %s (root, and members of vmlockd's socket_group, may)", socket), Err: err}
+			Msg: fmt.Sprintf("no permission to use vmlockd's socket %s: add this user to vmlockd's socket_group, or run as root", socket), Err: err}
 	}
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal,
