@@ -503,6 +503,27 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 	return err
 }
 
+// releaseLeases has the driver release leases that the table and the
+// observer no longer list. The release is made whatever ctx does, and
+// without its cancellation: a lease left locked would be held by nobody.
+// ctx only bounds how long the caller waits, so that a hung system call
+// does not hold it up; if ctx ends first, waited is false, the error has
+// CodeTimeout, and the release completes in the background.
+func (m *Manager) releaseLeases(ctx context.Context, leases []Lease) (waited bool, err error) {
+	if ctx.Done() == nil {
+		return true, m.driver.Release(ctx, leases)
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- m.driver.Release(context.WithoutCancel(ctx), leases) }()
+	select {
+	case err := <-ch:
+		return true, err
+	case <-ctx.Done():
+		return false, &Error{Code: CodeTimeout, Err: ctx.Err(),
+			Msg: "the lock driver had not finished releasing when the call's time was up; the release goes on in the background"}
+	}
+}
+
 func stateOf(uses []*use) State {
 	st := make(State, 0, len(uses))
 	for _, u := range uses {

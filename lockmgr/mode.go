@@ -54,6 +54,13 @@ type Converter interface {
 // converted back carries the driver's current token (a conversion back to
 // exclusive is a new grant). If converting back fails, the object holds r
 // in the new mode, and the error says so.
+//
+// Once the change is recorded it stands, whatever ctx does: an old lease
+// the change leaves behind (to ReadOnly, or without a Converter) is
+// released then even if ctx is done, and if ctx ends before the driver
+// has released it, ChangeMode returns nil and the release completes in
+// the background. If the driver fails to release it, the error says that
+// r is held in the new mode.
 func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error {
 	ob, r, err := m.lookupWith(uuid, r)
 	if err != nil {
@@ -147,10 +154,16 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 			Msg: fmt.Sprintf("the change to %s was not recorded and is undone: it is held %s as before", r.Mode, from.Adverb())}
 	}
 	if old != nil {
-		// The observer no longer lists the old lease: release it now.
-		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, []Lease{old}) }, nil)
+		// The change is made and recorded: the old lease, which the
+		// observer no longer lists, is released whatever ctx does. A
+		// release the caller could not wait for is no failure of the
+		// change.
+		if waited, err := m.releaseLeases(ctx, []Lease{old}); waited && err != nil {
+			return &Error{Code: CodeOf(err), Resource: r.String(), Err: err,
+				Msg: fmt.Sprintf("it is held %s now, but releasing its %s lease failed", r.Mode.Adverb(), from)}
+		}
 	}
-	return err
+	return nil
 }
 
 // setMode records that u is held in mode through lease (nil: none, read-
