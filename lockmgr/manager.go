@@ -417,6 +417,8 @@ func (m *Manager) dropHeldLocked(ob *object, u *use) {
 // elsewhere. A resource that is not held is a CodeNotHeld error and changes
 // nothing. After a release of all, the object stays registered with its
 // resources, so that Acquire takes them again (a paused VM that resumes).
+// The driver releases the locks even if ctx is done; if ctx ends first, the
+// error has CodeTimeout and the release completes in the background.
 func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string, error) {
 	if r != nil {
 		if err := r.Validate(); err != nil {
@@ -470,7 +472,8 @@ func (ob *object) remove(u *use) {
 
 // release releases rel; called with ob.op held. A driver failure leaves the
 // failed uses marked as not held all the same: the driver's lease is gone
-// or unusable, and keeping it would block the object forever.
+// or unusable, and keeping it would block the object forever. For the same
+// reason the driver is asked to release even if ctx is done.
 func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 	if len(rel) == 0 {
 		return nil
@@ -490,7 +493,7 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 	_ = m.notify(ctx, ob)
 	var err error
 	if len(leases) > 0 {
-		_, err = Bounded(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(ctx, leases) }, nil)
+		_, err = m.releaseLeases(ctx, leases)
 	}
 	// Only now does the table let the resources go: until the driver has
 	// unlocked them, the monitor shows them held and a conflicting request

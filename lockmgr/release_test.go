@@ -2,6 +2,7 @@ package lockmgr_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -120,6 +121,35 @@ func TestAChangeToReadOnlyWhoseContextEndsAsItIsRecordedReleasesTheLock(t *testi
 			ls, ro, err := m.Held(vmUUID)
 			if err != nil || len(ls) != 0 || len(ro) != 1 {
 				t.Fatalf("after the change the object holds leases %v, read-only %v (%v); want the disk read-only", ls, ro, err)
+			}
+		})
+	}
+}
+
+// A release whose context has already ended (a client that gave up while
+// its request waited) still unlocks what it takes out of the table and the
+// lock-holder's record.
+func TestAReleaseWhoseContextHasEndedStillUnlocks(t *testing.T) {
+	for _, how := range []string{"release", "unregister"} {
+		t.Run(how, func(t *testing.T) {
+			m, d, img := lockspaceManager(t, nil, lockmgr.Exclusive)
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			var err error
+			if how == "release" {
+				_, err = m.Release(ctx, vmUUID, nil)
+			} else {
+				err = m.Unregister(ctx, vmUUID)
+			}
+			if err != nil && !errors.Is(err, lockmgr.ErrTimeout) {
+				t.Fatalf("%s with an ended context: %v, want nil or a timeout", how, err)
+			}
+			waitReleased(t, d)
+			if locked(t, img) {
+				t.Fatal("the disk is still locked after its release")
+			}
+			if n := m.HeldCount(); n != 0 {
+				t.Fatalf("the table lists %d held resources after the release", n)
 			}
 		})
 	}
