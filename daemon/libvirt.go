@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -43,6 +44,12 @@ type LibvirtConfig struct {
 	// file_lockspace_dir); those it asks for are kept in the state directory
 	// anyway.
 	Lockspaces []string
+
+	// Tests: created is called once the server has loaded its grant
+	// records and before the daemon tells it of owner exits; forgotten
+	// after the daemon has handled the exit of uuid's owner.
+	created   func()
+	forgotten func(uuid string)
 }
 
 // libvirtEndpoint is the running libvirt drop-in of a Daemon.
@@ -84,12 +91,17 @@ func (lo *libvirtOwners) Register(ctx context.Context, o lockmgr.Object) error {
 // before a restart of vmlockd have none: without this, the lease files of
 // their grants would stay on disk. The server drops only what the lock
 // table no longer shows uuid holding, so telling it of any object is safe.
+// Before the server exists, the call does nothing: listenLibvirt catches
+// up with such exits itself.
 func (d *Daemon) libvirtForgotten(uuid string) {
 	d.mu.Lock()
 	lv := d.lv
 	d.mu.Unlock()
 	if lv != nil {
 		lv.srv.Forgotten(uuid)
+	}
+	if lc := d.cfg.Libvirt; lc != nil && lc.forgotten != nil {
+		lc.forgotten(uuid)
 	}
 }
 
@@ -104,6 +116,13 @@ func (d *Daemon) listenLibvirt(ctx context.Context) error {
 	lc := d.cfg.Libvirt
 	if lc == nil {
 		return nil
+	}
+	// The server reads the grants' holders from the lock table, but a
+	// restored owner may exit before the server is published below, when
+	// libvirtForgotten cannot tell it yet.
+	var restored []string
+	for _, o := range d.mgr.Objects() {
+		restored = append(restored, o.UUID)
 	}
 	srv, err := virtlockd.NewServer(virtlockd.Config{
 		Manager:    d.mgr,
@@ -137,11 +156,20 @@ func (d *Daemon) listenLibvirt(ctx context.Context) error {
 	// The path stays when the daemon stops: a reload keeps serving it, and
 	// the next start replaces a stale socket file.
 	ln.SetUnlinkOnClose(false)
+	if lc.created != nil {
+		lc.created()
+	}
 	// Under mu: the exits of restored owners are being watched already
-	// (libvirtForgotten).
+	// (libvirtForgotten). Those that libvirtForgotten saw before this
+	// have been released: the server learns of them here.
 	d.mu.Lock()
 	d.lv = &libvirtEndpoint{srv: srv, ln: ln}
 	d.mu.Unlock()
+	for _, u := range restored {
+		if _, err := d.mgr.Object(u); errors.Is(err, lockmgr.ErrNotRegistered) {
+			srv.Forgotten(u)
+		}
+	}
 	return nil
 }
 

@@ -36,6 +36,8 @@ type lvEnv struct {
 	done                       chan error
 	startHolder                func() error
 	holders                    sync.WaitGroup
+	// libvirt, if set, adjusts the libvirt configuration of the next start.
+	libvirt func(*LibvirtConfig)
 }
 
 func newLVEnv(t *testing.T) *lvEnv {
@@ -64,11 +66,15 @@ func (e *lvEnv) start(ln *net.UnixListener) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	lc := &LibvirtConfig{Socket: e.lvSock, Listener: ln}
+	if e.libvirt != nil {
+		e.libvirt(lc)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, Config{
 		Socket: e.socket, StateDir: e.state, Driver: drv, HolderCommand: e.startHolder,
 		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Libvirt: &LibvirtConfig{Socket: e.lvSock, Listener: ln},
+		Libvirt: lc,
 	}, nil)
 	if err != nil {
 		cancel()
@@ -86,6 +92,13 @@ func (e *lvEnv) stop() error {
 	}
 	e.cancel()
 	err := <-e.done
+	// A stopped daemon's process ends, and its watches of owner processes
+	// with it: this one must not release what the next daemon took back.
+	e.d.mu.Lock()
+	for _, pr := range e.d.procs {
+		pr.p.close()
+	}
+	e.d.mu.Unlock()
 	e.d.lockF.Close()
 	e.d = nil
 	return err
@@ -504,5 +517,81 @@ func TestLibvirtDomainsThatExitedWhileVmlockdWasDownAreReleasedAtItsStart(t *tes
 	}
 	if ents, err := os.ReadDir(filepath.Join(e.state, LibvirtGrantsDir)); (err != nil && !errors.Is(err, os.ErrNotExist)) || len(ents) != 0 {
 		t.Fatalf("grant records left: %v %v", ents, err)
+	}
+}
+
+// A restored domain whose QEMU exits after the restarted vmlockd took its
+// locks back but before the libvirt endpoint was up loses, with its locks,
+// what the endpoint recorded of its grants: the lease file that goes with
+// its last holder and the grant records in the state directory. The lease
+// and the disk it acquired through a symlink are free.
+func TestLibvirtDomainThatExitsBeforeTheEndpointIsUpLeavesNoGrantRecords(t *testing.T) {
+	e := newLVEnv(t)
+	e.start(nil)
+	ctx := context.Background()
+	lsDir := filepath.Join(e.dir, "leases")
+	img, link := filepath.Join(e.dir, "a.img"), filepath.Join(e.dir, "a-link.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(img, link); err != nil {
+		t.Fatal(err)
+	}
+	pid, kill := ownerProcess(t)
+	c := e.register("dom-a", 1, pid)
+	if err := c.CreateLockspace(ctx, lsDir); err != nil {
+		t.Fatal(err)
+	}
+	lease := strings.Repeat("ab", 32)
+	if err := c.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.AcquireResource(ctx, "", link, 0); err != nil {
+		t.Fatal(err)
+	}
+	grants := filepath.Join(e.state, LibvirtGrantsDir)
+	if ents, err := os.ReadDir(grants); err != nil || len(ents) != 2 {
+		t.Fatalf("grant records before the restart: %v %v, want the lease's and the link's", ents, err)
+	}
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	// QEMU exits once the endpoint has loaded its records, and the daemon
+	// has released its locks before the endpoint is published.
+	const uuid = "11000000-0000-0000-0000-000000000001"
+	exited := make(chan struct{})
+	var once sync.Once
+	e.libvirt = func(lc *LibvirtConfig) {
+		lc.created = func() {
+			kill()
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+				t.Error("the daemon did not handle the exit of dom-a's QEMU")
+			}
+		}
+		lc.forgotten = func(u string) {
+			if u == uuid {
+				once.Do(func() { close(exited) })
+			}
+		}
+	}
+	e.start(nil)
+	if _, err := os.Stat(filepath.Join(lsDir, lease)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the auto-created lease file of the exited domain: %v, want it removed", err)
+	}
+	if ents, err := os.ReadDir(grants); err != nil || len(ents) != 0 {
+		t.Errorf("grant records left: %v %v", ents, err)
+	}
+	if !ofdFree(t, img) {
+		t.Error("the disk of the exited domain is still locked on disk")
+	}
+	other := e.register("dom-b", 2, sleeper(t))
+	if err := other.AcquireResource(ctx, lsDir, lease, virtlockd.AcquireAutoCreate); err != nil {
+		t.Errorf("acquiring the exited domain's lease: %v", err)
+	}
+	if err := other.AcquireResource(ctx, "", link, 0); err != nil {
+		t.Errorf("acquiring the exited domain's disk: %v", err)
 	}
 }
