@@ -3,7 +3,9 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/vmlock/vmlock/api/vmlockpb"
@@ -38,6 +40,9 @@ import (
 //     a resource is removed from it before its upgrade is tried (and put
 //     back if that fails), so the record of a completed upgrade never lists
 //     it. A target's mark with nothing pending is a finished handover.
+//   - A prepare that fails takes back exclusively what it made shared;
+//     what it cannot take back stays pending in a source mark, so that a
+//     cancel takes it back and a new prepare hands it over exclusive.
 //   - The destination must be a different vmlockd than the source (an
 //     object's uuid is unique within one daemon).
 
@@ -155,30 +160,75 @@ func (d *Daemon) migratePrepare(ctx context.Context, c caller, id, to string) (s
 	// The mark is set first, so that every downgrade's record carries it.
 	ow.mig = mig
 	d.mu.Unlock()
-	for i, r := range todo {
+	for _, r := range todo {
 		r.Mode = lockmgr.Shared
 		if err := d.mgr.ChangeMode(ctx, uuid, r); err != nil {
-			// The mark is restored first, so that every restoring
-			// upgrade's record carries it (and none the failed one).
-			d.mu.Lock()
-			ow.mig = prev
-			d.mu.Unlock()
-			back := context.WithoutCancel(ctx)
-			restored := true
-			for _, u := range todo[:i] {
-				if berr := d.mgr.ChangeMode(back, uuid, u); berr != nil {
-					restored = false
-					d.log.Error("migrate prepare: cannot restore an exclusive hold", "uuid", uuid, "resource", u.String(), "err", berr)
-				}
-			}
-			if !restored {
-				d.recordMark(uuid)
-			}
-			return "", err
+			return "", d.undoPrepare(ctx, uuid, ow, prev, to, todo, err)
 		}
 	}
 	d.log.Info("migration prepared: exclusive holds are shared until the handover completes", "uuid", uuid, "to", to, "downgraded", len(todo))
 	return d.handoverState(uuid)
+}
+
+// undoPrepare takes back exclusively what a failed prepare downgraded:
+// every resource of todo (those it found held exclusively) that the object
+// now holds shared, the one whose downgrade failed included if it could not
+// be converted back. What cannot be taken back (someone joined it shared
+// meanwhile, or the driver fails) must not be left shared with nothing to
+// say so, or a later prepare would hand it over shared and `migrate complete
+// --cancel` would know nothing of it: it stays pending in a source mark, so
+// that `vmlock migrate complete --cancel` takes it back (waiting, within its
+// request, for the other holders to go) and a new prepare hands it over
+// exclusive. The error names it. It returns the error for the prepare.
+func (d *Daemon) undoPrepare(ctx context.Context, uuid string, ow *owner, prev *migration, to string, todo []lockmgr.Resource, cause error) error {
+	// The mark is restored first, so that every restoring upgrade's record
+	// carries it (and none the failed one).
+	d.mu.Lock()
+	ow.mig = prev
+	d.mu.Unlock()
+	leases, _, err := d.mgr.Held(uuid)
+	if err != nil {
+		return cause // gone meanwhile: nothing is held
+	}
+	shared := map[string]bool{}
+	for _, l := range leases {
+		if r := l.Resource(); r.Mode == lockmgr.Shared {
+			shared[r.Key()] = true
+		}
+	}
+	back := context.WithoutCancel(ctx)
+	var stuck []lockmgr.Resource
+	for _, u := range todo {
+		if !shared[u.Key()] {
+			continue
+		}
+		if berr := d.mgr.ChangeMode(back, uuid, u); berr != nil && !errors.Is(berr, lockmgr.ErrNotHeld) {
+			d.log.Error("migrate prepare: cannot restore an exclusive hold", "uuid", uuid, "resource", u.String(), "err", berr)
+			stuck = append(stuck, u)
+		}
+	}
+	if len(stuck) > 0 {
+		mig := &migration{Role: roleSource, Peer: to, Pending: stuck}
+		if prev != nil && prev.Role == roleSource {
+			mig.Peer, mig.Pending = prev.Peer, append(slices.Clone(prev.Pending), stuck...)
+		}
+		d.mu.Lock()
+		ow.mig = mig
+		d.mu.Unlock()
+	}
+	// The record shows the mark as it is now, whichever records the
+	// downgrades and their undoing made.
+	d.recordMark(uuid)
+	if len(stuck) == 0 {
+		return cause
+	}
+	names := make([]string, len(stuck))
+	for i, r := range stuck {
+		names[i] = r.Name
+	}
+	return &lockmgr.Error{Code: lockmgr.CodeOf(cause), Err: cause,
+		Msg: fmt.Sprintf("migrate prepare failed, and %s could not be taken back exclusively: held shared now, pending; "+
+			"`vmlock migrate complete --uuid %s --cancel` takes them back exclusively (or prepare again)", strings.Join(names, ", "), uuid)}
 }
 
 // handoverState is the object's state with the pending resources in their

@@ -347,3 +347,133 @@ func TestMigrateCompleteGivesUpWithItsRequest(t *testing.T) {
 		t.Fatalf("complete on the destination again: %+v, %v; want the object kept", r, err)
 	}
 }
+
+// joinOnDowngrade is a lockspace driver whose second downgrade fails, and
+// which lets another host (third) take the first downgraded disk shared
+// just before: a `migrate prepare` that fails half-way and cannot take that
+// disk back exclusively, since someone else now shares it.
+type joinOnDowngrade struct {
+	*lockspace.Driver
+	t      *testing.T
+	third  *lockspace.Driver
+	mu     sync.Mutex
+	n      int
+	first  lockmgr.Resource
+	joined []lockmgr.Lease // the third party's lease
+}
+
+func (j *joinOnDowngrade) Convert(ctx context.Context, l lockmgr.Lease, m lockmgr.Mode) (lockmgr.Lease, error) {
+	if m == lockmgr.Shared {
+		j.mu.Lock()
+		defer j.mu.Unlock()
+		j.n++
+		switch j.n {
+		case 1:
+			j.first = l.Resource()
+		case 2:
+			r := j.first
+			r.Mode = lockmgr.Shared
+			ls, err := j.third.Acquire(ctx, []lockmgr.Request{{Resource: r, Holder: lockmgr.Holder{Name: "third", Host: "h3", Mode: lockmgr.Shared}}})
+			if err != nil {
+				j.t.Errorf("the third party's shared grant of %s: %v", r, err)
+			}
+			j.joined = ls
+			return nil, lockmgr.Errorf(lockmgr.CodeInternal, "injected failure")
+		}
+	}
+	return j.Driver.Convert(ctx, l, m)
+}
+
+// failedPrepare starts a daemon whose `migrate prepare` of an object with
+// two disks fails at the second downgrade, after a third party joined the
+// first disk shared; the third party then leaves. It returns the client,
+// the object's uuid, the first disk and the prepare's error.
+func failedPrepare(t *testing.T) (c *api.Client, uuid, first string, err error) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	shared := filepath.Join(dir, "disks")
+	open := func(host string) *lockspace.Driver {
+		state := filepath.Join(dir, host)
+		drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces"), DiskLeaseDir: shared})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { drv.Close() })
+		return drv
+	}
+	j := &joinOnDowngrade{Driver: open("src"), t: t, third: open("h3")}
+	c, _ = startInProcess(t, Config{Driver: j, Host: "src"})
+	uuid = "77777777-0000-4000-8000-000000000001"
+	var rs []lockmgr.Resource
+	for _, n := range []string{"a.img", "b.img"} {
+		disk := filepath.Join(dir, n)
+		os.WriteFile(disk, nil, 0o600)
+		rs = append(rs, lockmgr.DiskResource(disk, lockmgr.Exclusive))
+	}
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: uuid, Name: "vm", PID: sleeper(t)}, rs, ""); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.MigratePrepare(ctx, uuid, "dst")
+	if err == nil {
+		t.Fatal("prepare succeeded with a failing downgrade")
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err := j.third.Release(ctx, j.joined); err != nil {
+		t.Fatal(err)
+	}
+	return c, uuid, j.first.Name, err
+}
+
+// A `migrate prepare` that fails and cannot take a disk back exclusively
+// (a third party shared it meanwhile) says so, and `migrate complete
+// --cancel` takes it back once the third party has gone: the VM holds all
+// its disks exclusively again without a restart.
+func TestAFailedPrepareThatCannotTakeADiskBackIsRepairedByCancel(t *testing.T) {
+	ctx := context.Background()
+	c, u, first, perr := failedPrepare(t)
+	if r, err := c.MigrateComplete(ctx, u, true); err != nil || r.Released {
+		t.Fatalf("migrate complete --cancel after the failed prepare: %+v, %v; want the object kept", r, err)
+	}
+	locks, err := c.Locks(ctx)
+	if err != nil || len(locks) != 2 {
+		t.Fatalf("locks %+v, %v; want both disks held", locks, err)
+	}
+	for _, l := range locks {
+		if len(l.Holders) != 1 || l.Holders[0].Mode != lockmgr.Exclusive {
+			t.Fatalf("lock %+v after the cancel, want held exclusively", l)
+		}
+	}
+	if !strings.Contains(perr.Error(), first) || !strings.Contains(perr.Error(), "--cancel") {
+		t.Fatalf("the failed prepare's error %q does not name %s as held shared, nor the way back", perr, first)
+	}
+}
+
+// After a `migrate prepare` that failed and could not take a disk back
+// exclusively, a new prepare hands that disk over as exclusive, so that
+// the destination takes it back exclusively when the handover completes.
+func TestAPrepareAfterOneThatCouldNotTakeADiskBackHandsItOverExclusive(t *testing.T) {
+	ctx := context.Background()
+	c, u, first, _ := failedPrepare(t)
+	state, err := c.MigratePrepare(ctx, u, "dst")
+	if err != nil {
+		t.Fatalf("prepare again: %v", err)
+	}
+	st, err := lockmgr.ParseState(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range st {
+		if e.Resource.Type != lockmgr.TypeDisk {
+			continue
+		}
+		n++
+		if e.Resource.Mode != lockmgr.Exclusive {
+			t.Fatalf("the handover state %q lists %s %s, want every disk exclusive (%s was left shared by the failed prepare)", state, e.Resource.Name, e.Resource.Mode, first)
+		}
+	}
+	if n != 2 {
+		t.Fatalf("the handover state %q lists %d disks, want 2", state, n)
+	}
+}
