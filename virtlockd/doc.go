@@ -69,7 +69,10 @@
 // Busy errors keep libvirt's code 87 and domain 51 and carry the
 // lockmgr.BusyError message, which names the holding domain and its pid.
 // Lockspaces that clients create are kept in a LockspaceStore across
-// restarts, because libvirtd sends CREATE_LOCKSPACE only when it starts.
+// restarts, because libvirtd sends CREATE_LOCKSPACE only when it starts; a
+// store file that is not one (a disk corrupted it) is moved aside and
+// logged, and the server starts without its lockspaces: calls in them fail
+// until libvirtd creates them again, so none is granted twice.
 // Which files go with their last holder, and by which other paths
 // (symlinks) owners acquired disks, is kept in a GrantStore, so that a
 // restarted server still releases by those paths and removes those files:

@@ -30,7 +30,35 @@ type LockspaceStore interface {
 
 // FileStore is a LockspaceStore in one JSON file (for example
 // STATEDIR/libvirt-lockspaces.json), replaced atomically on every Save.
+// A file that Load cannot read as a store (a disk that corrupted it) is
+// moved aside, and Load reports it as a *CorruptStoreError.
 type FileStore struct{ Path string }
+
+// CorruptStoreError reports a lockspace store file whose content is not a
+// store: Load moved it aside, to Aside, and returned no lockspaces, so
+// that a later Save does not overwrite what it names.
+type CorruptStoreError struct {
+	Path  string
+	Aside string
+	// Offset is the byte offset of a JSON syntax or type error; -1 if the
+	// error has none.
+	Offset int64
+	Err    error
+}
+
+func (e *CorruptStoreError) Error() string {
+	what := e.Err.Error()
+	if e.Offset >= 0 {
+		what += fmt.Sprintf(" (at byte %d)", e.Offset)
+	}
+	return fmt.Sprintf("lockspace store %s is corrupt: %s; moved it aside to %s. "+
+		"The lockspace directories it lists are not served, so libvirt's calls in them fail (nothing is granted twice), "+
+		"until libvirtd (virtqemud) is restarted, which creates them again, or they are listed in libvirt_lockspace_dirs; "+
+		"locks held in them stay held until their QEMU exits",
+		e.Path, what, e.Aside)
+}
+
+func (e *CorruptStoreError) Unwrap() error { return e.Err }
 
 type storeFile struct {
 	Version    int      `json:"version"`
@@ -54,17 +82,47 @@ func (f FileStore) Load() ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lockspace store: %w", err)
 	}
-	if len(b) > maxStoreFile {
-		return nil, fmt.Errorf("lockspace store %s: larger than %d bytes", f.Path, maxStoreFile)
-	}
 	var sf storeFile
-	if err := json.Unmarshal(b, &sf); err != nil {
-		return nil, fmt.Errorf("lockspace store %s: %w", f.Path, err)
+	if len(b) > maxStoreFile {
+		err = fmt.Errorf("larger than %d bytes", maxStoreFile)
+	} else if err = json.Unmarshal(b, &sf); err == nil {
+		if sf.Version != 1 {
+			// Not corrupt but a newer vmlockd's: moving it aside would
+			// lose its lockspaces.
+			return nil, fmt.Errorf("lockspace store %s: unknown version %d", f.Path, sf.Version)
+		}
+		return sf.Lockspaces, nil
 	}
-	if sf.Version != 1 {
-		return nil, fmt.Errorf("lockspace store %s: unknown version %d", f.Path, sf.Version)
+	offset := int64(-1)
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		offset = se.Offset
+	case errors.As(err, &te):
+		offset = te.Offset
 	}
-	return sf.Lockspaces, nil
+	aside, merr := f.moveAside()
+	if merr != nil {
+		return nil, fmt.Errorf("lockspace store %s is corrupt: %v; it cannot be moved aside (%w): "+
+			"move it aside yourself, and vmlockd starts without the lockspaces it lists", f.Path, err, merr)
+	}
+	return nil, &CorruptStoreError{Path: f.Path, Aside: aside, Offset: offset, Err: err}
+}
+
+// moveAside renames the file to a new name next to it and returns that.
+func (f FileStore) moveAside() (string, error) {
+	// A new empty file reserves a name that no earlier copy has.
+	tmp, err := os.CreateTemp(filepath.Dir(f.Path), filepath.Base(f.Path)+".corrupt-*")
+	if err != nil {
+		return "", err
+	}
+	tmp.Close()
+	if err := os.Rename(f.Path, tmp.Name()); err != nil {
+		os.Remove(tmp.Name())
+		return "", err
+	}
+	return tmp.Name(), nil
 }
 
 // Save writes a temporary file, syncs it, renames it over the file and

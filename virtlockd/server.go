@@ -70,7 +70,9 @@ type Config struct {
 	// process's effective uid (virtlockd's rule: root when privileged).
 	Authorize func(p *Peer) error
 	// Store persists the lockspaces that clients create; nil keeps them in
-	// memory only.
+	// memory only. If its Load fails with a *CorruptStoreError, the error
+	// is logged and the server starts without the stored lockspaces; any
+	// other error of Load fails NewServer.
 	Store LockspaceStore
 	// Grants persists which files go with their resource's last holder
 	// and the paths by which disks were acquired through symlinks, so that
@@ -149,7 +151,8 @@ type grant struct {
 	holders map[string]int // by object uuid
 }
 
-// NewServer returns a Server for cfg. It loads the stored lockspaces and
+// NewServer returns a Server for cfg. It loads the stored lockspaces (a
+// corrupt store is logged and served as empty: see Config.Store) and
 // creates the directories of stored and configured lockspaces that are
 // missing; a directory that cannot be created is logged and still served
 // (its calls fail with the system error), so that one bad path does not stop
@@ -191,7 +194,13 @@ func NewServer(cfg Config) (*Server, error) {
 	var stored []string
 	if s.store != nil {
 		var err error
-		if stored, err = s.store.Load(); err != nil {
+		var corrupt *CorruptStoreError
+		switch stored, err = s.store.Load(); {
+		case errors.As(err, &corrupt):
+			// Served without them, no resource can be granted twice: calls
+			// in a lockspace not served fail.
+			s.log.Error("starting without the stored lockspaces", "err", err)
+		case err != nil:
 			return nil, fmt.Errorf("virtlockd: %w", err)
 		}
 	}

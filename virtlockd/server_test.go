@@ -1,8 +1,10 @@
 package virtlockd
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -1161,5 +1163,101 @@ func TestConcurrentClients(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "lease")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("lease file after the last sharer: %v", err)
+	}
+}
+
+// corruptStoreRestart serves two lockspaces from store and holds a lease in
+// the second, then corrupts the store file with corrupt and starts a new
+// server on the same lock table. It returns the two lockspaces, the new
+// server and its log.
+func corruptStoreRestart(t *testing.T, corrupt func(b []byte) []byte) (a, b string, ts *testServer, logs *syncBuffer) {
+	t.Helper()
+	store := FileStore{Path: filepath.Join(t.TempDir(), "libvirt-lockspaces.json")}
+	root := t.TempDir()
+	a, b = filepath.Join(root, "a"), filepath.Join(root, "b")
+	m := lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})
+	before := startServer(t, Config{Manager: m, Store: store})
+	c := before.registered("holder", fakePID)
+	wantOK(t, "create a", c.CreateLockspace(testCtx(t), a))
+	wantOK(t, "create b", c.CreateLockspace(testCtx(t), b))
+	wantOK(t, "acquire in b", c.AcquireResource(testCtx(t), b, "k", 0|AcquireAutoCreate))
+	data, err := os.ReadFile(store.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(store.Path, corrupt(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs = &syncBuffer{}
+	ts = startServer(t, Config{Manager: m, Store: store, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	return a, b, ts, logs
+}
+
+// wantKeptAside checks that the log names the store file, says what is
+// wrong with it and what to do, and that the file was moved aside whole,
+// where the log says.
+func wantKeptAside(t *testing.T, dir string, content []byte, wrong string, logs *syncBuffer) {
+	t.Helper()
+	path := filepath.Join(dir, "libvirt-lockspaces.json")
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the corrupt store is still at %s: %v", path, err)
+	}
+	asides, _ := filepath.Glob(path + ".corrupt-*")
+	if len(asides) != 1 {
+		t.Fatalf("copies aside: %q, want one", asides)
+	}
+	if got, err := os.ReadFile(asides[0]); err != nil || !bytes.Equal(got, content) {
+		t.Errorf("the copy aside holds %q (%v), want %q", got, err, content)
+	}
+	var logged string
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var rec struct{ Level, Err string }
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Level == "ERROR" {
+			logged = rec.Err
+		}
+	}
+	for _, s := range []string{path + " is corrupt: " + wrong, "moved it aside to " + asides[0],
+		"libvirtd (virtqemud) is restarted", "libvirt_lockspace_dirs"} {
+		if !strings.Contains(logged, s) {
+			t.Errorf("the error logged does not say %q:\n%s", s, logs.String())
+		}
+	}
+}
+
+// A store file cut short (a disk that lost its end) does not stop the
+// server: it starts without the lockspaces the file listed, logs what is
+// wrong with which file and what to do, and keeps the file aside. A lease
+// held in a lockspace it no longer serves is granted to nobody else once
+// libvirtd creates that lockspace again.
+func TestServerStartsWithATruncatedLockspaceStoreAndKeepsItAside(t *testing.T) {
+	var cut []byte
+	a, b, ts, logs := corruptStoreRestart(t, func(data []byte) []byte { cut = data[:len(data)-5]; return cut })
+	wantKeptAside(t, filepath.Dir(ts.s.store.(FileStore).Path), cut,
+		fmt.Sprintf("unexpected end of JSON input (at byte %d)", len(cut)), logs)
+	if got := ts.s.Lockspaces(); !slices.Equal(got, []string{""}) {
+		t.Fatalf("served %q, want the default lockspace only", got)
+	}
+	c := ts.registered("other", fakePID)
+	wantRemote(t, "acquire in a lockspace no longer served", c.AcquireResource(testCtx(t), a, "k", AcquireAutoCreate),
+		CodeInternalError, DomainRPC, "Lockspace for path "+a+" does not exist")
+	// libvirtd restarted: it creates its lockspaces again.
+	wantOK(t, "create b again", c.CreateLockspace(testCtx(t), b))
+	wantRemote(t, "acquire the lease held in b", c.AcquireResource(testCtx(t), b, "k", AcquireAutoCreate),
+		CodeResourceBusy, DomainLockspace, `"holder"`)
+	if got, err := ts.s.store.Load(); err != nil || !slices.Equal(got, []string{b}) {
+		t.Fatalf("store after the restart of libvirtd: %q (%v), want %q", got, err, []string{b})
+	}
+}
+
+// A store file overwritten with something else does not stop the server
+// either: it starts without the stored lockspaces, logs where the garbage
+// starts, and keeps the file aside.
+func TestServerStartsWithAGarbageLockspaceStoreAndKeepsItAside(t *testing.T) {
+	garbage := []byte("\x7fELF\x02\x01\x01\x00")
+	_, _, ts, logs := corruptStoreRestart(t, func([]byte) []byte { return garbage })
+	wantKeptAside(t, filepath.Dir(ts.s.store.(FileStore).Path), garbage,
+		`invalid character '\x7f' looking for beginning of value (at byte 1)`, logs)
+	if got := ts.s.Lockspaces(); !slices.Equal(got, []string{""}) {
+		t.Fatalf("served %q, want the default lockspace only", got)
 	}
 }
