@@ -44,7 +44,8 @@ type Converter interface {
 //     with a *BusyError with the others.
 //
 // On any failure the object holds r as before (a conversion or a grant
-// that completes after ctx is done is undone). The use keeps its "since"
+// that completes after ctx is done is undone; a late conversion that
+// cannot be converted back stays, and the table and the observer show it). The use keeps its "since"
 // (the holding began then); its token becomes the new lease's. The
 // observer is told of the change; if it fails (the daemon's lock-holder
 // did not record it in time), the change is undone as a failed grant is,
@@ -103,11 +104,14 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 	case converts:
 		orig := old
 		// A conversion that completes after ctx is done is converted back,
-		// so that the lease stays in the mode the table records.
+		// so that the lease stays in the mode the table records; if that
+		// fails, the table and the observer take the lease's mode instead.
 		lease, err = Bounded(ctx, func() (Lease, error) { return conv.Convert(ctx, orig, r.Mode) },
 			func(l Lease) {
 				if back, err := conv.Convert(context.Background(), l, from); err == nil {
-					m.settle(ob, u, orig, back)
+					m.settle(ob, u, orig, back, from)
+				} else {
+					m.settle(ob, u, orig, l, r.Mode)
 				}
 			})
 	default:
@@ -177,21 +181,22 @@ func (m *Manager) setMode(u *use, mode Mode, lease Lease, tok uint64) {
 	m.mu.Unlock()
 }
 
-// settle records the lease of u after a conversion that completed after its
-// ChangeMode had returned and was converted back: the lease is in the mode
-// the table records, but it may be another Lease value than orig, and an
-// upgrade undone keeps the upgrade's token, which the table and the
-// observer (the daemon's lock-holder records) must show, or a handover
-// state would carry a token already gone. Nothing is done if u no longer
-// holds orig (released meanwhile).
-func (m *Manager) settle(ob *object, u *use, orig, back Lease) {
+// settle records the lease of u, in mode, after a conversion that
+// completed after its ChangeMode had returned: converted back, the lease is
+// in the mode the table records, but it may be another Lease value than
+// orig, and an upgrade undone keeps the upgrade's token, which the table
+// and the observer (the daemon's lock-holder records) must show, or a
+// handover state would carry a token already gone; not converted back, it
+// is held in the new mode, which they must show too. Nothing is done if u
+// no longer holds orig (released meanwhile).
+func (m *Manager) settle(ob *object, u *use, orig, back Lease, mode Mode) {
 	tok := back.Token()
 	ob.op.Lock()
 	defer ob.op.Unlock()
 	m.mu.Lock()
 	same := !ob.gone && u.lease == orig
 	if same {
-		u.lease, u.token = back, tok
+		u.res.Mode, u.lease, u.token = mode, back, tok
 	}
 	m.mu.Unlock()
 	if same {

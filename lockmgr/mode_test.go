@@ -576,3 +576,70 @@ type observerFunc func(ctx context.Context, o Object, ls []Lease, ro []Resource)
 func (f observerFunc) Changed(ctx context.Context, o Object, ls []Lease, ro []Resource) error {
 	return f(ctx, o, ls, ro)
 }
+
+// lateJoinDriver is a convDriver whose downgrades wait for gate (after
+// saying so on started) and, once done, let another host join the resource
+// shared before they return: the conversion back of a late downgrade then
+// meets that sharer.
+type lateJoinDriver struct {
+	convDriver
+	started, gate chan struct{}
+}
+
+func (d lateJoinDriver) Convert(ctx context.Context, l Lease, m Mode) (Lease, error) {
+	if m != Shared {
+		return d.convDriver.Convert(ctx, l, m)
+	}
+	d.started <- struct{}{}
+	<-d.gate
+	nl, err := d.convDriver.Convert(ctx, l, m)
+	r := l.Resource()
+	r.Mode = Shared
+	if _, jerr := d.memDriver.Acquire(context.Background(), []Request{{Resource: r}}); jerr != nil {
+		panic(jerr)
+	}
+	return nl, err
+}
+
+// A downgrade that completes after its ChangeMode timed out and cannot be
+// converted back (another host joined the resource shared meanwhile) stays
+// shared, and the table and the observer say so: the object must not be
+// shown exclusive while someone else shares the resource.
+func TestALateDowngradeThatCannotBeConvertedBackIsShownShared(t *testing.T) {
+	d := lateJoinDriver{convDriver{newMemDriver()}, make(chan struct{}), make(chan struct{})}
+	told := make(chan struct{}, 16)
+	obs := &lastObserver{}
+	m := NewManager(d, Options{Observer: observerFunc(func(ctx context.Context, o Object, ls []Lease, ro []Resource) error {
+		err := obs.Changed(ctx, o, ls, ro)
+		told <- struct{}{}
+		return err
+	})})
+	register(t, m, uuidA, "a", DiskResource("/img/base", Exclusive))
+	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	<-told
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.ChangeMode(ctx, uuidA, DiskResource("/img/base", Shared)) }()
+	<-d.started
+	cancel()
+	if err := <-done; !errors.Is(err, ErrTimeout) {
+		t.Fatalf("a downgrade whose context ended in the driver = %v, want a timeout", err)
+	}
+	close(d.gate) // the downgrade completes; another host joins
+	select {
+	case <-told:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the observer was never told what became of the late downgrade")
+	}
+	if excl, shared := d.modes("disk:/img/base"); excl || shared != 2 {
+		t.Fatalf("the driver holds exclusive=%v shared=%d, want a's lease and the other host's, shared", excl, shared)
+	}
+	if mode, _ := modeOf(m, uuidA, "/img/base"); mode != Shared {
+		t.Fatalf("the table shows a holding the disk %v, want shared, as the driver holds it", mode)
+	}
+	if mode, _ := obs.told(t, uuidA); mode != Shared {
+		t.Fatalf("the observer was last told that a holds the disk %v, want shared", mode)
+	}
+}
