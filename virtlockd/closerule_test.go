@@ -26,11 +26,17 @@ type ownerChild struct {
 	out   *bufio.Reader
 }
 
-func startOwnerChild(t *testing.T, ts *testServer, name string) *ownerChild {
+// startOwnerChild starts the helper, whose connection registers the owner
+// name; if earlier is not "", it registers that owner first.
+func startOwnerChild(t *testing.T, ts *testServer, name string, earlier ...string) *ownerChild {
 	t.Helper()
 	o := owner(name, 0)
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), envChild+"=owner", envSocket+"="+ts.sock, envUUID+"="+hex.EncodeToString(o.UUID[:]))
+	for _, e := range earlier {
+		eo := owner(e, 0)
+		cmd.Env = append(cmd.Env, envEarlier+"="+hex.EncodeToString(eo.UUID[:]))
+	}
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -284,5 +290,38 @@ func TestCloseRuleAfterReleaseElsewhere(t *testing.T) {
 				t.Fatalf("%d grant records left after the only holder exited", n)
 			}
 		})
+	}
+}
+
+// Connection A registered a first owner and then a second one of the same
+// pid (the second REGISTER overwrites the first). When it closes while
+// QEMU runs, the locks of the pid are released, whichever of its owners
+// took them, and QEMU is killed, as virtlockd (whose locks belong to pids)
+// does.
+func TestCloseRuleAfterASecondRegisterCoversTheFirstOwnersLocks(t *testing.T) {
+	ts := startServer(t, Config{})
+	img := image(t, "reregistered.img")
+	ch := startOwnerChild(t, ts, "qemu-second", "qemu-first")
+	acquireFor(t, ts, ch, "qemu-first", img)
+
+	if _, err := io.WriteString(ch.stdin, "close\n"); err != nil {
+		t.Fatal(err)
+	}
+	ts.waitClosed(ch.pid)
+	if got := ts.holders(diskKey(t, img)); len(got) != 0 {
+		t.Fatalf("holders after the owner's connection closed: %v", got)
+	}
+	err := ch.cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("helper process: %v, want it killed", err)
+	}
+	if ws := ee.Sys().(syscall.WaitStatus); !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("helper process ended with %v, want SIGKILL", ws)
+	}
+	for _, name := range []string{"qemu-first", "qemu-second"} {
+		if _, err := ts.m.Object(uuidOf(name)); !errors.Is(err, lockmgr.ErrNotRegistered) {
+			t.Errorf("owner %s is still an object: %v", name, err)
+		}
 	}
 }

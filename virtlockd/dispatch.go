@@ -870,59 +870,89 @@ func (s *Server) deleteResource(ls *lockspace, name string) *RemoteError {
 
 // closeRule applies virtlockd's rule when a client closes its connection:
 // if the peer is the registered owner's process (the connection QEMU
-// inherited), every lock of that owner is released, and if it held any,
-// the process is killed. vmlockd kills first and releases once the process
-// is gone, so that no other domain can be granted a resource while the old
-// holder may still write to it. It takes ownership of c.peer.
+// inherited), every lock of that process is released, whichever owner
+// registered on the server with its pid took it (virtlockd's locks belong
+// to pids), and if it held any, the process is killed. vmlockd kills first
+// and releases once the process is gone, so that no other domain can be
+// granted a resource while the old holder may still write to it. It takes
+// ownership of c.peer.
 func (s *Server) closeRule(ctx context.Context, c *conn) {
 	defer c.peer.Close()
 	if c.owner == nil || c.peer.PID <= 0 || int(c.owner.PID) != c.peer.PID {
 		return
 	}
-	o := c.obj
-	unlock := s.ownerLocks.lock(o.UUID)
-	cur, err := s.mgr.Object(o.UUID)
-	if err != nil || cur.PID != o.PID {
-		s.dropGrantsOfGone(o.UUID, err)
+	pid := c.peer.PID
+	var holding []lockmgr.Object
+	locks := 0
+	for _, uuid := range s.objectsOf(pid, c.obj.UUID) {
+		unlock := s.ownerLocks.lock(uuid)
+		cur, err := s.mgr.Object(uuid)
+		if err != nil || cur.PID != pid {
+			s.dropGrantsOfGone(uuid, err)
+			unlock()
+			continue
+		}
+		leases, ro, err := s.mgr.Held(uuid)
+		if err == nil && len(leases)+len(ro) == 0 {
+			s.forget(ctx, cur, nil)
+		}
 		unlock()
+		if err == nil && len(leases)+len(ro) > 0 {
+			holding = append(holding, cur)
+			locks += len(leases) + len(ro)
+		}
+	}
+	if len(holding) == 0 {
 		return
 	}
-	leases, ro, err := s.mgr.Held(o.UUID)
-	if err == nil && len(leases)+len(ro) == 0 {
-		s.forget(ctx, cur, nil)
-	}
-	unlock()
-	if err != nil || len(leases)+len(ro) == 0 {
-		return
-	}
-
+	o := c.obj
 	if !c.peer.Exited() {
 		s.log.Warn("the connection of a lock owner closed while its process holds locks; killing it",
-			"uuid", o.UUID, "name", o.Name, "pid", o.PID, "locks", len(leases)+len(ro))
+			"uuid", o.UUID, "name", o.Name, "pid", pid, "locks", locks)
 		if err := s.kill(ctx, c.peer); err != nil {
-			s.log.Error("cannot kill a lock owner", "uuid", o.UUID, "pid", o.PID, "err", err)
+			s.log.Error("cannot kill a lock owner", "uuid", o.UUID, "pid", pid, "err", err)
 		}
 	}
 	if err := c.peer.Wait(ctx); err != nil {
 		if ctx.Err() != nil {
-			s.log.Info("stopping while a lock owner is being killed; its locks stay held", "uuid", o.UUID, "pid", o.PID)
+			s.log.Info("stopping while a lock owner is being killed; its locks stay held", "uuid", o.UUID, "pid", pid)
 		} else {
-			s.log.Error("a lock owner did not exit; its locks stay held", "uuid", o.UUID, "pid", o.PID, "err", err)
+			s.log.Error("a lock owner did not exit; its locks stay held", "uuid", o.UUID, "pid", pid, "err", err)
 		}
 		return
 	}
-	unlock = s.ownerLocks.lock(o.UUID)
+	for _, h := range holding {
+		s.forgetExited(context.WithoutCancel(ctx), h)
+	}
+}
+
+// objectsOf returns the uuids of the objects the server registered for
+// the process pid, and also uuid, first.
+func (s *Server) objectsOf(pid int, uuid string) []string {
+	out := []string{uuid}
+	for _, o := range s.mgr.Objects() {
+		if o.PID == pid && o.URI == ObjectURI && o.UUID != uuid {
+			out = append(out, o.UUID)
+		}
+	}
+	return out
+}
+
+// forgetExited releases every lock of the object o, whose process has
+// exited, unless the object is registered for another process by now.
+func (s *Server) forgetExited(ctx context.Context, o lockmgr.Object) {
+	unlock := s.ownerLocks.lock(o.UUID)
 	defer unlock()
-	cur, err = s.mgr.Object(o.UUID)
+	cur, err := s.mgr.Object(o.UUID)
 	if err != nil || cur.PID != o.PID {
 		s.dropGrantsOfGone(o.UUID, err) // released meanwhile (the daemon saw the exit too)
 		return
 	}
-	leases, _, err = s.mgr.Held(o.UUID)
+	leases, _, err := s.mgr.Held(o.UUID)
 	if err != nil {
 		return
 	}
-	if rerr := s.forget(context.WithoutCancel(ctx), cur, leases); rerr != nil {
+	if rerr := s.forget(ctx, cur, leases); rerr != nil {
 		s.log.Error("cannot release the locks of an exited owner", "uuid", o.UUID, "pid", o.PID, "err", rerr)
 		return
 	}

@@ -44,8 +44,9 @@
 //
 // When a client closes its connection and its peer pid (SO_PEERCRED) is
 // the registered owner's pid — the connection libvirt opens in the child
-// that execs QEMU, which QEMU inherits — every lock of that owner is
-// released; if it held any, its process is killed. vmlockd kills first
+// that execs QEMU, which QEMU inherits — every lock of that pid is
+// released, whichever owner registered with it took it (virtlockd's
+// locks belong to pids); if it held any, its process is killed. vmlockd kills first
 // (through a pidfd taken at accept time, never a reused pid) and releases
 // once the process has exited, so no other domain is granted a disk while
 // the old QEMU may still write to it. Closing any other connection releases

@@ -18,6 +18,9 @@ const (
 	envChild  = "VIRTLOCKD_TEST_CHILD"
 	envSocket = "VIRTLOCKD_TEST_SOCKET"
 	envUUID   = "VIRTLOCKD_TEST_UUID"
+	// envEarlier, if set, is the uuid of an owner that "owner" registers
+	// first, before the one of envUUID (a second REGISTER overwrites it).
+	envEarlier = "VIRTLOCKD_TEST_EARLIER_UUID"
 )
 
 func TestMain(m *testing.M) {
@@ -37,7 +40,8 @@ const (
 
 // childMain runs a helper process:
 //   - "owner": connection A of a domain whose QEMU is this process. It
-//     registers an owner whose pid is its own, restricts the connection,
+//     registers an owner whose pid is its own (after another one of that
+//     pid, if envEarlier is set), restricts the connection,
 //     prints "ready", then obeys stdin: "close" closes the connection and
 //     prints "closed"; end of input exits (which closes the connection).
 //   - "nobody": switches to uid/gid 65534, connects and tries to register.
@@ -55,6 +59,16 @@ func childMain(mode string) int {
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return childFailed
+		}
+		if e := os.Getenv(envEarlier); e != "" {
+			var earlier [16]byte
+			if _, err := hex.Decode(earlier[:], []byte(e)); err != nil {
+				return childBadUsage
+			}
+			if err := c.Register(ctx, Owner{UUID: earlier, Name: "child-vm-earlier", ID: 6, PID: uint32(os.Getpid())}, 0); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return childFailed
+			}
 		}
 		owner := Owner{UUID: uuid, Name: "child-vm", ID: 7, PID: uint32(os.Getpid())}
 		if err := c.Register(ctx, owner, 0); err != nil {
