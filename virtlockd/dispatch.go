@@ -778,13 +778,16 @@ func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name strin
 		return nil
 	}
 	s.mu.Unlock()
+	// The table no longer holds it for o even if this fails (the driver
+	// did, or ctx ended: see lockmgr.Manager.Release), so neither do the
+	// server's records.
 	_, err := s.mgr.Release(ctx, o.UUID, &held)
-	s.unspell(o.UUID, key) // released, even if the driver failed (see lockmgr.Manager.Release)
+	s.unspell(o.UUID, key)
+	s.dropGrant(key, o.UUID)
+	s.dropIfEmpty(ctx, o)
 	if err != nil {
 		return remoteError(err)
 	}
-	s.dropGrant(key, o.UUID)
-	s.dropIfEmpty(ctx, o)
 	return nil
 }
 

@@ -1261,3 +1261,44 @@ func TestServerStartsWithAGarbageLockspaceStoreAndKeepsItAside(t *testing.T) {
 		t.Fatalf("served %q, want the default lockspace only", got)
 	}
 }
+
+// releaseFails is a lock driver whose releases fail (an unreachable NFS
+// server): the lock table forgets the lease all the same.
+type releaseFails struct{ lockmgr.NopDriver }
+
+func (releaseFails) Release(context.Context, []lockmgr.Lease) error {
+	return errors.New("the lease server does not answer")
+}
+
+// A RELEASE that the lock driver fails still ends the owner's hold, as the
+// lock table does: the auto-created lease file goes with its last holder,
+// its grant record too, and the owner, which holds nothing now, is
+// forgotten. The caller is told of the driver's failure.
+func TestReleaseThatTheDriverFailsEndsTheGrant(t *testing.T) {
+	grants := DirGrantStore{Dir: filepath.Join(t.TempDir(), "grants")}
+	m := lockmgr.NewManager(releaseFails{}, lockmgr.Options{})
+	ts := startServer(t, Config{Manager: m, Grants: grants})
+	ctx := testCtx(t)
+	dir := filepath.Join(t.TempDir(), "files")
+	a := ts.registered("a", fakePID)
+	wantOK(t, "create lockspace", a.CreateLockspace(ctx, dir))
+	wantOK(t, "acquire", a.AcquireResource(ctx, dir, "k", AcquireAutoCreate))
+	if got, err := grants.Load(); err != nil || len(got) != 1 {
+		t.Fatalf("grant records after the acquire: %+v (%v), want one", got, err)
+	}
+
+	wantRemote(t, "release", a.ReleaseResource(ctx, dir, "k", 0), CodeInternalError, DomainLockspace, "does not answer")
+	if got := ts.holders(lockmgr.LeaseResource(LockspaceName(dir), "k", 0).Key()); len(got) != 0 {
+		t.Fatalf("holders after the release: %v", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "k")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lease file after its last holder's release: %v, want it removed", err)
+	}
+	if got, err := grants.Load(); err != nil || len(got) != 0 {
+		t.Errorf("grant records after the release: %+v (%v), want none", got, err)
+	}
+	if _, err := m.Object(uuidOf("a")); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Errorf("the owner, which holds nothing, is still an object: %v", err)
+	}
+	wantRemote(t, "release again", a.ReleaseResource(ctx, dir, "k", 0), CodeResourceBusy, DomainLockspace, "is not locked")
+}
