@@ -423,9 +423,22 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.srv.Stop()
 	}
 	stopLibvirt() // before the holder closes: its calls record grants there
-	// Owner watches end with the process image: nothing is released. Our
-	// own lock descriptors close with it too, so the holder must be there.
+	// Owner watches end with the process image: nothing is released. They
+	// end here too, so that a Daemon whose Run returned (in a process that
+	// goes on: tests, a library user) never releases what the next Daemon
+	// on this state directory took back. Our own lock descriptors close
+	// with the process image, so the holder must be there.
 	stopWatch()
+	d.mu.Lock()
+	watched := make([]*process, 0, len(d.procs))
+	for _, pr := range d.procs {
+		pr.p.close() // onExit sees no exit and releases nothing
+		watched = append(watched, pr.p)
+	}
+	d.mu.Unlock()
+	for _, p := range watched {
+		<-p.done
+	}
 	d.killMu.Lock()
 	d.holderKept = true
 	d.killMu.Unlock()

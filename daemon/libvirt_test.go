@@ -92,13 +92,6 @@ func (e *lvEnv) stop() error {
 	}
 	e.cancel()
 	err := <-e.done
-	// A stopped daemon's process ends, and its watches of owner processes
-	// with it: this one must not release what the next daemon took back.
-	e.d.mu.Lock()
-	for _, pr := range e.d.procs {
-		pr.p.close()
-	}
-	e.d.mu.Unlock()
 	e.d.lockF.Close()
 	e.d = nil
 	return err

@@ -24,6 +24,8 @@ type restartable struct {
 	state string
 	// wrap, if set, wraps the lockspace driver of the next start.
 	wrap func(*lockspace.Driver) lockmgr.Driver
+	// d is the daemon of the last start.
+	d *Daemon
 }
 
 func newRestartable(tb testing.TB) *restartable {
@@ -59,6 +61,7 @@ func (r *restartable) start(cfg Config) (*api.Client, func()) {
 		cancel()
 		r.tb.Fatal(err)
 	}
+	r.d = d
 	done := make(chan struct{})
 	go func() { d.Run(ctx); close(done) }()
 	c, err := api.Dial(context.Background(), cfg.Socket)
@@ -79,6 +82,38 @@ func (r *restartable) start(cfg Config) (*api.Client, func()) {
 	}
 	r.tb.Cleanup(stop)
 	return c, stop
+}
+
+// A Daemon whose Run has returned no longer watches its owners, as if its
+// process had exited: an owner that exits afterwards must be released by
+// the next daemon on the state directory, which took its locks back, never
+// by this one (its late release could unlock what the next one holds).
+func TestADaemonWhoseRunReturnedNoLongerWatchesOwners(t *testing.T) {
+	r := newRestartable(t)
+	c, stop := r.start(Config{})
+	disk := filepath.Join(r.dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	if _, err := c.Acquire(context.Background(), lockmgr.Object{UUID: "77777777-0000-4000-8000-000000000009", PID: sleeper(t)},
+		[]lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	d := r.d
+	stop()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.procs) != 1 {
+		t.Fatalf("the daemon watched %d processes; want the owner", len(d.procs))
+	}
+	for pid, pr := range d.procs {
+		select {
+		case <-pr.p.done:
+		default:
+			t.Fatalf("after Run returned, the daemon still watches owner %d", pid)
+		}
+		if pr.p.dead {
+			t.Fatalf("owner %d, still running, was taken for exited", pid)
+		}
+	}
 }
 
 // After a restart, a process that owns two objects is watched once, and
