@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -37,8 +38,13 @@ type DriveSpec struct {
 
 // CommandLine is what vmlock needs to know of a QEMU command line.
 type CommandLine struct {
-	// Drives are the local image files the command line names, in order.
-	// Protocol URLs (nbd:, rbd:, json:, ...) are not listed.
+	// Drives are the local image files the command line names, in order,
+	// including those inside json:{...} pseudo-protocol filenames and
+	// blkdebug:/blkverify: filenames. Other protocol URLs (nbd:, rbd:,
+	// ...) name no local file and are not listed; neither are the files
+	// of a filename ParseCommandLine does not understand (JSON that
+	// encoding/json cannot read, a key given twice): QEMU reports those
+	// once it has opened them.
 	Drives []DriveSpec
 	// Name is the guest's name (-name), or "".
 	Name string
@@ -69,9 +75,10 @@ var noArgOptions = []string{
 // arguments (without the program name). It understands -drive, -blockdev
 // (key=value and JSON forms), -hda..-hdd, -fda/-fdb, -cdrom, -sd,
 // -mtdblock, -pflash, the positional image, -device ...,drive=X,share-rw=on,
-// -snapshot, -name and -S. Options it does not know are skipped with their
-// argument. It fails on an option without its argument and on -blockdev
-// JSON it cannot parse.
+// -snapshot, -name and -S, and the filenames QEMU reads as options:
+// json:{...} and blkdebug:/blkverify: (see filenameTree). Options it does
+// not know are skipped with their argument. It fails on an option without
+// its argument and on -blockdev JSON it cannot parse.
 func ParseCommandLine(args []string) (CommandLine, error) {
 	var cl CommandLine
 	snapshot := false
@@ -80,9 +87,7 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "-") || a == "-" {
-			if p, ok := filenamePath(a, ""); ok {
-				drives = append(drives, DriveSpec{Path: p}) // the implicit -hda
-			}
+			drives = append(drives, legacyDrive(a, false)...) // the implicit -hda
 			continue
 		}
 		opt := strings.TrimLeft(a, "-")
@@ -104,9 +109,7 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 		val := args[i]
 		switch opt {
 		case "drive":
-			if d, ok := parseDrive(val); ok {
-				drives = append(drives, d)
-			}
+			drives = append(drives, parseDrive(val)...)
 		case "blockdev":
 			ds, err := parseBlockdev(val)
 			if err != nil {
@@ -114,13 +117,9 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 			}
 			drives = append(drives, ds...)
 		case "hda", "hdb", "hdc", "hdd", "fda", "fdb", "sd", "mtdblock", "pflash":
-			if p, ok := filenamePath(val, ""); ok {
-				drives = append(drives, DriveSpec{Path: p})
-			}
+			drives = append(drives, legacyDrive(val, false)...)
 		case "cdrom":
-			if p, ok := filenamePath(val, ""); ok {
-				drives = append(drives, DriveSpec{Path: p, ReadOnly: true})
-			}
+			drives = append(drives, legacyDrive(val, true)...)
 		case "device":
 			o := parseOpts(val, "driver")
 			if d := o.get("drive"); d != "" && o.all(isOn, "share-rw") {
@@ -143,26 +142,213 @@ func ParseCommandLine(args []string) (CommandLine, error) {
 	return cl, nil
 }
 
-func parseDrive(val string) (DriveSpec, bool) {
+// legacyDrive lists the files of an image given as a whole option's
+// argument (-hda, -cdrom, the positional image, ...): QEMU takes it as
+// -drive file=VALUE, commas and all.
+func legacyDrive(val string, cdrom bool) []DriveSpec {
+	opts := "file=" + strings.ReplaceAll(val, ",", ",,")
+	if cdrom {
+		opts += ",media=cdrom"
+	}
+	return parseDrive(opts)
+}
+
+func parseDrive(val string) []DriveSpec {
 	o := parseOpts(val, "")
 	drv := o.get("file.driver")
+	file := o.get("file")
+	if strings.HasPrefix(file, "json:") || drv == "" && o.get("file.filename") == "" && hasFilterPrefix(file) {
+		return parseDriveTree(o, file)
+	}
 	if drv != "" && !isLocalDriver(drv) {
-		return DriveSpec{}, false // nbd, blkdebug...: see CommandLine.Drives
+		return nil // nbd, blkdebug...: see CommandLine.Drives
 	}
 	path, ok := o.get("file.filename"), true // an option of the driver: taken as it is
 	if path == "" {
-		path, ok = filenamePath(o.get("file"), drv)
+		path, ok = filenamePath(file, drv)
 	}
 	if !ok || path == "" {
-		return DriveSpec{}, false
+		return nil
 	}
 	d := DriveSpec{ID: o.get("id"), Path: path, Format: cmp.Or(o.get("format"), o.get("driver"))}
 	if d.ID == "" {
 		d.ID = o.get("node-name")
 	}
-	d.ReadOnly = o.all(isOn, "readonly", "read-only") || o.all(func(v string) bool { return v == "cdrom" }, "media")
+	d.ReadOnly = driveReadOnly(o)
 	d.Backing = o.all(isOn, "snapshot")
-	return d, true
+	return []DriveSpec{d}
+}
+
+// driveReadOnly reports whether a -drive opens its top node read-only.
+func driveReadOnly(o options) bool {
+	return o.all(isOn, "readonly", "read-only") || o.all(func(v string) bool { return v == "cdrom" }, "media")
+}
+
+// hasFilterPrefix reports whether a filename names QEMU's blkdebug or
+// blkverify filter the legacy way.
+func hasFilterPrefix(p string) bool {
+	return strings.HasPrefix(p, "blkdebug:") || strings.HasPrefix(p, "blkverify:")
+}
+
+// parseDriveTree lists the files of a -drive whose filename QEMU reads as
+// options (json:{...}) or as a filter over other filenames (blkdebug:,
+// blkverify:). As QEMU does, the -drive's own options are laid over the
+// filename's: a key given both ways takes the -drive's value, and the
+// top node's read-only flag is always the -drive's.
+func parseDriveTree(o options, file string) []DriveSpec {
+	tree, ok := filenameTree(file, true)
+	if !ok {
+		return nil // QEMU's graph tells, once it has opened them
+	}
+	flat := map[string]any{}
+	if !flatten(tree, "", flat) {
+		return nil
+	}
+	for _, e := range o {
+		switch e.key {
+		case "file", "readonly", "read-only", "media", "snapshot", "id":
+			// The filename itself, and options of the -drive, not of
+			// its nodes.
+		case "format":
+			flat["driver"] = e.value
+		default:
+			flat[e.key] = e.value
+		}
+	}
+	tree = unflatten(flat)
+	tree["read-only"] = driveReadOnly(o)
+	id, _ := tree["node-name"].(string)
+	ds := treeFiles(tree, cmp.Or(o.get("id"), id), false)
+	for i := range ds {
+		ds[i].Backing = ds[i].Backing || o.all(isOn, "snapshot")
+	}
+	return ds
+}
+
+// filenameTree returns the node tree QEMU opens for a filename given the
+// legacy way (no driver named), in -blockdev's nested form. json:{...}
+// holds the options themselves (nested objects or dotted keys, as QEMU's
+// qdict_flatten reads them); blkdebug:CONFIG:IMAGE and blkverify:RAW:IMAGE
+// are the filter node over the images they name (CONFIG and RAW end at
+// the first colon, so IMAGE is unambiguous); other filenames are a protocol
+// node (see filenamePath): a local file, or a node of another driver with
+// no local file. probed says that QEMU probes a format above a plain
+// filename (-drive file=, blkverify's test image) rather than opening it as
+// a protocol node (blkdebug's image, blkverify's raw image). ok is false
+// for a filename vmlock does not understand: malformed JSON (including
+// QEMU's single-quoted strings), a key given twice, an empty image.
+func filenameTree(p string, probed bool) (tree map[string]any, ok bool) {
+	if j, isJSON := strings.CutPrefix(p, "json:"); isJSON {
+		var opts map[string]any
+		if json.Unmarshal([]byte(j), &opts) != nil || opts == nil {
+			return nil, false
+		}
+		flat := map[string]any{}
+		if !flatten(opts, "", flat) {
+			return nil, false
+		}
+		return unflatten(flat), true
+	}
+	proto, rest, hasProto := strings.Cut(p, ":")
+	switch {
+	case !hasProto || strings.Contains(proto, "/"):
+		proto = "file" // a path
+		fallthrough
+	case isLocalDriver(proto):
+		path, ok := filenamePath(p, "")
+		if !ok {
+			return nil, false
+		}
+		tree = map[string]any{"driver": proto, "filename": path}
+	case proto == "blkdebug":
+		_, image, ok := strings.Cut(rest, ":")
+		if !ok {
+			return nil, false
+		}
+		img, ok := filenameTree(image, false)
+		if !ok {
+			return nil, false
+		}
+		tree = map[string]any{"driver": proto, "image": img}
+	case proto == "blkverify":
+		raw, image, ok := strings.Cut(rest, ":")
+		if !ok {
+			return nil, false
+		}
+		r, rok := filenameTree(raw, false)
+		t, tok := filenameTree(image, true)
+		if !rok || !tok {
+			return nil, false
+		}
+		tree = map[string]any{"driver": proto, "raw": r, "test": t}
+	default:
+		tree = map[string]any{"driver": proto} // nbd:, rbd:...: no local file
+	}
+	if probed {
+		tree = map[string]any{"file": tree}
+	}
+	return tree, true
+}
+
+// flatten writes tree's leaves into flat under dotted keys, as QEMU's
+// qdict_flatten does: a nested object's keys under "key.", a list's
+// elements under "key.0", "key.1"...; empty objects and lists stay
+// leaves. It returns false if two leaves get the same key (an object and
+// a dotted key naming the same option): which one QEMU keeps depends on
+// its hash table's order.
+func flatten(tree map[string]any, prefix string, flat map[string]any) bool {
+	for k, v := range tree {
+		key := k
+		if prefix != "" {
+			key = prefix + "." + k
+		}
+		if l, ok := v.([]any); ok && len(l) > 0 {
+			m := make(map[string]any, len(l))
+			for i, e := range l {
+				m[strconv.Itoa(i)] = e
+			}
+			v = m
+		}
+		if m, ok := v.(map[string]any); ok && len(m) > 0 {
+			if !flatten(m, key, flat) {
+				return false
+			}
+			continue
+		}
+		if _, dup := flat[key]; dup {
+			return false
+		}
+		flat[key] = v
+	}
+	return true
+}
+
+// unflatten nests dotted keys into objects. A subtree outlives a scalar of
+// its name ("file=node0" next to "file.filename=..."): QEMU refuses such
+// options, and listing the file costs only a lock.
+func unflatten(flat map[string]any) map[string]any {
+	keys := make([]string, 0, len(flat))
+	for k := range flat {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	tree := map[string]any{}
+	for _, k := range keys {
+		m := tree
+		parts := strings.Split(k, ".")
+		for _, p := range parts[:len(parts)-1] {
+			sub, ok := m[p].(map[string]any)
+			if !ok {
+				sub = map[string]any{}
+				m[p] = sub
+			}
+			m = sub
+		}
+		if _, sub := m[parts[len(parts)-1]].(map[string]any); !sub {
+			m[parts[len(parts)-1]] = flat[k]
+		}
+	}
+	return tree
 }
 
 // parseBlockdev lists the local files a -blockdev opens: every "file" or
@@ -174,31 +360,23 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 			return nil, fmt.Errorf("qemu command line: -blockdev %s: %w", val, err)
 		}
 	} else {
-		tree = map[string]any{}
+		flat := map[string]any{}
 		for _, e := range parseOpts(val, "") {
-			m := tree
-			parts := strings.Split(e.key, ".")
-			for _, p := range parts[:len(parts)-1] {
-				sub, ok := m[p].(map[string]any)
-				if !ok {
-					sub = map[string]any{}
-					m[p] = sub
-				}
-				m = sub
-			}
-			// A subtree outlives a scalar of its name ("file=node0" next to
-			// "file.filename=..."): QEMU refuses such a line, and listing
-			// the file costs only a lock.
-			if _, sub := m[parts[len(parts)-1]].(map[string]any); !sub {
-				m[parts[len(parts)-1]] = e.value
-			}
+			flat[e.key] = e.value
 		}
+		tree = unflatten(flat)
 	}
 	id, _ := tree["node-name"].(string)
+	return treeFiles(tree, id, true), nil
+}
+
+// treeFiles lists the local files of a block node tree in -blockdev's
+// nested form, each with the id given. A file's Format is the format
+// whose "file" child it is in ("" where QEMU probes the format, or none
+// is named), Backing is set under a "backing" child, ReadOnly where a
+// node on the way is read-only.
+func treeFiles(tree map[string]any, id string, fromBlockdev bool) []DriveSpec {
 	var out []DriveSpec
-	// walk visits a node of the tree: format is the format whose "file"
-	// subtree the node is in ("" if none), backing whether it is under a
-	// "backing" child.
 	var walk func(n map[string]any, format string, backing, ro bool)
 	walk = func(n map[string]any, format string, backing, ro bool) {
 		drv, _ := n["driver"].(string)
@@ -207,7 +385,7 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 			// The driver is named, so QEMU takes the filename as it is, even
 			// "nbd:x" (a relative path).
 			if p, _ := n["filename"].(string); p != "" {
-				out = append(out, DriveSpec{ID: id, Path: p, Format: format, ReadOnly: ro, Backing: backing, fromBlockdev: true})
+				out = append(out, DriveSpec{ID: id, Path: p, Format: format, ReadOnly: ro, Backing: backing, fromBlockdev: fromBlockdev})
 			}
 			return
 		}
@@ -227,14 +405,14 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 				f, b = "", true
 			case isFormat(drv) && k == "file":
 				f = drv
-			case isFormat(drv):
-				f = "" // a data-file, an external data store...
+			case isFormat(drv), drv == "":
+				f = "" // a data-file, an external data store; a probed format's file
 			}
 			walk(sub, f, b, ro)
 		}
 	}
 	walk(tree, "", false, false)
-	return out, nil
+	return out
 }
 
 // isFormat reports whether drv is an image format driver (as opposed to a

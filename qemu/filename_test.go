@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -22,7 +23,6 @@ func TestParseCommandLineFilenames(t *testing.T) {
 		{"host_device: is local too", []string{"-drive", "if=none,file=host_device:/dev/sdz"}, []string{"/dev/sdz"}},
 		{"host_cdrom: is local too", []string{"-cdrom", "host_cdrom:/dev/sr9"}, []string{"/dev/sr9"}},
 		{"a network protocol names no local file", []string{"-drive", "if=none,file=nbd:localhost:10809"}, nil},
-		{"json: names no local file here", []string{"-drive", `if=none,file=json:{"driver":"file","filename":"/img/j"}`}, nil},
 		{"a colon after a slash is part of the path", []string{"-drive", "if=none,file=/img/a:b.qcow2"}, []string{"/img/a:b.qcow2"}},
 		{"a named driver strips only its own prefix", []string{"-drive", "if=none,file=file:/img/a.qcow2,file.driver=file"}, []string{"/img/a.qcow2"}},
 		{"a named driver takes any other colon literally", []string{"-drive", "if=none,file=nbd:x,file.driver=file"}, []string{"nbd:x"}},
@@ -33,6 +33,7 @@ func TestParseCommandLineFilenames(t *testing.T) {
 		{"the positional image too", []string{"file:/img/p.raw"}, []string{"/img/p.raw"}},
 		{"an empty filename is an empty drive", []string{"-hda", "", "-drive", "if=none,file=file:", ""}, nil},
 	}
+	cases = append(cases, pseudoFilenameCases...)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			cl, err := ParseCommandLine(c.args)
@@ -50,6 +51,70 @@ func TestParseCommandLineFilenames(t *testing.T) {
 	}
 }
 
+// Filenames that QEMU reads as options: json:{...} (the options of the
+// drive's nodes, nested or with dotted keys, merged under the -drive's
+// own) and the blkdebug:/blkverify: filters over the images they name.
+// What vmlock does not understand it leaves to QEMU's graph: it never
+// guesses a path.
+var pseudoFilenameCases = []struct {
+	name string
+	args []string
+	want []string
+}{
+	{"json: holds the options of the drive's nodes", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/j.qcow2"}}`}, []string{"/img/j.qcow2"}},
+	{"json: may give them as dotted keys", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file.driver":"file",,"file.filename":"/img/j.qcow2"}`}, []string{"/img/j.qcow2"}},
+	{"json: names backing and data files too", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/j.qcow2"},,"backing":{"driver":"raw",,"file":{"driver":"file",,"filename":"/img/b.raw"}},,"data-file":{"driver":"file",,"filename":"/img/d.raw"}}`},
+		[]string{"/img/b.raw", "/img/d.raw", "/img/j.qcow2"}},
+	{"json: a probed format's file", []string{"-drive", `if=none,format=qcow2,file=json:{"file":{"driver":"host_device",,"filename":"/dev/vdz"}}`}, []string{"/dev/vdz"}},
+	{"json: a filename of a named file driver is taken as it is", []string{"-drive", `if=none,file=json:{"driver":"file",,"filename":"nbd:x"}`}, []string{"nbd:x"}},
+	{"the -drive's own options win over json:'s", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/a"}},file.filename=/img/b`}, []string{"/img/b"}},
+	{"json: whatever file.driver says", []string{"-drive", `if=none,file.driver=file,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/a"}}`}, []string{"/img/a"}},
+	{"-hda json: needs no doubled commas", []string{"-hda", `json:{"driver":"raw","file":{"driver":"file","filename":"/img/h"}}`}, []string{"/img/h"}},
+	{"json: of a network driver names no local file", []string{"-drive", `if=none,file=json:{"driver":"nbd",,"path":"/run/nbd.sock"}`}, nil},
+	{"json: with no driver for a filename is not guessed", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file":{"filename":"/img/a"}}`}, nil},
+	{"json: naming an option twice is not guessed", []string{"-drive", `if=none,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/a"},,"file.filename":"/img/b"}`}, nil},
+	{"json: that encoding/json cannot read is left to QEMU", []string{"-drive", `if=none,file=json:{'driver':'file',,'filename':'/img/a'}`}, nil},
+	{"blkdebug: names its image after the config file", []string{"-drive", "if=none,format=qcow2,file=blkdebug:/etc/bd.conf:/img/a:b.qcow2"}, []string{"/img/a:b.qcow2"}},
+	{"blkdebug: image goes through protocol detection", []string{"-drive", "if=none,file=blkdebug::file:/img/a"}, []string{"/img/a"}},
+	{"blkdebug: over json:", []string{"-drive", `if=none,file=blkdebug::json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/a"}}`}, []string{"/img/a"}},
+	{"blkdebug: over blkdebug:", []string{"-hda", "blkdebug::blkdebug:/x.conf:/img/a"}, []string{"/img/a"}},
+	{"blkdebug: over a network image", []string{"-drive", "if=none,file=blkdebug::nbd:localhost:10809"}, nil},
+	{"blkdebug: without an image is not understood", []string{"-drive", "if=none,file=blkdebug:/img/a"}, nil},
+	{"blkverify: names the raw image and the test image", []string{"-drive", "if=none,format=raw,file=blkverify:/img/r.raw:/img/t.qcow2"}, []string{"/img/r.raw", "/img/t.qcow2"}},
+	{"a named file driver takes blkdebug: literally", []string{"-drive", "if=none,file.driver=file,file=blkdebug::/img/a"}, []string{"blkdebug::/img/a"}},
+}
+
+// The formats and modes of the files a json: or blkdebug: filename names
+// follow QEMU's reading: the -drive's read-only flag is the top node's
+// (json:'s own is overridden), backing files are backing files, the
+// format is the one above each file (probed: "").
+func TestParseCommandLinePseudoFilenameModes(t *testing.T) {
+	cl, err := ParseCommandLine([]string{
+		"-drive", `if=none,id=d0,readonly=on,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/a"},,"backing":{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/b"}}}`,
+		"-drive", `if=none,id=d1,file=json:{"driver":"qcow2",,"read-only":true,,"node-name":"n1",,"file":{"driver":"file",,"filename":"/img/c"}}`,
+		"-device", "virtio-blk-pci,drive=d1,share-rw=on",
+		"-drive", `if=none,node-name=n2,snapshot=on,format=qcow2,file=blkdebug::/img/d`,
+		"-cdrom", `json:{"file":{"driver":"file","filename":"/img/e"}}`,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, d := range cl.Drives {
+		got = append(got, fmt.Sprintf("%s id=%s fmt=%s ro=%v shared=%v backing=%v", d.Path, d.ID, d.Format, d.ReadOnly, d.Shared, d.Backing))
+	}
+	want := []string{
+		"/img/b id=d0 fmt=qcow2 ro=true shared=false backing=true",
+		"/img/a id=d0 fmt=qcow2 ro=true shared=false backing=false",
+		"/img/c id=d1 fmt=qcow2 ro=false shared=true backing=false",
+		"/img/d id=n2 fmt=qcow2 ro=false shared=false backing=true",
+		"/img/e id= fmt= ro=true shared=false backing=false",
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("drives:\n%q\nwant\n%q", got, want)
+	}
+}
+
 // The same rules, checked against QEMU itself: the files a real QEMU opens
 // for a command line are the ones ParseCommandLine lists.
 func TestParseCommandLineAgreesWithQEMU(t *testing.T) {
@@ -63,6 +128,20 @@ func TestParseCommandLineAgreesWithQEMU(t *testing.T) {
 		{"-drive", "if=none,id=d0,readonly=off,readonly=on,file=DIR/a.qcow2"},
 		{"-drive", "if=none,id=d0,readonly=on,readonly=off,file=DIR/a.qcow2"},
 		{"-drive", "if=none,id=d0,media=cdrom,file=DIR/a.qcow2"},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/a.qcow2"}}`},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file.driver":"file",,"file.filename":"DIR/a.qcow2"}`},
+		{"-drive", `if=none,id=d0,format=qcow2,file=json:{"file":{"driver":"file",,"filename":"DIR/a.qcow2"}}`},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/a.qcow2"},,"backing":{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/nbd:x"}}}`},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/d.qcow2"},,"data-file":{"driver":"file",,"filename":"DIR/d.raw"}}`},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/a.qcow2"}},file.filename=DIR/nbd:x`},
+		{"-drive", `if=none,id=d0,readonly=on,file=json:{"driver":"qcow2",,"read-only":false,,"file":{"driver":"file",,"filename":"DIR/a.qcow2"}}`},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"read-only":true,,"file":{"driver":"file",,"filename":"DIR/a.qcow2"}}`},
+		{"-hda", `json:{"driver":"qcow2","file":{"driver":"file","filename":"DIR/a.qcow2"}}`},
+		{"-cdrom", `json:{"file":{"driver":"file","filename":"DIR/a.qcow2"}}`},
+		{"-drive", "if=none,id=d0,format=qcow2,file=blkdebug:DIR/bd.conf:DIR/a.qcow2"},
+		{"-drive", "if=none,id=d0,file=blkdebug::file:DIR/nbd:x"},
+		{"-drive", `if=none,id=d0,file=blkdebug::json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"DIR/a.qcow2"}}`},
+		{"-drive", "if=none,id=d0,format=raw,file=blkverify:DIR/r.raw:DIR/a.qcow2"},
 	}
 	need(t, "qemu-img")
 	for _, tmpl := range cases {
@@ -74,6 +153,11 @@ func TestParseCommandLineAgreesWithQEMU(t *testing.T) {
 			t.Cleanup(func() { os.RemoveAll(dir) })
 			for _, f := range []string{"a.qcow2", "nbd:x"} {
 				run(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(dir, f), "1M")
+			}
+			run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "d.raw"), filepath.Join(dir, "d.qcow2"), "1M")
+			run(t, "qemu-img", "create", "-q", "-f", "raw", filepath.Join(dir, "r.raw"), "1M")
+			if err := os.WriteFile(filepath.Join(dir, "bd.conf"), nil, 0o644); err != nil {
+				t.Fatal(err)
 			}
 			args := make([]string, len(tmpl))
 			for i, a := range tmpl {
@@ -103,6 +187,9 @@ func TestParseCommandLineAgreesWithQEMU(t *testing.T) {
 					}
 				}
 			}
+			// In any order: QEMU lists its nodes newest first.
+			slices.Sort(got)
+			slices.Sort(want)
 			if !slices.Equal(got, want) {
 				t.Fatalf("QEMU opened %q; ParseCommandLine listed %q", got, want)
 			}

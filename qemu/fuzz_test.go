@@ -47,6 +47,9 @@ func FuzzParseCommandLine(f *testing.F) {
 		{"-blockdev", `{"driver":"qcow2","node-name":"q","file":{"driver":"file","filename":"/img/q"},"backing":{"driver":"raw","file":{"driver":"file","filename":"/b"}}}`},
 		{"-blockdev", "driver=qcow2,file=node0,file.driver=file,file.filename=/x"},
 		{"-snapshot", "-hda", "file:/img/h", "-cdrom", "nbd:h:1", "pos.img", "-S", "-name", "guest=g"},
+		{"-drive", `if=none,id=d0,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"/img/j"},,"backing":{"driver":"raw",,"file.driver":"file",,"file.filename":"/b"}},file.filename=/o`},
+		{"-hda", `json:{"driver":"qcow2","file":{"driver":"file","filename":"/img/a"},"file.filename":"/img/b","data-file":{"driver":"file","filename":"/d"},"x":[{"a":1},[]]}`},
+		{"-drive", "if=none,format=qcow2,file=blkdebug:/etc/bd.conf:blkverify:/img/r.raw:json:{\"driver\":\"file\",,\"filename\":\"/t\"}", "-cdrom", "blkdebug::nbd:h:1"},
 	} {
 		f.Add(strings.Join(args, "\x00"))
 	}
