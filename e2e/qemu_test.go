@@ -676,16 +676,16 @@ func (d *daemon) runQEMUToEnd(name string, args ...string) (*os.ProcessState, st
 }
 
 // An image QEMU opens that vmlock could not see on the command line (a
-// json: filename) and that another process holds: QEMU is stopped before
-// its guest runs, its process fails, and its stderr names the image and
-// who holds it.
+// json: filename whose file node names no driver: vmlock does not guess)
+// and that another process holds: QEMU is stopped before its guest runs,
+// its process fails, and its stderr names the image and who holds it.
 func TestQEMUWhoseImageCannotBeLockedFailsNamingTheHolder(t *testing.T) {
 	needQEMU(t)
 	d := startDaemon(t)
 	ch := makeVChain(t)
 	holder := d.startRun("writer", "--disk", ch.base)
 	// QEMU's -drive syntax doubles the commas inside a value.
-	opts := strings.ReplaceAll(fmt.Sprintf(`{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":%q}}`, ch.base), ",", ",,")
+	opts := strings.ReplaceAll(fmt.Sprintf(`{"driver":"qcow2","backing":null,"file":{"filename":%q}}`, ch.base), ",", ",,")
 	st, stderr := d.runQEMUToEnd("vm1", "-drive", "if=none,id=drive0,file=json:"+opts)
 	if st.Success() {
 		t.Fatalf("QEMU with an image another process holds ended successfully; stderr %q", stderr)
@@ -694,6 +694,25 @@ func TestQEMUWhoseImageCannotBeLockedFailsNamingTheHolder(t *testing.T) {
 	// The holder keeps its lock; the VM holds nothing.
 	if got, want := d.modes(), map[string]string{ch.base: fmt.Sprintf("exclusive %d", holder.Process.Pid)}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("locks after the refused VM: %v, want %v", got, want)
+	}
+}
+
+// An image named inside a json: filename or behind blkdebug: is locked
+// before QEMU starts, like a plain one: if another process holds it, vmlock
+// run refuses (busy, naming the holder) and QEMU never runs.
+func TestQEMUImagesOfJSONAndBlkdebugFilenamesAreLockedBeforeQEMUStarts(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	d.startRun("writer", "--disk", ch.base)
+	// QEMU's -drive syntax doubles the commas inside a value.
+	opts := strings.ReplaceAll(fmt.Sprintf(`{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":%q}}`, ch.base), ",", ",,")
+	for _, file := range []string{"json:" + opts, "blkdebug::" + ch.base} {
+		argv := append([]string{"run", "--qemu", "--name", "vm1", "--"}, qemuBase...)
+		r := d.vmlock(append(argv, "-drive", "if=none,id=drive0,file="+file)...)
+		if r.code != int(lockmgr.CodeBusy) || !strings.Contains(r.stderr, `"writer"`) || !strings.Contains(r.stderr, ch.base) {
+			t.Fatalf("-drive file=%s on an image another process holds: exit %d, stderr %q; want busy before QEMU starts, naming the image and its holder", file, r.code, r.stderr)
+		}
 	}
 }
 
