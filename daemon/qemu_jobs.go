@@ -593,6 +593,21 @@ func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {
 	case j.q == nil:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
 	}
+	// QEMU's pivot replaces the job's source in the source's users; on a
+	// disk nothing uses it replaces nothing, yet reports success.
+	disks, err := vm.disksLocked(ctx)
+	if err != nil {
+		return err
+	}
+	if d, err := findDisk(disks, j.rec.Disk); err == nil && d.Unused {
+		kept := "the base keeps the committed data and the top stays the disk's active image"
+		if j.rec.Type == jobCopy {
+			kept = "the copy " + j.rec.Target + " is complete"
+		}
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered,
+			"no pivot: nothing in QEMU uses disk %s (no guest device, drive or block export), so a pivot would replace nothing; abort the job instead (vmlock blockjob %s %s --abort): %s",
+			j.rec.Disk, vm.label(), j.rec.Disk, kept)
+	}
 	// The pivot makes the base (or the copy) the active image: only while
 	// the VM holds it exclusively (its lock may have been released through
 	// the API meanwhile; it is taken back if it can be).

@@ -315,3 +315,82 @@ func TestRenamedImageKeepsItsLock(t *testing.T) {
 	}
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
 }
+
+// attachBareDisk adds base2 ← top2 to the VM as a bare node named "bare"
+// (vmlock disk attach): no guest device or drive uses it.
+func (tv *jobTestVM) attachBareDisk(t *testing.T) (top, base string) {
+	t.Helper()
+	top, base = filepath.Join(tv.dir, "top2.qcow2"), filepath.Join(tv.dir, "base2.qcow2")
+	for _, args := range [][]string{
+		{"create", "-q", "-f", "qcow2", base, "4M"},
+		{"create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top},
+	} {
+		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+	}
+	if _, err := tv.vm.attachDisk(tv.ctx, &vmlockpb.QEMUAttachDiskRequest{Path: top, Node: "bare"}); err != nil {
+		t.Fatal(err)
+	}
+	tv.disk = "bare"
+	return top, base
+}
+
+// pivotRefusedAsUnused pivots the ready job on the bare disk and checks
+// that vmlockd refuses, saying why and what to do, and leaves QEMU's job
+// ready.
+func (tv *jobTestVM) pivotRefusedAsUnused(t *testing.T) {
+	t.Helper()
+	tv.waitPhase(t, phaseReady)
+	_, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "bare", Action: vmlockpb.BlockJobAction_BLOCK_JOB_PIVOT})
+	if !errors.Is(err, lockmgr.ErrNotRegistered) || !strings.Contains(err.Error(), "nothing in QEMU uses disk bare") || !strings.Contains(err.Error(), "--abort") {
+		t.Fatalf("pivot on a disk nothing uses: %v, want a refusal saying nothing uses it and to abort instead", err)
+	}
+	jobs, err := qemu.QueryJobs(tv.ctx, tv.vm.c)
+	if err != nil || len(jobs) != 1 || jobs[0].Status != qemu.JobReady {
+		t.Fatalf("after the refused pivot, QEMU's jobs: %+v %v", jobs, err)
+	}
+	if info := tv.waitPhase(t, phaseReady); info.Ended {
+		t.Fatalf("after the refused pivot: %+v", info)
+	}
+}
+
+// A pivot replaces the job's source in its users (a guest device, a
+// drive, an export). On a bare node nothing uses, QEMU would complete the
+// job and replace nothing: vmlockd refuses to call that a pivot, and the
+// job can still be aborted, which is what it would have amounted to.
+func TestPivotOfAnActiveCommitOnADiskNothingUsesIsRefused(t *testing.T) {
+	tv := startJobTestVM(t)
+	top, base := tv.attachBareDisk(t)
+	if _, err := tv.vm.blockCommit(tv.ctx, &vmlockpb.BlockCommitRequest{Disk: "bare", Active: true}); err != nil {
+		t.Fatal(err)
+	}
+	tv.pivotRefusedAsUnused(t)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, top: lockmgr.Exclusive, base: lockmgr.Exclusive})
+	info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "bare", Action: vmlockpb.BlockJobAction_BLOCK_JOB_ABORT})
+	if err != nil || info.Phase != phaseAborted {
+		t.Fatalf("abort: %+v %v", info, err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, top: lockmgr.Exclusive, base: lockmgr.Shared})
+}
+
+// The same for a copy: the pivot is refused, and an abort leaves the copy
+// complete and releases it.
+func TestPivotOfACopyOfADiskNothingUsesIsRefused(t *testing.T) {
+	tv := startJobTestVM(t)
+	top, base := tv.attachBareDisk(t)
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	if _, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "bare", Dest: dest}); err != nil {
+		t.Fatal(err)
+	}
+	tv.pivotRefusedAsUnused(t)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, top: lockmgr.Exclusive, base: lockmgr.Shared, dest: lockmgr.Exclusive})
+	info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "bare", Action: vmlockpb.BlockJobAction_BLOCK_JOB_ABORT})
+	if err != nil || info.Phase != phaseAborted {
+		t.Fatalf("abort: %+v %v", info, err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, top: lockmgr.Exclusive, base: lockmgr.Shared})
+	if out, err := exec.Command("qemu-img", "compare", "-U", top, dest).CombinedOutput(); err != nil {
+		t.Fatalf("the copy after the abort: %v\n%s", err, out)
+	}
+}

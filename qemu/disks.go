@@ -55,6 +55,12 @@ type Disk struct {
 	// Images is the backing chain without filter nodes, active layer
 	// first.
 	Images []Image
+	// Unused reports that nothing but block jobs uses the root node: no
+	// block backend (a guest device, a -drive, a block export) and no
+	// other node. A pivot (completing a mirror or an active commit)
+	// replaces the job's source in its users, so on an unused disk it
+	// replaces nothing. False where QEMU does not say (see Graph.Exact).
+	Unused bool
 }
 
 // Disks returns every disk of a running QEMU, sorted by root node name
@@ -84,6 +90,8 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 			return nil, err
 		}
 		d := Disk{Root: root}
+		// A root has no node parents (Roots): only backends and jobs.
+		d.Unused = g.Exact && !slices.ContainsFunc(g.Nodes[root].Parents, func(e Edge) bool { return e.Kind != "block-job" })
 		for _, n := range chain {
 			// query-block names the backend's top node, skipping the
 			// implicit filter a job inserts.

@@ -187,3 +187,51 @@ func TestDisksNameTheDataFileOfAQcow2Image(t *testing.T) {
 		t.Fatalf("inferred graph: image %q data file %q (%v); want %q, %q", p, df, err, img, data)
 	}
 }
+
+// A disk is unused when nothing but a block job uses its root: a bare
+// -blockdev or blockdev-add node. A -drive's backend or a block export
+// uses its disk. A pivot on an unused disk would replace nothing.
+func TestDisksTellWhetherAnythingUsesTheRoot(t *testing.T) {
+	ch := makeChain(t)
+	drv, exp := filepath.Join(ch.dir, "drv.qcow2"), filepath.Join(ch.dir, "exp.qcow2")
+	for _, p := range []string{drv, exp} {
+		run(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "1M")
+	}
+	c, _ := startQEMU(t, "-drive", "if=none,id=drive0,format=qcow2,file="+drv)
+	ctx := testCtx(t)
+	for _, n := range []map[string]any{Qcow2File("bare", ch.top, false, false), Qcow2File("exp", exp, false, false)} {
+		if err := BlockdevAdd(ctx, c, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	export(t, c, ch, "exp")
+	unused := func() map[string]bool {
+		t.Helper()
+		disks, err := Disks(ctx, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]bool{}
+		for _, d := range disks {
+			got[d.Name] = d.Unused
+		}
+		return got
+	}
+	want := map[string]bool{"drive0": false, "bare": true, "exp": false}
+	if got := unused(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("Unused by disk: %v, want %v", got, want)
+	}
+
+	// The job's filter over the bare node is used by the job alone.
+	job, err := StartCommit(ctx, c, CommitOptions{JobID: "j", Device: "bare", AutoDismiss: ptr(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer job.Close()
+	if _, err := job.WaitStatus(ctx, JobReady); err != nil {
+		t.Fatal(err)
+	}
+	if got := unused(); !got["bare"] || got["drive0"] {
+		t.Fatalf("Unused by disk during a job on bare: %v, want bare unused, drive0 used", got)
+	}
+}
