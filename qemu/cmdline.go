@@ -171,6 +171,9 @@ func parseDrive(val string) []DriveSpec {
 		return nil
 	}
 	d := DriveSpec{ID: o.get("id"), Path: path, Format: cmp.Or(o.get("format"), o.get("driver"))}
+	if isLocalDriver(d.Format) {
+		d.Format = "raw" // the file is the top node: QEMU reads it as it is
+	}
 	if d.ID == "" {
 		d.ID = o.get("node-name")
 	}
@@ -372,16 +375,22 @@ func parseBlockdev(val string) ([]DriveSpec, error) {
 
 // treeFiles lists the local files of a block node tree in -blockdev's
 // nested form, each with the id given. A file's Format is the format
-// whose "file" child it is in ("" where QEMU probes the format, or none
-// is named), Backing is set under a "backing" child, ReadOnly where a
-// node on the way is read-only.
+// whose "file" child it is in, "" where QEMU probes the format (below a
+// node that names no driver, through any filters), and "raw" where no
+// format node is above it: QEMU reads such a file as it is (a -blockdev
+// driver=file, a data-file), and probing it would read a format from data
+// the guest wrote. Backing is set under a "backing" child, ReadOnly where
+// a node on the way is read-only.
 func treeFiles(tree map[string]any, id string, fromBlockdev bool) []DriveSpec {
 	var out []DriveSpec
-	var walk func(n map[string]any, format string, backing, ro bool)
-	walk = func(n map[string]any, format string, backing, ro bool) {
+	var walk func(n map[string]any, format string, probed, backing, ro bool)
+	walk = func(n map[string]any, format string, probed, backing, ro bool) {
 		drv, _ := n["driver"].(string)
 		ro = ro || isTrue(n["read-only"])
 		if isLocalDriver(drv) {
+			if format == "" && !probed {
+				format = "raw"
+			}
 			// The driver is named, so QEMU takes the filename as it is, even
 			// "nbd:x" (a relative path).
 			if p, _ := n["filename"].(string); p != "" {
@@ -399,19 +408,23 @@ func treeFiles(tree map[string]any, id string, fromBlockdev bool) []DriveSpec {
 			if !ok {
 				continue // a scalar, or a reference to another node by name
 			}
-			f, b := format, backing
+			f, p, b := format, probed, backing
 			switch {
 			case k == "backing":
-				f, b = "", true
+				f, p, b = "", false, true
 			case isFormat(drv) && k == "file":
-				f = drv
-			case isFormat(drv), drv == "":
-				f = "" // a data-file, an external data store; a probed format's file
+				f, p = drv, false
+			case isFormat(drv):
+				f, p = "", false // a data-file, an external data store
+			case drv == "":
+				// QEMU probes the format of a node that names no driver,
+				// from its file.
+				f, p = "", k == "file"
 			}
-			walk(sub, f, b, ro)
+			walk(sub, f, p, b, ro)
 		}
 	}
-	walk(tree, "", false, false)
+	walk(tree, "", false, false, false)
 	return out
 }
 

@@ -247,3 +247,78 @@ func TestRepeatedFlagsLockTheSaferWay(t *testing.T) {
 		}
 	}
 }
+
+// The format a file is read in: the one named above it, none (QEMU
+// probes) below a node that names no driver, and raw where the file itself
+// is the node a format would sit on (QEMU reads it as it is).
+func TestParseCommandLineFormats(t *testing.T) {
+	cases := []struct {
+		args []string
+		want []string // path=format
+	}{
+		{[]string{"-drive", "if=none,file=/img/a"}, []string{"/img/a="}},
+		{[]string{"-drive", "if=none,file=/img/a,format=qcow2"}, []string{"/img/a=qcow2"}},
+		{[]string{"-drive", "if=none,file=/img/a,driver=file"}, []string{"/img/a=raw"}},
+		{[]string{"-drive", "if=none,file=/img/a,format=host_device"}, []string{"/img/a=raw"}},
+		{[]string{"-blockdev", "driver=file,node-name=f0,filename=/img/a"}, []string{"/img/a=raw"}},
+		{[]string{"-blockdev", `{"driver":"qcow2","node-name":"q0","file":{"driver":"file","filename":"/img/a"}}`}, []string{"/img/a=qcow2"}},
+		{[]string{"-blockdev", `{"driver":"qcow2","node-name":"q0","file":{"driver":"file","filename":"/img/a"},"data-file":{"driver":"file","filename":"/img/d"}}`},
+			[]string{"/img/a=qcow2", "/img/d=raw"}},
+		{[]string{"-blockdev", `{"driver":"qcow2","node-name":"q0","file":{"driver":"file","filename":"/img/a"},"backing":{"driver":"file","filename":"/img/b"}}`},
+			[]string{"/img/a=qcow2", "/img/b=raw"}},
+		{[]string{"-blockdev", `{"driver":"blkdebug","node-name":"b0","image":{"driver":"file","filename":"/img/a"}}`}, []string{"/img/a=raw"}},
+		{[]string{"-drive", `if=none,file=json:{"driver":"file",,"filename":"/img/a"}`}, []string{"/img/a=raw"}},
+		{[]string{"-drive", `if=none,file=json:{"file":{"driver":"file",,"filename":"/img/a"}}`}, []string{"/img/a="}},
+		{[]string{"-drive", "if=none,file=blkdebug::/img/a"}, []string{"/img/a="}},
+		{[]string{"-drive", "if=none,format=qcow2,file=blkdebug::/img/a"}, []string{"/img/a=qcow2"}},
+	}
+	for _, c := range cases {
+		cl, err := ParseCommandLine(c.args)
+		if err != nil {
+			t.Fatalf("%q: %v", c.args, err)
+		}
+		var got []string
+		for _, d := range cl.Drives {
+			got = append(got, d.Path+"="+d.Format)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%q: formats %q, want %q", c.args, got, c.want)
+		}
+	}
+}
+
+// A file QEMU reads as it is (here a -blockdev file node) may hold
+// anything the guest wrote, such as a qcow2 header naming a backing file
+// that does not exist. vmlock must read it as QEMU does, raw: probing it
+// would refuse a VM that QEMU runs, or lock a file the guest chose.
+func TestAFileNodeIsReadRawNotProbed(t *testing.T) {
+	need(t, "qemu-img")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "guest-data")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", filepath.Join(dir, "chosen-by-the-guest"), "-F", "qcow2", img, "1M")
+	args := []string{"-blockdev", "driver=file,node-name=f0,filename=" + img}
+	cl, err := ParseCommandLine(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cl.Drives) != 1 {
+		t.Fatalf("drives %+v; want the file", cl.Drives)
+	}
+	chain, err := BackingChain(testCtx(t), nil, cl.Drives[0].Path, cl.Drives[0].Format)
+	if err != nil {
+		t.Fatalf("the image chain of a file node: %v", err)
+	}
+	if len(chain) != 1 || chain[0].Format != "raw" {
+		t.Fatalf("the image chain of a file node is %+v; want the file alone, raw", chain)
+	}
+	// QEMU itself opens it, as a file node.
+	c, _ := startQEMUIn(t, dir, args...)
+	nodes, err := QueryNodes(testCtx(t), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nodes) != 1 || nodes[0].Filename != img {
+		t.Fatalf("QEMU's nodes %+v; want the file node of %s", nodes, img)
+	}
+}
