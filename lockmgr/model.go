@@ -165,6 +165,33 @@ func ValidName(what, s string) error {
 
 func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
 
+// SafeField returns s as an Object's Name, URI or Host may hold it: each
+// control character and invalid byte written as a Go escape (\t, \x1b),
+// cut to the field's limit (1024 bytes) at a whole character. It is for
+// names that must be taken as they come (libvirt's lock protocol accepts
+// any domain name), where Validate would refuse them. A valid field is
+// returned as it is.
+func SafeField(s string) string {
+	if len(s) <= maxObjectField && utf8.ValidString(s) && !strings.ContainsFunc(s, isControl) {
+		return s
+	}
+	var b strings.Builder
+	for len(s) > 0 {
+		r, n := utf8.DecodeRuneInString(s)
+		piece := s[:n]
+		if r == utf8.RuneError && n == 1 || isControl(r) {
+			q := strconv.Quote(piece) // "\t", "\x1b", "\xff"
+			piece = q[1 : len(q)-1]
+		}
+		if b.Len()+len(piece) > maxObjectField {
+			break
+		}
+		b.WriteString(piece)
+		s = s[n:]
+	}
+	return b.String()
+}
+
 func validType(t ResourceType) error {
 	s := string(t)
 	if s == "" {

@@ -156,3 +156,30 @@ func TestCodeOfAndSentinels(t *testing.T) {
 		t.Fatal("Errorf sentinel matching wrong")
 	}
 }
+
+// SafeField makes any name one an Object may hold, keeping what it can
+// show: printable text as it is, control characters and invalid bytes as
+// escapes, cut at the limit on a whole character.
+func TestSafeFieldKeepsWhatItCanShow(t *testing.T) {
+	cases := []struct{ in, want string }{
+		{"web1", "web1"},
+		{"web é 1", "web é 1"},
+		{"a\tb\nc", `a\tb\nc`},
+		{"\x1b[31mred\x7f", `\x1b[31mred\x7f`},
+		{"bad\xffbyte", `bad\xffbyte`},
+		{strings.Repeat("a", 2000), strings.Repeat("a", 1024)},
+		{strings.Repeat("a", 1023) + "é", strings.Repeat("a", 1023)},
+		{strings.Repeat("a", 1022) + "\t", strings.Repeat("a", 1022) + `\t`},
+		{strings.Repeat("a", 1023) + "\t", strings.Repeat("a", 1023)},
+	}
+	for _, c := range cases {
+		got := SafeField(c.in)
+		if got != c.want {
+			t.Errorf("SafeField(%q) = %q, want %q", c.in, got, c.want)
+		}
+		o := Object{UUID: "6f0e2c4c-5d1e-4a39-9a55-1a2b3c4d5e6f", Name: got, URI: got, Host: got}
+		if err := o.Validate(); err != nil {
+			t.Errorf("SafeField(%q) = %q, which an Object refuses: %v", c.in, got, err)
+		}
+	}
+}

@@ -164,8 +164,10 @@ func (s *Server) register(c *conn, a *RegisterArgs) *RemoteError {
 	if a.Owner.ID == 0 {
 		return errNotRegistered() // sic: virtlockd's message for an owner id of 0
 	}
+	// Any domain name is taken, as virtlockd takes it (libvirt forbids
+	// only a newline in one): it is recorded and shown escaped and cut.
 	o := lockmgr.Object{
-		UUID: formatUUID(a.Owner.UUID), Name: a.Owner.Name, ID: int(a.Owner.ID), PID: int(a.Owner.PID),
+		UUID: formatUUID(a.Owner.UUID), Name: lockmgr.SafeField(a.Owner.Name), ID: int(a.Owner.ID), PID: int(a.Owner.PID),
 		URI: ObjectURI, Host: s.host,
 	}
 	if err := o.Validate(); err != nil {

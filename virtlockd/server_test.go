@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -287,9 +288,32 @@ func TestRegisterOverwrites(t *testing.T) {
 	if err != nil || obj.PID != fakePID+1 || obj.Name != "second" || obj.URI != ObjectURI {
 		t.Fatalf("object %+v %v", obj, err)
 	}
-	// A bad owner is refused at REGISTER.
-	o := owner("bad\nname", fakePID)
-	wantRemote(t, "control character in name", c.Register(ctx, o, 0), CodeInvalidArg, DomainRPC, "lock owner")
+}
+
+// Any domain name registers, as with virtlockd: one libvirt allows (a tab,
+// an escape sequence) or not (a newline, invalid UTF-8, 5000 bytes) is
+// recorded escaped and cut, and its locks work as any other's.
+func TestRegisterTakesAnyOwnerName(t *testing.T) {
+	ts := startServer(t, Config{})
+	ctx := testCtx(t)
+	for i, c := range []struct{ name, want string }{
+		{"web\t1", `web\t1`},
+		{"\x1b[2Jbad\nname\xff", `\x1b[2Jbad\nname\xff`},
+		{strings.Repeat("é", 2500), strings.Repeat("é", 512)},
+	} {
+		o := owner(c.name, fakePID+i)
+		cl := ts.dial()
+		wantOK(t, "register "+strconv.Quote(c.name), cl.Register(ctx, o, 0))
+		img := image(t, fmt.Sprintf("n%d.img", i))
+		wantOK(t, "acquire", cl.AcquireResource(ctx, "", img, 0))
+		obj, err := ts.m.Object(uuidOf(c.name))
+		if err != nil || obj.Name != c.want {
+			t.Fatalf("owner %q registered as %q (%v); want %q", c.name, obj.Name, err, c.want)
+		}
+		if got := ts.holders(diskKey(t, img)); !slices.Equal(got, []string{uuidOf(c.name)}) {
+			t.Fatalf("holders of %s: %v; want the owner named %q", img, got, c.name)
+		}
+	}
 }
 
 func TestSharedExclusive(t *testing.T) {
