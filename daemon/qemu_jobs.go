@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"regexp"
@@ -43,8 +44,12 @@ const (
 // jobRecord is what survives a restart of vmlockd about a job.
 type jobRecord struct {
 	Disk string `json:"disk"`
-	ID   string `json:"id"`
-	Type string `json:"type"`
+	// Asked is the name the caller gave the disk, if not Disk (a node
+	// name, a path): a pivot can take it from the disk, and the job must
+	// stay findable by it.
+	Asked string `json:"asked,omitempty"`
+	ID    string `json:"id"`
+	Type  string `json:"type"`
 	// Top is the image the job reads from (a copy's: the active image),
 	// Base the image a commit writes, Target the image a copy writes
 	// (canonical paths).
@@ -181,7 +186,7 @@ func (vm *qemuVM) blockCommit(ctx context.Context, req *vmlockpb.BlockCommitRequ
 	case imgs[base].Path == "":
 		return nil, lockmgr.Errorf(lockmgr.CodeUnsupported, "the base of disk %s is not a local file: vmlock cannot lock it", d.Name)
 	}
-	rec := jobRecord{Disk: d.Name, Type: jobCommit, Top: imgs[top].Path, Base: imgs[base].Path, UID: callerOf(ctx).uid}
+	rec := jobRecord{Disk: d.Name, Asked: asked(d, req.Disk), Type: jobCommit, Top: imgs[top].Path, Base: imgs[base].Path, UID: callerOf(ctx).uid}
 	if top == 0 {
 		rec.Type = jobActiveCommit
 	}
@@ -359,7 +364,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		}
 		vm.rec.Managed = append(vm.rec.Managed, p)
 	}
-	rec := jobRecord{Disk: d.Name, Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
+	rec := jobRecord{Disk: d.Name, Asked: asked(d, req.Disk), Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
 		TargetNode: vm.newNodeNameLocked("target"), ID: vm.newJobIDLocked("copy", d.Name)}
 	node := map[string]any{"driver": format, "node-name": rec.TargetNode,
 		"file": map[string]any{"driver": "file", "filename": dest.Name}}
@@ -565,8 +570,18 @@ func (vm *qemuVM) blockJobAction(ctx context.Context, req *vmlockpb.BlockJobRequ
 	return info, nil
 }
 
+// asked is the name a caller gave disk d, if it is not d's Name.
+func asked(d *qemu.Disk, name string) string {
+	if name == d.Name {
+		return ""
+	}
+	return name
+}
+
 // jobOfLocked finds the current or last job of the disk named; nil if it
-// never had one.
+// never had one. A name that no longer names the job's disk (a pivot
+// replaced the node or image it named) still finds the job started with
+// it, unless the disk it names now has a job of its own.
 func (vm *qemuVM) jobOfLocked(ctx context.Context, disk string) (*blockJob, error) {
 	if j := vm.jobs[disk]; j != nil {
 		return j, nil
@@ -575,11 +590,20 @@ func (vm *qemuVM) jobOfLocked(ctx context.Context, disk string) (*blockJob, erro
 	if err != nil {
 		return nil, err
 	}
-	d, err := findDisk(disks, disk)
-	if err != nil {
-		return nil, err
+	d, ferr := findDisk(disks, disk)
+	if ferr == nil && vm.jobs[d.Name] != nil {
+		return vm.jobs[d.Name], nil
 	}
-	return vm.jobs[d.Name], nil
+	var found *blockJob
+	for _, name := range slices.Sorted(maps.Keys(vm.jobs)) {
+		if j := vm.jobs[name]; j.rec.Asked == disk && (found == nil || found.ended && !j.ended) {
+			found = j
+		}
+	}
+	if found == nil && ferr != nil {
+		return nil, ferr
+	}
+	return found, nil
 }
 
 func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {

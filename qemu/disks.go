@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 
 	"github.com/vmlock/vmlock/qmp"
@@ -32,14 +33,20 @@ type Image struct {
 
 // Disk is one root of a running QEMU's block graph, with the images QEMU
 // reads through it, active layer first. A mirror job's target is a root of
-// its own, so it is a Disk while the job runs.
+// its own, so it is a Disk while the job runs. A node that a block backend
+// or a block export uses is a Disk too, even where another node also uses
+// it as a backing node: after a pivot, the old top nodes a user added
+// (-blockdev, blockdev-add) stay in the graph, above the new active layer.
 type Disk struct {
 	// Name identifies the disk: its block backend's name (-drive id=),
-	// else its guest device's id, else its active node's name.
+	// else its guest device's id, else its block export's id, else its
+	// active node's name. Only the last changes when a pivot replaces the
+	// active layer.
 	Name string
 	// Device and QDev are the block backend's and the guest device's
-	// names, if any.
-	Device, QDev string
+	// names, if any; Export is the id of a block export that serves the
+	// disk (the first by id if several do), if any.
+	Device, QDev, Export string
 	// Root is the root node; while a job runs on the disk it is the job's
 	// filter node.
 	Root string
@@ -64,10 +71,10 @@ type Disk struct {
 }
 
 // Disks returns every disk of a running QEMU, sorted by root node name
-// (see Graph.Roots). It queries the block graph, the block backends and,
-// for disks attached to a guest device, the device's share-rw property.
-// Like QueryGraph it is not atomic: do not call it while a job starts or
-// ends if a consistent snapshot matters.
+// (see Graph.Roots). It queries the block graph, the block backends, the
+// block exports and, for disks attached to a guest device, the device's
+// share-rw property. Like QueryGraph it is not atomic: do not call it
+// while a job starts or ends if a consistent snapshot matters.
 func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 	g, err := QueryGraph(ctx, c)
 	if err != nil {
@@ -77,26 +84,73 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 	if err != nil {
 		return nil, err
 	}
+	exps, err := QueryBlockExports(ctx, c)
+	if err != nil {
+		return nil, err
+	}
 	backend := map[string]BlockDevice{}
 	for _, d := range devs {
 		if d.Inserted != nil {
 			backend[d.Inserted.NodeName] = d
 		}
 	}
+	export := map[string]string{} // node → export id
+	for _, e := range exps {
+		if cur, ok := export[e.NodeName]; !ok || e.ID < cur {
+			export[e.NodeName] = e.ID
+		}
+	}
+	// The roots, then the nodes a backend or an export uses that no
+	// root's chain starts with (the active layer of a pivoted disk whose
+	// old top nodes are still there).
+	roots := g.Roots()
+	heads := map[string]bool{} // each root's filters and first image
+	head := func(root string) error {
+		chain, err := g.Chain(root)
+		for _, n := range chain {
+			heads[n.Name] = true
+			if !n.IsFilter() {
+				break
+			}
+		}
+		return err
+	}
+	for _, r := range roots {
+		if err := head(r); err != nil {
+			return nil, err
+		}
+	}
+	used := slices.Sorted(maps.Keys(backend))
+	used = append(used, slices.Sorted(maps.Keys(export))...)
+	for _, n := range used {
+		if g.Nodes[n] != nil && !heads[n] {
+			roots = append(roots, n)
+			if err := head(n); err != nil {
+				return nil, err
+			}
+		}
+	}
+	slices.Sort(roots)
 	var out []Disk
-	for _, root := range g.Roots() {
+	for _, root := range roots {
 		chain, err := g.Chain(root)
 		if err != nil {
 			return nil, err
 		}
 		d := Disk{Root: root}
-		// A root has no node parents (Roots): only backends and jobs.
+		// A root of the graph has no node parents (Roots): only backends
+		// and jobs. Another root has a backend or an export.
 		d.Unused = g.Exact && !slices.ContainsFunc(g.Nodes[root].Parents, func(e Edge) bool { return e.Kind != "block-job" })
 		for _, n := range chain {
 			// query-block names the backend's top node, skipping the
-			// implicit filter a job inserts.
-			if b, ok := backend[n.Name]; ok && len(d.Images) == 0 {
-				d.Device, d.QDev = b.Device, b.QDev
+			// implicit filter a job inserts; query-block-exports does not.
+			if len(d.Images) == 0 {
+				if b, ok := backend[n.Name]; ok {
+					d.Device, d.QDev = b.Device, b.QDev
+				}
+				if id, ok := export[n.Name]; ok && d.Export == "" {
+					d.Export = id
+				}
 			}
 			if n.IsFilter() {
 				continue
@@ -116,6 +170,8 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 			d.Name = d.Device
 		case d.QDev != "":
 			d.Name = d.QDev
+		case d.Export != "":
+			d.Name = d.Export
 		default:
 			d.Name = d.Node
 		}
@@ -160,4 +216,29 @@ func (g *Graph) files(n *Node) (path, dataFile string, err error) {
 	}
 	st = slices.DeleteFunc(st, func(s *Node) bool { return slices.Contains(data, s) })
 	return local(st), dataFile, nil
+}
+
+// BlockExport is one block export as query-block-exports reports it.
+type BlockExport struct {
+	ID   string `json:"id"`
+	Type string `json:"type"` // "nbd", "fuse", "vhost-user-blk"
+	// NodeName is the node the export serves; while a job runs on it,
+	// the job's filter node.
+	NodeName     string `json:"node-name"`
+	ShuttingDown bool   `json:"shutting-down"`
+}
+
+// QueryBlockExports returns QEMU's block exports (query-block-exports);
+// none on a QEMU older than 5.2, which lacks the command.
+func QueryBlockExports(ctx context.Context, c *qmp.Client) ([]BlockExport, error) {
+	var exps []BlockExport
+	err := c.Execute(ctx, "query-block-exports", nil, &exps)
+	var qe *qmp.Error
+	switch {
+	case errors.As(err, &qe) && qe.Class == "CommandNotFound":
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("qemu: listing block exports: %w", err)
+	}
+	return exps, nil
 }

@@ -217,7 +217,7 @@ func TestDisksTellWhetherAnythingUsesTheRoot(t *testing.T) {
 		}
 		return got
 	}
-	want := map[string]bool{"drive0": false, "bare": true, "exp": false}
+	want := map[string]bool{"drive0": false, "bare": true, "exp0": false}
 	if got := unused(); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("Unused by disk: %v, want %v", got, want)
 	}
@@ -233,5 +233,59 @@ func TestDisksTellWhetherAnythingUsesTheRoot(t *testing.T) {
 	}
 	if got := unused(); !got["bare"] || got["drive0"] {
 		t.Fatalf("Unused by disk during a job on bare: %v, want bare unused, drive0 used", got)
+	}
+}
+
+// After a pivot, the nodes a user added above the new active layer stay in
+// the graph and name it as their backing node. The exported disk is
+// nonetheless a disk of its own, named by its export's id before and after
+// the pivot, with the base as its active layer; the old top is an unused
+// disk.
+func TestDisksAfterAPivotShowTheExportedDiskOnItsNewActiveLayer(t *testing.T) {
+	ch := makeChain(t)
+	c, _ := startQEMU(t)
+	addChain(t, c, ch)
+	ctx := testCtx(t)
+	summary := func() string {
+		t.Helper()
+		disks, err := Disks(ctx, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, d := range disks {
+			var imgs []string
+			for _, img := range d.Images {
+				imgs = append(imgs, img.Node)
+			}
+			out = append(out, fmt.Sprintf("%s(export %q unused %v): %s", d.Name, d.Export, d.Unused, strings.Join(imgs, " ")))
+		}
+		return strings.Join(out, "; ")
+	}
+	if got, want := summary(), `exp0(export "exp0" unused false): top mid base`; got != want {
+		t.Fatalf("disks before the job:\n got %s\nwant %s", got, want)
+	}
+	job, err := StartCommit(ctx, c, CommitOptions{JobID: "j", Device: "top", AutoDismiss: ptr(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer job.Close()
+	if _, err := job.WaitStatus(ctx, JobReady); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := summary(), `exp0(export "exp0" unused false): top mid base`; got != want {
+		t.Fatalf("disks at ready:\n got %s\nwant %s", got, want)
+	}
+	if err := job.Complete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := job.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := JobDismiss(ctx, c, "j"); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := summary(), `exp0(export "exp0" unused false): base; top(export "" unused true): top mid base`; got != want {
+		t.Fatalf("disks after the pivot:\n got %s\nwant %s", got, want)
 	}
 }
