@@ -12,6 +12,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -110,6 +112,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		DialKeepAliveTimeout: 3 * time.Second,
 		TLS:                  tc,
 		Logger:               zap.NewNop(),
+		DialOptions:          []grpc.DialOption{grpc.WithConnectParams(reconnectParams(cfg))},
 	})
 	if err != nil {
 		return nil, opError("etcd driver: connect", err)
@@ -143,6 +146,22 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	d.wg.Go(d.watchdog)
 	d.wg.Go(d.sweepLoop)
 	return d, nil
+}
+
+// reconnectBackoff bounds the wait between attempts to reconnect to an
+// etcd endpoint. gRPC's default (1 s growing by 1.6x to 120 s) would wait
+// 4 s and more once etcd has been gone a few seconds, so a host would
+// fence itself although etcd came back before its fence deadline.
+const reconnectBackoff = 500 * time.Millisecond
+
+// reconnectParams makes a lost connection to etcd come back within about
+// reconnectBackoff of etcd answering again, as the renewals need, and
+// bounds each connection attempt by DialTimeout.
+func reconnectParams(cfg Config) grpc.ConnectParams {
+	return grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: reconnectBackoff},
+		MinConnectTimeout: cfg.DialTimeout,
+	}
 }
 
 // Name returns "etcd".

@@ -44,6 +44,7 @@ type Member struct {
 	PeerURL   string
 	Etcd      *embed.Etcd
 
+	cfg     *embed.Config // to restart the member with the same data
 	mu      sync.Mutex
 	stopped bool
 }
@@ -134,7 +135,7 @@ func start(ctx context.Context, opt Options) (*Cluster, error) {
 			c.Close()
 			return nil, fmt.Errorf("start etcd member %s: %w", m.Name, err)
 		}
-		m.Etcd = e
+		m.Etcd, m.cfg = e, cfg
 	}
 	for _, m := range c.Members {
 		select {
@@ -228,6 +229,35 @@ func (c *Cluster) Stop(i int) {
 	m.stopped = true
 	m.mu.Unlock()
 	m.Etcd.Close()
+}
+
+// Restart starts stopped member i again on its URLs with its data (as its
+// host coming back), and waits until it has rejoined the cluster and a
+// leader is elected, or ctx is done. A member of a cluster that has lost
+// its quorum is ready only once enough members are back: restart them
+// concurrently. Restarting a running member does nothing.
+func (c *Cluster) Restart(ctx context.Context, i int) error {
+	m := c.Members[i]
+	m.mu.Lock()
+	if !m.stopped {
+		m.mu.Unlock()
+		return nil
+	}
+	e, err := embed.StartEtcd(m.cfg)
+	if err != nil {
+		m.mu.Unlock()
+		return fmt.Errorf("restart etcd member %s: %w", m.Name, err)
+	}
+	m.Etcd, m.stopped = e, false
+	m.mu.Unlock()
+	select {
+	case <-e.Server.ReadyNotify():
+		return nil
+	case err := <-e.Err():
+		return fmt.Errorf("etcd member %s: %w", m.Name, err)
+	case <-ctx.Done():
+		return fmt.Errorf("etcd member %s not ready: %w", m.Name, ctx.Err())
+	}
 }
 
 // Close stops every member, followers first in parallel and then the
