@@ -289,12 +289,15 @@ func (vm *qemuVM) run() {
 		if err != nil {
 			return // gone
 		}
+		// Before attach: a job started meanwhile is seen by one or the other.
+		sub := c.Subscribe(qemu.EventJobStatusChange)
 		if err := vm.attach(c); err != nil {
 			vm.s.log.Error("supervising QEMU", "uuid", vm.uuid, "name", vm.name, "err", err)
 			vm.setErr(err.Error())
 		} else {
 			vm.setErr("")
 		}
+		go vm.adoptOnEvents(c, sub)
 		if first {
 			close(vm.attached)
 			first = false
@@ -421,6 +424,7 @@ func (vm *qemuVM) attach(c *qmp.Client) error {
 	for _, j := range vanished {
 		vm.finishLocked(ctx, j, qemu.Result{})
 	}
+	vm.adoptLocked(ctx)
 	err := vm.reconcileLocked(ctx)
 	if err != nil && !vm.rec.Verified {
 		// The guest never ran: it must not run with an image unlocked.

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -62,6 +63,9 @@ type jobRecord struct {
 	// caller other than root (UID) may only have its own files unlinked.
 	Delete []string `json:"delete,omitempty"`
 	UID    int      `json:"uid"`
+	// Foreign marks a job started through another monitor, which vmlockd
+	// adopted (adoptLocked): its nodes are not vmlockd's to remove.
+	Foreign bool `json:"foreign,omitempty"`
 }
 
 // blockJob is a disk's current job, or its last one once it ended. Its
@@ -116,6 +120,7 @@ func (vm *qemuVM) newNodeNameLocked(kind string) string {
 // jobDiskLocked finds the disk a request names, and refuses it while a
 // block job runs on that disk (a second job, or a detach).
 func (vm *qemuVM) jobDiskLocked(ctx context.Context, name string) (*qemu.Disk, error) {
+	vm.adoptLocked(ctx)
 	disks, err := vm.disksLocked(ctx)
 	if err != nil {
 		return nil, err
@@ -494,7 +499,7 @@ func (vm *qemuVM) finishLocked(ctx context.Context, j *blockJob, res qemu.Result
 			j.deleted = append(j.deleted, p)
 		}
 	}
-	if j.rec.Type == jobCopy && phase != phasePivoted && vm.c != nil {
+	if j.rec.Type == jobCopy && phase != phasePivoted && vm.c != nil && !j.rec.Foreign {
 		if err := qemu.BlockdevDel(ctx, vm.c, j.rec.TargetNode); err != nil {
 			vm.s.log.Warn("removing the copy target from QEMU", "uuid", vm.uuid, "node", j.rec.TargetNode, "err", err)
 		}
@@ -583,6 +588,10 @@ func asked(d *qemu.Disk, name string) string {
 // replaced the node or image it named) still finds the job started with
 // it, unless the disk it names now has a job of its own.
 func (vm *qemuVM) jobOfLocked(ctx context.Context, disk string) (*blockJob, error) {
+	if j := vm.jobs[disk]; j != nil && !j.ended {
+		return j, nil
+	}
+	vm.adoptLocked(ctx)
 	if j := vm.jobs[disk]; j != nil {
 		return j, nil
 	}
@@ -736,4 +745,152 @@ func percent(cur, end int64) string {
 		return "0%"
 	}
 	return strconv.FormatInt(cur*100/end, 10) + "%"
+}
+
+// adoptLocked tracks the commit and mirror jobs that QEMU runs and vmlockd
+// did not start (started through another monitor), as if it had: they are
+// shown and controlled by vmlock blockjob, the image each writes is locked
+// exclusively, and the locks move when it ends. vmlockd sees such a job
+// only once it runs, so if the image it writes cannot be locked for the
+// VM (another owner has it), the job is cancelled at once, saying why.
+// Errors are logged: the jobs already tracked are not affected.
+func (vm *qemuVM) adoptLocked(ctx context.Context) {
+	if vm.c == nil {
+		return
+	}
+	jobs, err := qemu.QueryJobs(ctx, vm.c)
+	if err != nil {
+		vm.s.log.Warn("listing QEMU's block jobs", "uuid", vm.uuid, "err", err)
+		return
+	}
+	var adopted []*blockJob
+	var g *qemu.Graph
+	var disks []qemu.Disk
+	for _, info := range jobs {
+		if vm.tracksLocked(info.ID) || info.Status.Ended() || info.Status == qemu.JobAborting || (info.Type != "commit" && info.Type != "mirror") {
+			continue
+		}
+		if g == nil {
+			if g, err = qemu.QueryGraph(ctx, vm.c); err == nil {
+				disks, err = vm.disksLocked(ctx)
+			}
+			if err != nil {
+				vm.s.log.Warn("reading QEMU's graph to adopt its block jobs", "uuid", vm.uuid, "err", err)
+				return
+			}
+		}
+		rec, ok := foreignJob(g, disks, info)
+		if !ok || vm.liveJobLocked(rec.Disk) != nil {
+			vm.s.log.Warn("QEMU runs a block job vmlockd cannot follow", "uuid", vm.uuid, "job", info.ID, "type", info.Type)
+			continue
+		}
+		q, err := qemu.Attach(ctx, vm.c, info.ID)
+		if err != nil {
+			continue // ended meanwhile
+		}
+		j := newBlockJob(rec)
+		j.q = q
+		if info.Status == qemu.JobReady || info.Status == qemu.JobStandby {
+			j.phase = phaseReady
+		}
+		vm.jobs[rec.Disk] = j
+		vm.rec.Jobs = append(vm.rec.Jobs, rec)
+		adopted = append(adopted, j)
+		vm.s.log.Warn("adopted a block job started through another monitor", "uuid", vm.uuid, "name", vm.name, "disk", rec.Disk, "job", rec.ID,
+			"type", rec.Type, "top", rec.Top, "base", rec.Base, "target", rec.Target)
+	}
+	if len(adopted) == 0 {
+		return
+	}
+	vm.saveLocked()
+	rerr := vm.reconcileLocked(ctx)
+	held := vm.heldModes()
+	for _, j := range adopted {
+		img := cmp.Or(j.rec.Base, j.rec.Target)
+		if m, ok := held[img]; img != "" && (!ok || m != lockmgr.Exclusive) {
+			j.errMsg = fmt.Sprintf("vmlockd cancelled this job, started through another monitor: QEMU writes %s, which cannot be locked exclusively for the VM: %v", img, rerr)
+			vm.s.log.Error("cancelling a block job that writes an image the VM cannot lock", "uuid", vm.uuid, "job", j.rec.ID, "image", img, "err", rerr)
+			if err := j.q.Cancel(ctx, true); err != nil {
+				vm.s.log.Error("cancelling a block job", "uuid", vm.uuid, "job", j.rec.ID, "err", err)
+			}
+			vm.setPhaseLocked(j, phaseAborting)
+		}
+		go vm.watch(j, j.q)
+	}
+}
+
+// tracksLocked reports whether job id is one of the VM's live jobs (its
+// own, or adopted).
+func (vm *qemuVM) tracksLocked(id string) bool {
+	return slices.ContainsFunc(vm.rec.Jobs, func(r jobRecord) bool { return r.ID == id })
+}
+
+// adoptOnEvents adopts the jobs started through other monitors as they
+// start (see adoptLocked), until the connection c ends. sub is c's
+// subscription to JOB_STATUS_CHANGE.
+func (vm *qemuVM) adoptOnEvents(c *qmp.Client, sub *qmp.Subscription) {
+	defer sub.Close()
+	for {
+		ev, err := sub.Next(vm.s.ctx)
+		if err != nil {
+			return
+		}
+		var d qemu.JobStatusChange
+		if ev.DecodeData(&d) != nil || d.Status != qemu.JobCreated && d.Status != qemu.JobRunning {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
+		if vm.lock(ctx) == nil {
+			if vm.c == c && !vm.tracksLocked(d.ID) {
+				vm.adoptLocked(ctx)
+			}
+			vm.unlock()
+		}
+		cancel()
+	}
+}
+
+// foreignJob describes a commit or mirror job from QEMU's graph: the
+// nodes the job links as its source and target, and the disk whose chain
+// holds the source (the one whose root is the job's filter, if several).
+func foreignJob(g *qemu.Graph, disks []qemu.Disk, info qemu.JobInfo) (jobRecord, bool) {
+	roles := map[string]string{}
+	for name, n := range g.Nodes {
+		for _, e := range n.Parents {
+			if e.Kind == "block-job" && e.Node == info.ID {
+				roles[e.Role] = name
+			}
+		}
+	}
+	src, tgt := roles["source"], roles["target"]
+	path := func(node string) string {
+		for _, d := range disks {
+			for _, img := range d.Images {
+				if img.Node == node {
+					return img.Path
+				}
+			}
+		}
+		return ""
+	}
+	var d *qemu.Disk
+	top := -1
+	for i := range disks {
+		if k := slices.IndexFunc(disks[i].Images, func(img qemu.Image) bool { return img.Node == src }); k >= 0 && (d == nil || disks[i].Root == roles["main node"]) {
+			d, top = &disks[i], k
+		}
+	}
+	if d == nil || tgt == "" {
+		return jobRecord{}, false
+	}
+	rec := jobRecord{Disk: d.Name, ID: info.ID, Top: d.Images[top].Path, Foreign: true}
+	switch {
+	case info.Type == "mirror":
+		rec.Type, rec.Target = jobCopy, path(tgt)
+	case top == 0:
+		rec.Type, rec.Base = jobActiveCommit, path(tgt)
+	default:
+		rec.Type, rec.Base = jobCommit, path(tgt)
+	}
+	return rec, true
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,4 +131,87 @@ func (v *vm) waitJobStatus(id, status string) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// A block job started through QEMU's monitor directly (not through vmlock)
+// is adopted: vmlock blockjob shows it, its base is locked exclusively,
+// and an abort through vmlock puts the base back to shared.
+func TestQEMUCommitStartedThroughQMPIsAdoptedAndCanBeAborted(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	if err := v.mon.Execute(qctx(t), "block-commit", map[string]any{"job-id": "mine", "device": "drive0"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	v.waitJobStatus("mine", "ready")
+	info := d.jobInfo("vm1", "drive0")
+	if info["id"] != "mine" || info["type"] != "active-commit" || info["phase"] != "ready" || info["base"] != ch.base {
+		t.Fatalf("blockjob vm1 drive0 of a commit started through QMP: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Exclusive})
+	d.mustRun("blockjob", "vm1", "drive0", "--abort")
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["phase"] != "aborted" {
+		t.Fatalf("after the abort: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
+	v.quit()
+}
+
+// A copy started through QEMU's monitor (drive-mirror, QEMU creating the
+// target) is adopted: the target is locked exclusively while QEMU writes
+// it, and a pivot through vmlock leaves it the disk's only image.
+func TestQEMUCopyStartedThroughQMPIsAdoptedAndCanBePivoted(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "copy.qcow2")
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	if err := v.mon.Execute(qctx(t), "drive-mirror", map[string]any{"job-id": "mine", "device": "drive0", "target": dest, "format": "qcow2", "sync": "full"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	v.waitJobStatus("mine", "ready")
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["type"] != "copy" || info["phase"] != "ready" || info["target"] != dest {
+		t.Fatalf("blockjob vm1 drive0 of a copy started through QMP: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared, dest: lockmgr.Exclusive})
+	d.mustRun("blockjob", "vm1", "drive0", "--pivot")
+	if info := d.jobInfo("vm1", "drive0"); info["phase"] != "pivoted" {
+		t.Fatalf("after the pivot: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
+	v.quit()
+	checkMerged(t, dest)
+}
+
+// A job started through QEMU's monitor that writes an image vmlock cannot
+// lock for the VM (another owner shares it) is cancelled at once, and
+// vmlock blockjob says why, naming the holder.
+func TestQEMUJobStartedThroughQMPOnAnImageHeldElsewhereIsCancelled(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	reader := d.startRun("reader", "--disk", ch.base+":shared")
+	// Slow: the job cannot be done before vmlockd sees it.
+	if err := v.mon.Execute(qctx(t), "block-commit", map[string]any{"job-id": "mine", "device": "drive0", "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var info map[string]any
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if info = d.jobInfo("vm1", "drive0"); info["ended"] == true {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the job was not ended: %v", info)
+		}
+	}
+	if info["id"] != "mine" || info["phase"] != "cancelled" || !strings.Contains(fmt.Sprint(info["error"]), `vm "reader"`) {
+		t.Fatalf("blockjob vm1 drive0: %v, want cancelled naming the reader", info)
+	}
+	modes := d.modes()
+	if want := fmt.Sprintf("shared %d,%d", v.pid(), reader.Process.Pid); modes[ch.base] != want {
+		t.Fatalf("base: %q, want %q", modes[ch.base], want)
+	}
+	v.quit()
 }
