@@ -91,8 +91,8 @@ func (f *Fencer) latest() time.Time {
 	return f.deadline
 }
 
-// armTimeout bounds passing a deadline on from the driver's renewal loop,
-// which must not block: a holder that takes no message for this long is
+// armTimeout bounds passing a deadline on (the driver's next deadline
+// waits for it; its renewals do not): a holder that takes no message for this long is
 // stuck (it reads every millisecond); its client is then unusable, so the
 // next check (watchHolder) replaces it, and the replacement is armed.
 const armTimeout = time.Second

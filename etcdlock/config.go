@@ -66,7 +66,9 @@ type Config struct {
 	// grants anything. Calls never overlap and come in order. The daemon
 	// passes the deadline on to its lock-holder process, which kills the
 	// holders itself if the daemon is gone when it passes. It must not
-	// block or call the driver.
+	// call the driver. It may block: renewals go on meanwhile, and the
+	// next call brings the newest deadline (those set in between are
+	// skipped).
 	OnDeadline func(deadline time.Time)
 }
 

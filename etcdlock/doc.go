@@ -153,7 +153,9 @@
 // OnDeadline hears every new fence deadline (after each confirmed renewal,
 // and before a new or re-attached session grants anything); vmlockd passes
 // it to its lock-holder process, which kills the holders itself if the
-// deadline passes while vmlockd is down.
+// deadline passes while vmlockd is down. Renewals do not wait for it: a
+// slow call (vmlockd replacing its lock-holder) must not make the host
+// fence itself; the next call brings the newest deadline.
 //
 // After fencing, the driver's leases are lost: Release of them returns nil,
 // Acquire fails with a timeout-class error wrapping ErrFenced, and once

@@ -34,7 +34,11 @@ type Driver struct {
 	dogWake   chan struct{} // nudges watchdog (buffered, 1)
 	sweepWake chan struct{} // nudges sweepLoop (buffered, 1)
 	fenceMu   sync.Mutex    // serialises fence, so OnFence never runs twice at once
-	attempts  atomic.Uint64 // grant transactions sent
+	// announceWake nudges announceLoop (buffered, 1); annMu serialises
+	// OnDeadline calls.
+	announceWake chan struct{}
+	annMu        sync.Mutex
+	attempts     atomic.Uint64 // grant transactions sent
 
 	mu         sync.Mutex
 	closed     bool
@@ -45,6 +49,7 @@ type Driver struct {
 	fenceCh    chan struct{} // closed when the current session is fenced
 	lastSent   time.Time     // send time of the newest confirmed renewal (monotonic)
 	deadline   time.Time     // fence deadline: lastSent + ttl − margin (monotonic)
+	pending    time.Time     // a deadline for announceLoop to announce (zero: none)
 	renewals   uint64
 	reattached bool
 	live       map[string]*lease         // holder key → granted lease of this session
@@ -118,19 +123,20 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, opError("etcd driver: connect", err)
 	}
 	d := &Driver{
-		cfg:       cfg,
-		cli:       cli,
-		ks:        keyspace{cfg.Prefix},
-		log:       cfg.Logger.With("driver", "etcd", "host", cfg.Host),
-		renewWake: make(chan struct{}, 1),
-		dogWake:   make(chan struct{}, 1),
-		sweepWake: make(chan struct{}, 1),
-		fenceCh:   make(chan struct{}),
-		live:      make(map[string]*lease),
-		inflight:  make(map[string]int),
-		sweep:     make(map[string]int64),
-		voids:     make(map[string]attempt),
-		recovered: make(map[string]recoveredGrant),
+		cfg:          cfg,
+		cli:          cli,
+		ks:           keyspace{cfg.Prefix},
+		log:          cfg.Logger.With("driver", "etcd", "host", cfg.Host),
+		renewWake:    make(chan struct{}, 1),
+		dogWake:      make(chan struct{}, 1),
+		sweepWake:    make(chan struct{}, 1),
+		announceWake: make(chan struct{}, 1),
+		fenceCh:      make(chan struct{}),
+		live:         make(map[string]*lease),
+		inflight:     make(map[string]int),
+		sweep:        make(map[string]int64),
+		voids:        make(map[string]attempt),
+		recovered:    make(map[string]recoveredGrant),
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	ok, err := d.reattach(ctx)
@@ -145,6 +151,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	d.wg.Go(d.renewLoop)
 	d.wg.Go(d.watchdog)
 	d.wg.Go(d.sweepLoop)
+	d.wg.Go(d.announceLoop)
 	return d, nil
 }
 

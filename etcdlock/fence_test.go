@@ -198,3 +198,53 @@ func TestCleanupDoesNotHoldUpRenewals(t *testing.T) {
 		t.Fatalf("the host fenced itself while etcd renewed its lease (%d renewals)", a.Status().Renewals-n)
 	}
 }
+
+// An OnDeadline that blocks (vmlockd's holds up while its lock-holder is
+// being replaced) holds up no renewal: the session is renewed and not
+// fenced however long the call takes, and once it returns, the newest
+// deadline is announced next.
+func TestASlowOnDeadlineHoldsUpNoRenewal(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.TTL, cfg.FenceMargin = 3*time.Second, time.Second // a renewal every second, fence 2 s after one
+	var blocking atomic.Bool
+	unblock := make(chan struct{})
+	var mu sync.Mutex
+	var last time.Time
+	cfg.OnDeadline = func(dl time.Time) {
+		if blocking.Load() {
+			<-unblock
+		}
+		mu.Lock()
+		last = dl
+		mu.Unlock()
+	}
+	fenced := make(chan string, 1)
+	cfg.OnFence = func(reason string) { fenced <- reason }
+	a := newDriver(t, cfg)
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(unblock) }) }) // before a.Close
+	la := mustAcquire(t, a, req("/img/slow-deadline", lockmgr.Exclusive, uuidA))
+
+	blocking.Store(true)
+	n := a.Status().Renewals
+	eventually(t, 30*time.Second, "renewals for longer than the TTL while OnDeadline blocks", func() bool {
+		select {
+		case reason := <-fenced:
+			t.Fatalf("host-a fenced itself while OnDeadline blocked: %s", reason)
+		default:
+		}
+		return a.Status().Renewals >= n+5
+	})
+	blocking.Store(false)
+	once.Do(func() { close(unblock) })
+	if !a.Holds(la[0]) {
+		t.Fatal("host-a no longer holds its disk")
+	}
+	eventually(t, 10*time.Second, "the newest deadline announced", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return last.Equal(a.Status().FenceDeadline)
+	})
+}

@@ -339,19 +339,49 @@ func (d *Driver) confirm(epoch uint64, t0 time.Time, serverTTL int64) {
 	moved := dl.After(d.deadline)
 	if moved {
 		d.deadline = dl
+		d.pending = dl // announceLoop's: a slow OnDeadline must not hold up the next renewal
 	}
 	d.mu.Unlock()
 	d.nudge(d.dogWake)
 	if moved {
-		d.announce(dl)
+		d.nudge(d.announceWake)
 	}
 }
 
-// announce calls OnDeadline. Its callers (New, then renewLoop alone) never
-// run at once, so deadlines are announced in the order they were set.
+// announce calls OnDeadline at once, for a session that must not grant
+// anything before (New, recoverSession): the deadline supersedes any that
+// announceLoop has not announced yet. annMu keeps calls from overlapping
+// and in the order the deadlines were set.
 func (d *Driver) announce(deadline time.Time) {
-	if d.cfg.OnDeadline != nil {
-		d.cfg.OnDeadline(deadline)
+	if d.cfg.OnDeadline == nil {
+		return
+	}
+	d.annMu.Lock()
+	defer d.annMu.Unlock()
+	d.mu.Lock()
+	d.pending = time.Time{}
+	d.mu.Unlock()
+	d.cfg.OnDeadline(deadline)
+}
+
+// announceLoop announces the deadlines that renewals set, the newest one
+// each time, until Close.
+func (d *Driver) announceLoop() {
+	for {
+		select {
+		case <-d.announceWake:
+		case <-d.ctx.Done():
+			return
+		}
+		d.annMu.Lock()
+		d.mu.Lock()
+		dl := d.pending
+		d.pending = time.Time{}
+		d.mu.Unlock()
+		if !dl.IsZero() && d.cfg.OnDeadline != nil {
+			d.cfg.OnDeadline(dl)
+		}
+		d.annMu.Unlock()
 	}
 }
 
