@@ -197,7 +197,8 @@ type processRefs struct {
 }
 
 // objectRecord is what the lock-holder keeps for an object, one per chunk
-// of at most lockholder.MaxFiles lease files. Chunk 0 has the identity.
+// of at most lockholder.MaxFiles lease files and lockholder.MaxMeta bytes.
+// Chunk 0 has the identity.
 type objectRecord struct {
 	Object    lockmgr.Object     `json:"object"`
 	UID       int                `json:"uid"`
@@ -733,26 +734,39 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 	// the holder never goes without a record of a lock that is held.
 	chunks := 0
 	var first error
-	for start := 0; start == 0 || start < len(leases); start += lockholder.MaxFiles {
-		part := leases[start:min(start+lockholder.MaxFiles, len(leases))]
-		r := rec
-		if chunks > 0 {
-			r.ReadOnly = nil
-		}
-		r.Leases = make([]leaseRecord, 0, len(part))
+	// One record per chunk of at most MaxFiles leases, and fewer where
+	// their names make the record longer than MaxMeta (the holder takes no
+	// longer one): halved until it fits.
+	for start, n := 0, 0; start == 0 || start < len(leases); start += n {
+		n = min(lockholder.MaxFiles, len(leases)-start)
+		var b []byte
 		var files []*os.File
-		for _, l := range part {
-			lr := leaseRecord{Resource: l.Resource(), Token: l.Token(), File: -1}
-			if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
-				lr.File = len(files)
-				files = append(files, fl.File())
+		var err error
+		for {
+			part := leases[start : start+n]
+			r := rec
+			if chunks > 0 {
+				r.ReadOnly = nil
 			}
-			r.Leases = append(r.Leases, lr)
+			r.Leases = make([]leaseRecord, 0, len(part))
+			files = nil
+			for _, l := range part {
+				lr := leaseRecord{Resource: l.Resource(), Token: l.Token(), File: -1}
+				if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
+					lr.File = len(files)
+					files = append(files, fl.File())
+				}
+				r.Leases = append(r.Leases, lr)
+			}
+			if chunks > 0 {
+				r.Migration = nil
+			}
+			b, err = json.Marshal(r)
+			if err != nil || len(b) <= lockholder.MaxMeta || n <= 1 {
+				break
+			}
+			n = (n + 1) / 2
 		}
-		if chunks > 0 {
-			r.Migration = nil
-		}
-		b, err := json.Marshal(r)
 		if err == nil && chunks == 0 {
 			err = h.PutOwned(ctx, recordKey(o.UUID, chunks), b, pidfd, files)
 		} else if err == nil {

@@ -565,3 +565,38 @@ func TestLockHolderKilledWhileVmlockdRunsIsReplaced(t *testing.T) {
 		})
 	}
 }
+
+// An object's record in the lock-holder is split to fit its size limit:
+// one with many long-named disks (20 paths of 4,000 bytes) keeps every lock
+// through a crash of vmlockd, as any other does.
+func TestAnObjectWithManyLongPathsKeepsItsLocksThroughACrash(t *testing.T) {
+	d := startDaemon(t)
+	dir := t.TempDir()
+	for len(dir) < 3800 {
+		dir = filepath.Join(dir, strings.Repeat("d", 200))
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"run", "--name", "many-disks"}
+	var disks []string
+	for i := range 20 {
+		p := filepath.Join(dir, fmt.Sprintf("%0100d.img", i))
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		disks = append(disks, p)
+		args = append(args, "--disk", p)
+	}
+	d.startRun("many-disks", args[3:]...)
+	d.kill9()
+	for _, p := range disks {
+		if probeFree(t, p) {
+			t.Fatalf("disk %s...%s was free while vmlockd was down", p[:40], p[len(p)-20:])
+		}
+	}
+	d.start()
+	if n := len(d.locks()); n != len(disks) {
+		t.Fatalf("after the restart vmlock locks shows %d locks, want %d", n, len(disks))
+	}
+}
