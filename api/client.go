@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -66,7 +67,10 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
 		}),
-		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
+		// The lock monitor's reply grows with the table (a few hundred
+		// bytes a lock, 4 KiB names allowed): gRPC's default limit of
+		// 4 MiB would make `vmlock locks` fail on a big host.
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true), grpc.MaxCallRecvMsgSize(math.MaxInt32)),
 	)
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "connecting to vmlockd", Err: err}
