@@ -76,7 +76,8 @@ type Config struct {
 	// SIGKILL; 5 s if zero.
 	KillGrace time.Duration
 	// KillCommand, if set, is run instead of sending SIGTERM to a revoked
-	// holder; "{pid}", "{uuid}" and "{name}" in its arguments are replaced.
+	// holder of an object registered by root or vmlockd's uid; "{pid}",
+	// "{uuid}" and "{name}" in its arguments are replaced.
 	// SIGKILL still follows KillGrace after it started if the process
 	// survives it (a command still running then is stopped).
 	KillCommand []string

@@ -618,11 +618,15 @@ func (d *Daemon) revoke(ctx context.Context, c caller, r lockmgr.Resource, grace
 
 // kill ends a holder: the kill command or SIGTERM, then SIGKILL once grace
 // has passed since either began (a kill command that hangs is stopped then).
+// The kill command is only for objects of root or of vmlockd's own uid: it
+// names its victim by uuid or name, which any other client chooses freely
+// (they may be root's VM's), so anybody else's holder gets SIGTERM, through
+// the pidfd of the process vmlockd checked to be theirs.
 func (d *Daemon) kill(ctx context.Context, o *owner, grace time.Duration) error {
 	p := o.proc
 	gctx, cancel := context.WithTimeout(ctx, grace)
 	defer cancel()
-	if len(d.cfg.KillCommand) > 0 {
+	if len(d.cfg.KillCommand) > 0 && (o.uid == 0 || o.uid == os.Geteuid()) {
 		args := make([]string, len(d.cfg.KillCommand))
 		rep := strings.NewReplacer("{pid}", strconv.Itoa(o.obj.PID), "{uuid}", o.obj.UUID, "{name}", o.obj.Name)
 		for i, a := range d.cfg.KillCommand {

@@ -3,9 +3,13 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,5 +54,47 @@ func TestLocksShowsAReplyLargerThanFourMiB(t *testing.T) {
 	}
 	if len(m.Resources) != objects*each {
 		t.Fatalf("vmlock locks listed %d resources, want %d", len(m.Resources), objects*each)
+	}
+}
+
+// The kill command names its victim by uuid or name; a non-root client
+// chooses those of its objects freely (they could be a root VM's), so
+// vmlockd runs it only for root's objects and kills the (verified) owner
+// process of anybody else's with SIGTERM.
+func TestKillCommandIsNotRunForANonRootUsersObject(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another uid")
+	}
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "kill-command-ran")
+	conf := filepath.Join(dir, "vmlockd.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`[revoke]
+grace = "5s"
+kill_command = ["sh", "-c", "echo $0 > %s", "{name}"]
+`, marker)), 0o644)
+	d := startDaemon(t, "--config", conf, "--socket-group", "65534")
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	disk := imageOf(t, "own.img", 65534)
+	holder := exec.Command(bins.vmlock, "--socket", d.socket, "run", "--name", "roots-vm", "--disk", disk, "--", "sleep", "300")
+	holder.SysProcAttr = &syscall.SysProcAttr{Credential: nobody}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	for probeFree(t, disk) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if r := d.vmlock("revoke", disk); r.code != 0 {
+		t.Fatalf("revoke: exit %d: %s", r.code, r.stderr)
+	}
+	if b, err := os.ReadFile(marker); err == nil {
+		t.Fatalf("the kill command ran for uid 65534's object, with %q", strings.TrimSpace(string(b)))
+	}
+	var ee *exec.ExitError
+	if err := holder.Wait(); !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+		t.Fatalf("holder: %v, want killed by SIGTERM", err)
+	}
+	if !probeFree(t, disk) {
+		t.Fatal("the disk is still locked after revoke returned")
 	}
 }
