@@ -271,9 +271,8 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 		if err != nil {
 			return "", err
 		}
-		if r.Type == lockmgr.TypeDisk && !filepath.IsAbs(r.Name) {
-			// Relative to what? vmlockd's working directory is not the client's.
-			return "", &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "a disk path must be absolute"}
+		if err := clientPath(r); err != nil {
+			return "", err
 		}
 		rs = append(rs, r)
 	}
@@ -301,6 +300,23 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 		return "", err
 	}
 	return d.hotplug(ctx, c, o, rs, state)
+}
+
+// clientPath refuses a disk path that vmlockd would resolve otherwise than
+// its client: a relative one (vmlockd's working directory is not the
+// client's), or one through /proc/self, /dev/fd and the like (vmlockd's own
+// descriptors are not the client's).
+func clientPath(r lockmgr.Resource) error {
+	switch {
+	case r.Type != lockmgr.TypeDisk:
+		return nil
+	case !filepath.IsAbs(r.Name):
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "a disk path must be absolute"}
+	case api.SelfRelative(r.Name):
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
+			Msg: "the path names a descriptor of whichever process resolves it, and vmlockd's are not the client's: name the file itself"}
+	}
+	return nil
 }
 
 // acquireNew takes the resources of a just-registered object; on any

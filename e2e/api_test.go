@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -54,6 +55,66 @@ func TestLocksShowsAReplyLargerThanFourMiB(t *testing.T) {
 	}
 	if len(m.Resources) != objects*each {
 		t.Fatalf("vmlock locks listed %d resources, want %d", len(m.Resources), objects*each)
+	}
+}
+
+// A disk named through /proc/self or /dev/stdin (/dev/fd, ...) is the file
+// the client has open there: vmlock resolves it itself, since vmlockd would
+// resolve it to a descriptor of its own (here its /dev/null).
+func TestADiskNamedThroughTheClientsDescriptorIsTheClientsFile(t *testing.T) {
+	d := startDaemon(t)
+	disk := image(t, "a.img")
+	owner := exec.Command("sleep", "300")
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { owner.Process.Kill(); owner.Wait() })
+	for i, name := range []string{"/dev/stdin", "/proc/self/fd/0"} {
+		f, err := os.Open(disk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uuid := fmt.Sprintf("abcdefab-0000-4000-8000-00000000000%d", i)
+		cmd := exec.Command(bins.vmlock, "--socket", d.socket, "acquire", "--uuid", uuid, "--pid", fmt.Sprint(owner.Process.Pid), "--disk", name)
+		cmd.Stdin = f
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		f.Close()
+		if err != nil {
+			t.Fatalf("acquire --disk %s: %v: %s", name, err, stderr.String())
+		}
+		if want := "v1:disk:exclusive:"; !strings.HasPrefix(string(out), want) || !strings.Contains(string(out), "a.img") {
+			t.Fatalf("acquire --disk %s with the image on stdin: state %q, want the image's", name, out)
+		}
+		if probeFree(t, disk) {
+			t.Fatalf("acquire --disk %s with the image on stdin did not lock the image", name)
+		}
+		if r := d.vmlock("release", "--uuid", uuid); r.code != 0 {
+			t.Fatalf("release: exit %d: %s", r.code, r.stderr)
+		}
+	}
+}
+
+// Through the API, vmlockd refuses such a disk: it cannot resolve it in the
+// client's stead, and resolving it in its own locks another file.
+func TestADiskNamedThroughProcSelfIsRefusedByTheAPI(t *testing.T) {
+	d := startDaemon(t)
+	owner := exec.Command("sleep", "300")
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { owner.Process.Kill(); owner.Wait() })
+	c := d.client()
+	for _, name := range []string{"/proc/self/fd/0", "/proc/thread-self/fd/0", "/dev/fd/0", "/dev/stdin", "/proc//self/../self/fd/0"} {
+		o := lockmgr.Object{UUID: "abcdefab-0000-4000-8000-000000000001", PID: owner.Process.Pid}
+		_, err := c.Acquire(context.Background(), o, []lockmgr.Resource{lockmgr.DiskResource(name, lockmgr.Exclusive)}, "")
+		if !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), name) {
+			t.Fatalf("acquire of %s through the API: %v, want invalid argument naming it", name, err)
+		}
+	}
+	if l := d.locks(); len(l) != 0 {
+		t.Fatalf("refused acquires left locks: %+v", l)
 	}
 }
 

@@ -110,6 +110,12 @@ func (rf *resourceFlags) resources() ([]lockmgr.Resource, error) {
 			return nil, usageError{fmt.Errorf("--resource %q: want TYPE:NAME[:MODE]", c)}
 		}
 		n, m := splitMode(rest)
+		if lockmgr.ResourceType(t) == lockmgr.TypeDisk {
+			var err error
+			if n, err = absDisk(n); err != nil {
+				return nil, err
+			}
+		}
 		rs = append(rs, lockmgr.Resource{Type: lockmgr.ResourceType(t), Name: n, Mode: m})
 	}
 	for _, r := range rs {
@@ -121,14 +127,23 @@ func (rf *resourceFlags) resources() ([]lockmgr.Resource, error) {
 }
 
 // absDisk makes a disk path absolute against our working directory: vmlockd
-// resolves a relative path against its own, which is another.
+// resolves a relative path against its own, which is another. A path
+// through our own descriptors (/dev/stdin, /proc/self/fd/N) is resolved
+// here, for the same reason: vmlockd's are others.
 func absDisk(p string) (string, error) {
-	if p == "" || filepath.IsAbs(p) {
-		return p, nil // an empty one is refused by Validate
+	if p == "" {
+		return p, nil // refused by Validate
 	}
 	a, err := filepath.Abs(p)
 	if err != nil {
 		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "disk path %q: %v", p, err)
+	}
+	if api.SelfRelative(a) {
+		real, err := filepath.EvalSymlinks(a)
+		if err != nil {
+			return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "disk path %s names no file (a pipe? a deleted file?): %v", p, err)
+		}
+		return real, nil
 	}
 	return a, nil
 }
