@@ -302,8 +302,8 @@ func (d *Daemon) acquire(ctx context.Context, c caller, req *vmlockpb.AcquireReq
 	return d.hotplug(ctx, c, o, rs, state)
 }
 
-// clientPath refuses a disk path that vmlockd would resolve otherwise than
-// its client: a relative one (vmlockd's working directory is not the
+// clientPath refuses a disk path (of any call) that vmlockd would resolve
+// otherwise than its client: a relative one (vmlockd's working directory is not the
 // client's), or one through /proc/self, /dev/fd and the like (vmlockd's own
 // descriptors are not the client's).
 func clientPath(r lockmgr.Resource) error {
@@ -449,6 +449,9 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		if err != nil {
 			return nil, err
 		}
+		if err := clientPath(r); err != nil {
+			return nil, err
+		}
 		rs = append(rs, r)
 	}
 	if err := d.allHeld(uuid, rs); err != nil {
@@ -538,6 +541,9 @@ func (s *service) Reload(ctx context.Context, _ *vmlockpb.ReloadRequest) (*vmloc
 func (s *service) Revoke(ctx context.Context, req *vmlockpb.RevokeRequest) (*vmlockpb.RevokeReply, error) {
 	r, err := api.ResourceFromPB(req.Resource)
 	if err != nil {
+		return nil, err
+	}
+	if err := clientPath(r); err != nil {
 		return nil, err
 	}
 	grace := time.Duration(req.GraceMs) * time.Millisecond

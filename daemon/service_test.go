@@ -184,3 +184,30 @@ func TestRelativeDiskPathIsRefused(t *testing.T) {
 		t.Fatalf("the refused acquire registered the object: %v", err)
 	}
 }
+
+// Release and revoke refuse a relative disk path as acquire does: vmlockd
+// resolved it against its own working directory, so that a revoke of
+// "a.img" killed the holder of the a.img that happened to be there.
+func TestReleaseAndRevokeRefuseARelativeDiskPath(t *testing.T) {
+	c, dir := startInProcess(t)
+	t.Chdir(dir) // vmlockd's working directory, since it runs in this process
+	pid := sleeper(t)
+	ctx := context.Background()
+	disk := filepath.Join(dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000003", PID: pid}
+	before, err := c.Acquire(ctx, o, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel := lockmgr.DiskResource("a.img", lockmgr.Exclusive)
+	if _, err := c.Revoke(ctx, rel, time.Second); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "must be absolute") {
+		t.Fatalf("revoke of a relative path: %v, want invalid argument saying it must be absolute", err)
+	}
+	if _, err := c.Release(ctx, o.UUID, rel); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "must be absolute") {
+		t.Fatalf("release of a relative path: %v, want invalid argument saying it must be absolute", err)
+	}
+	if after, err := c.Inquire(ctx, o.UUID); err != nil || after != before {
+		t.Fatalf("after the refused calls: %q, %v; want %q", after, err, before)
+	}
+}
