@@ -92,8 +92,9 @@ func getResource(md map[string]string) lockmgr.Resource {
 // daemon returned: a *lockmgr.BusyError with its holder, a
 // *lockmgr.StaleStateError with its tokens, or a *lockmgr.Error of the right
 // code. An error that is not a vmlock status (the daemon is unreachable, the
-// call timed out on the client) becomes a CodeTimeout or CodeInternal error
-// that says so.
+// call timed out on the client, the request was over gRPC's size limit)
+// becomes a CodeTimeout, CodeInternal or CodeInvalidArgument error that
+// says so.
 func FromStatus(err error) error {
 	if err == nil {
 		return nil
@@ -137,6 +138,9 @@ func FromStatus(err error) error {
 		return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "vmlockd is unavailable", Err: err}
 	case codes.PermissionDenied:
 		return &lockmgr.Error{Code: lockmgr.CodePermission, Msg: st.Message()}
+	case codes.ResourceExhausted:
+		// gRPC's own refusal of a message over its size limit.
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "the request is too large for vmlockd (" + st.Message() + ")"}
 	}
 	return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: st.Message()}
 }

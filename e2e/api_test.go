@@ -159,3 +159,27 @@ kill_command = ["sh", "-c", "echo $0 > %s", "{name}"]
 		t.Fatal("the disk is still locked after revoke returned")
 	}
 }
+
+// A request larger than vmlockd takes (4 MiB) is an invalid argument
+// (exit 2 for the CLI) that says so, not an internal error; it changes
+// nothing, and the daemon goes on serving.
+func TestARequestTooLargeForVmlockdIsAnInvalidArgument(t *testing.T) {
+	d := startDaemon(t)
+	owner := exec.Command("sleep", "300")
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { owner.Process.Kill(); owner.Wait() })
+	var rs []lockmgr.Resource
+	for i := range 1100 {
+		rs = append(rs, lockmgr.Resource{Type: "big", Name: fmt.Sprintf("%04d-%s", i, strings.Repeat("x", 4000)), Mode: lockmgr.Exclusive})
+	}
+	o := lockmgr.Object{UUID: "abcdefab-0000-4000-8000-000000000001", PID: owner.Process.Pid}
+	_, err := d.client().Acquire(context.Background(), o, rs, "")
+	if !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "too large") {
+		t.Fatalf("acquire of 4.4 MB of resources: %v, want invalid argument saying it is too large", err)
+	}
+	if l := d.locks(); len(l) != 0 {
+		t.Fatalf("the refused acquire left locks: %d", len(l))
+	}
+}
