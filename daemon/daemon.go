@@ -503,8 +503,8 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		r.chunks++
 		if chunk == 0 {
 			r.rec = &rec
-			r.ro = rec.ReadOnly
 		}
+		r.ro = append(r.ro, rec.ReadOnly...) // any chunk (older vmlockd: chunk 0 only)
 		for _, lr := range rec.Leases {
 			var f *os.File
 			if lr.File >= 0 && lr.File < len(e.Files) {
@@ -735,23 +735,24 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 	// the holder never goes without a record of a lock that is held.
 	chunks := 0
 	var first error
-	// One record per chunk of at most MaxFiles leases, and fewer where
-	// their names make the record longer than MaxMeta (the holder takes no
-	// longer one): halved until it fits.
-	for start, n := 0, 0; start == 0 || start < len(leases); start += n {
-		n = min(lockholder.MaxFiles, len(leases)-start)
+	// Each chunk takes up to MaxFiles of the leases and then the read-only
+	// resources, fewer where their names make the record longer than
+	// MaxMeta (the holder takes no longer one): halved until it fits.
+	// Chunk 0 also carries the object's migration mark.
+	for ls, rs := 0, 0; chunks == 0 || ls < len(leases) || rs < len(ro); chunks++ {
+		n, m := min(lockholder.MaxFiles, len(leases)-ls), len(ro)-rs
 		var b []byte
 		var files []*os.File
 		var err error
 		for {
-			part := leases[start : start+n]
 			r := rec
+			r.ReadOnly = ro[rs : rs+m]
 			if chunks > 0 {
-				r.ReadOnly = nil
+				r.Migration = nil
 			}
-			r.Leases = make([]leaseRecord, 0, len(part))
+			r.Leases = make([]leaseRecord, 0, n)
 			files = nil
-			for _, l := range part {
+			for _, l := range leases[ls : ls+n] {
 				lr := leaseRecord{Resource: l.Resource(), Token: l.Token(), File: -1}
 				if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
 					lr.File = len(files)
@@ -759,14 +760,15 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 				}
 				r.Leases = append(r.Leases, lr)
 			}
-			if chunks > 0 {
-				r.Migration = nil
-			}
 			b, err = json.Marshal(r)
-			if err != nil || len(b) <= lockholder.MaxMeta || n <= 1 {
+			if err != nil || len(b) <= lockholder.MaxMeta || n+m <= 1 {
 				break
 			}
-			n = (n + 1) / 2
+			if m >= n {
+				m /= 2
+			} else {
+				n /= 2
+			}
 		}
 		if err == nil && chunks == 0 {
 			err = h.PutOwned(ctx, recordKey(o.UUID, chunks), b, pidfd, files)
@@ -776,10 +778,7 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 		if err != nil && first == nil {
 			first = err
 		}
-		chunks++
-		if len(leases) == 0 {
-			break
-		}
+		ls, rs = ls+n, rs+m
 	}
 	for c := chunks; c < prev; c++ {
 		if err := h.Drop(ctx, recordKey(o.UUID, c)); err != nil && first == nil {

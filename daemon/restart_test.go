@@ -2,11 +2,13 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,5 +160,48 @@ func TestRevokeAfterRestartOfAProcessOwningTwoObjects(t *testing.T) {
 				t.Fatalf("10 s after the revocation: locks %+v, %v; want none", locks, err)
 			}
 		}
+	}
+}
+
+// An object with many long read-only paths (recorded, never locked) keeps
+// them through a restart: its lock-holder record is split into chunks that
+// each fit the holder's limit, read-only resources included.
+func TestManyLongReadOnlyPathsAreKeptThroughARestart(t *testing.T) {
+	r := newRestartable(t)
+	c, stop := r.start(Config{})
+	dir := r.dir
+	for len(dir) < 3800 {
+		dir = filepath.Join(dir, strings.Repeat("d", 200))
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var rs []lockmgr.Resource
+	for i := range 40 {
+		p := filepath.Join(dir, fmt.Sprintf("%0100d.iso", i))
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		rs = append(rs, lockmgr.DiskResource(p, lockmgr.ReadOnly))
+	}
+	ctx := context.Background()
+	o := lockmgr.Object{UUID: "77777777-0000-4000-8000-00000000000a", PID: sleeper(t)}
+	if _, err := c.Acquire(ctx, o, rs, ""); err != nil {
+		t.Fatalf("acquiring %d long read-only paths: %v", len(rs), err)
+	}
+	stop()
+	c, _ = r.start(Config{})
+	locks, err := c.Locks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range locks {
+		if l.Resource.Mode == lockmgr.ReadOnly && len(l.Holders) == 1 && l.Holders[0].UUID == o.UUID {
+			n++
+		}
+	}
+	if n != len(rs) {
+		t.Fatalf("after the restart %d of %d read-only paths are shown", n, len(rs))
 	}
 }
