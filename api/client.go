@@ -167,9 +167,13 @@ func (c *Client) Status(ctx context.Context) (*vmlockpb.StatusReply, error) {
 	return rep, FromStatus(err)
 }
 
+// MaxGrace is the longest grace period a revocation may give its holders
+// between SIGTERM and SIGKILL; the call waits that long at most.
+const MaxGrace = time.Hour
+
 // Revoke kills the holders of r and returns their pids once they are gone.
 // grace is how long they have between SIGTERM and SIGKILL (0: the daemon's
-// default).
+// default; at most MaxGrace).
 func (c *Client) Revoke(ctx context.Context, r lockmgr.Resource, grace time.Duration) ([]int, error) {
 	rep, err := c.rpc.Revoke(ctx, &vmlockpb.RevokeRequest{Resource: ResourceToPB(r), GraceMs: grace.Milliseconds()})
 	if err != nil {

@@ -546,8 +546,11 @@ func (s *service) Revoke(ctx context.Context, req *vmlockpb.RevokeRequest) (*vml
 	if err := clientPath(r); err != nil {
 		return nil, err
 	}
+	if req.GraceMs < 0 || req.GraceMs > api.MaxGrace.Milliseconds() {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "grace %d ms: want 0 (vmlockd's revoke.grace) up to %v", req.GraceMs, api.MaxGrace)
+	}
 	grace := time.Duration(req.GraceMs) * time.Millisecond
-	if grace <= 0 {
+	if grace == 0 {
 		grace = s.d.cfg.KillGrace
 	}
 	pids, err := s.d.revoke(ctx, callerOf(ctx), r, grace)

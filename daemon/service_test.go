@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/api/vmlockpb"
@@ -209,5 +212,33 @@ func TestReleaseAndRevokeRefuseARelativeDiskPath(t *testing.T) {
 	}
 	if after, err := c.Inquire(ctx, o.UUID); err != nil || after != before {
 		t.Fatalf("after the refused calls: %q, %v; want %q", after, err, before)
+	}
+}
+
+// A revocation's grace period is 0 (vmlockd's kill_grace) up to
+// api.MaxGrace: a negative one, or one so long that it would overflow the
+// deadlines it sets, is an invalid argument that kills nobody.
+func TestRevokeRefusesAGraceOutOfRange(t *testing.T) {
+	c, dir := startInProcess(t)
+	pid := sleeper(t)
+	ctx := context.Background()
+	disk := filepath.Join(dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000004", PID: pid}
+	r := lockmgr.DiskResource(disk, lockmgr.Exclusive)
+	before, err := c.Acquire(ctx, o, []lockmgr.Resource{r}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, grace := range []time.Duration{-time.Second, api.MaxGrace + time.Millisecond, time.Duration(math.MaxInt64)} {
+		if _, err := c.Revoke(ctx, r, grace); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "grace") {
+			t.Fatalf("revoke with grace %v: %v; want an invalid argument naming the grace", grace, err)
+		}
+	}
+	if err := unix.Kill(pid, 0); err != nil {
+		t.Fatalf("the holder is gone after refused revocations: %v", err)
+	}
+	if after, err := c.Inquire(ctx, o.UUID); err != nil || after != before {
+		t.Fatalf("after the refused revocations: %q, %v; want %q", after, err, before)
 	}
 }

@@ -104,10 +104,11 @@ func TestDiskPathsAreMadeAbsolute(t *testing.T) {
 }
 
 // A --grace the daemon would take as its default (under 1 ms) or cannot
-// use (negative) is a usage error, found before the daemon is asked.
+// use (negative, over api.MaxGrace) is a usage error, found before the
+// daemon is asked.
 func TestRevokeRefusesABadGrace(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "none.sock")
-	for _, g := range []string{"-1s", "500us"} {
+	for _, g := range []string{"-1s", "500us", "61m", "2562047h"} {
 		if code := run([]string{"--socket", sock, "revoke", "--grace", g, "/a.img"}); code != int(lockmgr.CodeInvalidArgument) {
 			t.Errorf("revoke --grace %s: exit %d, want %d", g, code, lockmgr.CodeInvalidArgument)
 		}

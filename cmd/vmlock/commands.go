@@ -561,8 +561,8 @@ func newRevokeCmd(g *globals) *cobra.Command {
 		Long:  "RESOURCE is a disk path, or TYPE:NAME (disk:/path, lease:LOCKSPACE/KEY, or a custom type).",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if grace < 0 || grace > 0 && grace < time.Millisecond {
-				return usageError{fmt.Errorf("--grace %v: want 0 (the daemon's) or at least 1ms", grace)}
+			if grace < 0 || grace > 0 && grace < time.Millisecond || grace > api.MaxGrace {
+				return usageError{fmt.Errorf("--grace %v: want 0 (the daemon's) or 1ms up to %v", grace, api.MaxGrace)}
 			}
 			r, err := parseResource(args[0])
 			if err != nil {

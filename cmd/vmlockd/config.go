@@ -162,6 +162,9 @@ func (c *Config) validate() error {
 	if c.MaxProcs != nil && *c.MaxProcs < 0 {
 		return fmt.Errorf("max_procs %d: want 0 (every CPU) or more", *c.MaxProcs)
 	}
+	if g := c.Revoke.Grace.Duration; g > api.MaxGrace {
+		return fmt.Errorf("revoke.grace %v: want at most %v", g, api.MaxGrace)
+	}
 	if c.StateDir == "" || !filepath.IsAbs(c.StateDir) {
 		return errors.New("state_dir must be an absolute path")
 	}

@@ -62,6 +62,7 @@ func TestConfigErrorsNameTheProblem(t *testing.T) {
 		{"relative state dir", `state_dir = "var/lib"`, "state_dir must be an absolute path"},
 		{"bad duration", `request_timeout = "soon"`, "soon"},
 		{"negative duration", "[revoke]\ngrace = \"-1s\"", "negative"},
+		{"grace too long", "[revoke]\ngrace = \"2h\"", "revoke.grace 2h0m0s: want at most 1h0m0s"},
 		{"long socket path", `socket = "/` + strings.Repeat("s", 120) + `"`, "too long for a unix socket"},
 		{"bad levels", "[[hierlock.levels]]\nname = \"a/b\"", "hierlock.levels"},
 		{"not TOML", "socket = ", "vmlockd.toml"},
