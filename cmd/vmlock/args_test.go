@@ -5,8 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockmgr"
 )
 
@@ -116,5 +119,24 @@ func TestRevokeRefusesABadGrace(t *testing.T) {
 	// A good one gets as far as the (missing) daemon.
 	if code := run([]string{"--socket", sock, "revoke", "--grace", "1s", "/a.img"}); code == int(lockmgr.CodeInvalidArgument) {
 		t.Errorf("revoke --grace 1s: exit %d, a usage error", code)
+	}
+}
+
+// The --grace help states the longest grace revoke takes (api.MaxGrace),
+// and that without it the daemon's revoke.grace applies.
+func TestRevokeGraceHelpStatesItsRange(t *testing.T) {
+	var usage string
+	for _, c := range newRootCmd().Commands() {
+		if c.Name() == "revoke" {
+			usage = c.Flags().Lookup("grace").Usage
+		}
+	}
+	_, after, _ := strings.Cut(usage, "up to ")
+	max, err := time.ParseDuration(strings.TrimRight(strings.SplitN(after, " ", 2)[0], ",;"))
+	if err != nil || max != api.MaxGrace {
+		t.Errorf("--grace help %q does not say \"up to %v\"", usage, api.MaxGrace)
+	}
+	if !strings.Contains(usage, "revoke.grace") {
+		t.Errorf("--grace help %q does not name the daemon's revoke.grace as the default", usage)
 	}
 }

@@ -589,7 +589,7 @@ func newRevokeCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	c.Flags().DurationVar(&grace, "grace", 0, "time between SIGTERM and SIGKILL (default: the daemon's, 5s)")
+	c.Flags().DurationVar(&grace, "grace", 0, "time between SIGTERM and SIGKILL, up to 1h (default: the daemon's revoke.grace, 5s unless configured)")
 	return c
 }
 
