@@ -387,11 +387,13 @@ func newBlockJobCmd(g *globals) *cobra.Command {
 		Use:   "blockjob VM DISK [--info] [--abort] [--pivot] [--async]",
 		Short: "show a disk's block job (default), or pivot or abort it (virsh blockjob)",
 		Long: `blockjob --info shows the disk's job, its phase as QEMU reports it (running,
-ready, ...) and its progress, or how its last job ended. --pivot makes the
-base or the copy the active image of a ready job (refused before it is
-ready); --abort ends the job keeping the top (a ready active commit's data is
-in the base all the same) and puts the locks back. Both wait until the locks
-have moved unless --async.`,
+ready, ...) and its progress, or how its last job ended; a commit or mirror
+started through another QMP monitor is shown and controlled too. --pivot
+makes the base or the copy the active image of a ready job (refused before it
+is ready, and on a disk nothing in QEMU uses, with no device, drive or export:
+abort instead); --abort ends the job keeping the top (a ready active commit's
+data is in the base all the same) and puts the locks back. Both wait until
+the locks have moved unless --async.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if abort && pivot {
