@@ -18,7 +18,8 @@ package daemon
 // Lock modes follow the graph: a disk's active image exclusive (shared
 // for a share-rw device), every backing image shared, every image of a
 // read-only disk recorded only; a running commit job's base exclusive,
-// and a copy job's target (a root of its own) exclusive; a qcow2 image's
+// a stream job's top exclusive, and a copy or backup job's target (a disk
+// of its own) exclusive; a qcow2 image's
 // external data file in its image's mode. Every change —
 // hotplug, a job starting or ending — ends with a reconcile, which takes
 // what is missing first, then changes modes (lockmgr.Manager.ChangeMode,
@@ -634,11 +635,11 @@ func (vm *qemuVM) wanted(disks []qemu.Disk) map[string]lockmgr.Mode {
 		if j.ended {
 			continue
 		}
-		// The image a job writes: a commit's base, a copy's target.
-		if j.rec.Type == jobCopy {
-			put(qemu.Image{Path: j.rec.Target, DataFile: dataFile[j.rec.Target]}, lockmgr.Exclusive)
-		} else if _, used := want[j.rec.Base]; used {
-			put(qemu.Image{Path: j.rec.Base, DataFile: dataFile[j.rec.Base]}, lockmgr.Exclusive)
+		// The image a job writes: a commit's base, a copy's or backup's
+		// target, a stream's top.
+		img := j.rec.written()
+		if _, used := want[img]; used || j.rec.Type == jobCopy || j.rec.Type == jobBackup {
+			put(qemu.Image{Path: img, DataFile: dataFile[img]}, lockmgr.Exclusive)
 		}
 	}
 	return want

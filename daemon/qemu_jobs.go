@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -27,6 +26,9 @@ const (
 	jobCommit       = "commit"        // intermediate: one phase
 	jobActiveCommit = "active-commit" // two phases
 	jobCopy         = "copy"          // two phases
+	// Adopted only (started through another monitor), one phase each.
+	jobBackup = "backup"
+	jobStream = "stream"
 )
 
 // Job phases (BlockJobInfo.phase). The first four are a live job's.
@@ -40,6 +42,9 @@ const (
 	phaseCompleted = "completed" // an intermediate commit ended
 	phaseCancelled = "cancelled" // cancelled before it was ready
 	phaseFailed    = "failed"
+	// phaseUnknown: the job ended while vmlockd was down, and neither
+	// QEMU nor its graph tells how (an adopted backup QEMU dismissed).
+	phaseUnknown = "unknown"
 )
 
 // jobRecord is what survives a restart of vmlockd about a job.
@@ -51,9 +56,11 @@ type jobRecord struct {
 	Asked string `json:"asked,omitempty"`
 	ID    string `json:"id"`
 	Type  string `json:"type"`
-	// Top is the image the job reads from (a copy's: the active image),
-	// Base the image a commit writes, Target the image a copy writes
-	// (canonical paths).
+	// Top is the image the job reads from (a copy's or a backup's: the
+	// disk's image it reads; a stream's: the image it writes), Base the
+	// image a commit writes (a stream's: the image below which it reads
+	// nothing, "" for none), Target the image a copy or a backup writes
+	// (canonical paths). See written.
 	Top    string `json:"top"`
 	Base   string `json:"base,omitempty"`
 	Target string `json:"target,omitempty"`
@@ -86,7 +93,19 @@ func newBlockJob(rec jobRecord) *blockJob {
 	return &blockJob{rec: rec, phase: phaseRunning, changed: make(chan struct{}), done: make(chan struct{})}
 }
 
-func (j *blockJob) twoPhase() bool { return j.rec.Type != jobCommit }
+func (j *blockJob) twoPhase() bool { return j.rec.Type == jobActiveCommit || j.rec.Type == jobCopy }
+
+// written is the image the job writes: a commit's base, a copy's or a
+// backup's target, a stream's top.
+func (r jobRecord) written() string {
+	switch r.Type {
+	case jobCopy, jobBackup:
+		return r.Target
+	case jobStream:
+		return r.Top
+	}
+	return r.Base
+}
 
 func (vm *qemuVM) setPhaseLocked(j *blockJob, phase string) {
 	j.phase = phase
@@ -469,10 +488,17 @@ func (vm *qemuVM) finishLocked(ctx context.Context, j *blockJob, res qemu.Result
 		// QEMU's graph tells a pivot too: one asked for before a restart
 		// of vmlockd is not in res.
 		pivoted := res.Pivoted || derr == nil && (active == j.rec.Base && j.rec.Type == jobActiveCommit || active == j.rec.Target && j.rec.Type == jobCopy)
+		unknown := res.Outcome == qemu.OutcomeUnknown
 		switch {
 		case !j.twoPhase():
 			phase = phaseCompleted
-			if res.Outcome == qemu.OutcomeUnknown && (derr != nil || inUse[j.rec.Top]) {
+			switch {
+			case !unknown:
+			case j.rec.Type == jobBackup:
+				phase, j.errMsg = phaseUnknown, "the job ended while vmlockd was down, and QEMU kept no outcome"
+			case j.rec.Type == jobStream && (derr != nil || !streamed(disks, j.rec)):
+				phase, j.errMsg = phaseFailed, "the job ended while vmlockd was down, and its top image still reads through the images it was to pull in"
+			case j.rec.Type == jobCommit && (derr != nil || inUse[j.rec.Top]):
 				phase, j.errMsg = phaseFailed, "the job ended while vmlockd was down, and its top image is still in use"
 			}
 		case pivoted:
@@ -619,8 +645,10 @@ func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {
 	switch {
 	case j.ended:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s has ended (%s): nothing to pivot", j.rec.Disk, j.phase)
-	case !j.twoPhase():
+	case j.rec.Type == jobCommit:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the job on disk %s is an intermediate commit: it has no ready phase and ends by itself; there is nothing to pivot", j.rec.Disk)
+	case !j.twoPhase():
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the job on disk %s is a %s: it has no ready phase and ends by itself; there is nothing to pivot", j.rec.Disk, j.rec.Type)
 	case j.phase == phasePivoting || j.phase == phaseAborting:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
 	case j.q == nil:
@@ -747,10 +775,11 @@ func percent(cur, end int64) string {
 	return strconv.FormatInt(cur*100/end, 10) + "%"
 }
 
-// adoptLocked tracks the commit and mirror jobs that QEMU runs and vmlockd
-// did not start (started through another monitor), as if it had: they are
-// shown and controlled by vmlock blockjob, the image each writes is locked
-// exclusively, and the locks move when it ends. vmlockd sees such a job
+// adoptLocked tracks the commit, mirror, backup and stream jobs that QEMU
+// runs and vmlockd did not start (started through another monitor), as if
+// it had: they are shown and controlled by vmlock blockjob, the image each
+// writes (see jobRecord.written) is locked exclusively, and the locks move
+// when it ends. vmlockd sees such a job
 // only once it runs, so if the image it writes cannot be locked for the
 // VM (another owner has it), the job is cancelled at once, saying why.
 // Errors are logged: the jobs already tracked are not affected.
@@ -767,7 +796,7 @@ func (vm *qemuVM) adoptLocked(ctx context.Context) {
 	var g *qemu.Graph
 	var disks []qemu.Disk
 	for _, info := range jobs {
-		if vm.tracksLocked(info.ID) || info.Status.Ended() || info.Status == qemu.JobAborting || (info.Type != "commit" && info.Type != "mirror") {
+		if vm.tracksLocked(info.ID) || info.Status.Ended() || info.Status == qemu.JobAborting || !slices.Contains([]string{"commit", "mirror", "backup", "stream"}, info.Type) {
 			continue
 		}
 		if g == nil {
@@ -806,7 +835,7 @@ func (vm *qemuVM) adoptLocked(ctx context.Context) {
 	rerr := vm.reconcileLocked(ctx)
 	held := vm.heldModes()
 	for _, j := range adopted {
-		img := cmp.Or(j.rec.Base, j.rec.Target)
+		img := j.rec.written()
 		if m, ok := held[img]; img != "" && (!ok || m != lockmgr.Exclusive) {
 			j.errMsg = fmt.Sprintf("vmlockd cancelled this job, started through another monitor: QEMU writes %s, which cannot be locked exclusively for the VM: %v", img, rerr)
 			vm.s.log.Error("cancelling a block job that writes an image the VM cannot lock", "uuid", vm.uuid, "job", j.rec.ID, "image", img, "err", rerr)
@@ -825,8 +854,14 @@ func (vm *qemuVM) tracksLocked(id string) bool {
 	return slices.ContainsFunc(vm.rec.Jobs, func(r jobRecord) bool { return r.ID == id })
 }
 
+// knowsLocked reports whether job id is, or was, one of the VM's jobs.
+func (vm *qemuVM) knowsLocked(id string) bool {
+	return vm.tracksLocked(id) || slices.ContainsFunc(slices.Collect(maps.Values(vm.jobs)), func(j *blockJob) bool { return j.rec.ID == id })
+}
+
 // adoptOnEvents adopts the jobs started through other monitors as they
-// start (see adoptLocked), until the connection c ends. sub is c's
+// start (see adoptLocked), and moves the locks when a job it never
+// followed is gone, until the connection c ends. sub is c's
 // subscription to JOB_STATUS_CHANGE.
 func (vm *qemuVM) adoptOnEvents(c *qmp.Client, sub *qmp.Subscription) {
 	defer sub.Close()
@@ -836,13 +871,22 @@ func (vm *qemuVM) adoptOnEvents(c *qmp.Client, sub *qmp.Subscription) {
 			return
 		}
 		var d qemu.JobStatusChange
-		if ev.DecodeData(&d) != nil || d.Status != qemu.JobCreated && d.Status != qemu.JobRunning {
+		if ev.DecodeData(&d) != nil || d.Status != qemu.JobCreated && d.Status != qemu.JobRunning && d.Status != qemu.JobNull {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
 		if vm.lock(ctx) == nil {
-			if vm.c == c && !vm.tracksLocked(d.ID) {
+			switch {
+			case vm.c != c || vm.knowsLocked(d.ID):
+			case d.Status != qemu.JobNull:
 				vm.adoptLocked(ctx)
+			default:
+				// A job vmlockd never followed (it ended before vmlockd
+				// saw it run) may have changed the graph: a stream
+				// drops the images it pulled in.
+				if err := vm.reconcileLocked(ctx); err != nil {
+					vm.s.log.Error("moving the locks after a block job vmlockd did not follow", "uuid", vm.uuid, "job", d.ID, "err", err)
+				}
 			}
 			vm.unlock()
 		}
@@ -850,19 +894,40 @@ func (vm *qemuVM) adoptOnEvents(c *qmp.Client, sub *qmp.Subscription) {
 	}
 }
 
-// foreignJob describes a commit or mirror job from QEMU's graph: the
-// nodes the job links as its source and target, and the disk whose chain
-// holds the source (the one whose root is the job's filter, if several).
+// foreignJob describes a job from QEMU's graph, from the nodes the job
+// links: a commit's or mirror's "source" and "target", a backup's
+// "target" and the node its filter (the "main node") reads, a stream's
+// "active node" (the image it writes) and "intermediate node"s (the images
+// it pulls in); and the disk whose chain holds the source (the one whose
+// root is the job's filter, if several).
 func foreignJob(g *qemu.Graph, disks []qemu.Disk, info qemu.JobInfo) (jobRecord, bool) {
-	roles := map[string]string{}
-	for name, n := range g.Nodes {
-		for _, e := range n.Parents {
+	roles := map[string][]string{}
+	for _, name := range slices.Sorted(maps.Keys(g.Nodes)) {
+		for _, e := range g.Nodes[name].Parents {
 			if e.Kind == "block-job" && e.Node == info.ID {
-				roles[e.Role] = name
+				roles[e.Role] = append(roles[e.Role], name)
 			}
 		}
 	}
-	src, tgt := roles["source"], roles["target"]
+	one := func(role string) string {
+		if len(roles[role]) != 1 {
+			return ""
+		}
+		return roles[role][0]
+	}
+	main := one("main node")
+	var src, tgt string
+	switch info.Type {
+	case "commit", "mirror":
+		src, tgt = one("source"), one("target")
+	case "backup":
+		tgt = one("target")
+		if n := g.Nodes[main]; n != nil {
+			src = n.Child("file")
+		}
+	case "stream":
+		src = one("active node")
+	}
 	path := func(node string) string {
 		for _, d := range disks {
 			for _, img := range d.Images {
@@ -876,21 +941,53 @@ func foreignJob(g *qemu.Graph, disks []qemu.Disk, info qemu.JobInfo) (jobRecord,
 	var d *qemu.Disk
 	top := -1
 	for i := range disks {
-		if k := slices.IndexFunc(disks[i].Images, func(img qemu.Image) bool { return img.Node == src }); k >= 0 && (d == nil || disks[i].Root == roles["main node"]) {
+		if k := slices.IndexFunc(disks[i].Images, func(img qemu.Image) bool { return img.Node == src }); k >= 0 && (d == nil || disks[i].Root == main) {
 			d, top = &disks[i], k
 		}
 	}
-	if d == nil || tgt == "" {
+	if d == nil || tgt == "" && info.Type != "stream" {
 		return jobRecord{}, false
 	}
 	rec := jobRecord{Disk: d.Name, ID: info.ID, Top: d.Images[top].Path, Foreign: true}
 	switch {
 	case info.Type == "mirror":
 		rec.Type, rec.Target = jobCopy, path(tgt)
+	case info.Type == "backup":
+		rec.Type, rec.Target = jobBackup, path(tgt)
+	case info.Type == "stream":
+		// The base is the first image below the top that the job does
+		// not pull in.
+		rec.Type = jobStream
+		k := top + 1
+		for k < len(d.Images) && slices.Contains(roles["intermediate node"], d.Images[k].Node) {
+			k++
+		}
+		if k < len(d.Images) {
+			rec.Base = d.Images[k].Path
+		}
 	case top == 0:
 		rec.Type, rec.Base = jobActiveCommit, path(tgt)
 	default:
 		rec.Type, rec.Base = jobCommit, path(tgt)
 	}
 	return rec, true
+}
+
+// streamed reports whether QEMU's graph shows stream job r done: its top
+// reads through its base directly (through nothing, without a base).
+func streamed(disks []qemu.Disk, r jobRecord) bool {
+	for _, d := range disks {
+		if d.Name != r.Disk {
+			continue
+		}
+		k := slices.IndexFunc(d.Images, func(img qemu.Image) bool { return img.Path == r.Top })
+		if k < 0 {
+			return false
+		}
+		if k+1 == len(d.Images) {
+			return r.Base == ""
+		}
+		return d.Images[k+1].Path == r.Base
+	}
+	return false
 }

@@ -215,3 +215,178 @@ func TestQEMUJobStartedThroughQMPOnAnImageHeldElsewhereIsCancelled(t *testing.T)
 	}
 	v.quit()
 }
+
+// setSpeed sets a running job's speed limit through the test's monitor
+// (0: no limit).
+func (v *vm) setSpeed(id string, speed int) {
+	v.t.Helper()
+	if err := v.mon.Execute(qctx(v.t), "block-job-set-speed", map[string]any{"device": id, "speed": speed}, nil); err != nil {
+		v.t.Fatal(err)
+	}
+}
+
+// waitJobEnded polls vmlock blockjob VM DISK until it shows the job ended.
+func (d *daemon) waitJobEnded(vmName, disk string) map[string]any {
+	d.t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		info := d.jobInfo(vmName, disk)
+		if info["ended"] == true {
+			return info
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("the job on %s never ended: %v", disk, info)
+		}
+	}
+}
+
+// nodeOf returns the name of the qcow2 node QEMU opened for image path.
+func (v *vm) nodeOf(path string) string {
+	v.t.Helper()
+	var nodes []struct {
+		Name   string `json:"node-name"`
+		Driver string `json:"drv"`
+		File   string `json:"file"`
+	}
+	if err := v.mon.Execute(qctx(v.t), "query-named-block-nodes", map[string]bool{"flat": true}, &nodes); err != nil {
+		v.t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.Driver == "qcow2" && n.File == path {
+			return n.Name
+		}
+	}
+	v.t.Fatalf("no qcow2 node for %s: %+v", path, nodes)
+	return ""
+}
+
+// A backup started through QEMU's monitor (drive-backup, QEMU creating the
+// target) is adopted: vmlock blockjob shows it, the target is locked
+// exclusively while QEMU writes it, and released once the job ended and
+// QEMU closed it.
+func TestQEMUBackupStartedThroughQMPLocksItsTargetUntilItEnds(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "backup.qcow2")
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	// Slow: the job cannot be done before vmlockd sees it.
+	if err := v.mon.Execute(qctx(t), "drive-backup", map[string]any{"job-id": "mine", "device": "drive0", "target": dest, "format": "qcow2", "sync": "full", "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	info := d.jobInfo("vm1", "drive0")
+	if info["id"] != "mine" || info["type"] != "backup" || info["phase"] != "running" || info["target"] != dest || info["top"] != ch.top {
+		t.Fatalf("blockjob vm1 drive0 of a backup started through QMP: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared, dest: lockmgr.Exclusive})
+	v.setSpeed("mine", 0)
+	if info := d.waitJobEnded("vm1", "drive0"); info["phase"] != "completed" {
+		t.Fatalf("after the backup: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
+	v.quit()
+	checkMerged(t, dest)
+}
+
+// A backup into a node that QEMU keeps open after the job (blockdev-backup
+// to a node added beforehand) can be aborted through vmlock; its target
+// stays locked exclusively while QEMU has it open, as any image it may
+// write, and is released when the node is removed.
+func TestQEMUBackupIntoANodeQEMUKeepsIsAbortedAndItsTargetStaysLocked(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "backup.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	d.mustRun("disk", "attach", "vm1", dest, "--node", "bk")
+	if err := v.mon.Execute(qctx(t), "blockdev-backup", map[string]any{"job-id": "mine", "device": "drive0", "target": "bk", "sync": "full", "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["type"] != "backup" || info["target"] != dest {
+		t.Fatalf("blockjob vm1 drive0 of a backup started through QMP: %v", info)
+	}
+	chain := map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared, dest: lockmgr.Exclusive}
+	d.wantLocks(v.pid(), chain)
+	d.mustRun("blockjob", "vm1", "drive0", "--abort")
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["phase"] != "cancelled" {
+		t.Fatalf("after the abort: %v", info)
+	}
+	d.wantLocks(v.pid(), chain)
+	d.mustRun("disk", "detach", "vm1", "bk")
+	delete(chain, dest)
+	d.wantLocks(v.pid(), chain)
+	v.quit()
+}
+
+// A stream started through QEMU's monitor (block-stream into the active
+// image, no base) is adopted: the image it writes stays exclusive, the
+// images it reads stay shared while it runs, and once it has pulled them
+// into the top and QEMU dropped them from the chain, they are released.
+func TestQEMUStreamStartedThroughQMPIsAdoptedAndReleasesThePulledImages(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	if err := v.mon.Execute(qctx(t), "block-stream", map[string]any{"job-id": "mine", "device": "drive0", "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	info := d.jobInfo("vm1", "drive0")
+	if info["id"] != "mine" || info["type"] != "stream" || info["phase"] != "running" || info["top"] != ch.top || info["base"] != nil {
+		t.Fatalf("blockjob vm1 drive0 of a stream started through QMP: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
+	v.setSpeed("mine", 0)
+	if info := d.waitJobEnded("vm1", "drive0"); info["phase"] != "completed" {
+		t.Fatalf("after the stream: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive})
+	v.quit()
+	checkMerged(t, ch.top)
+	if out := runTool(t, "qemu-img", "info", "-U", ch.top); strings.Contains(out, "backing file") {
+		t.Fatalf("the top still has a backing file after the stream:\n%s", out)
+	}
+}
+
+// A stream into a backing image (block-stream of an intermediate node)
+// writes that image: it is locked exclusively while the job runs, and an
+// abort through vmlock puts it back to shared.
+func TestQEMUStreamIntoABackingImageLocksItExclusivelyWhileItRuns(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	if err := v.mon.Execute(qctx(t), "block-stream", map[string]any{"job-id": "mine", "device": v.nodeOf(ch.mid), "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["type"] != "stream" || info["top"] != ch.mid {
+		t.Fatalf("blockjob vm1 drive0 of a stream into mid: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Exclusive, ch.base: lockmgr.Shared})
+	d.mustRun("blockjob", "vm1", "drive0", "--abort")
+	if info := d.jobInfo("vm1", "drive0"); info["phase"] != "cancelled" {
+		t.Fatalf("after the abort: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared})
+	v.quit()
+}
+
+// A stream that QEMU ends before vmlockd could adopt it (nothing slows
+// it) still has the locks follow QEMU's graph: the images it dropped from
+// the chain are released.
+func TestQEMUStreamThatEndedBeforeVmlockdSawItReleasesThePulledImages(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	if err := v.mon.Execute(qctx(t), "block-stream", map[string]any{"job-id": "mine", "device": "drive0"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprint(map[string]string{ch.top: fmt.Sprintf("%s %d", lockmgr.Exclusive, v.pid())})
+	for deadline := time.Now().Add(20 * time.Second); fmt.Sprint(d.modes()) != want; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("locks after the stream: %v, want %s", d.modes(), want)
+		}
+	}
+	v.quit()
+	checkMerged(t, ch.top)
+}

@@ -33,7 +33,8 @@ type Image struct {
 
 // Disk is one root of a running QEMU's block graph, with the images QEMU
 // reads through it, active layer first. A mirror job's target is a root of
-// its own, so it is a Disk while the job runs. A node that a block backend
+// its own, so it is a Disk while the job runs; so is a backup job's (the
+// target child of the copy-before-write filter the job inserts). A node that a block backend
 // or a block export uses is a Disk too, even where another node also uses
 // it as a backing node: after a pivot, the old top nodes a user added
 // (-blockdev, blockdev-add) stay in the graph, above the new active layer.
@@ -122,6 +123,14 @@ func Disks(ctx context.Context, c *qmp.Client) ([]Disk, error) {
 	}
 	used := slices.Sorted(maps.Keys(backend))
 	used = append(used, slices.Sorted(maps.Keys(export))...)
+	// A node a filter writes as its "target" child (the copy-before-write
+	// filter of a backup job, or of image fleecing) is written by QEMU,
+	// yet under a node parent: a disk of its own too.
+	for _, n := range slices.Sorted(maps.Keys(g.Nodes)) {
+		if slices.ContainsFunc(g.Nodes[n].Parents, func(e Edge) bool { return e.Kind == "block-driver" && e.Role == "target" }) {
+			used = append(used, n)
+		}
+	}
 	for _, n := range used {
 		if g.Nodes[n] != nil && !heads[n] {
 			roots = append(roots, n)

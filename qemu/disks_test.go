@@ -289,3 +289,32 @@ func TestDisksAfterAPivotShowTheExportedDiskOnItsNewActiveLayer(t *testing.T) {
 		t.Fatalf("disks after the pivot:\n got %s\nwant %s", got, want)
 	}
 }
+
+// A backup job's target is written by QEMU through the copy-before-write
+// filter the job inserts, whose "target" child it is: it is a disk of its
+// own while the job runs (as a mirror's target is), and the disk backed
+// up keeps its chain.
+func TestDisksShowABackupTargetAsADiskOfItsOwn(t *testing.T) {
+	ch := makeChain(t)
+	dest := filepath.Join(ch.dir, "backup.qcow2")
+	c, _ := startQEMU(t, "-drive", "if=none,id=drive0,format=qcow2,file="+ch.top)
+	ctx := testCtx(t)
+	if err := c.Execute(ctx, "drive-backup", map[string]any{"job-id": "bk", "device": "drive0", "target": dest, "format": "qcow2", "sync": "full", "speed": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	disks, err := Disks(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chains [][]string
+	for _, d := range disks {
+		chains = append(chains, imagePaths(d))
+		if d.ReadOnly {
+			t.Fatalf("read-only disk during the backup: %+v", d)
+		}
+	}
+	slices.SortFunc(chains, func(a, b []string) int { return strings.Compare(a[0], b[0]) })
+	if want := [][]string{{dest}, {ch.top, ch.mid, ch.base}}; fmt.Sprint(chains) != fmt.Sprint(want) {
+		t.Fatalf("disks during the backup: %q, want %q", chains, want)
+	}
+}

@@ -1028,10 +1028,13 @@ type BlockJobInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Vm    string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
 	Disk  string                 `protobuf:"bytes,2,opt,name=disk,proto3" json:"disk,omitempty"`
-	Id    string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`     // QEMU's job id; "" when the disk never had a job
-	Type  string                 `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"` // "commit", "active-commit" or "copy"
+	Id    string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"` // QEMU's job id; "" when the disk never had a job
+	// "commit", "active-commit" or "copy"; "backup" or "stream" for a job
+	// started through another QMP monitor (adopted)
+	Type string `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"`
 	// phase: running, ready, pivoting, aborting while the job lives;
-	// pivoted, aborted, completed, cancelled, failed once it ended; none.
+	// pivoted, aborted, completed, cancelled, failed once it ended (unknown:
+	// it ended while vmlockd was down and nothing tells how); none.
 	Phase         string   `protobuf:"bytes,5,opt,name=phase,proto3" json:"phase,omitempty"`
 	QemuStatus    string   `protobuf:"bytes,6,opt,name=qemu_status,json=qemuStatus,proto3" json:"qemu_status,omitempty"` // query-jobs' status
 	Cur           int64    `protobuf:"varint,7,opt,name=cur,proto3" json:"cur,omitempty"`

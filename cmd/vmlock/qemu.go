@@ -370,6 +370,10 @@ func jobLabel(info *vmlockpb.BlockJobInfo) string {
 		return "Active Block Commit"
 	case "copy":
 		return "Block Copy"
+	case "backup":
+		return "Block Backup"
+	case "stream":
+		return "Block Pull"
 	}
 	return "Block Commit"
 }
@@ -388,7 +392,9 @@ func newBlockJobCmd(g *globals) *cobra.Command {
 		Short: "show a disk's block job (default), or pivot or abort it (virsh blockjob)",
 		Long: `blockjob --info shows the disk's job, its phase as QEMU reports it (running,
 ready, ...) and its progress, or how its last job ended; a commit or mirror
-started through another QMP monitor is shown and controlled too. --pivot
+started through another QMP monitor is shown and controlled too, and so are a
+backup and a stream (block-stream, virsh's blockpull), which have no ready
+phase: they end by themselves or are aborted. --pivot
 makes the base or the copy the active image of a ready job (refused before it
 is ready, and on a disk nothing in QEMU uses, with no device, drive or export:
 abort instead); --abort ends the job keeping the top (a ready active commit's
@@ -587,6 +593,9 @@ func printBlockJobs(w io.Writer, jobs []*vmlockpb.BlockJobInfo) error {
 	fmt.Fprintln(tw, "\nVM\tDISK\tBLOCK JOB\tPHASE\tPROGRESS\tWRITES")
 	for _, j := range jobs {
 		writes := cmp.Or(j.Base, j.Target)
+		if j.Type == "stream" { // pulls its backing images into its top
+			writes = j.Top
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d%%\t%s\n", j.Vm, j.Disk, j.Type, j.Phase, pct(j), writes)
 	}
 	return tw.Flush()
