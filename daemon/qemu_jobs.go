@@ -336,7 +336,6 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	if err != nil {
 		return nil, err
 	}
-	created := false
 	_, statErr := os.Lstat(dest.Name)
 	switch uid := callerOf(ctx).uid; {
 	case uid != 0 && (!req.ReuseExternal || !ownedBy(dest.Name, uid)):
@@ -345,20 +344,36 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--reuse-external: %v", statErr)
 	case !req.ReuseExternal && statErr == nil:
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "%s exists: use --reuse-external to copy into an existing image", dest.Name)
-	case !req.ReuseExternal:
-		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", format, dest.Name, strconv.FormatInt(d.Images[0].Size, 10)).CombinedOutput()
-		if err != nil {
-			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + dest.Name, Err: fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))}
-		}
-		created = true
 	}
+	var created *unix.Stat_t // the image vmlockd created, the only file undo removes
 	undo := func() {
-		if created {
+		var st unix.Stat_t
+		if created != nil && unix.Lstat(dest.Name, &st) == nil && st.Dev == created.Dev && st.Ino == created.Ino {
 			_ = os.Remove(dest.Name)
 		}
 	}
+	lock := func(p string) error {
+		r := lockmgr.DiskResource(p, lockmgr.Exclusive)
+		err := vm.mayUse(ctx, r)
+		if err == nil {
+			err = vm.s.d.mgr.AcquireResource(ctx, vm.uuid, r)
+		}
+		if err == nil {
+			vm.rec.Managed = append(vm.rec.Managed, p)
+		}
+		return err
+	}
+	putBack := func() {
+		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
+			vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
+		}
+	}
 	// The target (and an existing target's data file) is QEMU's to
-	// write: lock it before QEMU opens it.
+	// write: lock it before QEMU opens it. A new target is locked before
+	// it is created, too: with lease files (indirect leases) a path can be
+	// locked before its image exists, by whoever is about to create it,
+	// and the file is theirs to create. A lease on the image itself
+	// (direct) needs the file: it is created first, then locked.
 	targets := []string{dest.Name}
 	if req.ReuseExternal {
 		info, err := qemu.BackingChain(ctx, callerOf(ctx).credential(), dest.Name, format)
@@ -374,19 +389,24 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		}
 	}
 	for _, p := range targets {
-		r := lockmgr.DiskResource(p, lockmgr.Exclusive)
-		err := vm.mayUse(ctx, r)
-		if err == nil {
-			err = vm.s.d.mgr.AcquireResource(ctx, vm.uuid, r)
+		err := lock(p)
+		if !req.ReuseExternal && (err == nil || errors.Is(err, os.ErrNotExist)) {
+			locked := err == nil
+			if created, err = createImage(ctx, dest.Name, format, d.Images[0].Size); err != nil {
+				if locked {
+					putBack()
+				}
+				return nil, err
+			}
+			if !locked {
+				err = lock(p)
+			}
 		}
 		if err != nil {
-			if rerr := vm.reconcileDetachedLocked(); rerr != nil {
-				vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
-			}
+			putBack()
 			undo()
 			return nil, fmt.Errorf("the copy cannot start: %w", err)
 		}
-		vm.rec.Managed = append(vm.rec.Managed, p)
 	}
 	rec := jobRecord{Disk: d.Name, Asked: asked(d, req.Disk), Type: jobCopy, Top: d.Images[0].Path, Target: dest.Name,
 		TargetNode: vm.newNodeNameLocked("target"), ID: vm.newJobIDLocked("copy", d.Name)}
@@ -420,6 +440,33 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		}
 	}
 	return info, err
+}
+
+// createImage creates a new image at path with qemu-img, and returns the
+// file's identity. The file is made first with O_EXCL: one that appeared
+// at path meanwhile is someone else's, which qemu-img would overwrite.
+func createImage(ctx context.Context, path, format string, size int64) (*unix.Stat_t, error) {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: &os.PathError{Op: "create", Path: path, Err: err}}
+	}
+	var st unix.Stat_t
+	err = unix.Fstat(fd, &st)
+	unix.Close(fd)
+	if err == nil {
+		var out []byte
+		if out, err = exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", format, path, strconv.FormatInt(size, 10)).CombinedOutput(); err != nil {
+			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+		}
+	}
+	if err != nil {
+		var cur unix.Stat_t
+		if unix.Lstat(path, &cur) == nil && cur.Dev == st.Dev && cur.Ino == st.Ino {
+			_ = os.Remove(path)
+		}
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: err}
+	}
+	return &st, nil
 }
 
 // watch follows a job's events until it ends, then moves the locks. If

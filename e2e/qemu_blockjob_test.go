@@ -1,12 +1,18 @@
 package e2e
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -389,4 +395,83 @@ func TestQEMUStreamThatEndedBeforeVmlockdSawItReleasesThePulledImages(t *testing
 	}
 	v.quit()
 	checkMerged(t, ch.top)
+}
+
+// watchCreates reports the names created (or moved) in dir from now on;
+// call the function it returns to read them.
+func watchCreates(t *testing.T, dir string) func() []string {
+	t.Helper()
+	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_MOVED_TO); err != nil {
+		t.Fatal(err)
+	}
+	return func() []string {
+		var names []string
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := unix.Read(fd, buf)
+			if err == unix.EAGAIN {
+				return names
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for off := 0; off+unix.SizeofInotifyEvent <= n; {
+				l := int(*(*uint32)(unsafe.Pointer(&buf[off+12]))) // InotifyEvent.Len
+				name := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+l]
+				names = append(names, string(bytes.TrimRight(name, "\x00")))
+				off += unix.SizeofInotifyEvent + l
+			}
+		}
+	}
+}
+
+// With lease files (--disk-lease-dir) a path can be locked before the
+// image exists, by whoever is about to create it. A blockcopy to such a
+// path is refused naming the holder, and vmlockd never creates the file,
+// not even for a moment: it is the holder's to create.
+func TestQEMUBlockCopyToAPathAnotherOwnerLockedNeverCreatesIt(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t, "--disk-lease-dir", filepath.Join(t.TempDir(), "leases"))
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "copy.qcow2")
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	creator := d.startRun("creator", "--disk", dest)
+	created := watchCreates(t, ch.dir)
+	r := d.vmlock("blockcopy", "vm1", "drive0", dest)
+	if r.code != 3 || !strings.Contains(r.stderr, `"creator"`) {
+		t.Fatalf("blockcopy to a path creator locked: exit %d, stderr %q; want 3 naming creator", r.code, r.stderr)
+	}
+	if names := created(); slices.Contains(names, "copy.qcow2") {
+		t.Fatalf("vmlockd created %s, which creator has locked (names created: %q)", dest, names)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("after the refused blockcopy: %v, want no file", err)
+	}
+	want := map[string]string{ch.top: fmt.Sprintf("exclusive %d", v.pid()), ch.mid: fmt.Sprintf("shared %d", v.pid()),
+		ch.base: fmt.Sprintf("shared %d", v.pid()), dest: fmt.Sprintf("exclusive %d", creator.Process.Pid)}
+	if got := d.modes(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("locks after the refused blockcopy:\n got %v\nwant %v", got, want)
+	}
+	v.quit()
+}
+
+// With lease files, a blockcopy to a new path locks the path, then
+// creates the image there: the copy runs, its target exclusive.
+func TestQEMUBlockCopyWithLeaseFilesLocksThenCreatesTheTarget(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t, "--disk-lease-dir", filepath.Join(t.TempDir(), "leases"))
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "copy.qcow2")
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	mustContain(t, "blockcopy --wait", d.mustRun("blockcopy", "vm1", "drive0", dest, "--wait"), "Now in mirroring phase")
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared, dest: lockmgr.Exclusive})
+	d.mustRun("blockjob", "vm1", "drive0", "--pivot")
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
+	v.quit()
+	checkMerged(t, dest)
 }
