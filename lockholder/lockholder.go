@@ -40,9 +40,11 @@
 //     (PutOwned). Only such entries are ever acted on.
 //   - The controller arms a fence deadline (FenceAt), an absolute time on
 //     CLOCK_MONOTONIC, which is system-wide, so the deadline means the same
-//     to both processes. vmlockd sends one after every confirmed lease
-//     renewal: the time by which its own driver would fence. A new deadline
-//     replaces the old one, earlier or later; the zero time disarms.
+//     to both processes. vmlockd sends the newest one after confirmed
+//     lease renewals (one may stand for several that came while the last
+//     was being sent): the time by which its own driver would fence. A
+//     new deadline replaces the old one, earlier or later; the zero time
+//     disarms.
 //   - When the armed deadline passes, the holder sends SIGKILL, through
 //     the pidfds (never to a reused pid), to the owner of every entry it
 //     holds at that moment, once; then it stays disarmed until the next

@@ -27,8 +27,8 @@ import (
 const callTimeout = 30 * time.Second
 
 // maxDaemonGrace is how long revoke waits for a daemon whose kill grace it
-// does not know (no --grace) beyond callTimeout.
-const maxDaemonGrace = 10 * time.Minute
+// does not know (no --grace) beyond callTimeout: the longest it may be.
+const maxDaemonGrace = api.MaxGrace
 
 func (g *globals) socketPath() string {
 	if g.socket != "" {
