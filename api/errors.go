@@ -90,8 +90,9 @@ func getResource(md map[string]string) lockmgr.Resource {
 
 // FromStatus turns an error from a gRPC call back into the lockmgr error the
 // daemon returned: a *lockmgr.BusyError with its holder, a
-// *lockmgr.StaleStateError with its tokens, or a *lockmgr.Error of the right
-// code. An error that is not a vmlock status (the daemon is unreachable, the
+// *lockmgr.StaleStateError with its tokens (found with errors.As, and
+// reading as the daemon's whole message where it wrapped them), or a
+// *lockmgr.Error of the right code. An error that is not a vmlock status (the daemon is unreachable, the
 // call timed out on the client, the request was over gRPC's size limit)
 // becomes a CodeTimeout, CodeInternal or CodeInvalidArgument error that
 // says so.
@@ -120,13 +121,13 @@ func FromStatus(err error) error {
 				mode, _ := lockmgr.ParseMode(md["holder_mode"])
 				since, _ := time.Parse(time.RFC3339Nano, md["holder_since"])
 				foreign, _ := strconv.ParseBool(md["holder_foreign"])
-				return &lockmgr.BusyError{Resource: getResource(md), Holder: lockmgr.Holder{
+				return withMessage(st.Message(), &lockmgr.BusyError{Resource: getResource(md), Holder: lockmgr.Holder{
 					Name: md["holder_name"], UUID: md["holder_uuid"], PID: pid, Host: md["holder_host"],
-					Mode: mode, Since: since, Foreign: foreign}}
+					Mode: mode, Since: since, Foreign: foreign}})
 			case c == lockmgr.CodeStaleState && structured:
 				want, _ := strconv.ParseUint(md["want"], 10, 64)
 				cur, _ := strconv.ParseUint(md["current"], 10, 64)
-				return &lockmgr.StaleStateError{Resource: getResource(md), Want: want, Current: cur}
+				return withMessage(st.Message(), &lockmgr.StaleStateError{Resource: getResource(md), Want: want, Current: cur})
 			}
 			return &lockmgr.Error{Code: c, Msg: st.Message()}
 		}
@@ -143,4 +144,23 @@ func FromStatus(err error) error {
 		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "the request is too large for vmlockd (" + st.Message() + ")"}
 	}
 	return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: st.Message()}
+}
+
+// messageError is a structured error the daemon wrapped with context ("the
+// copy cannot start: ..."): it reads as the daemon's whole message, and
+// unwraps to the structured error.
+type messageError struct {
+	msg string
+	err error
+}
+
+func (e *messageError) Error() string { return e.msg }
+func (e *messageError) Unwrap() error { return e.err }
+
+// withMessage returns err, reading as msg if that is not what err says.
+func withMessage(msg string, err error) error {
+	if msg == "" || msg == err.Error() {
+		return err
+	}
+	return &messageError{msg: msg, err: err}
 }

@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -54,5 +55,25 @@ func TestEveryCodeMapsOneToOne(t *testing.T) {
 	// A status that vmlockd did not make (the connection failed) is still classified.
 	if c := lockmgr.CodeOf(FromStatus(status.Error(codes.DeadlineExceeded, "x"))); c != lockmgr.CodeTimeout {
 		t.Fatalf("a bare deadline status is %v, want timeout", c)
+	}
+}
+
+// A busy or stale-state error the daemon wrapped with what it was doing
+// comes back reading as the daemon's whole message, still carrying the
+// holder or the tokens.
+func TestWrappedErrorsKeepTheDaemonsWholeMessage(t *testing.T) {
+	busy := &lockmgr.BusyError{Resource: lockmgr.DiskResource("/copy.qcow2", lockmgr.Exclusive),
+		Holder: lockmgr.Holder{Name: "web1", UUID: "u-1", PID: 4242, Mode: lockmgr.Exclusive}}
+	wrapped := fmt.Errorf("the copy cannot start: %w", busy)
+	got := FromStatus(ToStatus(wrapped))
+	var be *lockmgr.BusyError
+	if got.Error() != wrapped.Error() || !errors.As(got, &be) || be.Holder.PID != 4242 || lockmgr.CodeOf(got) != lockmgr.CodeBusy {
+		t.Fatalf("wrapped busy error came back as %q (%#v), want %q", got, got, wrapped)
+	}
+	stale := fmt.Errorf("acquiring: %w", &lockmgr.StaleStateError{Resource: lockmgr.LeaseResource("ls", "k", lockmgr.Exclusive), Want: 3, Current: 5})
+	got = FromStatus(ToStatus(stale))
+	var se *lockmgr.StaleStateError
+	if got.Error() != stale.Error() || !errors.As(got, &se) || se.Current != 5 {
+		t.Fatalf("wrapped stale error came back as %q, want %q", got, stale)
 	}
 }

@@ -475,3 +475,20 @@ func TestQEMUBlockCopyWithLeaseFilesLocksThenCreatesTheTarget(t *testing.T) {
 	v.quit()
 	checkMerged(t, dest)
 }
+
+// A blockcopy into an image another owner holds is refused with the
+// daemon's whole message: what could not start, then who holds the image.
+func TestQEMUBlockCopyRefusedAsBusySaysTheCopyCannotStart(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	dest := filepath.Join(ch.dir, "copy.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
+	d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	holder := d.startRun("holder", "--disk", dest)
+	r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
+	want := fmt.Sprintf(`vmlock: the copy cannot start: disk %s is locked exclusively by vm "holder"`, dest)
+	if r.code != 3 || !strings.HasPrefix(r.stderr, want) || !strings.Contains(r.stderr, fmt.Sprintf("pid %d", holder.Process.Pid)) {
+		t.Fatalf("blockcopy into an image holder has: exit %d, stderr %q; want 3 and %q... naming its pid", r.code, r.stderr, want)
+	}
+}
