@@ -72,7 +72,11 @@ func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, 
 	}
 	if err := ctx.Err(); err != nil {
 		var zero T
-		return zero, timeoutError(err)
+		if errors.Is(err, context.Canceled) {
+			return zero, timeoutError(err)
+		}
+		// Not the driver's fault: the call had no time left to ask it.
+		return zero, &Error{Code: CodeTimeout, Msg: "deadline exceeded before the lock driver was asked; nothing was changed", Err: err}
 	}
 	type result struct {
 		v   T
