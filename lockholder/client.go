@@ -383,14 +383,7 @@ func (c *Client) fail(err error) error {
 // List's answers may be left unread, so a Client that gave up is not used
 // again all the same.
 func (c *Client) write(ctx context.Context, deadline time.Time, msg []byte, files []*os.File) error {
-	var oob []byte
-	if len(files) > 0 {
-		fds := make([]int, len(files))
-		for i, f := range files {
-			fds[i] = int(f.Fd())
-		}
-		oob = unix.UnixRights(fds...)
-	}
+	oob := rights(files)
 	var serr error
 	try := func(fd uintptr) bool {
 		for {

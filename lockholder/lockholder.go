@@ -192,15 +192,20 @@ func recvmsg(fd int, buf, oob []byte, flags int) (msg []byte, files []*os.File, 
 
 var errEOF = errors.New("lockholder: connection closed")
 
-func sendmsg(fd int, msg []byte, files []*os.File) error {
-	var oob []byte
-	if len(files) > 0 {
-		fds := make([]int, len(files))
-		for i, f := range files {
-			fds[i] = int(f.Fd())
-		}
-		oob = unix.UnixRights(fds...)
+// rights is the SCM_RIGHTS control message passing files, or nil.
+func rights(files []*os.File) []byte {
+	if len(files) == 0 {
+		return nil
 	}
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = int(f.Fd())
+	}
+	return unix.UnixRights(fds...)
+}
+
+func sendmsg(fd int, msg []byte, files []*os.File) error {
+	oob := rights(files)
 	for {
 		// MSG_NOSIGNAL: a dead holder is an EPIPE to handle, not a signal.
 		err := unix.Sendmsg(fd, msg, oob, nil, unix.MSG_NOSIGNAL)

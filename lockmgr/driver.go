@@ -67,9 +67,6 @@ type Adopter interface {
 // late grant is not leaked. A hung system call (a dead NFS server) thus
 // never holds up the caller beyond its deadline.
 func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, error) {
-	if ctx.Done() == nil {
-		return f()
-	}
 	if err := ctx.Err(); err != nil {
 		var zero T
 		if errors.Is(err, context.Canceled) {
@@ -77,6 +74,21 @@ func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, 
 		}
 		// Not the driver's fault: the call had no time left to ask it.
 		return zero, &Error{Code: CodeTimeout, Msg: "deadline exceeded before the lock driver was asked; nothing was changed", Err: err}
+	}
+	v, ok, err := await(ctx, f, undo)
+	if !ok {
+		return v, timeoutError(ctx.Err())
+	}
+	return v, err
+}
+
+// await runs f and returns its result with ok set, or ok false as soon as
+// ctx is done; f then keeps running in the background, and undo (if not
+// nil) gets its result once it returns without error.
+func await[T any](ctx context.Context, f func() (T, error), undo func(T)) (v T, ok bool, err error) {
+	if ctx.Done() == nil {
+		v, err = f()
+		return v, true, err
 	}
 	type result struct {
 		v   T
@@ -89,7 +101,7 @@ func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, 
 	}()
 	select {
 	case r := <-ch:
-		return r.v, r.err
+		return r.v, true, r.err
 	case <-ctx.Done():
 		go func() {
 			if r := <-ch; r.err == nil && undo != nil {
@@ -97,7 +109,7 @@ func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, 
 			}
 		}()
 		var zero T
-		return zero, timeoutError(ctx.Err())
+		return zero, false, nil
 	}
 }
 

@@ -513,18 +513,13 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 // does not hold it up; if ctx ends first, waited is false, the error has
 // CodeTimeout, and the release completes in the background.
 func (m *Manager) releaseLeases(ctx context.Context, leases []Lease) (waited bool, err error) {
-	if ctx.Done() == nil {
-		return true, m.driver.Release(ctx, leases)
-	}
-	ch := make(chan error, 1)
-	go func() { ch <- m.driver.Release(context.WithoutCancel(ctx), leases) }()
-	select {
-	case err := <-ch:
-		return true, err
-	case <-ctx.Done():
+	bg := context.WithoutCancel(ctx)
+	_, waited, err = await(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(bg, leases) }, nil)
+	if !waited {
 		return false, &Error{Code: CodeTimeout, Err: ctx.Err(),
 			Msg: "the lock driver had not finished releasing when the call's time was up; the release goes on in the background"}
 	}
+	return true, err
 }
 
 func stateOf(uses []*use) State {
