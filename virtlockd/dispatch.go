@@ -729,68 +729,87 @@ func (s *Server) dropIfEmpty(ctx context.Context, o lockmgr.Object) {
 	}
 }
 
-// release unlocks a resource of the connection's registered owner. A
-// resource nobody holds is "not locked" (busy, as virtlockd says); one held
-// by others only is an internal error naming the owner's pid.
+// release unlocks a resource of the connection's registered owner. As
+// virtlockd's locks belong to pids, that is the resource held by the owner
+// or, failing that, by another owner the server registered with the same
+// pid (a first REGISTER on the connection). A resource nobody holds is
+// "not locked" (busy, as virtlockd says); one held by others only is an
+// internal error naming the owner's pid.
 func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name string) *RemoteError {
 	r, _, rerr := resource(ls, name, lockmgr.Exclusive)
 	if rerr != nil {
 		return rerr
 	}
 	o := c.obj
-	unlockOwner := s.ownerLocks.lock(o.UUID)
+	if found, rerr := s.releaseOf(ctx, o.UUID, o.PID, r); found {
+		return rerr
+	}
+	for _, uuid := range s.objectsOf(o.PID, o.UUID)[1:] {
+		if found, rerr := s.releaseOf(ctx, uuid, o.PID, r); found {
+			return rerr
+		}
+	}
+	cr, rerr := canonical(r)
+	if rerr != nil {
+		return rerr
+	}
+	if _, ok := s.holderOf(cr.Key()); ok {
+		return newRemoteError(CodeInternalError, DomainLockspace, fmt.Sprintf("owner %d does not hold the resource lock", o.PID))
+	}
+	return newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf("Lockspace resource '%s' is not locked", name))
+}
+
+// releaseOf releases r (as named in a RELEASE) from the object uuid if it
+// is registered with pid and holds r; found says whether it did, and rerr
+// is then the result of the release.
+func (s *Server) releaseOf(ctx context.Context, uuid string, pid int, r lockmgr.Resource) (found bool, rerr *RemoteError) {
+	unlockOwner := s.ownerLocks.lock(uuid)
 	defer unlockOwner()
 
+	o, err := s.mgr.Object(uuid)
+	if err != nil || o.PID != pid {
+		return false, nil
+	}
 	var held lockmgr.Resource
-	found := false
-	if cur, err := s.mgr.Object(o.UUID); err == nil && cur.PID == o.PID {
-		leases, _, _ := s.mgr.Held(o.UUID)
-		s.mu.Lock()
-		key, spelled := s.spelled[o.UUID][r.Name]
-		s.mu.Unlock()
-		if spelled { // what this path named when it was acquired
-			held, found = heldKey(leases, key)
-		}
-		if !found {
-			held, found = heldAs(leases, r)
-		}
-		if !found && r.Type == lockmgr.TypeDisk {
-			if cr, rerr := canonical(r); rerr == nil { // held under another spelling?
-				held, found = heldAs(leases, cr)
-			}
+	leases, _, _ := s.mgr.Held(uuid)
+	s.mu.Lock()
+	key, spelled := s.spelled[uuid][r.Name]
+	s.mu.Unlock()
+	if spelled { // what this path named when it was acquired
+		held, found = heldKey(leases, key)
+	}
+	if !found {
+		held, found = heldAs(leases, r)
+	}
+	if !found && r.Type == lockmgr.TypeDisk {
+		if cr, rerr := canonical(r); rerr == nil { // held under another spelling?
+			held, found = heldAs(leases, cr)
 		}
 	}
 	if !found {
-		cr, rerr := canonical(r)
-		if rerr != nil {
-			return rerr
-		}
-		if _, ok := s.holderOf(cr.Key()); ok {
-			return newRemoteError(CodeInternalError, DomainLockspace, fmt.Sprintf("owner %d does not hold the resource lock", o.PID))
-		}
-		return newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf("Lockspace resource '%s' is not locked", name))
+		return false, nil
 	}
-	key := held.Key()
+	key = held.Key()
 	unlockKey := s.keyLocks.lock(key)
 	defer unlockKey()
 	s.mu.Lock()
-	if g := s.grants[key]; g != nil && g.holders[o.UUID] > 1 {
-		g.holders[o.UUID]--
+	if g := s.grants[key]; g != nil && g.holders[uuid] > 1 {
+		g.holders[uuid]--
 		s.mu.Unlock()
-		return nil
+		return true, nil
 	}
 	s.mu.Unlock()
 	// The table no longer holds it for o even if this fails (the driver
 	// did, or ctx ended: see lockmgr.Manager.Release), so neither do the
 	// server's records.
-	_, err := s.mgr.Release(ctx, o.UUID, &held)
-	s.unspell(o.UUID, key)
-	s.dropGrant(key, o.UUID)
+	_, err = s.mgr.Release(ctx, uuid, &held)
+	s.unspell(uuid, key)
+	s.dropGrant(key, uuid)
 	s.dropIfEmpty(ctx, o)
 	if err != nil {
-		return remoteError(err)
+		return true, remoteError(err)
 	}
-	return nil
+	return true, nil
 }
 
 // currentHolders returns the uuids of the holders of the resource key,

@@ -34,7 +34,9 @@
 // REGISTER); no owner registered (OPERATION_INVALID; REGISTER and
 // CREATE_LOCKSPACE excepted); unknown lockspace (INTERNAL_ERROR "Lockspace
 // for path %s does not exist"). Locks belong to the registered owner's pid,
-// not to the connection's peer. Shared on a shared-held resource adds the
+// not to the connection's peer: RELEASE frees a resource held by the owner
+// registered last or, if it holds none, by an owner registered earlier
+// with the same pid (before a second REGISTER). Shared on a shared-held resource adds the
 // owner; anything else on a held resource is RESOURCE_BUSY, also for the
 // owner that holds it. RELEASE of a resource nobody holds is RESOURCE_BUSY
 // "not locked"; of one held by others only, INTERNAL_ERROR "owner %d does

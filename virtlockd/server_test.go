@@ -431,6 +431,61 @@ func TestReleaseByASymlinkRetargetedSinceTheAcquire(t *testing.T) {
 	wantRemote(t, "a acquires the link, now b's image", a.AcquireResource(ctx, "", link, 0), CodeResourceBusy, DomainLockspace, `"b"`)
 }
 
+// virtlockd's locks belong to pids, and RELEASE acts on the pid that the
+// connection registered last. So after a second REGISTER of the same pid
+// (another domain uuid), RELEASE of a disk the first owner took releases
+// it: in the lock table and on disk. The first owner, which then holds
+// nothing, is forgotten.
+func TestReleaseAfterASecondRegisterOfTheSamePidReleasesTheFirstOwnersLock(t *testing.T) {
+	drv, err := lsdriver.New(lsdriver.Config{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{Manager: lockmgr.NewManager(drv, lockmgr.Options{})})
+	ctx := testCtx(t)
+	img := image(t, "first.img")
+	c := ts.registered("first", fakePID)
+	wantOK(t, "the first owner acquires", c.AcquireResource(ctx, "", img, 0))
+	wantOK(t, "second register, same pid", c.Register(ctx, owner("second", fakePID), 0))
+
+	wantOK(t, "release by the second owner", c.ReleaseResource(ctx, "", img, 0))
+	if h := ts.holders(diskKey(t, img)); len(h) != 0 {
+		t.Fatalf("the image is still held by %v", h)
+	}
+	if !ofdFree(t, img) {
+		t.Fatal("the image is still locked on disk")
+	}
+	if _, err := ts.m.Object(uuidOf("first")); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Errorf("the first owner, which holds nothing, is still an object: %v", err)
+	}
+	wantRemote(t, "release again", c.ReleaseResource(ctx, "", img, 0), CodeResourceBusy, DomainLockspace, "is not locked")
+}
+
+// After a second REGISTER of another pid, the first owner's lock belongs
+// to a pid the connection no longer names: RELEASE is refused, naming the
+// pid registered last, and the lock stays, as with virtlockd.
+func TestReleaseAfterASecondRegisterOfAnotherPidLeavesTheFirstOwnersLock(t *testing.T) {
+	drv, err := lsdriver.New(lsdriver.Config{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{Manager: lockmgr.NewManager(drv, lockmgr.Options{})})
+	ctx := testCtx(t)
+	img := image(t, "first.img")
+	c := ts.registered("first", fakePID)
+	wantOK(t, "the first owner acquires", c.AcquireResource(ctx, "", img, 0))
+	wantOK(t, "second register, another pid", c.Register(ctx, owner("second", fakePID+1), 0))
+
+	wantRemote(t, "release by the second owner", c.ReleaseResource(ctx, "", img, 0), CodeInternalError, DomainLockspace,
+		fmt.Sprintf("owner %d does not hold the resource lock", fakePID+1))
+	if h := ts.holders(diskKey(t, img)); !slices.Equal(h, []string{uuidOf("first")}) {
+		t.Fatalf("holders %v, want the first owner", h)
+	}
+	if ofdFree(t, img) {
+		t.Fatal("the first owner's image is no longer locked on disk")
+	}
+}
+
 // ofdFree reports whether a write lock on byte 0 of path could be taken
 // now (the lockspace driver's lock).
 func ofdFree(t *testing.T, path string) bool {
