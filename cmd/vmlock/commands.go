@@ -44,16 +44,34 @@ func (g *globals) dial(ctx context.Context) (*api.Client, error) {
 	return api.Dial(ctx, g.socketPath())
 }
 
-// connect dials the daemon for one command: it returns a context bounded by
-// timeout, the client, and a function that closes both.
-func (g *globals) connect(parent context.Context, timeout time.Duration) (context.Context, *api.Client, func(), error) {
-	ctx, cancel := context.WithTimeout(parent, timeout)
+// call runs f with a connection to the daemon, bounded by the CLI's call
+// timeout.
+func (g *globals) call(cmd *cobra.Command, f func(ctx context.Context, c *api.Client) error) error {
+	return g.callWithin(cmd, callTimeout, f)
+}
+
+// callWithin runs f with a connection to the daemon, bounded by timeout.
+func (g *globals) callWithin(cmd *cobra.Command, timeout time.Duration, f func(ctx context.Context, c *api.Client) error) error {
+	ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+	defer cancel()
 	c, err := g.dial(ctx)
 	if err != nil {
-		cancel()
-		return nil, nil, nil, err
+		return err
 	}
-	return ctx, c, func() { c.Close(); cancel() }, nil
+	defer c.Close()
+	return f(ctx, c)
+}
+
+// printState runs a call that answers with a state string, and prints it.
+func (g *globals) printState(cmd *cobra.Command, f func(ctx context.Context, c *api.Client) (string, error)) error {
+	return g.call(cmd, func(ctx context.Context, c *api.Client) error {
+		st, err := f(ctx, c)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), st)
+		return nil
+	})
 }
 
 func (g *globals) json() (bool, error) {
@@ -192,27 +210,24 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := c.Status(ctx)
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if asJSON {
-				return writeJSON(out, map[string]any{
-					"version": st.Version, "driver": st.Driver, "uptime_seconds": st.UptimeSeconds,
-					"objects": st.Objects, "locks": st.Locks, "pid": st.Pid, "host": st.Host,
-					"state_dir": st.StateDir, "reloads": st.Reloads,
-				})
-			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintf(tw, "version:\t%s\ndriver:\t%s\nuptime:\t%s\npid:\t%d\nhost:\t%s\nstate dir:\t%s\nobjects:\t%d\nlocks:\t%d\nreloads:\t%d\n",
-				st.Version, st.Driver, (time.Duration(st.UptimeSeconds) * time.Second).String(), st.Pid, st.Host, st.StateDir, st.Objects, st.Locks, st.Reloads)
-			return tw.Flush()
+			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
+				st, err := c.Status(ctx)
+				if err != nil {
+					return err
+				}
+				out := cmd.OutOrStdout()
+				if asJSON {
+					return writeJSON(out, map[string]any{
+						"version": st.Version, "driver": st.Driver, "uptime_seconds": st.UptimeSeconds,
+						"objects": st.Objects, "locks": st.Locks, "pid": st.Pid, "host": st.Host,
+						"state_dir": st.StateDir, "reloads": st.Reloads,
+					})
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintf(tw, "version:\t%s\ndriver:\t%s\nuptime:\t%s\npid:\t%d\nhost:\t%s\nstate dir:\t%s\nobjects:\t%d\nlocks:\t%d\nreloads:\t%d\n",
+					st.Version, st.Driver, (time.Duration(st.UptimeSeconds) * time.Second).String(), st.Pid, st.Host, st.StateDir, st.Objects, st.Locks, st.Reloads)
+				return tw.Flush()
+			})
 		},
 	}
 }
@@ -238,35 +253,32 @@ func newLocksCmd(g *globals) *cobra.Command {
 			if !ok {
 				return usageError{fmt.Errorf("--sort %q: want resource, age, token or holder", sortBy)}
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			locks, err := c.Locks(ctx)
-			if err != nil {
-				return err
-			}
-			slices.SortStableFunc(locks, less)
-			hier, err := c.HierMonitor(ctx)
-			if err != nil {
-				// The resource locks are the monitor's point: show them
-				// even if the daemon cannot list its hierarchical locks.
-				fmt.Fprintln(cmd.ErrOrStderr(), "vmlock: hierarchical locks not shown:", err)
-				hier = &vmlockpb.HierMonitorReply{}
-			}
-			jobs := blockJobsOf(ctx, c)
-			if asJSON {
-				return writeJSON(cmd.OutOrStdout(), monitorJSON{Resources: locks, Hierarchical: hierJSON(hier), BlockJobs: jobs})
-			}
-			if err := printLocks(cmd.OutOrStdout(), locks, time.Now()); err != nil {
-				return err
-			}
-			if err := printBlockJobs(cmd.OutOrStdout(), jobs); err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout())
-			return printHier(cmd.OutOrStdout(), hier)
+			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
+				locks, err := c.Locks(ctx)
+				if err != nil {
+					return err
+				}
+				slices.SortStableFunc(locks, less)
+				hier, err := c.HierMonitor(ctx)
+				if err != nil {
+					// The resource locks are the monitor's point: show them
+					// even if the daemon cannot list its hierarchical locks.
+					fmt.Fprintln(cmd.ErrOrStderr(), "vmlock: hierarchical locks not shown:", err)
+					hier = &vmlockpb.HierMonitorReply{}
+				}
+				jobs := blockJobsOf(ctx, c)
+				if asJSON {
+					return writeJSON(cmd.OutOrStdout(), monitorJSON{Resources: locks, Hierarchical: hierJSON(hier), BlockJobs: jobs})
+				}
+				if err := printLocks(cmd.OutOrStdout(), locks, time.Now()); err != nil {
+					return err
+				}
+				if err := printBlockJobs(cmd.OutOrStdout(), jobs); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout())
+				return printHier(cmd.OutOrStdout(), hier)
+			})
 		},
 	}
 	c.Flags().StringVar(&sortBy, "sort", "resource", "sort by resource, age, token or holder")
@@ -409,17 +421,9 @@ func newAcquireCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := c.Acquire(ctx, of.object(), rs, state)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), st)
-			return nil
+			return g.printState(cmd, func(ctx context.Context, c *api.Client) (string, error) {
+				return c.Acquire(ctx, of.object(), rs, state)
+			})
 		},
 	}
 	of.add(c, true)
@@ -443,17 +447,9 @@ func newReleaseCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := c.Release(ctx, uuid, rs...)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), st)
-			return nil
+			return g.printState(cmd, func(ctx context.Context, c *api.Client) (string, error) {
+				return c.Release(ctx, uuid, rs...)
+			})
 		},
 	}
 	c.Flags().StringVar(&uuid, "uuid", "", "the object's uuid")
@@ -471,17 +467,9 @@ func newInquireCmd(g *globals) *cobra.Command {
 			if uuid == "" {
 				return usageError{fmt.Errorf("--uuid is required")}
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := c.Inquire(ctx, uuid)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), st)
-			return nil
+			return g.printState(cmd, func(ctx context.Context, c *api.Client) (string, error) {
+				return c.Inquire(ctx, uuid)
+			})
 		},
 	}
 	c.Flags().StringVar(&uuid, "uuid", "", "the object's uuid")
@@ -576,17 +564,14 @@ func newRevokeCmd(g *globals) *cobra.Command {
 			if wait == 0 {
 				wait = maxDaemonGrace
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout+wait)
-			if err != nil {
-				return err
-			}
-			defer done()
-			pids, err := c.Revoke(ctx, r, grace)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "revoked %s: killed pid(s) %v; it is free\n", r, pids)
-			return nil
+			return g.callWithin(cmd, callTimeout+wait, func(ctx context.Context, c *api.Client) error {
+				pids, err := c.Revoke(ctx, r, grace)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "revoked %s: killed pid(s) %v; it is free\n", r, pids)
+				return nil
+			})
 		},
 	}
 	c.Flags().DurationVar(&grace, "grace", 0, "time between SIGTERM and SIGKILL, up to 1h (default: the daemon's revoke.grace, 5s unless configured)")
@@ -600,31 +585,28 @@ func newDaemonCmd(g *globals) *cobra.Command {
 		Short: "re-execute vmlockd in place; every lock stays held",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			before, err := c.Status(ctx)
-			if err != nil {
-				return err
-			}
-			if _, err := c.Reload(ctx); err != nil {
-				return err
-			}
-			// Wait until the new image serves.
-			for {
-				st, err := c.Status(ctx)
-				if err == nil && st.Reloads > before.Reloads {
-					fmt.Fprintf(cmd.OutOrStdout(), "vmlockd reloaded (pid %d, %d locks held)\n", st.Pid, st.Locks)
-					return nil
+			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
+				before, err := c.Status(ctx)
+				if err != nil {
+					return err
 				}
-				select {
-				case <-ctx.Done():
-					return lockmgr.Errorf(lockmgr.CodeTimeout, "vmlockd did not come back from the reload in time")
-				case <-time.After(20 * time.Millisecond):
+				if _, err := c.Reload(ctx); err != nil {
+					return err
 				}
-			}
+				// Wait until the new image serves.
+				for {
+					st, err := c.Status(ctx)
+					if err == nil && st.Reloads > before.Reloads {
+						fmt.Fprintf(cmd.OutOrStdout(), "vmlockd reloaded (pid %d, %d locks held)\n", st.Pid, st.Locks)
+						return nil
+					}
+					select {
+					case <-ctx.Done():
+						return lockmgr.Errorf(lockmgr.CodeTimeout, "vmlockd did not come back from the reload in time")
+					case <-time.After(20 * time.Millisecond):
+					}
+				}
+			})
 		},
 	})
 	return d

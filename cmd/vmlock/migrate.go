@@ -1,9 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vmlock/vmlock/api"
 )
 
 // newMigrateCmd is the lock side of a live migration (see
@@ -37,17 +40,9 @@ func newMigrateCmd(g *globals) *cobra.Command {
 			if uuid == "" || to == "" {
 				return usageError{fmt.Errorf("--uuid and --to are required")}
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := c.MigratePrepare(ctx, uuid, to)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), st)
-			return nil
+			return g.printState(cmd, func(ctx context.Context, c *api.Client) (string, error) {
+				return c.MigratePrepare(ctx, uuid, to)
+			})
 		},
 	}
 	prep.Flags().StringVar(&uuid, "uuid", "", "the object's uuid")
@@ -71,20 +66,17 @@ within the daemon's request timeout.`,
 			if err != nil {
 				return err
 			}
-			ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-			if err != nil {
-				return err
-			}
-			defer done()
-			res, err := c.MigrateComplete(ctx, cuuid, cancelFlag)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return writeJSON(cmd.OutOrStdout(), map[string]any{"state": res.State, "role": res.Role, "released": res.Released})
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), res.State)
-			return nil
+			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
+				res, err := c.MigrateComplete(ctx, cuuid, cancelFlag)
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return writeJSON(cmd.OutOrStdout(), map[string]any{"state": res.State, "role": res.Role, "released": res.Released})
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), res.State)
+				return nil
+			})
 		},
 	}
 	complete.Flags().StringVar(&cuuid, "uuid", "", "the object's uuid")

@@ -98,16 +98,6 @@ func runQEMU(cmd *cobra.Command, g *globals, of *objectFlags, rf *resourceFlags,
 	return exitError{126}
 }
 
-// call runs f with a connection to the daemon and a call deadline.
-func (g *globals) call(cmd *cobra.Command, f func(ctx context.Context, c *api.Client) error) error {
-	ctx, c, done, err := g.connect(cmd.Context(), callTimeout)
-	if err != nil {
-		return err
-	}
-	defer done()
-	return f(ctx, c)
-}
-
 // imageArg returns an image argument (DISK, --top, --base) as vmlockd
 // must get it. vmlockd cannot know this process's working directory, so a
 // relative path is made absolute here: a name with a slash is a path; a
