@@ -59,6 +59,28 @@ func TestRunExitsWithTheCommandsStatusAndReleases(t *testing.T) {
 	}
 }
 
+// A command that exists but that the kernel cannot execute fails after the
+// locks were taken: vmlock exits 126, like a shell, and gives them back.
+func TestRunOfACommandThatCannotBeExecutedExits126AndReleases(t *testing.T) {
+	d := startDaemon(t)
+	disk := image(t, "a.img")
+	notExecutable := filepath.Join(t.TempDir(), "garbage")
+	if err := os.WriteFile(notExecutable, []byte("\x00\x01 not a program\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := d.vmlock("run", "--disk", disk, "--", notExecutable)
+	if r.code != 126 {
+		t.Fatalf("run of a file that is not a program: exit %d (stderr %q), want 126", r.code, r.stderr)
+	}
+	mustContain(t, "exec failure", r.stderr, "cannot execute "+notExecutable, "exec format error")
+	if ls := d.locks(); len(ls) != 0 {
+		t.Fatalf("after the failed exec, vmlockd still holds %v", ls)
+	}
+	if !probeFree(t, disk) {
+		t.Fatal("the disk is still locked after the failed exec")
+	}
+}
+
 func TestKill9OfTheHolderFreesItsLock(t *testing.T) {
 	d := startDaemon(t)
 	disk := image(t, "a.img")

@@ -62,6 +62,21 @@ func (g *globals) callWithin(cmd *cobra.Command, timeout time.Duration, f func(c
 	return f(ctx, c)
 }
 
+// execHolding replaces this process with path, which inherits the locks
+// vmlockd holds for object uuid. It returns only if exec failed, after
+// giving those locks back.
+func (g *globals) execHolding(path string, argv []string, uuid string) error {
+	err := syscall.Exec(path, argv, os.Environ())
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	if c, derr := g.dial(ctx); derr == nil {
+		_, _ = c.Release(ctx, uuid)
+		c.Close()
+	}
+	fmt.Fprintf(os.Stderr, "vmlock: cannot execute %s: %v\n", path, err)
+	return exitError{126}
+}
+
 // printState runs a call that answers with a state string, and prints it.
 func (g *globals) printState(cmd *cobra.Command, f func(ctx context.Context, c *api.Client) (string, error)) error {
 	return g.call(cmd, func(ctx context.Context, c *api.Client) error {
@@ -523,16 +538,7 @@ the holder.`,
 				return err
 			}
 			c.Close()
-			err = syscall.Exec(path, args, os.Environ())
-			// Only reached when exec failed: give the locks back.
-			rctx, rcancel := context.WithTimeout(context.Background(), callTimeout)
-			defer rcancel()
-			if c, derr := g.dial(rctx); derr == nil {
-				_, _ = c.Release(rctx, o.UUID)
-				c.Close()
-			}
-			fmt.Fprintf(os.Stderr, "vmlock: cannot execute %s: %v\n", path, err)
-			return exitError{126}
+			return g.execHolding(path, args, o.UUID)
 		},
 	}
 	of.add(c, false)

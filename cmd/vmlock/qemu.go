@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -86,16 +85,7 @@ func runQEMU(cmd *cobra.Command, g *globals, of *objectFlags, rf *resourceFlags,
 	if !cl.Paused {
 		argv = append(argv, "-S") // vmlockd continues the guest once the chains are verified
 	}
-	err = syscall.Exec(path, argv, os.Environ())
-	// Only reached when exec failed: give the locks back.
-	rctx, rcancel := context.WithTimeout(context.Background(), callTimeout)
-	defer rcancel()
-	if c, derr := g.dial(rctx); derr == nil {
-		_, _ = c.Release(rctx, o.UUID)
-		c.Close()
-	}
-	fmt.Fprintf(os.Stderr, "vmlock: cannot execute %s: %v\n", path, err)
-	return exitError{126}
+	return g.execHolding(path, argv, o.UUID)
 }
 
 // imageArg returns an image argument (DISK, --top, --base) as vmlockd
