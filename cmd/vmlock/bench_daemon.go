@@ -117,6 +117,15 @@ func (e *benchEnv) close() {
 }
 
 func killHolder(stateDir string) {
+	for _, pid := range holderPIDs(stateDir) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// holderPIDs returns the lock-holder processes of the vmlockd whose state
+// directory is stateDir.
+func holderPIDs(stateDir string) []int {
+	var pids []int
 	ents, _ := os.ReadDir("/proc")
 	for _, ent := range ents {
 		pid, err := strconv.Atoi(ent.Name())
@@ -125,9 +134,10 @@ func killHolder(stateDir string) {
 		}
 		b, _ := os.ReadFile("/proc/" + ent.Name() + "/cmdline")
 		if strings.Contains(string(b), "_holder") && strings.Contains(string(b), stateDir) {
-			syscall.Kill(pid, syscall.SIGKILL)
+			pids = append(pids, pid)
 		}
 	}
+	return pids
 }
 
 // owner starts a process that owns locks for the benchmark.

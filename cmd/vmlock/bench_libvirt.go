@@ -97,19 +97,7 @@ func (e *lvBenchEnv) close() {
 // vmPIDs returns the processes of vmlockd's side: the daemon and its
 // lock-holder.
 func (e *lvBenchEnv) vmPIDs() []int {
-	pids := []int{e.vm.Process.Pid}
-	ents, _ := os.ReadDir("/proc")
-	for _, ent := range ents {
-		pid, err := strconv.Atoi(ent.Name())
-		if err != nil {
-			continue
-		}
-		b, _ := os.ReadFile("/proc/" + ent.Name() + "/cmdline")
-		if bytes.Contains(b, []byte("_holder")) && bytes.Contains(b, []byte(e.vmState)) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
+	return append([]int{e.vm.Process.Pid}, holderPIDs(e.vmState)...)
 }
 
 // spawn starts cmd and reaps it in the background.
