@@ -387,7 +387,8 @@ func processOwnedBy(p *process, uid int) error {
 	return nil
 }
 
-// hotplug adds resources to a registered object, all or nothing.
+// hotplug adds resources to a registered object, all or nothing (see
+// lockmgr.Manager.AcquireResource).
 func (d *Daemon) hotplug(ctx context.Context, c caller, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
 	if err := d.mayAct(c, o.UUID); err != nil {
 		return "", err
@@ -404,15 +405,10 @@ func (d *Daemon) hotplug(ctx context.Context, c caller, o lockmgr.Object, rs []l
 	if state != "" {
 		return "", lockmgr.Errorf(lockmgr.CodeInvalidArgument, "object %s already holds locks; a state applies only to its first acquire", o.UUID)
 	}
-	var took []lockmgr.Resource
-	for _, r := range rs {
-		if err := d.mgr.AcquireResource(ctx, o.UUID, r); err != nil {
-			for _, t := range took {
-				_, _ = d.mgr.Release(context.WithoutCancel(ctx), o.UUID, &t)
-			}
-			return "", err
-		}
-		took = append(took, r)
+	// One grant for the whole list: one driver call and one lock-holder
+	// record, and on failure nothing of the list is held.
+	if err := d.mgr.AcquireResource(ctx, o.UUID, rs...); err != nil {
+		return "", err
 	}
 	return d.mgr.Inquire(o.UUID)
 }

@@ -226,20 +226,47 @@ func (m *Manager) Acquire(ctx context.Context, uuid string, state string) error 
 	return m.acquire(ctx, ob, todo, expect)
 }
 
-// AcquireResource adds r to a running object and takes it at once: the
-// hotplug path. On failure the object is as it was.
-func (m *Manager) AcquireResource(ctx context.Context, uuid string, r Resource) error {
-	ob, r, err := m.lookupWith(uuid, r)
+// AcquireResource adds rs to a running object and takes them at once: the
+// hotplug path. The list is one grant, all or nothing: one driver call and
+// one observer call for all of rs. On failure the object is as it was (its
+// uses, the table, the driver's locks and the observer's record) and the
+// error names the resource that failed (and, when it is busy, its holder).
+// A resource the object already uses, or one named twice, is an invalid
+// argument.
+func (m *Manager) AcquireResource(ctx context.Context, uuid string, rs ...Resource) error {
+	cs := make([]Resource, len(rs))
+	for i, r := range rs {
+		c, err := Canonical(r)
+		if err != nil {
+			return err
+		}
+		cs[i] = c
+	}
+	ob, err := m.lookup(uuid)
 	if err != nil {
 		return err
 	}
 	defer ob.op.Unlock()
-	u, err := ob.add(r)
-	if err != nil {
-		return err
+	// One set of keys instead of ob.find per resource: a long list on an
+	// object with many uses would otherwise cost their product.
+	keys := make(map[string]bool, len(ob.uses)+len(cs))
+	for _, u := range ob.uses {
+		keys[u.res.Key()] = true
 	}
-	if err := m.acquire(ctx, ob, []*use{u}, nil); err != nil {
-		ob.remove(u)
+	todo := make([]*use, len(cs))
+	for i, r := range cs {
+		k := r.Key()
+		if keys[k] {
+			return invalid("object %s already uses %s, or the list names it twice; nothing was acquired", ob.obj.UUID, r)
+		}
+		keys[k] = true
+		todo[i] = &use{res: r}
+	}
+	n := len(ob.uses)
+	ob.uses = append(ob.uses, todo...)
+	if err := m.acquire(ctx, ob, todo, nil); err != nil {
+		clear(ob.uses[n:])
+		ob.uses = ob.uses[:n]
 		return err
 	}
 	return nil
