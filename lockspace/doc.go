@@ -35,8 +35,13 @@
 //	bytes 8..11   n, uint32 little endian
 //	bytes 12..    n bytes of JSON: the lockmgr.Holder of the newest grant
 //
-// An empty (new) file has token 0 and no holder. The token strictly
-// increases on every grant of the resource, shared grants included. An
+// An empty (new) file has token 0 and no holder. Any other file shorter
+// than the header, or with token 0, was damaged (a torn write, a truncation,
+// zeros after a crash): its last token is unknown, so the resource is not
+// granted (CodeInternal, "damaged token record") until an operator repairs
+// or removes the file; the same holds for a .hwm shorter than 8 bytes. The
+// token strictly increases on every grant of the resource, shared grants
+// included. An
 // upgrade to exclusive (Convert) is a grant too: it rewrites the record with
 // the upgraded lease's holder and the file's token plus one, which becomes
 // the lease's token. A busy

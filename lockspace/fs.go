@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -90,23 +91,72 @@ func modeOfLock(typ int16) lockmgr.Mode {
 	return lockmgr.Exclusive
 }
 
+// damagedError says a token record or high-water mark holds what the
+// driver never writes (a torn write, a file truncated or overwritten by
+// another program or host). Its token cannot be trusted to be the greatest
+// granted, so nothing is granted on it: a fencing token must never go back.
+type damagedError struct {
+	size int    // bytes read (at most a record header)
+	why  string // what is wrong
+}
+
+func (e *damagedError) Error() string {
+	return fmt.Sprintf("damaged token record (%s, %d bytes read): refusing to grant, since the next token could be lower than one already granted; "+
+		"find the last token granted, then repair or remove the file", e.why, e.size)
+}
+
 // readToken reads the token of a record file; fresh is true when the file
-// has none yet (it is shorter than a token).
+// is empty (new). A record the driver cannot have written (shorter than its
+// header, token 0: a torn write, zeros after a crash) is a *damagedError.
 func readToken(fd int) (tok uint64, fresh bool, err error) {
+	var b [recHeader]byte
+	n, err := preadFull(fd, b[:])
+	switch {
+	case err != nil:
+		return 0, false, err
+	case n == 0:
+		return 0, true, nil
+	case n < recHeader:
+		return 0, false, &damagedError{size: n, why: "shorter than a record header"}
+	}
+	if tok = binary.LittleEndian.Uint64(b[:8]); tok == 0 {
+		return 0, false, &damagedError{size: n, why: "token 0"}
+	}
+	return tok, false, nil
+}
+
+// readMark reads a high-water mark file: empty is 0, else 8 bytes.
+func readMark(fd int) (uint64, error) {
 	var b [8]byte
-	for {
-		n, err := unix.Pread(fd, b[:], 0)
+	n, err := preadFull(fd, b[:])
+	switch {
+	case err != nil:
+		return 0, err
+	case n == 0:
+		return 0, nil
+	case n < len(b):
+		return 0, &damagedError{size: n, why: "high-water mark shorter than 8 bytes"}
+	}
+	return binary.LittleEndian.Uint64(b[:]), nil
+}
+
+// preadFull reads len(b) bytes at offset 0, or up to the end of the file.
+func preadFull(fd int, b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		m, err := unix.Pread(fd, b[n:], int64(n))
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
-			return 0, false, err
+			return n, err
 		}
-		if n < len(b) {
-			return 0, true, nil
+		if m == 0 {
+			break
 		}
-		return binary.LittleEndian.Uint64(b[:]), false, nil
+		n += m
 	}
+	return n, nil
 }
 
 func pwriteAll(fd int, b []byte, off int64) error {

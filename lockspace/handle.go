@@ -57,8 +57,7 @@ func (h *handle) readHWM() (uint64, error) {
 		return 0, err
 	}
 	defer unlock(fd, 0, 1)
-	v, _, err := readToken(fd)
-	return v, err
+	return readMark(fd)
 }
 
 // raiseHWM sets the high-water mark to max(hwm, tok).
@@ -73,7 +72,7 @@ func (h *handle) raiseHWM(tok uint64) error {
 		return err
 	}
 	defer unlock(fd, 0, 1)
-	v, _, err := readToken(fd)
+	v, err := readMark(fd)
 	if err != nil || v >= tok {
 		return err
 	}

@@ -371,6 +371,98 @@ func TestTokensIncrease(t *testing.T) {
 	}
 }
 
+// recordPath is the file that holds r's token record: its lease file, or a
+// direct lease's token file.
+func (e *env) recordPath(r lockmgr.Resource) string {
+	if r.Type == lockmgr.TypeDisk && e.cfg.DiskLeaseDir == "" {
+		return filepath.Join(e.cfg.StateDir, "tokens", hashName(r.Name))
+	}
+	return e.lockPath(r)
+}
+
+// A token record that another host or a torn write left damaged does not
+// tell the greatest token granted: granting on it could hand out a token
+// lower than one already granted, so nothing is granted and the record is
+// left as it is.
+func TestDamagedTokenRecordRefusesGrants(t *testing.T) {
+	damages := map[string][]byte{
+		"torn token":  {7, 0, 0},
+		"torn header": {7, 0, 0, 0, 0, 0, 0, 0, 2},
+		"zeroed":      make([]byte, 64),
+	}
+	for _, k := range allKinds() {
+		for what, damage := range damages {
+			t.Run(k.name+"/"+what, func(t *testing.T) {
+				e := newEnv(t, k.indirect)
+				d := e.driver(t)
+				r := k.res(t, e, 0, lockmgr.Exclusive)
+				for range 5 {
+					ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := d.Release(ctx, ls); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// A sharer keeps the lease file while the record is damaged.
+				r.Mode = lockmgr.Shared
+				held, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Shared), r))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(e.recordPath(r), damage, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				ls, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Shared), r))
+				if err == nil {
+					t.Fatalf("granted with token %d after token %d on a damaged record", ls[0].Token(), held[0].Token())
+				}
+				wantCode(t, err, lockmgr.CodeInternal)
+				var de *damagedError
+				if !errors.As(err, &de) {
+					t.Fatalf("error %v does not say the record is damaged", err)
+				}
+				if got, _ := os.ReadFile(e.recordPath(r)); string(got) != string(damage) {
+					t.Fatalf("the damaged record was rewritten: % x", got)
+				}
+				if err := d.Release(ctx, held); err != nil {
+					t.Fatal(err)
+				}
+				r.Mode = lockmgr.Exclusive
+				if _, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r)); !errors.As(err, &de) {
+					t.Fatalf("exclusive acquire after the last release: %v, want the damaged record refused", err)
+				}
+			})
+		}
+	}
+}
+
+// The high-water mark is where a new lease file's tokens continue from; a
+// damaged one refuses new lease files' grants for the same reason.
+func TestDamagedHighWaterMarkRefusesGrants(t *testing.T) {
+	e := newEnv(t, false)
+	d := e.driver(t)
+	r := lockmgr.LeaseResource("cluster-a", "key", lockmgr.Exclusive)
+	ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Release(ctx, ls); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(e.cfg.LeaseDir, "cluster-a", hwmFileName), []byte{1, 0, 0}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var de *damagedError
+	if _, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r)); !errors.As(err, &de) {
+		t.Fatalf("acquire on a damaged high-water mark: %v, want it refused", err)
+	}
+	if _, err := os.Lstat(e.lockPath(r)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the refused acquire left its lease file behind (%v)", err)
+	}
+}
+
 func TestStaleExpect(t *testing.T) {
 	for _, k := range allKinds() {
 		t.Run(k.name, func(t *testing.T) {
