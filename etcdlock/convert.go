@@ -115,7 +115,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		cmps = append(cmps,
 			clientv3.Compare(clientv3.CreateRevision(base), "=", 0).WithRange(oldKey),
 			clientv3.Compare(clientv3.CreateRevision(oldKey+"\x00"), "=", 0).WithRange(clientv3.GetPrefixRangeEnd(base)))
-		thens = append(thens, clientv3.OpPut(d.ks.token(k), d.cfg.Host))
+		thens = append(thens, clientv3.OpPut(d.ks.token(k), tokRecord{Host: d.cfg.Host, UUID: h.UUID}.String()))
 	}
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()

@@ -22,7 +22,7 @@
 //	P hosts/HOST          the host's session key, on its lease; one live session per host name
 //	P res/K/e             the exclusive holder, on the holder host's lease
 //	P res/K/s/HOST.RAND   one key per shared holder grant, on the holder host's lease
-//	P tok/K               the token key: not leased, never deleted
+//	P tok/K               the token key: not leased, never deleted; its value names who moved it last
 //	P void/HOST.RAND      voids a grant attempt whose answer was lost, on the host's lease
 //
 // The value of a holder key is the JSON of {resource, holder, attempt} (the
@@ -70,6 +70,19 @@
 // most OpTimeout whatever the caller's context; if etcd does not, the
 // driver repeats it after each confirmed renewal until it is done or the
 // session ends. A void key stays until its session ends.
+//
+// A withdrawn grant moved the token keys all the same, so a grant
+// conditional on a token (Request.Expect: a migration's destination with
+// the source's state) would find its own retry stale, though nobody was
+// granted the resource. The void transaction therefore also marks each
+// such token key, if its value is still the one the attempt wrote (host,
+// object uuid, attempt, Expect), as moved by a withdrawn grant. A grant
+// whose token comparison fails and whose token key holds such a mark for
+// this host, the same object uuid and the same Expect is sent again
+// comparing the mark's revision instead (at most a few times per call);
+// an attempt of that kind still waiting to be voided is voided first. Any
+// other host or object with the same state still finds it stale, and the
+// new grant's token is a new revision, above every one before.
 //
 // Release deletes the holder keys in one transaction of nested transactions,
 // each deleting its key only if its CreateRevision is still the lease's token,

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -359,7 +360,118 @@ type conflict struct {
 	excl bool // the request is exclusive: any holder conflicts
 }
 
+// maxOwnVoids bounds the grant transactions one tryAcquire sends after
+// finding that the token it expects was moved only by grants of its own
+// that were withdrawn.
+const maxOwnVoids = 4
+
 func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *conflict, error) {
+	// want[i] is the ModRevision the grant compares for ps[i]'s token key:
+	// the caller's Expect, or the revision at which the driver withdrew a
+	// grant of its own conditional on that Expect (see ownWithdrawn).
+	want := make([]int64, len(ps))
+	for i, p := range ps {
+		want[i] = int64(p.req.Expect)
+	}
+	for round := 0; ; round++ {
+		ls, resp, err := d.grantOnce(ctx, ps, want)
+		if err != nil || resp == nil {
+			return ls, nil, err
+		}
+		if len(resp.Responses) != 2*len(ps) {
+			return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected transaction reply (%d responses for %d resources)", len(resp.Responses), len(ps))
+		}
+		// Stale state first: waiting cannot cure it.
+		again := false
+		for i, p := range ps {
+			if p.req.Expect == 0 {
+				continue
+			}
+			var kv *mvccpb.KeyValue
+			if kvs := resp.Responses[2*i+1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+				kv = kvs[0]
+			}
+			if kv != nil && kv.ModRevision == want[i] {
+				continue
+			}
+			if kv != nil && round < maxOwnVoids {
+				ok, err := d.ownWithdrawn(ctx, p, kv)
+				if err != nil {
+					return nil, nil, err
+				}
+				if ok {
+					want[i], again = kv.ModRevision, true
+					continue
+				}
+			}
+			var cur uint64
+			if kv != nil {
+				cur = uint64(kv.ModRevision)
+			}
+			return nil, nil, &lockmgr.StaleStateError{Resource: p.req.Resource, Want: p.req.Expect, Current: cur}
+		}
+		if again {
+			continue
+		}
+		for i, p := range ps {
+			kvs := resp.Responses[2*i].GetResponseRange().GetKvs()
+			if len(kvs) == 0 {
+				continue
+			}
+			kv := kvs[0]
+			if !isExcl(string(kv.Key)) && !p.excl {
+				continue
+			}
+			return nil, &conflict{base: p.base, excl: p.excl}, &lockmgr.BusyError{Resource: p.req.Resource, Holder: holderOf(kv.Key, kv.Value)}
+		}
+		return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: grant refused at revision %d but no conflict found", resp.Header.Revision)
+	}
+}
+
+// ownWithdrawn reports whether the token key kv of p's resource was last
+// moved by a grant of this host to p's object, conditional on p's Expect,
+// that the driver withdrew because its answer was lost (voidOnce marked
+// the token key so). Nobody was granted the resource then, so the state
+// is as current as before: the caller compares kv's ModRevision instead.
+// A grant of that kind not withdrawn yet (in d.voids) is withdrawn first.
+// Another host's or object's withdrawn grant does not count: a state
+// string is for the handover it was made for.
+func (d *Driver) ownWithdrawn(ctx context.Context, p prep, kv *mvccpb.KeyValue) (bool, error) {
+	rec, ok := parseTokRecord(kv.Value)
+	if !ok || rec.Host != d.cfg.Host || rec.UUID != p.req.Holder.UUID || rec.Expect != p.req.Expect || rec.Attempt == "" {
+		return false, nil
+	}
+	if rec.Void {
+		return true, nil
+	}
+	vk := d.ks.void(d.cfg.Host, rec.Attempt)
+	d.mu.Lock()
+	at, pending := d.voids[vk]
+	d.mu.Unlock()
+	if !pending {
+		return false, nil // granted, and not lost: the state is used up
+	}
+	octx, cancel := d.opCtx(ctx)
+	err := d.voidOnce(octx, at)
+	cancel()
+	switch {
+	case err == nil:
+		d.mu.Lock()
+		delete(d.voids, vk)
+		d.mu.Unlock()
+		return true, nil
+	case isLeaseNotFound(err):
+		go d.fence(at.epoch, "etcd says this host's lease is gone (expired or revoked)")
+		return false, fencedError()
+	}
+	return false, opError("etcd driver: acquire: withdraw an earlier grant whose answer was lost", err)
+}
+
+// grantOnce sends one grant transaction, comparing want[i] with the
+// ModRevision of ps[i]'s token key where ps[i] has an Expect. It returns
+// the leases if it was granted, the refused transaction's reply if not,
+// or an error.
+func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lockmgr.Lease, *clientv3.TxnResponse, error) {
 	d.attempts.Add(1)
 	d.mu.Lock()
 	if err := d.usableLocked(); err != nil {
@@ -402,7 +514,7 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(d.ks.excl(p.key)), "=", 0))
 		}
 		if p.req.Expect != 0 {
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p.tok), "=", int64(p.req.Expect)))
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p.tok), "=", want[i]))
 		}
 		h := p.req.Holder
 		h.Host, h.Mode = d.cfg.Host, p.req.Resource.Mode
@@ -415,7 +527,17 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 			return nil, nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: p.req.Resource.String(), Msg: "encode holder", Err: err}
 		}
 		at.vals[i] = string(val)
-		thens = append(thens, clientv3.OpPut(keys[i], at.vals[i], clientv3.WithLease(id)), clientv3.OpPut(p.tok, d.cfg.Host))
+		tr := tokRecord{Host: d.cfg.Host, UUID: p.req.Holder.UUID, Attempt: nc, Expect: p.req.Expect}
+		if p.req.Expect != 0 {
+			// Only a conditional grant's token key is marked when the
+			// grant is withdrawn: only a retry with the same state needs it.
+			at.toks = append(at.toks, p.tok)
+			at.tokVals = append(at.tokVals, tr.String())
+			tr.Void = true
+			at.tokVoids = append(at.tokVoids, tr.String())
+			tr.Void = false
+		}
+		thens = append(thens, clientv3.OpPut(keys[i], at.vals[i], clientv3.WithLease(id)), clientv3.OpPut(p.tok, tr.String()))
 		elses = append(elses, clientv3.OpGet(p.base, clientv3.WithPrefix(), clientv3.WithLimit(1)), clientv3.OpGet(p.tok))
 	}
 	if err := ctx.Err(); err != nil {
@@ -433,85 +555,66 @@ func (d *Driver) tryAcquire(ctx context.Context, ps []prep) ([]lockmgr.Lease, *c
 			return nil, nil, opError("etcd driver: acquire", err)
 		}
 		// The transaction may be committed, now or later: void it, so that
-		// a failed Acquire leaves nothing of its own in etcd.
+		// a failed Acquire leaves nothing of its own in etcd. The attempt
+		// is listed in d.voids while it is not void, so that a retry of
+		// this grant (ownWithdrawn) or the sweeper voids it if this cannot.
+		d.mu.Lock()
+		if d.epoch == epoch && !d.fenced {
+			d.voids[at.void] = at
+		}
+		d.mu.Unlock()
 		switch verr := d.voidAttempt(at); {
 		case verr == nil:
+			d.mu.Lock()
+			delete(d.voids, at.void)
+			d.mu.Unlock()
 			return nil, nil, opError("etcd driver: acquire (nothing was granted)", err)
 		case isLeaseNotFound(verr):
 			go d.fence(epoch, "etcd says this host's lease is gone (expired or revoked)")
 			return nil, nil, fencedError()
 		default:
 			d.log.Warn("a grant whose answer was lost could not be withdrawn yet; will retry", "err", verr)
-			d.mu.Lock()
-			if d.epoch == epoch && !d.fenced {
-				d.voids[at.void] = at
-			}
-			d.mu.Unlock()
 			return nil, nil, opError("etcd driver: acquire (anything it granted is withdrawn in the background)", err)
 		}
 	}
-	if resp.Succeeded {
-		tok := uint64(resp.Header.Revision)
-		d.mu.Lock()
-		if d.epoch != epoch || d.fenced || d.closed || !time.Now().Before(d.deadline) {
-			// The reply came after the fence deadline: its holders could
-			// not be fenced in time, so the grant is withdrawn.
-			if d.epoch == epoch && !d.fenced {
-				for _, k := range keys {
-					d.sweep[k] = int64(tok)
-				}
+	if !resp.Succeeded {
+		return nil, resp, nil
+	}
+	tok := uint64(resp.Header.Revision)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.epoch != epoch || d.fenced || d.closed || !time.Now().Before(d.deadline) {
+		// The reply came after the fence deadline: its holders could
+		// not be fenced in time, so the grant is withdrawn.
+		if d.epoch == epoch && !d.fenced {
+			for _, k := range keys {
+				d.sweep[k] = int64(tok)
 			}
-			d.mu.Unlock()
-			return nil, nil, fencedError()
 		}
-		out := make([]lockmgr.Lease, len(ps))
-		for i, p := range ps {
-			l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], rev: int64(tok), mod: int64(tok), holder: holders[i], epoch: epoch}
-			d.live[keys[i]] = l
-			out[i] = l
-		}
-		d.mu.Unlock()
-		return out, nil, nil
+		return nil, nil, fencedError()
 	}
-	if len(resp.Responses) != 2*len(ps) {
-		return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected transaction reply (%d responses for %d resources)", len(resp.Responses), len(ps))
-	}
-	// Stale state first: waiting cannot cure it.
+	out := make([]lockmgr.Lease, len(ps))
 	for i, p := range ps {
-		if p.req.Expect == 0 {
-			continue
-		}
-		var cur uint64
-		if kvs := resp.Responses[2*i+1].GetResponseRange().GetKvs(); len(kvs) > 0 {
-			cur = uint64(kvs[0].ModRevision)
-		}
-		if cur != p.req.Expect {
-			return nil, nil, &lockmgr.StaleStateError{Resource: p.req.Resource, Want: p.req.Expect, Current: cur}
-		}
+		l := &lease{d: d, res: p.req.Resource, token: tok, key: keys[i], rev: int64(tok), mod: int64(tok), holder: holders[i], epoch: epoch}
+		d.live[keys[i]] = l
+		out[i] = l
 	}
-	for i, p := range ps {
-		kvs := resp.Responses[2*i].GetResponseRange().GetKvs()
-		if len(kvs) == 0 {
-			continue
-		}
-		kv := kvs[0]
-		if !isExcl(string(kv.Key)) && !p.excl {
-			continue
-		}
-		return nil, &conflict{base: p.base, excl: p.excl}, &lockmgr.BusyError{Resource: p.req.Resource, Holder: holderOf(kv.Key, kv.Value)}
-	}
-	return nil, nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: grant refused at revision %d but no conflict found", resp.Header.Revision)
+	return out, nil, nil
 }
 
 // attempt is a grant transaction sent under session epoch (lease) whose
-// answer was lost: it put vals[i] in keys[i] if it was applied, and it is
-// applied only while its void key does not exist.
+// answer was lost: it put vals[i] in keys[i] and tokVals[j] in token key
+// toks[j] if it was applied, and it is applied only while its void key
+// does not exist. tokVoids[j] marks toks[j] as moved by a withdrawn grant.
 type attempt struct {
-	lease clientv3.LeaseID
-	epoch uint64
-	void  string
-	keys  []string
-	vals  []string
+	lease    clientv3.LeaseID
+	epoch    uint64
+	void     string
+	keys     []string
+	vals     []string
+	toks     []string // token keys of the requests with an Expect
+	tokVals  []string
+	tokVoids []string
 }
 
 // voidAttempt makes sure the grant attempt at has no effect, now or later,
@@ -535,16 +638,23 @@ func (d *Driver) voidAttempt(at attempt) error {
 // void key, so that its transaction, if it is still on its way, fails its
 // comparison, and deletes each key that holds the attempt's own value (its
 // record carries the attempt's random value), so that no later grant is
-// touched. It is idempotent. The void key is on the session's lease: it
-// must outlive any request of the attempt still on its way, and it goes
-// with the session.
+// touched. A token key the attempt moved, where its grant was conditional
+// on a token, it marks as moved by a withdrawn grant (see ownWithdrawn),
+// in the same transaction. It is idempotent. The void key is on the
+// session's lease: it must outlive any request of the attempt still on its
+// way, and it goes with the session.
 func (d *Driver) voidOnce(ctx context.Context, at attempt) error {
-	ops := make([]clientv3.Op, 0, 1+len(at.keys))
+	ops := make([]clientv3.Op, 0, 1+len(at.keys)+len(at.toks))
 	ops = append(ops, clientv3.OpPut(at.void, "", clientv3.WithLease(at.lease)))
 	for i, k := range at.keys {
 		ops = append(ops, clientv3.OpTxn(
 			[]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", at.vals[i])},
 			[]clientv3.Op{clientv3.OpDelete(k)}, nil))
+	}
+	for i, k := range at.toks {
+		ops = append(ops, clientv3.OpTxn(
+			[]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", at.tokVals[i])},
+			[]clientv3.Op{clientv3.OpPut(k, at.tokVoids[i])}, nil))
 	}
 	_, err := d.cli.Txn(ctx).Then(ops...).Commit()
 	return err

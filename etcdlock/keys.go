@@ -87,6 +87,35 @@ func parseRecord(v []byte) (record, bool) {
 	return r, true
 }
 
+// tokRecord is the value of a token key: who moved it last. The driver
+// reads it only to recognise a grant of its own whose answer was lost and
+// that it withdrew (Void), so that a retry of that grant with the same
+// state is not refused as stale (see Driver.Acquire).
+type tokRecord struct {
+	Host string `json:"host"`
+	UUID string `json:"uuid,omitempty"` // the holder's object
+	// Attempt is the grant's record.Attempt; Expect the token the grant
+	// was conditional on (Request.Expect, 0 if none).
+	Attempt string `json:"attempt,omitempty"`
+	Expect  uint64 `json:"expect,omitempty"`
+	// Void says that the grant was withdrawn by voidOnce before anybody
+	// was told of it: nobody was granted the resource by it.
+	Void bool `json:"void,omitempty"`
+}
+
+func (r tokRecord) String() string {
+	b, _ := json.Marshal(r) // cannot fail: strings, a number and a bool
+	return string(b)
+}
+
+func parseTokRecord(v []byte) (tokRecord, bool) {
+	var r tokRecord
+	if err := json.Unmarshal(v, &r); err != nil {
+		return tokRecord{}, false
+	}
+	return r, true
+}
+
 // hostRecord is the value of a host's session key.
 type hostRecord struct {
 	Host  string `json:"host"`
