@@ -313,16 +313,16 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 		}
 	}
 	o := c.obj
-	unlockOwner := s.ownerLocks.lock(o.UUID)
-	defer unlockOwner()
+	ownerLock := s.ownerLocks.lock(o.UUID)
+	defer ownerLock.unlock()
 	if rerr := s.ensureObject(ctx, o); rerr != nil { // takes key locks: before ours
 		return rerr
 	}
 	// The resource's lock also serialises concurrent grants of one resource:
 	// the Manager checks conflicts and records grants in two steps, and
 	// only a real lock driver closes the gap between them.
-	unlockKey := s.keyLocks.lock(r.Key())
-	defer unlockKey()
+	keyLock := s.keyLocks.lock(r.Key())
+	defer keyLock.unlock()
 
 	leases, _, err := s.mgr.Held(o.UUID)
 	if err != nil {
@@ -412,8 +412,8 @@ func (s *Server) persist(key string) {
 	if s.grantStore == nil {
 		return
 	}
-	unlock := s.storeLocks.lock(key)
-	defer unlock()
+	l := s.storeLocks.lock(key)
+	defer l.unlock()
 	s.mu.Lock()
 	var rec GrantRecord
 	if g := s.grants[key]; g != nil {
@@ -664,9 +664,9 @@ func (s *Server) forget(ctx context.Context, o lockmgr.Object, leases []lockmgr.
 	}
 	for _, l := range leases {
 		key := l.Resource().Key()
-		unlock := s.keyLocks.lock(key)
+		l := s.keyLocks.lock(key)
 		s.dropGrant(key, o.UUID)
-		unlock()
+		l.unlock()
 	}
 	s.unspell(o.UUID, "")
 	if err != nil {
@@ -763,8 +763,8 @@ func (s *Server) release(ctx context.Context, c *conn, ls *lockspace, name strin
 // is registered with pid and holds r; found says whether it did, and rerr
 // is then the result of the release.
 func (s *Server) releaseOf(ctx context.Context, uuid string, pid int, r lockmgr.Resource) (found bool, rerr *RemoteError) {
-	unlockOwner := s.ownerLocks.lock(uuid)
-	defer unlockOwner()
+	ownerLock := s.ownerLocks.lock(uuid)
+	defer ownerLock.unlock()
 
 	o, err := s.mgr.Object(uuid)
 	if err != nil || o.PID != pid {
@@ -790,8 +790,8 @@ func (s *Server) releaseOf(ctx context.Context, uuid string, pid int, r lockmgr.
 		return false, nil
 	}
 	key = held.Key()
-	unlockKey := s.keyLocks.lock(key)
-	defer unlockKey()
+	keyLock := s.keyLocks.lock(key)
+	defer keyLock.unlock()
 	s.mu.Lock()
 	if g := s.grants[key]; g != nil && g.holders[uuid] > 1 {
 		g.holders[uuid]--
@@ -856,8 +856,8 @@ func (s *Server) whileFree(ls *lockspace, name string, f func(file string) *Remo
 	if rerr != nil {
 		return rerr
 	}
-	unlock := s.keyLocks.lock(r.Key())
-	defer unlock()
+	l := s.keyLocks.lock(r.Key())
+	defer l.unlock()
 	if rerr := s.busyIfHeld(r); rerr != nil {
 		return rerr
 	}
@@ -909,18 +909,18 @@ func (s *Server) closeRule(ctx context.Context, c *conn) {
 	var holding []lockmgr.Object
 	locks := 0
 	for _, uuid := range s.objectsOf(pid, c.obj.UUID) {
-		unlock := s.ownerLocks.lock(uuid)
+		l := s.ownerLocks.lock(uuid)
 		cur, err := s.mgr.Object(uuid)
 		if err != nil || cur.PID != pid {
 			s.dropGrantsOfGone(uuid, err)
-			unlock()
+			l.unlock()
 			continue
 		}
 		leases, ro, err := s.mgr.Held(uuid)
 		if err == nil && len(leases)+len(ro) == 0 {
 			s.forget(ctx, cur, nil)
 		}
-		unlock()
+		l.unlock()
 		if err == nil && len(leases)+len(ro) > 0 {
 			holding = append(holding, cur)
 			locks += len(leases) + len(ro)
@@ -965,8 +965,8 @@ func (s *Server) objectsOf(pid int, uuid string) []string {
 // forgetExited releases every lock of the object o, whose process has
 // exited, unless the object is registered for another process by now.
 func (s *Server) forgetExited(ctx context.Context, o lockmgr.Object) {
-	unlock := s.ownerLocks.lock(o.UUID)
-	defer unlock()
+	l := s.ownerLocks.lock(o.UUID)
+	defer l.unlock()
 	cur, err := s.mgr.Object(o.UUID)
 	if err != nil || cur.PID != o.PID {
 		s.dropGrantsOfGone(o.UUID, err) // released meanwhile (the daemon saw the exit too)
@@ -1002,8 +1002,8 @@ func (s *Server) dropGrantsOfGone(uuid string, err error) {
 // lease files whose last holder it was. It must not be called from an
 // Owners method.
 func (s *Server) Forgotten(uuid string) {
-	unlock := s.ownerLocks.lock(uuid)
-	defer unlock()
+	l := s.ownerLocks.lock(uuid)
+	defer l.unlock()
 	s.pruneGrants(uuid)
 }
 
@@ -1023,11 +1023,11 @@ func (s *Server) pruneGrants(uuid string) {
 	}
 	s.mu.Unlock()
 	for _, key := range keys {
-		unlock := s.keyLocks.lock(key)
+		l := s.keyLocks.lock(key)
 		if !s.currentHolders(key)[uuid] {
 			s.dropGrant(key, uuid)
 		}
-		unlock()
+		l.unlock()
 	}
 }
 

@@ -515,10 +515,12 @@ func (s *Server) reply(c *conn, h Header, rerr *RemoteError) bool {
 	return true
 }
 
-// keyedMutex is a set of mutexes by name, created on demand.
+// keyedMutex is a set of mutexes by name, created on demand. Entries are
+// reused, so that locking allocates nothing on the hot path.
 type keyedMutex struct {
-	mu sync.Mutex
-	m  map[string]*keyedEntry
+	mu   sync.Mutex
+	m    map[string]*keyedEntry
+	free []*keyedEntry // entries nobody uses, for reuse
 }
 
 type keyedEntry struct {
@@ -526,26 +528,47 @@ type keyedEntry struct {
 	refs int
 }
 
-// lock locks the mutex of key and returns its unlock function.
-func (k *keyedMutex) lock(key string) (unlock func()) {
+// keepFree bounds the entries a keyedMutex keeps for reuse.
+const keepFree = 64
+
+// keyedLock is a held mutex of a keyedMutex.
+type keyedLock struct {
+	k   *keyedMutex
+	key string
+	e   *keyedEntry
+}
+
+// lock locks the mutex of key; the caller unlocks it with unlock.
+func (k *keyedMutex) lock(key string) keyedLock {
 	k.mu.Lock()
 	if k.m == nil {
 		k.m = make(map[string]*keyedEntry)
 	}
 	e := k.m[key]
 	if e == nil {
-		e = &keyedEntry{}
+		if n := len(k.free); n > 0 {
+			e, k.free = k.free[n-1], k.free[:n-1]
+		} else {
+			e = &keyedEntry{}
+		}
 		k.m[key] = e
 	}
 	e.refs++
 	k.mu.Unlock()
 	e.Lock()
-	return func() {
-		e.Unlock()
-		k.mu.Lock()
-		if e.refs--; e.refs == 0 {
-			delete(k.m, key)
+	return keyedLock{k, key, e}
+}
+
+// unlock unlocks the mutex.
+func (l keyedLock) unlock() {
+	l.e.Unlock()
+	k := l.k
+	k.mu.Lock()
+	if l.e.refs--; l.e.refs == 0 {
+		delete(k.m, l.key)
+		if len(k.free) < keepFree {
+			k.free = append(k.free, l.e)
 		}
-		k.mu.Unlock()
 	}
+	k.mu.Unlock()
 }
