@@ -69,6 +69,13 @@
 //   - A file that is new (shorter than 8 bytes) continues from .hwm: its first
 //     grant gets token hwm+1, so tokens never go back when files come and go.
 //
+// A lockspace directory that was removed (by an operator) is made again on
+// demand, except while this Driver holds leases through lease files in it:
+// those files went with it, and a lease file in a new directory would not
+// conflict with their locks, so every acquire in that lockspace fails until
+// they are released. (Other drivers cannot know of them.) Its tokens then
+// start again from 1, since its .hwm went with it too.
+//
 // The price of removal: a state string's token for a resource whose file
 // was removed is compared with the directory's mark, which other resources
 // may have raised since, so such a handover can be refused as stale although

@@ -663,6 +663,16 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 	for range maxReopen {
 		fd, err := unix.Openat(dir.fd, t.name, fileFlags, 0o600)
 		if err != nil {
+			if err == unix.ENOENT && t.sub != "" && dir.leases.Load() > 0 {
+				// The lockspace directory was removed with lease files this
+				// host holds: a lease file in a new directory would not
+				// conflict with their locks.
+				d.put(dir)
+				return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Err: err,
+					Msg: fmt.Sprintf("the lockspace directory %s was removed while this host holds leases in it: "+
+						"it is not made again until they are released, since new lease files would not conflict with them",
+						filepath.Join(d.cfg.LeaseDir, t.sub))}
+			}
 			if err == unix.ENOENT && t.sub != "" && !dirGone {
 				// The lockspace directory was removed under us.
 				dirGone = true
@@ -700,6 +710,7 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 			return fsError(r, "stat lease file", d.filePath(t), err)
 		}
 		l.fd, l.dir = fd, dir
+		dir.leases.Add(1)
 		return nil
 	}
 	d.put(dir)

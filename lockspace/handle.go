@@ -3,6 +3,7 @@ package lockspace
 import (
 	"encoding/binary"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,6 +23,11 @@ type handle struct {
 	// .hwm excludes other processes.
 	hwmMu sync.Mutex
 	hwmFd int
+
+	// leases counts the leases held through lease files in this directory
+	// (locked by lockFile or adopted, not yet released), so that a removed
+	// lockspace directory is not made again under them (see lockFile).
+	leases atomic.Int64
 }
 
 func newHandle(fd, refs int) *handle { return &handle{fd: fd, refs: refs, hwmFd: -1} }
@@ -104,6 +110,11 @@ func (c *handleCache) addLocked(key string, h *handle) (closeList []*handle) {
 	if len(c.m) >= c.max {
 		n := max(1, c.max/4)
 		for k, old := range c.m {
+			if old.leases.Load() > 0 {
+				// Kept while leases are held in it, so that the removal of
+				// the directory is noticed (see lockFile).
+				continue
+			}
 			delete(c.m, k)
 			if old.refs--; old.refs == 0 {
 				closeList = append(closeList, old)

@@ -101,6 +101,7 @@ func (l *lease) release() error {
 		// name another file: do not touch it.
 		if v := f.Fd(); v == ^uintptr(0) {
 			if l.dir != nil {
+				l.dir.leases.Add(-1)
 				l.d.put(l.dir)
 			}
 			return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: l.res.String(),
@@ -112,6 +113,7 @@ func (l *lease) release() error {
 	explicit := f != nil
 	if l.dir != nil {
 		l.d.dropFile(fd, l.dir, l.name, l.res.Mode, l.token, l.committed, explicit)
+		l.dir.leases.Add(-1)
 		l.d.put(l.dir)
 	} else if explicit {
 		_ = unlock(fd, 0, 0)
@@ -240,6 +242,9 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 	if r.Mode == lockmgr.Exclusive {
 		// Nobody was granted the resource since: the record is this lease's.
 		l.holder, _ = readHolder(recFd)
+	}
+	if l.dir != nil {
+		l.dir.leases.Add(1)
 	}
 	return l, nil
 }

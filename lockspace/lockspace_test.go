@@ -463,6 +463,48 @@ func TestDamagedHighWaterMarkRefusesGrants(t *testing.T) {
 	}
 }
 
+// A lockspace directory removed (rm -rf) while this host holds leases in
+// it takes their lease files along: a lease file made in a new directory
+// would not conflict with their locks. So the directory is not made again
+// while they are held, and every acquire in it fails saying why; once they
+// are released it is made again on demand.
+func TestRemovedLockspaceDirectoryIsNotRemadeWhileLeasesInItAreHeld(t *testing.T) {
+	e := newEnv(t, false)
+	d := e.driver(t)
+	r := lockmgr.LeaseResource("cluster-a", "key", lockmgr.Exclusive)
+	held, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(e.cfg.LeaseDir, "cluster-a")
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	for _, res := range []lockmgr.Resource{r, lockmgr.LeaseResource("cluster-a", "other", lockmgr.Exclusive)} {
+		ls, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), res))
+		if err == nil {
+			t.Fatalf("%s granted (token %d) while %s is held in the removed directory", res, ls[0].Token(), r)
+		}
+		wantCode(t, err, lockmgr.CodeInternal)
+		if !strings.Contains(err.Error(), "was removed") {
+			t.Fatalf("error %q does not say the lockspace directory was removed", err)
+		}
+	}
+	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the removed lockspace directory was made again (%v)", err)
+	}
+	if err := d.Release(ctx, held); err != nil {
+		t.Fatal(err)
+	}
+	ls, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r))
+	if err != nil {
+		t.Fatalf("acquire after the last lease in the removed directory was released: %v", err)
+	}
+	if err := d.Release(ctx, ls); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestStaleExpect(t *testing.T) {
 	for _, k := range allKinds() {
 		t.Run(k.name, func(t *testing.T) {
