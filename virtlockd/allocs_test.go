@@ -28,14 +28,33 @@ func registerAllocs(t *testing.T, s *Server, c *conn, o Owner) float64 {
 }
 
 // REGISTER, which libvirt sends before every ACQUIRE and RELEASE, waits on
-// nothing: it is served without a deadline timer.
+// nothing: it is served without a deadline timer. Registering the
+// connection's owner again checks nothing again; a new owner is checked
+// once.
 func TestRegisterIsCheap(t *testing.T) {
 	s, err := NewServer(Config{Manager: lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &conn{peer: &Peer{}}
-	if n := registerAllocs(t, s, c, owner("register", fakePID)); n > 12 {
-		t.Fatalf("%v allocations per REGISTER, want at most 12", n)
+	o := owner("register", fakePID)
+	if n := registerAllocs(t, s, c, o); n > 3 {
+		t.Fatalf("%v allocations per REGISTER of the connection's owner, want at most 3 (decoding it)", n)
+	}
+	o.PID++
+	if n := registerAllocs(t, s, c, o); n > 3 {
+		t.Fatalf("%v allocations per REGISTER of the connection's owner, want at most 3 (decoding it)", n)
+	}
+}
+
+// formatUUID writes libvirt's uuid form, as lockmgr parses it.
+func TestFormatUUID(t *testing.T) {
+	u := [16]byte{0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10}
+	const want = "01234567-89ab-cdef-fedc-ba9876543210"
+	if got := formatUUID(u); got != want {
+		t.Fatalf("formatUUID = %q, want %q", got, want)
+	}
+	if got, err := lockmgr.ParseUUID(want); err != nil || got != want {
+		t.Fatalf("lockmgr.ParseUUID(%q) = %q, %v", want, got, err)
 	}
 }

@@ -2,6 +2,7 @@ package virtlockd
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -169,6 +170,9 @@ func (s *Server) register(c *conn, a *RegisterArgs) *RemoteError {
 	if a.Owner.ID == 0 {
 		return errNotRegistered() // sic: virtlockd's message for an owner id of 0
 	}
+	if c.owner != nil && *c.owner == a.Owner {
+		return nil // libvirt registers again before each call: checked already
+	}
 	// Any domain name is taken, as virtlockd takes it (libvirt forbids
 	// only a newline in one): it is recorded and shown escaped and cut.
 	o := lockmgr.Object{
@@ -183,8 +187,19 @@ func (s *Server) register(c *conn, a *RegisterArgs) *RemoteError {
 	return nil
 }
 
+// formatUUID returns u in the 8-4-4-4-12 lowercase hex form.
 func formatUUID(u [16]byte) string {
-	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+	var b [36]byte
+	hex.Encode(b[0:8], u[0:4])
+	b[8] = '-'
+	hex.Encode(b[9:13], u[4:6])
+	b[13] = '-'
+	hex.Encode(b[14:18], u[6:8])
+	b[18] = '-'
+	hex.Encode(b[19:23], u[8:10])
+	b[23] = '-'
+	hex.Encode(b[24:], u[10:16])
+	return string(b[:])
 }
 
 // createLockspace serves the directory path (CREATE_LOCKSPACE, or NEW when
