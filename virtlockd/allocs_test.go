@@ -58,3 +58,37 @@ func TestFormatUUID(t *testing.T) {
 		t.Fatalf("lockmgr.ParseUUID(%q) = %q, %v", want, got, err)
 	}
 }
+
+type testLease struct{ r lockmgr.Resource }
+
+func (l testLease) Resource() lockmgr.Resource { return l.r }
+func (l testLease) Token() uint64              { return 1 }
+
+// Finding a resource among an owner's leases, which every ACQUIRE and
+// RELEASE does, compares keys without building them, and finds the same.
+func TestLeasesAreFoundWithoutBuildingKeys(t *testing.T) {
+	disk := lockmgr.DiskResource("/var/lib/libvirt/images/a-long-enough-name.qcow2", lockmgr.Exclusive)
+	other := lockmgr.DiskResource("/var/lib/libvirt/images/another-long-name.qcow2", lockmgr.Exclusive)
+	lease := lockmgr.LeaseResource("libvirt", "disk", lockmgr.Exclusive)
+	leases := []lockmgr.Lease{testLease{other}, testLease{lease}, testLease{disk}}
+	for _, r := range []lockmgr.Resource{disk, other, lease} {
+		if h, ok := heldAs(leases, r); !ok || h != r {
+			t.Fatalf("heldAs(%v) = %v, %v", r, h, ok)
+		}
+		if h, ok := heldKey(leases, r.Key()); !ok || h != r {
+			t.Fatalf("heldKey(%q) = %v, %v", r.Key(), h, ok)
+		}
+	}
+	for _, key := range []string{"disk:/var", "lease:" + disk.Name, "disk" + disk.Name, "disk:" + disk.Name + "x", ""} {
+		if h, ok := heldKey(leases, key); ok {
+			t.Fatalf("heldKey(%q) = %v", key, h)
+		}
+	}
+	key := disk.Key()
+	if n := testing.AllocsPerRun(100, func() {
+		heldAs(leases, disk)
+		heldKey(leases, key)
+	}); n != 0 {
+		t.Fatalf("%v allocations to find a lease, want 0", n)
+	}
+}

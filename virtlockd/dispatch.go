@@ -293,17 +293,29 @@ func canonical(r lockmgr.Resource) (lockmgr.Resource, *RemoteError) {
 
 // heldAs returns the resource of leases whose key is r's, if any.
 func heldAs(leases []lockmgr.Lease, r lockmgr.Resource) (lockmgr.Resource, bool) {
-	return heldKey(leases, r.Key())
+	for _, l := range leases {
+		if h := l.Resource(); h.Type == r.Type && h.Name == r.Name { // the key, unbuilt
+			return h, true
+		}
+	}
+	return lockmgr.Resource{}, false
 }
 
 // heldKey returns the resource of leases whose key is key, if any.
 func heldKey(leases []lockmgr.Lease, key string) (lockmgr.Resource, bool) {
 	for _, l := range leases {
-		if h := l.Resource(); h.Key() == key {
+		if h := l.Resource(); hasKey(h, key) {
 			return h, true
 		}
 	}
 	return lockmgr.Resource{}, false
+}
+
+// hasKey reports whether r.Key() is key, without building it: the keys
+// of a lock table's leases are compared on every ACQUIRE and RELEASE.
+func hasKey(r lockmgr.Resource, key string) bool {
+	t := string(r.Type)
+	return len(key) == len(t)+1+len(r.Name) && key[:len(t)] == t && key[len(t)] == ':' && key[len(t)+1:] == r.Name
 }
 
 // acquire locks a resource for the connection's registered owner (the
@@ -574,11 +586,15 @@ func (s *Server) granted(uuid string, r lockmgr.Resource, before []lockmgr.Lease
 // sent, if that is not d's own path (see Server.spelled), and keeps the
 // change in the grant store.
 func (s *Server) spell(uuid, sent string, d lockmgr.Resource) {
-	key := d.Key()
 	var changed []string
 	s.mu.Lock()
 	m := s.spelled[uuid]
 	old, had := m[sent]
+	if d.Name == sent && !had { // libvirt's common case: nothing to record
+		s.mu.Unlock()
+		return
+	}
+	key := d.Key()
 	switch {
 	case d.Name == sent && had: // the path names itself now
 		delete(m, sent)
