@@ -67,18 +67,23 @@ type libvirtEndpoint struct {
 // QEMU pinned by a pidfd and its locks recorded in the lock-holder, so that
 // they survive a crash of vmlockd and are released when QEMU exits even
 // after a restart (when QEMU's libvirt connection is gone).
-type libvirtOwners Daemon
+type libvirtOwners struct {
+	d *Daemon
+	// euid is the daemon's effective uid, read once: libvirt registers an
+	// object before nearly every ACQUIRE.
+	euid int
+}
 
 // Register adds o to the lock table and pins its owner process. The owner's
 // uid is this daemon's effective uid: the libvirt server admits only peers
 // of that uid (root for a privileged libvirtd). It fails with an invalid
 // argument error if the process does not exist.
 func (lo *libvirtOwners) Register(ctx context.Context, o lockmgr.Object) error {
-	d := (*Daemon)(lo)
+	d := lo.d
 	if err := d.mgr.Register(o); err != nil {
 		return err
 	}
-	if err := d.own(ctx, o, os.Geteuid(), nil); err != nil {
+	if err := d.own(ctx, o, lo.euid, nil); err != nil {
 		return err
 	}
 	d.log.Debug("libvirt: domain registered", "uuid", o.UUID, "name", o.Name, "pid", o.PID)
@@ -107,7 +112,7 @@ func (d *Daemon) libvirtForgotten(uuid string) {
 
 // Unregister releases every lock of the object and forgets it.
 func (lo *libvirtOwners) Unregister(ctx context.Context, uuid string) error {
-	return (*Daemon)(lo).forget(ctx, uuid)
+	return lo.d.forget(ctx, uuid)
 }
 
 // listenLibvirt creates the libvirt server and its listening socket, if
@@ -126,7 +131,7 @@ func (d *Daemon) listenLibvirt(ctx context.Context) error {
 	}
 	srv, err := virtlockd.NewServer(virtlockd.Config{
 		Manager:    d.mgr,
-		Owners:     (*libvirtOwners)(d),
+		Owners:     &libvirtOwners{d: d, euid: os.Geteuid()},
 		Store:      virtlockd.FileStore{Path: filepath.Join(d.cfg.StateDir, LibvirtStoreFile)},
 		Grants:     virtlockd.DirGrantStore{Dir: filepath.Join(d.cfg.StateDir, LibvirtGrantsDir)},
 		Lockspaces: lc.Lockspaces,
