@@ -38,7 +38,7 @@ func (s *Server) dispatch(ctx context.Context, c *conn, h Header, payload []byte
 	if !h.Procedure.valid() {
 		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("unknown procedure: %d", h.Procedure)), true
 	}
-	args, err := DecodeArgs(h.Procedure, payload)
+	args, err := c.args.decode(h.Procedure, payload)
 	if err != nil {
 		return newRemoteError(CodeRPC, DomainRPC, fmt.Sprintf("Unable to decode message payload: %v", err)), true
 	}

@@ -355,11 +355,89 @@ func DecodeArgs(p Procedure, payload []byte) (Args, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := decoder{b: payload}
-	if err := a.decode(&d); err != nil {
+	if err := decodeInto(a, payload); err != nil {
 		return nil, err
 	}
-	if err := d.end(); err != nil {
+	return a, nil
+}
+
+// decodeInto decodes payload into a, as DecodeArgs does. It calls each
+// type's decode directly, so that the decoder stays on the stack.
+func decodeInto(a Args, payload []byte) error {
+	d := decoder{b: payload}
+	var err error
+	switch a := a.(type) {
+	case *RegisterArgs:
+		err = a.decode(&d)
+	case *RestrictArgs:
+		err = a.decode(&d)
+	case *NewArgs:
+		err = a.decode(&d)
+	case *CreateResourceArgs:
+		err = a.decode(&d)
+	case *DeleteResourceArgs:
+		err = a.decode(&d)
+	case *AcquireResourceArgs:
+		err = a.decode(&d)
+	case *ReleaseResourceArgs:
+		err = a.decode(&d)
+	case *CreateLockspaceArgs:
+		err = a.decode(&d)
+	default: // none: Args has unexported methods, and the cases are all
+		return &DecodeError{Field: "arguments", Err: fmt.Errorf("%w: arguments of type %T", ErrUnknownProcedure, a)}
+	}
+	if err != nil {
+		return err
+	}
+	return d.end()
+}
+
+// argsBuf holds the arguments of each procedure, so that a server decodes
+// the calls of a connection, one at a time, without allocating them.
+type argsBuf struct {
+	register       RegisterArgs
+	restrict       RestrictArgs
+	new            NewArgs
+	createResource CreateResourceArgs
+	deleteResource DeleteResourceArgs
+	acquire        AcquireResourceArgs
+	release        ReleaseResourceArgs
+	createLS       CreateLockspaceArgs
+}
+
+// decode decodes a call to p into b, as DecodeArgs does. The arguments
+// returned are valid until the next call.
+func (b *argsBuf) decode(p Procedure, payload []byte) (Args, error) {
+	var a Args
+	switch p {
+	case ProcRegister:
+		b.register = RegisterArgs{}
+		a = &b.register
+	case ProcRestrict:
+		b.restrict = RestrictArgs{}
+		a = &b.restrict
+	case ProcNew:
+		b.new = NewArgs{}
+		a = &b.new
+	case ProcCreateResource:
+		b.createResource = CreateResourceArgs{}
+		a = &b.createResource
+	case ProcDeleteResource:
+		b.deleteResource = DeleteResourceArgs{}
+		a = &b.deleteResource
+	case ProcAcquireResource:
+		b.acquire = AcquireResourceArgs{}
+		a = &b.acquire
+	case ProcReleaseResource:
+		b.release = ReleaseResourceArgs{}
+		a = &b.release
+	case ProcCreateLockspace:
+		b.createLS = CreateLockspaceArgs{}
+		a = &b.createLS
+	default:
+		return NewArgsFor(p)
+	}
+	if err := decodeInto(a, payload); err != nil {
 		return nil, err
 	}
 	return a, nil

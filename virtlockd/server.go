@@ -434,6 +434,7 @@ type conn struct {
 	obj        lockmgr.Object // owner as a lockmgr object
 	restricted bool
 	wbuf       []byte
+	args       argsBuf // the call being served
 }
 
 func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
