@@ -99,6 +99,10 @@ type qemuVM struct {
 	rec  vmRecord
 	c    *qmp.Client          // nil while not connected
 	jobs map[string]*blockJob // each disk's current or last job, by disk name
+	// stale is set while QEMU's graph could not be read safely
+	// (qemu.ErrGraphUnreadable): the locks stay as they are, and are
+	// settled again when a job is dismissed (adoptOnEvents).
+	stale bool
 	// errMsg says why the VM is not (fully) supervised; guarded by mu.
 	mu     sync.Mutex
 	errMsg string
@@ -390,9 +394,8 @@ func (vm *qemuVM) dialOnce() (*qmp.Client, error) {
 }
 
 // attach takes a new connection into use: it re-attaches to the recorded
-// jobs, reconciles the locks with QEMU's graph and, the first time,
-// continues the guest that vmlock paused, or kills QEMU (see refuse) if
-// its images cannot all be locked.
+// jobs, adopts the jobs started through other monitors, and settles the
+// locks (settleLocked).
 func (vm *qemuVM) attach(c *qmp.Client) error {
 	ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
 	defer cancel()
@@ -426,7 +429,21 @@ func (vm *qemuVM) attach(c *qmp.Client) error {
 		vm.finishLocked(ctx, j, qemu.Result{})
 	}
 	vm.adoptLocked(ctx)
+	return vm.settleLocked(ctx)
+}
+
+// settleLocked reconciles the locks with QEMU's graph and, the first time
+// that succeeds, lets the guest run: it continues the guest that vmlock
+// paused, or kills QEMU (see refuse) if its images cannot all be locked.
+// While the graph cannot be read safely (qemu.ErrGraphUnreadable) it
+// changes nothing: the locks stay, an unverified guest stays paused, and
+// adoptOnEvents settles again once a job is dismissed.
+func (vm *qemuVM) settleLocked(ctx context.Context) error {
+	c := vm.c
 	err := vm.reconcileLocked(ctx)
+	if errors.Is(err, qemu.ErrGraphUnreadable) {
+		return err
+	}
 	if err != nil && !vm.rec.Verified {
 		// The guest never ran: it must not run with an image unlocked.
 		err = fmt.Errorf("QEMU was stopped before its guest started: %w", err)
@@ -549,6 +566,10 @@ func (vm *qemuVM) disksLocked(ctx context.Context) ([]qemu.Disk, error) {
 		return nil, err
 	}
 	disks, err := qemu.Disks(ctx, c)
+	if errors.Is(err, qemu.ErrGraphUnreadable) {
+		vm.stale = true
+		return nil, &lockmgr.Error{Code: lockmgr.CodeNotRegistered, Msg: fmt.Sprintf("VM %s: its locks stay as they are until QEMU's block graph can be read", vm.label()), Err: err}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -671,6 +692,7 @@ func (vm *qemuVM) mayUse(ctx context.Context, r lockmgr.Resource) error {
 }
 
 func (vm *qemuVM) applyLocked(ctx context.Context, want map[string]lockmgr.Mode) error {
+	vm.stale = false // want comes from a graph just read
 	mgr := vm.s.d.mgr
 	ls, ro, err := mgr.Held(vm.uuid)
 	if err != nil {

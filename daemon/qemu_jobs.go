@@ -923,16 +923,22 @@ func (vm *qemuVM) adoptOnEvents(c *qmp.Client, sub *qmp.Subscription) {
 		}
 		ctx, cancel := context.WithTimeout(vm.s.ctx, time.Minute)
 		if vm.lock(ctx) == nil {
-			switch {
-			case vm.c != c || vm.knowsLocked(d.ID):
+			switch known := vm.knowsLocked(d.ID); {
+			case vm.c != c:
 			case d.Status != qemu.JobNull:
-				vm.adoptLocked(ctx)
-			default:
+				if !known {
+					vm.adoptLocked(ctx)
+				}
+			case !known || vm.stale:
 				// A job vmlockd never followed (it ended before vmlockd
 				// saw it run) may have changed the graph: a stream
-				// drops the images it pulled in.
-				if err := vm.reconcileLocked(ctx); err != nil {
-					vm.s.log.Error("moving the locks after a block job vmlockd did not follow", "uuid", vm.uuid, "job", d.ID, "err", err)
+				// drops the images it pulled in. And a dismissed job
+				// may be what kept the graph from being read.
+				stale := vm.stale
+				if err := vm.settleLocked(ctx); err != nil {
+					vm.s.log.Error("moving the locks after a block job was dismissed", "uuid", vm.uuid, "job", d.ID, "err", err)
+				} else if stale {
+					vm.setErr("")
 				}
 			}
 			vm.unlock()

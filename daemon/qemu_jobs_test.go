@@ -19,6 +19,7 @@ import (
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/lockspace"
 	"github.com/vmlock/vmlock/qemu"
+	"github.com/vmlock/vmlock/qmp"
 )
 
 // These tests drive the supervisor's block jobs against real QEMU
@@ -44,6 +45,11 @@ type jobTestVM struct {
 	top, base string
 	dir       string
 	disk      string // the drive's id
+	mon       string // vmlockd's monitor socket
+	pid       int    // QEMU's
+	// test is a client on another monitor of QEMU, as another
+	// management tool would have.
+	test *qmp.Client
 }
 
 // startJobTestVM runs a daemon in-process and a QEMU VM on base ← top
@@ -52,6 +58,23 @@ func startJobTestVM(t *testing.T) *jobTestVM { return startJobTestVMDisk(t, "dri
 
 // startJobTestVMDisk is startJobTestVM with the drive's id.
 func startJobTestVMDisk(t *testing.T, disk string) *jobTestVM {
+	tv := newJobTestVM(t, disk)
+	sctx, scancel := context.WithTimeout(tv.ctx, 30*time.Second)
+	defer scancel()
+	tv.supervise(t)
+	if err := tv.vm.waitAttached(sctx); err != nil {
+		t.Fatal(err)
+	}
+	if e := tv.vm.errText(); e != "" {
+		t.Fatalf("supervising QEMU: %s", e)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+	return tv
+}
+
+// newJobTestVM runs a daemon in-process and a QEMU VM on base ← top,
+// paused (-S), not yet supervised, with a test monitor.
+func newJobTestVM(t *testing.T, disk string) *jobTestVM {
 	needQEMUTools(t)
 	dir, err := os.MkdirTemp("", "vqd") // short: it holds sockets
 	if err != nil {
@@ -84,37 +107,58 @@ func startJobTestVMDisk(t *testing.T, disk string) *jobTestVM {
 		t.Fatal(err)
 	}
 
-	mon := filepath.Join(dir, "m.qmp")
+	tv.mon = filepath.Join(dir, "m.qmp")
+	test := filepath.Join(dir, "t.qmp")
 	cmd := exec.Command("qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
 		"-drive", "if=none,id="+disk+",format=qcow2,file="+tv.top,
-		"-chardev", "socket,id=vmlock-qmp,path="+mon+",server=on,wait=off", "-mon", "chardev=vmlock-qmp,mode=control")
+		"-chardev", "socket,id=vmlock-qmp,path="+tv.mon+",server=on,wait=off", "-mon", "chardev=vmlock-qmp,mode=control",
+		"-qmp", "unix:"+test+",server=on,wait=off")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	tv.pid = cmd.Process.Pid
+	tv.ctx = context.WithValue(ctx, callerKey{}, caller{uid: os.Getuid(), pid: os.Getpid()})
+	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer dcancel()
+	for tv.test == nil {
+		if tv.test, err = qmp.Dial(dctx, test); err != nil && dctx.Err() != nil {
+			t.Fatalf("QEMU's test monitor: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Cleanup(func() { tv.test.Close() })
+	return tv
+}
 
+// supervise has vmlockd supervise the VM, as vmlock run --qemu does.
+func (tv *jobTestVM) supervise(t *testing.T) {
+	t.Helper()
 	sup := tv.d.newQEMUSupervisor()
 	tv.d.qemu = sup // as Run does
-	tv.ctx = context.WithValue(ctx, callerKey{}, caller{uid: os.Getuid(), pid: os.Getpid()})
 	sctx, scancel := context.WithTimeout(tv.ctx, 30*time.Second)
 	defer scancel()
-	o := lockmgr.Object{UUID: "5e550000-0000-4000-8000-000000000001", Name: "vm1", PID: cmd.Process.Pid}
-	_, err = (&qemuService{s: sup}).Start(sctx, &vmlockpb.QEMUStartRequest{Object: api.ObjectToPB(o),
-		Drives: []*vmlockpb.QEMUDrive{{Path: tv.top, Format: "qcow2"}}, Monitor: mon, Resume: true})
+	o := lockmgr.Object{UUID: "5e550000-0000-4000-8000-000000000001", Name: "vm1", PID: tv.pid}
+	_, err := (&qemuService{s: sup}).Start(sctx, &vmlockpb.QEMUStartRequest{Object: api.ObjectToPB(o),
+		Drives: []*vmlockpb.QEMUDrive{{Path: tv.top, Format: "qcow2"}}, Monitor: tv.mon, Resume: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if tv.vm, err = sup.lookup("vm1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := tv.vm.waitAttached(sctx); err != nil {
-		t.Fatal(err)
+}
+
+// status returns QEMU's run state (query-status).
+func (tv *jobTestVM) status(t *testing.T) string {
+	t.Helper()
+	var st struct {
+		Status string `json:"status"`
 	}
-	if e := tv.vm.errText(); e != "" {
-		t.Fatalf("supervising QEMU: %s", e)
+	if err := tv.test.Execute(tv.ctx, "query-status", nil, &st); err != nil {
+		t.Fatalf("QEMU no longer answers: %v", err)
 	}
-	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
-	return tv
+	return st.Status
 }
 
 func (tv *jobTestVM) wantLocks(t *testing.T, want map[string]lockmgr.Mode) {
@@ -392,5 +436,54 @@ func TestPivotOfACopyOfADiskNothingUsesIsRefused(t *testing.T) {
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, top: lockmgr.Exclusive, base: lockmgr.Shared})
 	if out, err := exec.Command("qemu-img", "compare", "-U", top, dest).CombinedOutput(); err != nil {
 		t.Fatalf("the copy after the abort: %v\n%s", err, out)
+	}
+}
+
+// A QEMU whose graph cannot be read when vmlockd first attaches (a stream
+// job started through another monitor waits to be dismissed, and QEMU 7.2
+// crashes if asked for its block nodes then) is neither crashed nor
+// killed as a VM whose images cannot be locked: its guest stays paused,
+// with the locks vmlock run took, until the job is dismissed; then
+// vmlockd checks the locks against QEMU's graph and the guest runs.
+func TestGuestStaysPausedWhileAStreamWaitsToBeDismissed(t *testing.T) {
+	tv := newJobTestVM(t, "drive0")
+	sub := tv.test.Subscribe(qemu.EventJobStatusChange)
+	defer sub.Close()
+	if err := tv.test.Execute(tv.ctx, "block-stream", map[string]any{"job-id": "mine", "device": "drive0", "auto-dismiss": false}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, err := sub.Next(tv.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d qemu.JobStatusChange
+		if ev.DecodeData(&d) == nil && d.Status == qemu.JobConcluded {
+			break
+		}
+	}
+	tv.supervise(t)
+	if err := tv.vm.waitAttached(tv.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e := tv.vm.errText(); !strings.Contains(e, `stream job "mine"`) {
+		t.Fatalf("supervising QEMU while stream job mine waits to be dismissed: %q, want it to say so", e)
+	}
+	if st := tv.status(t); st != "prelaunch" {
+		t.Fatalf("QEMU's status before the graph could be read: %s, want prelaunch (paused before its guest ran)", st)
+	}
+	// The top no longer names a backing file: vmlock run locked it alone.
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive})
+	if err := qemu.JobDismiss(tv.ctx, tv.test, "mine"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); tv.status(t) != "running"; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMU never ran once the stream was dismissed: %s (%s)", tv.status(t), tv.vm.errText())
+		}
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive})
+	if e := tv.vm.errText(); e != "" {
+		t.Fatalf("supervising QEMU once the stream was dismissed: %s", e)
 	}
 }

@@ -492,3 +492,63 @@ func TestQEMUBlockCopyRefusedAsBusySaysTheCopyCannotStart(t *testing.T) {
 		t.Fatalf("blockcopy into an image holder has: exit %d, stderr %q; want 3 and %q... naming its pid", r.code, r.stderr, want)
 	}
 }
+
+// waitLocks waits until the lock monitor lists exactly want, each held by
+// pid alone.
+func (d *daemon) waitLocks(pid int, want map[string]lockmgr.Mode) {
+	d.t.Helper()
+	exp := map[string]string{}
+	for p, m := range want {
+		exp[p] = fmt.Sprintf("%s %d", m, pid)
+	}
+	for deadline := time.Now().Add(20 * time.Second); fmt.Sprint(d.modes()) != fmt.Sprint(exp); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			d.t.Fatalf("locks:\n got %v\nwant %v", d.modes(), exp)
+		}
+	}
+}
+
+// alive checks that QEMU still answers on the test's monitor.
+func (v *vm) alive() {
+	v.t.Helper()
+	if err := v.mon.Execute(qctx(v.t), "query-status", nil, nil); err != nil {
+		v.t.Fatalf("QEMU no longer answers: %v; exit: %v; stderr: %s", err, v.cmd.Wait(), v.errb)
+	}
+}
+
+// QEMU 7.2 crashes (SIGSEGV) when asked for its block nodes while a stream
+// job started with auto-dismiss=false has ended and waits to be dismissed.
+// A vmlockd restarted in that window must not ask: QEMU lives on, the
+// locks stay as they were (the images the stream pulled in stay locked
+// longer, never fewer), and vmlock says why it cannot read the graph; once
+// the job's creator dismisses it, the locks follow QEMU's graph.
+func TestQEMUStreamWaitingToBeDismissedSurvivesARestartOfVmlockd(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	chain := map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared}
+	d.kill9()
+	if err := v.mon.Execute(qctx(t), "block-stream", map[string]any{"job-id": "mine", "device": "drive0", "auto-dismiss": false}, nil); err != nil {
+		t.Fatal(err)
+	}
+	v.waitJobStatus("mine", "concluded")
+	d.start()
+	r := d.vmlock("vms", "vm1")
+	v.alive()
+	if !strings.Contains(r.stdout+r.stderr, `job "mine"`) || !strings.Contains(r.stdout+r.stderr, "dismiss") {
+		t.Fatalf("vmlock vms vm1 while the stream waits to be dismissed: exit %d\nstdout: %s\nstderr: %s\nwant it to say job \"mine\" must be dismissed", r.code, r.stdout, r.stderr)
+	}
+	r = d.vmlock("disk", "detach", "vm1", "drive0")
+	v.alive()
+	if r.code == 0 || !strings.Contains(r.stderr, `job "mine"`) {
+		t.Fatalf("vmlock disk detach while the stream waits to be dismissed: exit %d, stderr %q", r.code, r.stderr)
+	}
+	d.wantLocks(v.pid(), chain)
+	if err := v.mon.Execute(qctx(t), "job-dismiss", map[string]any{"id": "mine"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.waitLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive})
+	v.quit()
+	checkMerged(t, ch.top)
+}

@@ -137,9 +137,30 @@ func (n *Node) IsFilter() bool {
 // ErrNoSuchNode is wrapped by errors about a node name the graph lacks.
 var ErrNoSuchNode = errors.New("no such block node")
 
+// ErrGraphUnreadable is wrapped by QueryNodes' error (so by QueryGraph's
+// and Disks') when QEMU cannot be asked for its block nodes without
+// crashing: QEMU 7.2 dies of SIGSEGV on query-named-block-nodes while a
+// stream job that has ended waits to be dismissed (it was started with
+// auto-dismiss=false), since the job still holds its copy-on-read filter
+// node, which has lost its child. The nodes can be read again once the job
+// is dismissed (JOB_STATUS_CHANGE to "null").
+var ErrGraphUnreadable = errors.New("QEMU's block nodes cannot be read now")
+
 // QueryNodes returns every named block node (query-named-block-nodes,
-// flat).
+// flat). It asks for the jobs first (query-jobs) and fails with an error
+// wrapping ErrGraphUnreadable, without asking for the nodes, while a
+// stream job waits to be dismissed. A stream that ends between the two
+// commands is not seen: QEMU gives no way to ask both at once.
 func QueryNodes(ctx context.Context, c *qmp.Client) ([]NodeInfo, error) {
+	jobs, err := QueryJobs(ctx, c)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: listing block nodes: %w", err)
+	}
+	for _, j := range jobs {
+		if j.Type == "stream" && j.Status == JobConcluded {
+			return nil, fmt.Errorf("qemu: listing block nodes: %w: stream job %q has ended and waits to be dismissed (job-dismiss), and QEMU 7.2 crashes if asked for its block nodes then", ErrGraphUnreadable, j.ID)
+		}
+	}
 	var nodes []NodeInfo
 	if err := c.Execute(ctx, "query-named-block-nodes", map[string]bool{"flat": true}, &nodes); err != nil {
 		return nil, fmt.Errorf("qemu: listing block nodes: %w", err)

@@ -530,3 +530,40 @@ func TestAttachToAJobCancelledMeanwhile(t *testing.T) {
 		t.Fatalf("Wait on the attached cancelled job: %+v %v", res, err)
 	}
 }
+
+// QEMU 7.2 crashes (SIGSEGV) on query-named-block-nodes while a stream
+// job that has ended waits to be dismissed. QueryNodes, QueryGraph and
+// Disks do not ask it then: they say why, and QEMU lives on; once the job
+// is dismissed they read the graph again.
+func TestGraphIsNotReadWhileAStreamWaitsToBeDismissed(t *testing.T) {
+	ch := makeChain(t)
+	c, cmd := startQEMU(t, "-drive", "if=none,id=drive0,format=qcow2,file="+ch.top)
+	ctx := testCtx(t)
+	sub := c.Subscribe(EventJobStatusChange)
+	defer sub.Close()
+	if err := c.Execute(ctx, "block-stream", map[string]any{"job-id": "mine", "device": "drive0", "auto-dismiss": false}, nil); err != nil {
+		t.Fatal(err)
+	}
+	jobStatuses(t, sub, "mine", JobConcluded)
+	for name, read := range map[string]func() error{
+		"QueryNodes": func() error { _, err := QueryNodes(ctx, c); return err },
+		"QueryGraph": func() error { _, err := QueryGraph(ctx, c); return err },
+		"Disks":      func() error { _, err := Disks(ctx, c); return err },
+	} {
+		if err := read(); !errors.Is(err, ErrGraphUnreadable) || !strings.Contains(err.Error(), `"mine"`) {
+			t.Fatalf("%s while stream job mine waits to be dismissed: %v, want ErrGraphUnreadable naming it", name, err)
+		}
+	}
+	if err := c.Execute(ctx, "query-status", nil, nil); err != nil {
+		t.Fatalf("QEMU after the graph reads: %v", err)
+	}
+	if err := JobDismiss(ctx, c, "mine"); err != nil {
+		t.Fatal(err)
+	}
+	disks, err := Disks(ctx, c)
+	if err != nil || len(disks) != 1 || len(disks[0].Images) != 1 {
+		t.Fatalf("disks once the stream was dismissed: %+v %v, want drive0 with its top alone", disks, err)
+	}
+	quit(t, c, cmd)
+	checkMerged(t, ch.top)
+}
