@@ -42,6 +42,10 @@ const (
 	phaseCompleted = "completed" // an intermediate commit ended
 	phaseCancelled = "cancelled" // cancelled before it was ready
 	phaseFailed    = "failed"
+	// phaseConcluded: a job started through another monitor has ended in
+	// QEMU and waits for its creator to dismiss it (auto-dismiss=false);
+	// it ends (and its locks move) once it is dismissed.
+	phaseConcluded = "concluded"
 	// phaseUnknown: the job ended while vmlockd was down, and neither
 	// QEMU nor its graph tells how (an adopted backup QEMU dismissed).
 	phaseUnknown = "unknown"
@@ -149,7 +153,11 @@ func (vm *qemuVM) jobDiskLocked(ctx context.Context, name string) (*qemu.Disk, e
 		return nil, err
 	}
 	if j := vm.liveJobLocked(d.Name); j != nil {
-		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "disk %s already has a block job (%s, %s): pivot or abort it first", d.Name, j.rec.Type, j.phase)
+		todo := "pivot or abort it first"
+		if j.phase == phaseConcluded {
+			todo = "it has ended and waits for its creator to dismiss it (job-dismiss)"
+		}
+		return nil, lockmgr.Errorf(lockmgr.CodeNotRegistered, "disk %s already has a block job (%s %s, %s): %s", d.Name, j.rec.Type, j.rec.ID, j.phase, todo)
 	}
 	return d, nil
 }
@@ -482,7 +490,25 @@ func (vm *qemuVM) watch(j *blockJob, q *qemu.Job) {
 			}
 			vm.unlock()
 		}
-		_, err = q.WaitStatus(ctx, qemu.JobConcluded, qemu.JobNull)
+		st, err = q.WaitStatus(ctx, qemu.JobConcluded, qemu.JobNull)
+	}
+	if err == nil && st == qemu.JobConcluded && j.rec.Foreign && q.Status() == qemu.JobConcluded {
+		// Not vmlockd's to dismiss: its creator may have asked QEMU to
+		// keep it (auto-dismiss=false) to read its outcome. QEMU keeps
+		// its nodes until then, and the locks stay.
+		res, _ := q.Result()
+		if vm.lock(ctx) == nil {
+			if j.q == q && !j.ended {
+				if res.Error != "" {
+					j.errMsg = res.Error
+				}
+				vm.setPhaseLocked(j, phaseConcluded)
+				vm.s.log.Info("block job ended; its locks move once its creator dismisses it", "uuid", vm.uuid, "name", vm.name, "disk", j.rec.Disk, "job", j.rec.ID,
+					"outcome", res.Outcome, "error", res.Error)
+			}
+			vm.unlock()
+		}
+		_, err = q.WaitStatus(ctx, qemu.JobNull)
 	}
 	if err != nil {
 		return
@@ -499,14 +525,14 @@ func (vm *qemuVM) watch(j *blockJob, q *qemu.Job) {
 	}
 }
 
-// finishLocked handles a job's end: it dismisses the job, names the
-// outcome, unlinks the images a successful commit invalidated (--delete),
+// finishLocked handles a job's end: it dismisses the job (if vmlockd
+// started it; see watch), names the outcome, unlinks the images a successful commit invalidated (--delete),
 // removes an unused copy target from QEMU, and moves the locks to what
 // QEMU now uses. res is QEMU's report (zero if the end was not seen: the job had
 // vanished when vmlockd re-attached; QEMU's graph then tells).
 func (vm *qemuVM) finishLocked(ctx context.Context, j *blockJob, res qemu.Result) {
 	// Dismissed first: a concluded job still holds the nodes it used.
-	if vm.c != nil {
+	if vm.c != nil && !j.rec.Foreign {
 		if err := qemu.JobDismiss(ctx, vm.c, j.rec.ID); err != nil {
 			var qe *qmp.Error
 			if !errors.As(err, &qe) {
@@ -625,16 +651,13 @@ func (vm *qemuVM) blockJobAction(ctx context.Context, req *vmlockpb.BlockJobRequ
 	default:
 		err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "unknown block job action %v", req.Action)
 	}
-	done := j.done
 	vm.unlock()
 	if err != nil {
 		return nil, err
 	}
 	if !req.Async {
-		select {
-		case <-done:
-		case <-ctx.Done():
-			return nil, lockmgr.Errorf(lockmgr.CodeTimeout, "the job on disk %s did not end in time; see vmlock blockjob --info", j.rec.Disk)
+		if err := vm.waitEnd(ctx, j); err != nil {
+			return nil, err
 		}
 	}
 	if err := vm.lock(ctx); err != nil {
@@ -646,6 +669,26 @@ func (vm *qemuVM) blockJobAction(ctx context.Context, req *vmlockpb.BlockJobRequ
 		return nil, lockmgr.Errorf(lockmgr.CodeInternal, "block job %s on disk %s failed: %s; its locks are back as before the job", j.rec.ID, j.rec.Disk, j.errMsg)
 	}
 	return info, nil
+}
+
+// waitEnd waits until job j has ended, or has ended in QEMU and waits for
+// its creator to dismiss it (phaseConcluded).
+func (vm *qemuVM) waitEnd(ctx context.Context, j *blockJob) error {
+	for {
+		if err := vm.lock(ctx); err != nil {
+			return err
+		}
+		end, changed := j.ended || j.phase == phaseConcluded, j.changed
+		vm.unlock()
+		if end {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return lockmgr.Errorf(lockmgr.CodeTimeout, "the job on disk %s did not end in time; see vmlock blockjob --info", j.rec.Disk)
+		}
+	}
 }
 
 // asked is the name a caller gave disk d, if it is not d's Name.
@@ -698,6 +741,8 @@ func (vm *qemuVM) pivotLocked(ctx context.Context, j *blockJob) error {
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the job on disk %s is a %s: it has no ready phase and ends by itself; there is nothing to pivot", j.rec.Disk, j.rec.Type)
 	case j.phase == phasePivoting || j.phase == phaseAborting:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
+	case j.phase == phaseConcluded:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job %s on disk %s has ended and waits for its creator to dismiss it (job-dismiss)", j.rec.ID, j.rec.Disk)
 	case j.q == nil:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
 	}
@@ -746,6 +791,8 @@ func (vm *qemuVM) abortLocked(ctx context.Context, j *blockJob) error {
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s has ended (%s): nothing to abort", j.rec.Disk, j.phase)
 	case j.phase == phasePivoting || j.phase == phaseAborting:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is already %s", j.rec.Disk, j.phase)
+	case j.phase == phaseConcluded:
+		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job %s on disk %s has ended and waits for its creator to dismiss it (job-dismiss)", j.rec.ID, j.rec.Disk)
 	case j.q == nil:
 		return lockmgr.Errorf(lockmgr.CodeNotRegistered, "the block job on disk %s is being re-attached; retry", j.rec.Disk)
 	}
@@ -767,7 +814,7 @@ func (vm *qemuVM) waitJob(ctx context.Context, j *blockJob, max time.Duration) (
 		if err := vm.lock(ctx); err != nil {
 			return nil, err
 		}
-		if j.ended || j.phase == phaseReady {
+		if j.ended || j.phase == phaseReady || j.phase == phaseConcluded {
 			defer vm.unlock()
 			return vm.infoLocked(ctx, j), nil
 		}

@@ -552,3 +552,61 @@ func TestQEMUStreamWaitingToBeDismissedSurvivesARestartOfVmlockd(t *testing.T) {
 	v.quit()
 	checkMerged(t, ch.top)
 }
+
+// waitJobPhase polls vmlock blockjob VM DISK until it shows the job in
+// phase.
+func (d *daemon) waitJobPhase(vmName, disk, phase string) map[string]any {
+	d.t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		info := d.jobInfo(vmName, disk)
+		if info["phase"] == phase {
+			return info
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("the job on %s never reached phase %s: %v", disk, phase, info)
+		}
+	}
+}
+
+// A job started through another monitor with auto-dismiss=false is its
+// creator's to dismiss (it wants to read the outcome): vmlockd leaves it
+// concluded in QEMU, shows it so, keeps its locks meanwhile (without
+// asking QEMU 7.2 for its graph, which would crash it), and moves them
+// when the creator dismisses it.
+func TestQEMUJobStartedThroughQMPWithoutAutoDismissIsLeftForItsCreatorToDismiss(t *testing.T) {
+	needQEMU(t)
+	d := startDaemon(t)
+	ch := makeVChain(t)
+	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+	chain := map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive, ch.mid: lockmgr.Shared, ch.base: lockmgr.Shared}
+	// Slow: the job cannot be done before vmlockd sees it.
+	if err := v.mon.Execute(qctx(t), "block-stream", map[string]any{"job-id": "mine", "device": "drive0", "speed": 1, "auto-dismiss": false}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if info := d.jobInfo("vm1", "drive0"); info["id"] != "mine" || info["type"] != "stream" || info["phase"] != "running" {
+		t.Fatalf("blockjob vm1 drive0 of a stream started through QMP: %v", info)
+	}
+	v.setSpeed("mine", 0)
+	if info := d.waitJobPhase("vm1", "drive0", "concluded"); info["ended"] == true || info["qemu_status"] != "concluded" {
+		t.Fatalf("blockjob vm1 drive0 once the stream ended in QEMU: %v", info)
+	}
+	var jobs []struct{ ID, Status string }
+	if err := v.mon.Execute(qctx(t), "query-jobs", nil, &jobs); err != nil || len(jobs) != 1 || jobs[0].Status != "concluded" {
+		t.Fatalf("QEMU's jobs once vmlockd saw the stream end: %+v %v, want mine concluded", jobs, err)
+	}
+	r := d.vmlock("vms", "vm1")
+	v.alive()
+	if !strings.Contains(r.stdout, `job "mine"`) {
+		t.Fatalf("vmlock vms vm1 while the stream waits to be dismissed: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+	d.wantLocks(v.pid(), chain)
+	if err := v.mon.Execute(qctx(t), "job-dismiss", map[string]any{"id": "mine"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if info := d.waitJobEnded("vm1", "drive0"); info["phase"] != "completed" {
+		t.Fatalf("after the creator dismissed the stream: %v", info)
+	}
+	d.wantLocks(v.pid(), map[string]lockmgr.Mode{ch.top: lockmgr.Exclusive})
+	v.quit()
+	checkMerged(t, ch.top)
+}
