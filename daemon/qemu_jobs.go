@@ -407,11 +407,19 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 				return nil, err
 			}
 			if !locked {
+				if h := vm.s.createdHook; h != nil {
+					h(dest.Name)
+				}
 				err = lock(p)
 			}
 		}
 		if err != nil {
 			putBack()
+			if created != nil && errors.Is(err, lockmgr.ErrBusy) {
+				// Someone locked the new image in the instant before
+				// vmlockd could: it may be theirs to use now.
+				return nil, fmt.Errorf("the copy cannot start: vmlockd created %s for it, but another owner locked it first, so it is left in place: %w", dest.Name, err)
+			}
 			undo()
 			return nil, fmt.Errorf("the copy cannot start: %w", err)
 		}

@@ -439,6 +439,38 @@ func TestPivotOfACopyOfADiskNothingUsesIsRefused(t *testing.T) {
 	}
 }
 
+// With a lease on the image itself (direct), blockcopy creates a new
+// target, then locks it. Another owner that locks the file in between may
+// be using it: the copy is refused as busy naming that owner, and the
+// file is left in place, not removed from under it.
+func TestBlockCopyLeavesANewTargetAnotherOwnerLockedFirst(t *testing.T) {
+	tv := startJobTestVM(t)
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	tv.d.qemu.createdHook = func(p string) {
+		if _, err := tv.d.acquire(tv.ctx, callerOf(tv.ctx), &vmlockpb.AcquireRequest{
+			Object:    api.ObjectToPB(lockmgr.Object{UUID: "0ddba11e-0000-4000-8000-000000000002", Name: "other", PID: other.Process.Pid}),
+			Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(p, lockmgr.Exclusive))}}); err != nil {
+			t.Errorf("the other owner locking %s: %v", p, err)
+		}
+	}
+	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})
+	if !errors.Is(err, lockmgr.ErrBusy) || !strings.Contains(err.Error(), `"other"`) || !strings.Contains(err.Error(), "left in place") {
+		t.Fatalf("blockcopy to a new target another owner locked first: %v, want busy naming it and saying the file is left", err)
+	}
+	if _, err := os.Lstat(dest); err != nil {
+		t.Fatalf("the target the other owner holds: %v, want it left in place", err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+	if jobs, err := qemu.QueryJobs(tv.ctx, tv.vm.c); err != nil || len(jobs) != 0 {
+		t.Fatalf("QEMU's jobs after the refused copy: %+v %v", jobs, err)
+	}
+}
+
 // A QEMU whose graph cannot be read when vmlockd first attaches (a stream
 // job started through another monitor waits to be dismissed, and QEMU 7.2
 // crashes if asked for its block nodes then) is neither crashed nor
