@@ -63,10 +63,10 @@ type qemuSupervisor struct {
 	// ctx bounds the supervisor's own goroutines; it lives as long as the
 	// daemon's process (a reload re-executes it, a crash kills it).
 	ctx context.Context
-	// createdHook, if set, is called after blockcopy has created a new
-	// target image and before it locks it (direct leases): tests step in
-	// there.
-	createdHook func(path string)
+	// copyHook, if set, is called by blockcopy at each step on a target
+	// image it created: "created" (before it locks it, with direct leases)
+	// and "remove" (before it removes it). Tests step in there.
+	copyHook func(step, path string)
 
 	mu  sync.Mutex
 	vms map[string]*qemuVM // by uuid

@@ -357,6 +357,9 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	undo := func() {
 		var st unix.Stat_t
 		if created != nil && unix.Lstat(dest.Name, &st) == nil && st.Dev == created.Dev && st.Ino == created.Ino {
+			if h := vm.s.copyHook; h != nil {
+				h("remove", dest.Name)
+			}
 			_ = os.Remove(dest.Name)
 		}
 	}
@@ -370,6 +373,18 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 			vm.rec.Managed = append(vm.rec.Managed, p)
 		}
 		return err
+	}
+	// dropCreated removes the target vmlockd created, unless QEMU uses
+	// it, while the VM still holds its lock (so nobody else can have
+	// begun to use the file), then lets the locks follow QEMU's graph,
+	// which releases it.
+	dropCreated := func(ctx context.Context) {
+		if disks, err := vm.disksLocked(ctx); created != nil && err == nil && !usesImage(disks, dest.Name) {
+			undo()
+		}
+		if rerr := vm.reconcileLocked(ctx); rerr != nil {
+			vm.s.log.Error("releasing a copy target QEMU does not use", "uuid", vm.uuid, "err", rerr)
+		}
 	}
 	putBack := func() {
 		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
@@ -407,8 +422,8 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 				return nil, err
 			}
 			if !locked {
-				if h := vm.s.createdHook; h != nil {
-					h(dest.Name)
+				if h := vm.s.copyHook; h != nil {
+					h("created", dest.Name)
 				}
 				err = lock(p)
 			}
@@ -432,12 +447,9 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		node["backing"] = nil // a full copy stands alone
 	}
 	if err := qemu.BlockdevAdd(ctx, vm.c, node); err != nil {
-		if rerr := vm.reconcileDetachedLocked(); rerr != nil {
-			vm.s.log.Error("releasing a copy target QEMU did not open", "uuid", vm.uuid, "err", rerr)
-		}
-		if !slices.Contains(vm.rec.Managed, dest.Name) { // QEMU did not open it
-			undo()
-		}
+		cctx, cancel := vm.cleanupContext()
+		defer cancel()
+		dropCreated(cctx)
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU cannot open the copy target", Err: err}
 	}
 	opts := qemu.MirrorOptions{JobID: rec.ID, Device: d.Root, Target: rec.TargetNode, Sync: "full", Speed: req.Bandwidth, AutoDismiss: new(false)}
@@ -448,14 +460,22 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		if derr := qemu.BlockdevDel(cctx, vm.c, rec.TargetNode); derr != nil {
 			vm.s.log.Error("removing a copy target from QEMU", "uuid", vm.uuid, "node", rec.TargetNode, "err", derr)
 		}
-		if rerr := vm.reconcileLocked(cctx); rerr != nil {
-			vm.s.log.Error("releasing a copy target", "uuid", vm.uuid, "err", rerr)
-		}
-		if !slices.Contains(vm.rec.Managed, dest.Name) { // QEMU closed it
-			undo()
-		}
+		dropCreated(cctx)
 	}
 	return info, err
+}
+
+// usesImage reports whether QEMU uses file p as an image of a disk (or as
+// an image's data file).
+func usesImage(disks []qemu.Disk, p string) bool {
+	for _, d := range disks {
+		for _, img := range d.Images {
+			if img.Path == p || img.DataFile == p {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // createImage creates a new image at path with qemu-img, and returns the

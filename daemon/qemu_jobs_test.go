@@ -451,7 +451,10 @@ func TestBlockCopyLeavesANewTargetAnotherOwnerLockedFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { other.Process.Kill(); other.Wait() }()
-	tv.d.qemu.createdHook = func(p string) {
+	tv.d.qemu.copyHook = func(step, p string) {
+		if step != "created" {
+			return
+		}
 		if _, err := tv.d.acquire(tv.ctx, callerOf(tv.ctx), &vmlockpb.AcquireRequest{
 			Object:    api.ObjectToPB(lockmgr.Object{UUID: "0ddba11e-0000-4000-8000-000000000002", Name: "other", PID: other.Process.Pid}),
 			Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(p, lockmgr.Exclusive))}}); err != nil {
@@ -518,4 +521,43 @@ func TestGuestStaysPausedWhileAStreamWaitsToBeDismissed(t *testing.T) {
 	if e := tv.vm.errText(); e != "" {
 		t.Fatalf("supervising QEMU once the stream was dismissed: %s", e)
 	}
+}
+
+// A copy that QEMU refuses (here: a negative bandwidth) removes the new
+// target vmlockd created for it, and does so while the VM still holds
+// its lock: another owner that tries to lock the file then is refused,
+// and so never uses a file that is being removed.
+func TestBlockCopyRemovesTheTargetItCreatedBeforeReleasingIt(t *testing.T) {
+	tv := startJobTestVM(t)
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	var otherErr error
+	removing := false
+	tv.d.qemu.copyHook = func(step, p string) {
+		if step != "remove" {
+			return
+		}
+		removing = true
+		_, otherErr = tv.d.acquire(tv.ctx, callerOf(tv.ctx), &vmlockpb.AcquireRequest{
+			Object:    api.ObjectToPB(lockmgr.Object{UUID: "0ddba11e-0000-4000-8000-000000000003", Name: "other", PID: other.Process.Pid}),
+			Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(p, lockmgr.Exclusive))}})
+	}
+	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest, Bandwidth: -1})
+	if !errors.Is(err, lockmgr.ErrInvalidArgument) {
+		t.Fatalf("blockcopy with a negative bandwidth: %v, want QEMU's refusal", err)
+	}
+	if !removing {
+		t.Fatal("vmlockd did not remove the target it created")
+	}
+	if !errors.Is(otherErr, lockmgr.ErrBusy) {
+		t.Fatalf("another owner locking the target while vmlockd removes it: %v, want busy", otherErr)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the target after the refused copy: %v, want it removed", err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
 }
