@@ -534,10 +534,16 @@ func TestQEMUStreamWaitingToBeDismissedSurvivesARestartOfVmlockd(t *testing.T) {
 	}
 	v.waitJobStatus("mine", "concluded")
 	d.start()
-	r := d.vmlock("vms", "vm1")
+	// vmlock blockjob waits until vmlockd has re-attached to QEMU.
+	r := d.vmlock("blockjob", "vm1", "drive0")
 	v.alive()
-	if !strings.Contains(r.stdout+r.stderr, `job "mine"`) || !strings.Contains(r.stdout+r.stderr, "dismiss") {
-		t.Fatalf("vmlock vms vm1 while the stream waits to be dismissed: exit %d\nstdout: %s\nstderr: %s\nwant it to say job \"mine\" must be dismissed", r.code, r.stdout, r.stderr)
+	if r.code == 0 || !strings.Contains(r.stderr, `job "mine"`) || !strings.Contains(r.stderr, "dismiss") {
+		t.Fatalf("vmlock blockjob vm1 drive0 while the stream waits to be dismissed: exit %d\nstdout: %s\nstderr: %s\nwant it to say job \"mine\" must be dismissed", r.code, r.stdout, r.stderr)
+	}
+	r = d.vmlock("vms", "vm1")
+	v.alive()
+	if !strings.Contains(r.stdout, `job "mine"`) {
+		t.Fatalf("vmlock vms vm1 while the stream waits to be dismissed: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
 	}
 	r = d.vmlock("disk", "detach", "vm1", "drive0")
 	v.alive()
