@@ -21,3 +21,6 @@ go vet ./...
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [[ -n "$unformatted" ]]; then echo "gofmt would change: $unformatted" >&2; exit 1; fi
 go test -race -count=1 -timeout 40m "$@" ./...
+# The allocation counts hold only without the race detector, which
+# allocates on its own (their files are built with !race).
+go test -count=1 -run '^TestAllocs' "$@" ./virtlockd/
