@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -213,7 +214,12 @@ func (h *hierService) acquire(ctx context.Context, owner hierlock.Owner, req *vm
 	if steps[0].level != 0 && !h.mgr.IsOwned(owner, 0) {
 		steps = append([]step{{0, hierlock.Request{All: true, Mode: hierlock.Shared, Priority: int(req.Priority)}}}, steps...)
 	}
-	if req.TimeoutMs > 0 {
+	switch {
+	case req.TimeoutMs < 0:
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "timeout_ms %d: want 0 (wait as long as it takes) or a positive number", req.TimeoutMs)
+	case req.TimeoutMs > math.MaxInt64/int64(time.Millisecond):
+		// Longer than a Duration holds (292 years): as long as it takes.
+	case req.TimeoutMs > 0:
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.TimeoutMs)*time.Millisecond)
 		defer cancel()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"slices"
 	"strings"
@@ -188,5 +189,86 @@ func TestHierNamesCreatedOnFirstUseGoAwayWhenReleased(t *testing.T) {
 	}
 	if want := []string{"cluster/BGL", "instance/kept"}; !slices.Equal(members, want) {
 		t.Fatalf("the monitor lists %d locks (%v…), want %v", len(members), members[:min(len(members), 5)], want)
+	}
+}
+
+// A timeout is a number of milliseconds: a negative one is refused as
+// invalid before anything is acquired (it used to wait without end), and
+// one too long to represent as a duration waits as long as it takes (it
+// overflowed into a deadline in the past and failed at once).
+func TestHierAcquireTimeoutBounds(t *testing.T) {
+	sock, _ := runInProcess(t)
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	holder, waiter := hierStream(t, sock), hierStream(t, sock)
+	if err := holder.Send(hierAcquire(1, "instance", "web1")); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := holder.Recv(); err != nil || r.Code != 0 {
+		t.Fatalf("holder's acquire: %+v %v", r, err)
+	}
+	answers := make(chan *vmlockpb.SessionReply, 2)
+	go func() {
+		for {
+			r, err := waiter.Recv()
+			if err != nil {
+				close(answers)
+				return
+			}
+			answers <- r
+		}
+	}()
+	// send sends the waiter's request and returns its answer, or nil once
+	// the monitor shows the waiter queued for web1.
+	send := func(req *vmlockpb.SessionRequest) *vmlockpb.SessionReply {
+		t.Helper()
+		if err := waiter.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			select {
+			case r, ok := <-answers:
+				if !ok {
+					t.Fatal("the waiter's session ended")
+				}
+				return r
+			default:
+			}
+			rep, err := c.HierMonitor(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range rep.Locks {
+				if l.Name == "instance/web1" && len(l.Pending) == 1 {
+					return nil
+				}
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+
+	neg := hierAcquire(1, "instance", "web1")
+	neg.GetAcquire().TimeoutMs = -1
+	r := send(neg)
+	if r == nil {
+		t.Fatal("acquire with timeout_ms -1 was queued, want it refused as invalid")
+	}
+	if lockmgr.Code(r.Code) != lockmgr.CodeInvalidArgument || !strings.Contains(r.Error, "timeout") {
+		t.Fatalf("acquire with timeout_ms -1: code %d %q, want invalid argument about the timeout", r.Code, r.Error)
+	}
+
+	huge := hierAcquire(2, "instance", "web1")
+	huge.GetAcquire().TimeoutMs = math.MaxInt64
+	if r := send(huge); r != nil {
+		t.Fatalf("acquire with timeout_ms MaxInt64 on a held lock: code %d %q, want it queued", r.Code, r.Error)
+	}
+	if err := holder.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-answers; r == nil || r.Code != 0 {
+		t.Fatalf("acquire with timeout_ms MaxInt64 after the holder left: %+v, want granted", r)
 	}
 }
