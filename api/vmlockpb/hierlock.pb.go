@@ -223,7 +223,7 @@ type HierAcquire struct {
 	// request took stays held.
 	Levels        []*LevelRequest `protobuf:"bytes,1,rep,name=levels,proto3" json:"levels,omitempty"`
 	Priority      int32           `protobuf:"varint,2,opt,name=priority,proto3" json:"priority,omitempty"`                    // lower first
-	TimeoutMs     int64           `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"` // 0: wait as long as it takes
+	TimeoutMs     int64           `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"` // 0: wait as long as it takes; negative: invalid
 	Opportunistic bool            `protobuf:"varint,4,opt,name=opportunistic,proto3" json:"opportunistic,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
