@@ -577,7 +577,9 @@ func parseRecordKey(k string) (uuid string, chunk int, ok bool) {
 		return "", 0, false
 	}
 	chunk, err := strconv.Atoi(c)
-	return uuid, chunk, err == nil && chunk >= 0
+	// Only the spelling recordKey writes: "00" or "+0" would be a second
+	// record of one chunk.
+	return uuid, chunk, err == nil && chunk >= 0 && strconv.Itoa(chunk) == c
 }
 
 // watchLocked ties uuid's locks to p's life and returns the process that is
