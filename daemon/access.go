@@ -148,15 +148,28 @@ func mayUse(ctx context.Context, c caller, r lockmgr.Resource) error {
 var errNoIdentity = errors.New("vmlockd cannot take the identity of the client (it needs CAP_SETUID and CAP_SETGID)")
 
 // accessAs runs faccessat2(path, mode, AT_EACCESS) with c's file-system
-// identity. The check runs on an OS thread of its own that takes c's fs uid,
-// fs gid and groups (all three are per thread in the kernel, and x/sys sets
-// them with plain system calls, not on every thread as package syscall
-// does); the thread is never unlocked, so the Go runtime ends it with its
-// goroutine and no other goroutine ever runs with c's identity. Changing
-// the fs uid away from 0 drops the thread's file-system capabilities, so
-// root's CAP_DAC_OVERRIDE does not leak into the check. A vmlockd without
-// CAP_SETUID cannot take another identity: the check then fails, closed.
+// identity (see asFSIdentity).
 func accessAs(ctx context.Context, c caller, path string, mode uint32) error {
+	return asFSIdentity(ctx, c, func() error {
+		// faccessat2 itself, never x/sys's fallback for old kernels: it
+		// emulates the check in user space with the process's ids, which
+		// are root's.
+		return unix.Faccessat2(unix.AT_FDCWD, path, mode, unix.AT_EACCESS)
+	})
+}
+
+// asFSIdentity runs fn with c's file-system identity, so that the kernel
+// judges fn's file operations as c's. fn runs on an OS thread of its own
+// that takes c's fs uid, fs gid and groups (all three are per thread in the
+// kernel, and x/sys sets them with plain system calls, not on every thread
+// as package syscall does); the thread is never unlocked, so the Go runtime
+// ends it with its goroutine and no other goroutine ever runs with c's
+// identity. Changing the fs uid away from 0 drops the thread's file-system
+// capabilities, so root's CAP_DAC_OVERRIDE does not leak into fn. A vmlockd
+// without CAP_SETUID cannot take another identity: fn then does not run and
+// the error wraps errNoIdentity. If ctx ends first, fn may still run to its
+// end, unobserved.
+func asFSIdentity(ctx context.Context, c caller, fn func() error) error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // and never unlocked: see above
@@ -178,10 +191,7 @@ func accessAs(ctx context.Context, c caller, path string, mode uint32) error {
 			if u, _ := unix.SetfsuidRetUid(-1); u != c.uid {
 				return fmt.Errorf("%w: setfsuid(%d): still %d", errNoIdentity, c.uid, u)
 			}
-			// faccessat2 itself, never x/sys's fallback for old kernels: it
-			// emulates the check in user space with the process's ids,
-			// which are root's.
-			return unix.Faccessat2(unix.AT_FDCWD, path, mode, unix.AT_EACCESS)
+			return fn()
 		}()
 	}()
 	select {

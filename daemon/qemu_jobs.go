@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -346,21 +347,38 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	}
 	_, statErr := os.Lstat(dest.Name)
 	switch uid := callerOf(ctx).uid; {
-	case uid != 0 && (!req.ReuseExternal || !ownedBy(dest.Name, uid)):
-		return nil, lockmgr.Errorf(lockmgr.CodePermission, "uid %d may copy only into an image of its own, created beforehand (--reuse-external)", uid)
+	case uid != 0 && req.ReuseExternal && !ownedBy(dest.Name, uid):
+		return nil, lockmgr.Errorf(lockmgr.CodePermission, "uid %d may copy only into an image of its own (--reuse-external), or into a new one", uid)
 	case req.ReuseExternal && statErr != nil:
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "--reuse-external: %v", statErr)
 	case !req.ReuseExternal && statErr == nil:
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "%s exists: use --reuse-external to copy into an existing image", dest.Name)
 	}
+	// A new target is the VM's image: vmlockd creates it as the VM's
+	// user, as QEMU's own images are, so that QEMU can open it. vmlockd
+	// does so as root, so a caller other than root gets one only where it
+	// could create it itself.
+	var owner caller
+	if !req.ReuseExternal {
+		if err := mayUse(ctx, callerOf(ctx), lockmgr.DiskResource(dest.Name, lockmgr.Exclusive)); err != nil {
+			return nil, err
+		}
+		if owner, err = processCaller(vm.pid); err != nil {
+			return nil, &lockmgr.Error{Code: lockmgr.CodePermission, Resource: "disk " + dest.Name, Msg: fmt.Sprintf("cannot tell whose the VM's process %d is", vm.pid), Err: err}
+		}
+	}
 	var created *unix.Stat_t // the image vmlockd created, the only file undo removes
 	undo := func() {
-		var st unix.Stat_t
-		if created != nil && unix.Lstat(dest.Name, &st) == nil && st.Dev == created.Dev && st.Ino == created.Ino {
-			if h := vm.s.copyHook; h != nil {
-				h("remove", dest.Name)
-			}
-			_ = os.Remove(dest.Name)
+		if created == nil {
+			return
+		}
+		if h := vm.s.copyHook; h != nil {
+			h("remove", dest.Name)
+		}
+		cctx, cancel := vm.cleanupContext()
+		defer cancel()
+		if err := removeCreated(cctx, owner, dest.Name, created); err != nil {
+			vm.s.log.Error("removing a copy target vmlockd created", "uuid", vm.uuid, "path", dest.Name, "err", err)
 		}
 	}
 	lock := func(p string) error {
@@ -415,7 +433,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		err := lock(p)
 		if !req.ReuseExternal && (err == nil || errors.Is(err, os.ErrNotExist)) {
 			locked := err == nil
-			if created, err = createImage(ctx, dest.Name, format, d.Images[0].Size); err != nil {
+			if created, err = createImage(ctx, owner, dest.Name, format, d.Images[0].Size); err != nil {
 				if locked {
 					putBack()
 				}
@@ -478,31 +496,87 @@ func usesImage(disks []qemu.Disk, p string) bool {
 	return false
 }
 
-// createImage creates a new image at path with qemu-img, and returns the
-// file's identity. The file is made first with O_EXCL: one that appeared
-// at path meanwhile is someone else's, which qemu-img would overwrite.
-func createImage(ctx context.Context, path, format string, size int64) (*unix.Stat_t, error) {
-	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+// createImage creates a new image at path as owner (createFile, then
+// formatImage), and returns the file's identity.
+func createImage(ctx context.Context, owner caller, path, format string, size int64) (*unix.Stat_t, error) {
+	st, err := createFile(ctx, owner, path)
 	if err != nil {
-		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: &os.PathError{Op: "create", Path: path, Err: err}}
+		return nil, err
 	}
+	if err := formatImage(ctx, owner, path, format, size); err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = removeCreated(cctx, owner, path, st)
+		return nil, err
+	}
+	return st, nil
+}
+
+// createFile creates an empty file at path as owner (its fs uid, gid and
+// groups: the kernel judges the creation as owner's, and the file is
+// owner's, as an image owner's qemu-img made would be, mode 0644), and
+// returns its identity. It is made with O_EXCL: a file that appeared at
+// path meanwhile is someone else's.
+func createFile(ctx context.Context, owner caller, path string) (*unix.Stat_t, error) {
 	var st unix.Stat_t
-	err = unix.Fstat(fd, &st)
-	unix.Close(fd)
-	if err == nil {
-		var out []byte
-		if out, err = exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", format, path, strconv.FormatInt(size, 10)).CombinedOutput(); err != nil {
-			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+	create := func() error {
+		fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+		if err != nil {
+			return &os.PathError{Op: "create", Path: path, Err: err}
 		}
+		defer unix.Close(fd)
+		return unix.Fstat(fd, &st)
 	}
-	if err != nil {
-		var cur unix.Stat_t
-		if unix.Lstat(path, &cur) == nil && cur.Dev == st.Dev && cur.Ino == st.Ino {
-			_ = os.Remove(path)
+	var err error
+	if vmlockdIs(owner) {
+		err = create()
+	} else {
+		err = asFSIdentity(ctx, owner, create)
+	}
+	switch {
+	case err == nil:
+		return &st, nil
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return nil, &lockmgr.Error{Code: lockmgr.CodeTimeout, Resource: "disk " + path,
+			Msg: "creating the copy target took too long; if it was created after all, it is left in place", Err: err}
+	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM), errors.Is(err, unix.EROFS), errors.Is(err, errNoIdentity):
+		return nil, &lockmgr.Error{Code: lockmgr.CodePermission, Resource: "disk " + path,
+			Msg: fmt.Sprintf("the VM's user (uid %d) cannot create the copy target", owner.uid), Err: err}
+	}
+	return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: err}
+}
+
+// vmlockdIs reports whether c is vmlockd's own file-system identity, which
+// needs no thread of its own to act as.
+func vmlockdIs(c caller) bool { return c.uid == os.Geteuid() && c.gid == os.Getegid() }
+
+// formatImage writes a new image of size bytes into the empty file at
+// path with qemu-img, run as owner: it writes only what owner could.
+func formatImage(ctx context.Context, owner caller, path, format string, size int64) error {
+	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", format, path, strconv.FormatInt(size, 10))
+	if !vmlockdIs(owner) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(owner.uid), Gid: uint32(owner.gid), Groups: owner.groups}}
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))}
+	}
+	return nil
+}
+
+// removeCreated removes the file at path, as owner, if it is still the
+// file created (same device and inode).
+func removeCreated(ctx context.Context, owner caller, path string, created *unix.Stat_t) error {
+	remove := func() error {
+		var st unix.Stat_t
+		if err := unix.Lstat(path, &st); err != nil || st.Dev != created.Dev || st.Ino != created.Ino {
+			return nil // gone, or not the file vmlockd made
 		}
-		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "creating " + path, Err: err}
+		return unix.Unlink(path)
 	}
-	return &st, nil
+	if vmlockdIs(owner) {
+		return remove()
+	}
+	return asFSIdentity(ctx, owner, remove)
 }
 
 // watch follows a job's events until it ends, then moves the locks. If

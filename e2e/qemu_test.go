@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -134,12 +135,25 @@ var qemuBase = []string{"qemu-system-x86_64", "-machine", "none", "-nodefaults",
 // vmlockd has checked its chains and continued it.
 func (d *daemon) startVM(name, dir string, args ...string) *vm {
 	d.t.Helper()
+	return d.startVMAs(nil, name, dir, args...)
+}
+
+// startVMAs is startVM with vmlock run, and so QEMU, running as cred (nil:
+// as this test). A non-root QEMU needs its images and dir to be its own.
+func (d *daemon) startVMAs(cred *syscall.Credential, name, dir string, args ...string) *vm {
+	d.t.Helper()
 	t := d.t
 	sock := filepath.Join(dir, name+".mon")
 	argv := []string{"--socket", d.socket, "run", "--qemu", "--name", name, "--"}
 	argv = append(append(append(argv, qemuBase...), "-qmp", "unix:"+sock+",server=on,wait=off"), args...)
 	v := &vm{t: t, d: d, name: name, cmd: exec.Command(bins.vmlock, argv...), errb: &bytes.Buffer{}}
 	v.cmd.Stderr = v.errb
+	if cred != nil {
+		v.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		// Its monitor socket goes to $XDG_RUNTIME_DIR, or the temporary
+		// directory: not this test's runtime directory.
+		v.cmd.Env = append(os.Environ(), "XDG_RUNTIME_DIR=")
+	}
 	if err := v.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
