@@ -368,6 +368,8 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		}
 	}
 	var created *unix.Stat_t // the image vmlockd created, the only file undo removes
+	// undo removes the image vmlockd created; call it only while the VM
+	// holds the image's lock, or another owner may use the file.
 	undo := func() {
 		if created == nil {
 			return
@@ -432,8 +434,11 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 	for _, p := range targets {
 		err := lock(p)
 		if !req.ReuseExternal && (err == nil || errors.Is(err, os.ErrNotExist)) {
+			// The file first, empty; its content (qemu-img) only once
+			// the VM holds its lock, so that whatever fails from then on
+			// removes it under that lock.
 			locked := err == nil
-			if created, err = createImage(ctx, owner, dest.Name, format, d.Images[0].Size); err != nil {
+			if created, err = createFile(ctx, owner, dest.Name); err != nil {
 				if locked {
 					putBack()
 				}
@@ -443,17 +448,25 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 				if h := vm.s.copyHook; h != nil {
 					h("created", dest.Name)
 				}
-				err = lock(p)
+				if err = lock(p); err != nil {
+					putBack()
+					// Not vmlockd's to remove without its lock: another
+					// owner may have locked the file meanwhile and use it.
+					why := "cannot lock it"
+					if errors.Is(err, lockmgr.ErrBusy) {
+						why = "another owner locked it first"
+					}
+					return nil, fmt.Errorf("the copy cannot start: vmlockd created %s for it, but %s, so it is left in place: %w", dest.Name, why, err)
+				}
+			}
+			if err = formatImage(ctx, owner, dest.Name, format, d.Images[0].Size); err != nil {
+				undo()
+				putBack()
+				return nil, err
 			}
 		}
 		if err != nil {
 			putBack()
-			if created != nil && errors.Is(err, lockmgr.ErrBusy) {
-				// Someone locked the new image in the instant before
-				// vmlockd could: it may be theirs to use now.
-				return nil, fmt.Errorf("the copy cannot start: vmlockd created %s for it, but another owner locked it first, so it is left in place: %w", dest.Name, err)
-			}
-			undo()
 			return nil, fmt.Errorf("the copy cannot start: %w", err)
 		}
 	}
@@ -494,22 +507,6 @@ func usesImage(disks []qemu.Disk, p string) bool {
 		}
 	}
 	return false
-}
-
-// createImage creates a new image at path as owner (createFile, then
-// formatImage), and returns the file's identity.
-func createImage(ctx context.Context, owner caller, path, format string, size int64) (*unix.Stat_t, error) {
-	st, err := createFile(ctx, owner, path)
-	if err != nil {
-		return nil, err
-	}
-	if err := formatImage(ctx, owner, path, format, size); err != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		_ = removeCreated(cctx, owner, path, st)
-		return nil, err
-	}
-	return st, nil
 }
 
 // createFile creates an empty file at path as owner (its fs uid, gid and

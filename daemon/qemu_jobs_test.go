@@ -523,6 +523,33 @@ func TestGuestStaysPausedWhileAStreamWaitsToBeDismissed(t *testing.T) {
 	}
 }
 
+// With direct leases, blockcopy creates a new target, then locks it. If
+// that lock fails for any reason (here: the caller gives up), vmlockd does
+// not hold it, so another owner may have locked the file meanwhile: it is
+// left in place, and the error says so.
+func TestBlockCopyLeavesANewTargetItCouldNotLock(t *testing.T) {
+	tv := startJobTestVM(t)
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	ctx, cancel := context.WithCancel(tv.ctx)
+	defer cancel()
+	tv.d.qemu.copyHook = func(step, p string) {
+		if step == "created" {
+			cancel()
+		}
+	}
+	_, err := tv.vm.blockCopy(ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})
+	if !errors.Is(err, lockmgr.ErrTimeout) || !strings.Contains(err.Error(), "cannot lock it, so it is left in place") {
+		t.Fatalf("blockcopy whose caller gave up before the new target was locked: %v, want a timeout saying the file is left", err)
+	}
+	if _, err := os.Lstat(dest); err != nil {
+		t.Fatalf("the target vmlockd could not lock: %v, want it left in place", err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+	if jobs, err := qemu.QueryJobs(tv.ctx, tv.vm.c); err != nil || len(jobs) != 0 {
+		t.Fatalf("QEMU's jobs after the refused copy: %+v %v", jobs, err)
+	}
+}
+
 // A copy that QEMU refuses (here: a negative bandwidth) removes the new
 // target vmlockd created for it, and does so while the VM still holds
 // its lock: another owner that tries to lock the file then is refused,
