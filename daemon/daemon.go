@@ -19,11 +19,12 @@
 // the holder's entries and rebuilds its table from them; owners that exited
 // meanwhile have their locks released then. The records are keyed
 //
-//	O/<uuid>            the object: identity, owner start time, registrant uid, read-only uses
-//	L/<uuid>/<res key>  one lease: resource, token, and the lease file
+//	O/<uuid>/<n>  chunk n of the object's record (see objectRecord): chunk 0
+//	              has the identity, owner start time, registrant uid and
+//	              migration mark; the chunks share out the leases (with
+//	              their lease files) and the read-only uses
 //
-// A lease entry without its object record is a grant whose client never got
-// an answer (the daemon died in between); it is released on restart.
+// Chunks without their chunk 0 are released on restart.
 //
 // # Reload
 //
@@ -39,10 +40,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -199,7 +202,11 @@ type processRefs struct {
 
 // objectRecord is what the lock-holder keeps for an object, one per chunk
 // of at most lockholder.MaxFiles lease files and lockholder.MaxMeta bytes.
-// Chunk 0 has the identity.
+// Chunk 0 has the identity and the migration mark. A mark's pending
+// resources are recorded with their leases, in whichever chunk holds them
+// (leaseRecord.Pending), so that a mark costs chunk 0 a few bytes however
+// many disks it covers; the mark itself lists only pending resources the
+// object holds read-only.
 type objectRecord struct {
 	Object    lockmgr.Object     `json:"object"`
 	UID       int                `json:"uid"`
@@ -216,6 +223,9 @@ type leaseRecord struct {
 	Resource lockmgr.Resource `json:"resource"`
 	Token    uint64           `json:"token"`
 	File     int              `json:"file"`
+	// Pending: the resource is pending in the object's migration mark
+	// (held exclusively again by the side that keeps the object).
+	Pending bool `json:"pending,omitempty"`
 }
 
 func recordKey(uuid string, chunk int) string { return "O/" + uuid + "/" + strconv.Itoa(chunk) }
@@ -474,11 +484,12 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 	}
 	t0 := time.Now()
 	type restoring struct {
-		rec    *objectRecord // chunk 0
-		leases []lockmgr.Lease
-		ro     []lockmgr.Resource
-		chunks int
-		lost   int // leases the driver could not take back
+		rec     *objectRecord // chunk 0
+		leases  []lockmgr.Lease
+		ro      []lockmgr.Resource
+		pending map[int][]lockmgr.Resource // the mark's, recorded with the leases, by chunk
+		chunks  int
+		lost    int // leases the driver could not take back
 	}
 	objs := map[string]*restoring{}
 	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
@@ -506,6 +517,14 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		}
 		r.ro = append(r.ro, rec.ReadOnly...) // any chunk (older vmlockd: chunk 0 only)
 		for _, lr := range rec.Leases {
+			if lr.Pending {
+				if r.pending == nil {
+					r.pending = map[int][]lockmgr.Resource{}
+				}
+				p := lr.Resource
+				p.Mode = lockmgr.Exclusive // a mark's pending resources were all exclusive
+				r.pending[chunk] = append(r.pending[chunk], p)
+			}
 			var f *os.File
 			if lr.File >= 0 && lr.File < len(e.Files) {
 				f = e.Files[lr.File]
@@ -558,7 +577,13 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		// A process that owns several objects is watched once: every owner
 		// record refers to the watched process, never to a closed duplicate.
 		proc = d.watchLocked(uuid, proc)
-		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks, mig: restoredMigration(r.rec.Migration)}
+		mig := r.rec.Migration
+		if mig != nil {
+			for _, c := range slices.Sorted(maps.Keys(r.pending)) {
+				mig.Pending = append(mig.Pending, r.pending[c]...)
+			}
+		}
+		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks, mig: restoredMigration(mig)}
 		d.mu.Unlock()
 		restored++
 	}
@@ -733,6 +758,26 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 		d.setChunks(o.UUID, 0)
 		return h.DropPrefix(ctx, "O/"+o.UUID+"/")
 	}
+	// The mark's pending resources go with their leases (see objectRecord);
+	// the mark keeps those held read-only. One held no more (unplugged
+	// during the handover) is left out: its upgrade would be skipped.
+	var pending map[string]bool
+	if mig := rec.Migration; mig != nil && len(mig.Pending) > 0 {
+		pending = make(map[string]bool, len(mig.Pending))
+		for _, p := range mig.Pending {
+			pending[p.Key()] = true
+		}
+		readonly := make(map[string]bool)
+		for _, r := range ro {
+			if pending[r.Key()] {
+				readonly[r.Key()] = true
+			}
+		}
+		mig.Pending = slices.DeleteFunc(mig.Pending, func(p lockmgr.Resource) bool { return !readonly[p.Key()] })
+		if len(mig.Pending) == 0 {
+			mig.Pending = nil
+		}
+	}
 	// Write the new records first, then drop the chunks no longer used:
 	// the holder never goes without a record of a lock that is held.
 	chunks := 0
@@ -740,7 +785,8 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 	// Each chunk takes up to MaxFiles of the leases and then the read-only
 	// resources, fewer where their names make the record longer than
 	// MaxMeta (the holder takes no longer one): halved until it fits.
-	// Chunk 0 also carries the object's migration mark.
+	// Chunk 0 also carries the object's migration mark (without the
+	// pending resources that are leases).
 	for ls, rs := 0, 0; chunks == 0 || ls < len(leases) || rs < len(ro); chunks++ {
 		n, m := min(lockholder.MaxFiles, len(leases)-ls), len(ro)-rs
 		var b []byte
@@ -756,6 +802,7 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 			files = nil
 			for _, l := range leases[ls : ls+n] {
 				lr := leaseRecord{Resource: l.Resource(), Token: l.Token(), File: -1}
+				lr.Pending = pending[lr.Resource.Key()]
 				if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
 					lr.File = len(files)
 					files = append(files, fl.File())

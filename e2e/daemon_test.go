@@ -593,24 +593,8 @@ func TestLockHolderKilledWhileVmlockdRunsIsReplaced(t *testing.T) {
 // through a crash of vmlockd, as any other does.
 func TestAnObjectWithManyLongPathsKeepsItsLocksThroughACrash(t *testing.T) {
 	d := startDaemon(t)
-	dir := t.TempDir()
-	for len(dir) < 3800 {
-		dir = filepath.Join(dir, strings.Repeat("d", 200))
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"run", "--name", "many-disks"}
-	var disks []string
-	for i := range 20 {
-		p := filepath.Join(dir, fmt.Sprintf("%0100d.img", i))
-		if err := os.WriteFile(p, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		disks = append(disks, p)
-		args = append(args, "--disk", p)
-	}
-	d.startRun("many-disks", args[3:]...)
+	disks, args := longPaths(t, 20)
+	d.startRun("many-disks", args...)
 	d.kill9()
 	for _, p := range disks {
 		if probeFree(t, p) {
@@ -621,4 +605,26 @@ func TestAnObjectWithManyLongPathsKeepsItsLocksThroughACrash(t *testing.T) {
 	if n := len(d.locks()); n != len(disks) {
 		t.Fatalf("after the restart vmlock locks shows %d locks, want %d", n, len(disks))
 	}
+}
+
+// longPaths creates n disk images whose paths are about 4,000 bytes long,
+// and returns them with the --disk arguments that name them.
+func longPaths(t *testing.T, n int) (disks, args []string) {
+	t.Helper()
+	dir := t.TempDir()
+	for len(dir) < 3800 {
+		dir = filepath.Join(dir, strings.Repeat("d", 200))
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		p := filepath.Join(dir, fmt.Sprintf("%0100d.img", i))
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		disks = append(disks, p)
+		args = append(args, "--disk", p)
+	}
+	return disks, args
 }

@@ -200,3 +200,36 @@ func testHandover(t *testing.T, src, dst, other handoverHost) {
 func (d *daemon) vmlockQuiet(args ...string) result {
 	return runVmlock(d.socket, nil, args...)
 }
+
+// A migration mark names every disk the handover covers. A VM with many
+// long-named disks (20 paths of about 4,000 bytes: listed in one piece,
+// the mark alone passes the lock-holder's 64 KiB limit of a record) keeps
+// its locks and its mark through a crash of vmlockd: after the restart the
+// source is still handing its disks over, and a cancel takes every one of
+// them back exclusively.
+func TestAMigrationMarkOfManyLongPathsSurvivesACrash(t *testing.T) {
+	d := startDaemon(t, "--host", "src")
+	const u = "aaaaaaaa-0000-4000-8000-0000000000f1"
+	disks, args := longPaths(t, 20)
+	d.startRun("many-disks", append([]string{"--uuid", u}, args...)...)
+	wantCode(t, "prepare", d.vmlock("migrate", "prepare", "--uuid", u, "--to", "dst"), lockmgr.CodeOK)
+	d.kill9()
+	for _, p := range disks {
+		if probeFree(t, p) {
+			t.Fatalf("disk %s...%s was free while vmlockd was down", p[:40], p[len(p)-20:])
+		}
+	}
+	d.start()
+	h := handoverHost{d, "src"}
+	for _, p := range disks {
+		if m, ok := holds(h, u, p); !ok || m != lockmgr.Shared {
+			t.Fatalf("after the restart the source holds %s...%s as %v %v, want shared", p[:40], p[len(p)-20:], m, ok)
+		}
+	}
+	wantCode(t, "cancel after the restart", d.vmlock("migrate", "complete", "--uuid", u, "--cancel"), lockmgr.CodeOK)
+	for _, p := range disks {
+		if m, ok := holds(h, u, p); !ok || m != lockmgr.Exclusive {
+			t.Fatalf("after the cancel the source holds %s...%s as %v %v, want exclusive", p[:40], p[len(p)-20:], m, ok)
+		}
+	}
+}
