@@ -139,7 +139,10 @@ func encode(op byte, key string, meta []byte) ([]byte, error) {
 	return append(b, meta...), nil
 }
 
-var errShort = errors.New("lockholder: short message")
+var (
+	errShort = errors.New("lockholder: short message")
+	errLong  = fmt.Errorf("lockholder: key over %d bytes or record over %d bytes", maxKey, MaxMeta)
+)
 
 func decode(b []byte) (op byte, key string, meta []byte, err error) {
 	if len(b) < 3 {
@@ -148,6 +151,11 @@ func decode(b []byte) (op byte, key string, meta []byte, err error) {
 	n := int(binary.LittleEndian.Uint16(b[1:]))
 	if len(b) < 3+n {
 		return 0, "", nil, errShort
+	}
+	// Only what encode writes: an entry kept with a longer key or record
+	// could never be listed again.
+	if n > maxKey || len(b)-3-n > MaxMeta {
+		return 0, "", nil, errLong
 	}
 	return b[0], string(b[3 : 3+n]), b[3+n:], nil
 }
