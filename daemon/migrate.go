@@ -38,8 +38,8 @@ import (
 //   - A mark is kept in the object's lock-holder record, so it survives a
 //     restart of vmlockd. Pending lists the resources still to be upgraded;
 //     a resource is removed from it before its upgrade is tried (and put
-//     back if that fails), so the record of a completed upgrade never lists
-//     it. A target's mark with nothing pending is a finished handover.
+//     back, in the record too, if that fails), so the record of a completed
+//     upgrade never lists it. A target's mark with nothing pending is a finished handover.
 //   - A prepare that fails takes back exclusively what it made shared;
 //     what it cannot take back stays pending in a source mark, so that a
 //     cancel takes it back and a new prepare hands it over exclusive.
@@ -345,7 +345,10 @@ func (d *Daemon) migrateComplete(ctx context.Context, c caller, id string, cance
 		d.setPending(ow, rest)
 		err := d.upgrade(ctx, uuid, r)
 		if err != nil && !errors.Is(err, lockmgr.ErrNotHeld) { // not held: unplugged meanwhile
+			// Back in the record too: a failed try may have recorded the
+			// mark without r (an undone upgrade, a replaced lock-holder).
 			d.setPending(ow, mig.Pending)
+			d.recordMark(uuid)
 			return nil, err
 		}
 		mig.Pending = rest

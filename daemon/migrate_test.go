@@ -3,16 +3,19 @@ package daemon
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/etcdlock"
 	"github.com/vmlock/vmlock/etcdlock/etcdtest"
 	"github.com/vmlock/vmlock/lockmgr"
@@ -475,5 +478,81 @@ func TestAPrepareAfterOneThatCouldNotTakeADiskBackHandsItOverExclusive(t *testin
 	}
 	if n != 2 {
 		t.Fatalf("the handover state %q lists %d disks, want 2", state, n)
+	}
+}
+
+// An upgrade of `migrate complete` that fails puts its disk back into the
+// mark, and into the lock-holder's record too: here the record of the
+// upgrade is not taken (the lock-holder stopped answering, and its
+// replacement was given the mark without the disk while the upgrade was
+// tried), the upgrade is undone, and vmlockd then stops. The restarted
+// vmlockd still knows the disk is to be taken back: a cancel takes it
+// back exclusively, instead of leaving it shared for good.
+func TestAFailedUpgradeOfMigrateCompleteStaysPendingInTheRecord(t *testing.T) {
+	rig := newHolderRig(t)
+	drv, err := lockspace.New(rig.leaseCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No Run: nothing but the calls below writes to the lock-holder, or
+	// replaces it.
+	d, err := New(context.Background(), Config{Driver: drv, Socket: filepath.Join(rig.dir, "s.sock"), StateDir: rig.state,
+		Host: "src", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), HolderCommand: rig.holders.start(rig.state),
+		RequestTimeout: 2 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(rig.dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	const u = "55555555-0000-4000-8000-0000000000aa"
+	root := caller{}
+	ctx := context.Background()
+	if _, err := d.acquire(ctx, root, &vmlockpb.AcquireRequest{Object: api.ObjectToPB(lockmgr.Object{UUID: u, PID: sleeper(t)}),
+		Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(disk, lockmgr.Exclusive))}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.migratePrepare(ctx, root, u, "dst"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The lock-holder stops reading; writes to it fill its socket buffer
+	// until one is given up: the next record is not taken.
+	holder, _ := rig.holders.byPID(d.holderPID())
+	if holder == nil {
+		t.Fatal("the daemon's lock-holder is not one the test started")
+	}
+	holder.Process.Signal(syscall.SIGSTOP)
+	t.Cleanup(func() { holder.Process.Signal(syscall.SIGKILL) })
+	filler := make([]byte, 60<<10)
+	for {
+		fctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
+		err := d.holder.Put(fctx, "filler", filler, nil)
+		cancel()
+		if err != nil {
+			break
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	_, err = d.migrateComplete(cctx, root, u, true)
+	cancel()
+	if !errors.Is(err, lockmgr.ErrTimeout) {
+		t.Fatalf("cancel whose record is not taken: %v, want a timeout", err)
+	}
+	if !rig.takeable(disk, lockmgr.Shared) {
+		t.Fatal("the undone upgrade left the disk exclusive")
+	}
+	// vmlockd stops (its replacement lock-holder keeps the records).
+	stopped, stop := context.WithCancel(ctx)
+	stop()
+	d.Run(stopped)
+	d.lockF.Close()
+	drv.Close()
+
+	_, c, _ := rig.start()
+	if _, err := c.MigrateComplete(ctx, u, true); err != nil {
+		t.Fatalf("cancel after the restart: %v", err)
+	}
+	if rig.takeable(disk, lockmgr.Shared) {
+		t.Fatal("after a cancel on the restarted vmlockd the disk is still held shared")
 	}
 }
