@@ -64,8 +64,10 @@ type qemuSupervisor struct {
 	// daemon's process (a reload re-executes it, a crash kills it).
 	ctx context.Context
 	// copyHook, if set, is called by blockcopy at each step on a target
-	// image it created: "created" (before it locks it, with direct leases)
-	// and "remove" (before it removes it). Tests step in there.
+	// image it created: "created" (the empty file, before it locks it, with
+	// direct leases), "formatted" (locked and written by qemu-img, before
+	// QEMU opens it) and "remove" (before it removes it). Tests step in
+	// there.
 	copyHook func(step, path string)
 
 	mu  sync.Mutex

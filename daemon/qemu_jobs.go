@@ -464,6 +464,9 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 				putBack()
 				return nil, err
 			}
+			if h := vm.s.copyHook; h != nil {
+				h("formatted", dest.Name)
+			}
 		}
 		if err != nil {
 			putBack()

@@ -550,10 +550,10 @@ func TestBlockCopyLeavesANewTargetItCouldNotLock(t *testing.T) {
 	}
 }
 
-// A copy that QEMU refuses (here: a negative bandwidth) removes the new
-// target vmlockd created for it, and does so while the VM still holds
-// its lock: another owner that tries to lock the file then is refused,
-// and so never uses a file that is being removed.
+// A copy that fails in QEMU (here: QEMU cannot open the target, emptied
+// before it did) removes the new target vmlockd created for it, and does
+// so while the VM still holds its lock: another owner that tries to lock
+// the file then is refused, and so never uses a file that is being removed.
 func TestBlockCopyRemovesTheTargetItCreatedBeforeReleasingIt(t *testing.T) {
 	tv := startJobTestVM(t)
 	dest := filepath.Join(tv.dir, "copy.qcow2")
@@ -565,7 +565,14 @@ func TestBlockCopyRemovesTheTargetItCreatedBeforeReleasingIt(t *testing.T) {
 	var otherErr error
 	removing := false
 	tv.d.qemu.copyHook = func(step, p string) {
-		if step != "remove" {
+		switch step {
+		case "formatted":
+			if err := os.Truncate(p, 0); err != nil {
+				t.Error(err)
+			}
+			return
+		case "remove":
+		default:
 			return
 		}
 		removing = true
@@ -573,9 +580,9 @@ func TestBlockCopyRemovesTheTargetItCreatedBeforeReleasingIt(t *testing.T) {
 			Object:    api.ObjectToPB(lockmgr.Object{UUID: "0ddba11e-0000-4000-8000-000000000003", Name: "other", PID: other.Process.Pid}),
 			Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(p, lockmgr.Exclusive))}})
 	}
-	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest, Bandwidth: -1})
-	if !errors.Is(err, lockmgr.ErrInvalidArgument) {
-		t.Fatalf("blockcopy with a negative bandwidth: %v, want QEMU's refusal", err)
+	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})
+	if !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), "QEMU cannot open the copy target") {
+		t.Fatalf("blockcopy to a target QEMU cannot open: %v, want QEMU's refusal", err)
 	}
 	if !removing {
 		t.Fatal("vmlockd did not remove the target it created")
@@ -587,4 +594,51 @@ func TestBlockCopyRemovesTheTargetItCreatedBeforeReleasingIt(t *testing.T) {
 		t.Fatalf("the target after the refused copy: %v, want it removed", err)
 	}
 	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+}
+
+// Bad arguments of a block job are refused as invalid, naming the field,
+// before anything is done: no job in QEMU, the locks as they were, no
+// copy target created.
+func TestBlockJobArgumentsAreCheckedBeforeAnythingIsDone(t *testing.T) {
+	tv := startJobTestVM(t)
+	q := &qemuService{s: tv.d.qemu}
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	for _, tc := range []struct {
+		name, field string
+		call        func() error
+	}{
+		{"active commit with a negative bandwidth", "bandwidth", func() error {
+			_, err := q.BlockCommit(tv.ctx, &vmlockpb.BlockCommitRequest{Vm: tv.vm.uuid, Disk: tv.disk, Active: true, Bandwidth: -1})
+			return err
+		}},
+		{"copy with a negative bandwidth", "bandwidth", func() error {
+			_, err := q.BlockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Vm: tv.vm.uuid, Disk: tv.disk, Dest: dest, Bandwidth: -1 << 20})
+			return err
+		}},
+		{"copy into a format that is no image format", "format", func() error {
+			_, err := q.BlockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Vm: tv.vm.uuid, Disk: tv.disk, Dest: dest, Format: "file"})
+			return err
+		}},
+		{"copy into an unknown format", "format", func() error {
+			_, err := q.BlockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Vm: tv.vm.uuid, Disk: tv.disk, Dest: dest, Format: "qcow3"})
+			return err
+		}},
+		{"wait for a negative time", "wait_ms", func() error {
+			_, err := q.BlockJob(tv.ctx, &vmlockpb.BlockJobRequest{Vm: tv.vm.uuid, Disk: tv.disk, Action: vmlockpb.BlockJobAction_BLOCK_JOB_WAIT, WaitMs: -1})
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.call(); !errors.Is(err, lockmgr.ErrInvalidArgument) || !strings.Contains(err.Error(), tc.field) {
+				t.Fatalf("got %v, want invalid argument naming %s", err, tc.field)
+			}
+			tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+			if jobs, err := qemu.QueryJobs(tv.ctx, tv.vm.c); err != nil || len(jobs) != 0 {
+				t.Fatalf("QEMU's jobs after the refusal: %+v %v", jobs, err)
+			}
+			if _, err := os.Lstat(dest); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("the copy target after the refusal: %v, want none", err)
+			}
+		})
+	}
 }

@@ -235,6 +235,9 @@ func (q *qemuService) DetachDisk(ctx context.Context, req *vmlockpb.QEMUDetachDi
 }
 
 func (q *qemuService) BlockCommit(ctx context.Context, req *vmlockpb.BlockCommitRequest) (*vmlockpb.BlockJobInfo, error) {
+	if err := checkBandwidth(req.Bandwidth); err != nil {
+		return nil, err
+	}
 	vm, err := q.vm(ctx, req.Vm)
 	if err != nil {
 		return nil, err
@@ -246,6 +249,12 @@ func (q *qemuService) BlockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequ
 	if !filepath.IsAbs(req.Dest) {
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "copy destination %q: want an absolute path", req.Dest)
 	}
+	if err := checkBandwidth(req.Bandwidth); err != nil {
+		return nil, err
+	}
+	if !copyFormat(req.Format) {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "format %q: want qcow2 (the default), raw, qcow, qed, vmdk, vdi, vpc, vhdx or parallels", req.Format)
+	}
 	vm, err := q.vm(ctx, req.Vm)
 	if err != nil {
 		return nil, err
@@ -254,11 +263,35 @@ func (q *qemuService) BlockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequ
 }
 
 func (q *qemuService) BlockJob(ctx context.Context, req *vmlockpb.BlockJobRequest) (*vmlockpb.BlockJobInfo, error) {
+	if req.WaitMs < 0 {
+		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "wait_ms %d: want 0 or more", req.WaitMs)
+	}
 	vm, err := q.vm(ctx, req.Vm)
 	if err != nil {
 		return nil, err
 	}
 	return vm.blockJobAction(ctx, req)
+}
+
+// checkBandwidth refuses a negative job speed before anything is done for
+// the job (QEMU would refuse it only once the locks had moved and a copy
+// target was created).
+func checkBandwidth(bw int64) error {
+	if bw < 0 {
+		return lockmgr.Errorf(lockmgr.CodeInvalidArgument, "bandwidth %d bytes/s: want 0 (unlimited) or more", bw)
+	}
+	return nil
+}
+
+// copyFormat reports whether a copy target may have image format f ("" is
+// qcow2): the formats qemu-img creates that QEMU opens on a local file
+// with no more options.
+func copyFormat(f string) bool {
+	switch f {
+	case "", "qcow2", "raw", "qcow", "qed", "vmdk", "vdi", "vpc", "vhdx", "parallels":
+		return true
+	}
+	return false
 }
 
 // attachDisk locks an image's chain, then adds it to QEMU; on failure the
