@@ -122,6 +122,29 @@ func TestRevokeRefusesABadGrace(t *testing.T) {
 	}
 }
 
+// A --bandwidth that is negative, or in MiB/s too large to count in bytes
+// (it would wrap to some other limit), is a usage error, found before the
+// daemon is asked.
+func TestBlockJobsRefuseABadBandwidth(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	dest := filepath.Join(t.TempDir(), "copy.qcow2")
+	for _, bw := range [][]string{{"--bandwidth", "-1"}, {"--bandwidth", "-1", "--bytes"}, {"--bandwidth", "8796093022208"}, {"--bandwidth", "9223372036854775807"}} {
+		for _, cmd := range [][]string{{"blockcommit", "vm", "vda"}, {"blockcopy", "vm", "vda", dest}} {
+			args := append(append([]string{"--socket", sock}, cmd...), bw...)
+			if code := run(args); code != int(lockmgr.CodeInvalidArgument) {
+				t.Errorf("%v: exit %d, want %d", args[2:], code, lockmgr.CodeInvalidArgument)
+			}
+		}
+	}
+	// The largest that fits gets as far as the (missing) daemon.
+	for _, bw := range [][]string{{"--bandwidth", "8796093022207"}, {"--bandwidth", "9223372036854775807", "--bytes"}} {
+		args := append([]string{"--socket", sock, "blockcommit", "vm", "vda"}, bw...)
+		if code := run(args); code == int(lockmgr.CodeInvalidArgument) {
+			t.Errorf("%v: exit %d, a usage error", args[2:], code)
+		}
+	}
+}
+
 // The --grace help states the longest grace revoke takes (api.MaxGrace),
 // and that without it the daemon's revoke.grace applies.
 func TestRevokeGraceHelpStatesItsRange(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -128,11 +129,18 @@ func (b *bandwidthFlags) add(c *cobra.Command) {
 	c.Flags().BoolVar(&b.bytes, "bytes", false, "--bandwidth is in bytes per second")
 }
 
-func (b *bandwidthFlags) bytesPerSecond() int64 {
-	if b.bytes {
-		return b.n
+// bytesPerSecond returns the limit in bytes per second; a negative one, or
+// one in MiB/s too large to count in bytes, is a usage error.
+func (b *bandwidthFlags) bytesPerSecond() (int64, error) {
+	switch {
+	case b.n < 0:
+		return 0, usageError{fmt.Errorf("--bandwidth %d: want 0 (unlimited) or more", b.n)}
+	case b.bytes:
+		return b.n, nil
+	case b.n > math.MaxInt64>>20:
+		return 0, usageError{fmt.Errorf("--bandwidth %d MiB/s is too large (at most %d; --bytes for bytes per second)", b.n, int64(math.MaxInt64>>20))}
 	}
-	return b.n << 20
+	return b.n << 20, nil
 }
 
 func newBlockCommitCmd(g *globals) *cobra.Command {
@@ -166,7 +174,11 @@ committed images once the job has succeeded.`,
 			if err := checkWaitFlags(wait, verbose, async, pivot || keep); err != nil {
 				return err
 			}
-			req.Vm, req.Disk, req.Bandwidth = args[0], args[1], bw.bytesPerSecond()
+			bps, err := bw.bytesPerSecond()
+			if err != nil {
+				return err
+			}
+			req.Vm, req.Disk, req.Bandwidth = args[0], args[1], bps
 			if err := imageArgs(&req.Disk, &req.Top, &req.Base); err != nil {
 				return err
 			}
@@ -242,7 +254,11 @@ complete copy, is released).`,
 			if err != nil {
 				return err
 			}
-			req.Vm, req.Disk, req.Dest, req.Bandwidth = args[0], args[1], dest, bw.bytesPerSecond()
+			bps, err := bw.bytesPerSecond()
+			if err != nil {
+				return err
+			}
+			req.Vm, req.Disk, req.Dest, req.Bandwidth = args[0], args[1], dest, bps
 			if err := imageArgs(&req.Disk); err != nil {
 				return err
 			}
