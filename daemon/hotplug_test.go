@@ -14,12 +14,20 @@ import (
 	"github.com/vmlock/vmlock/lockspace"
 )
 
-// grantCounter is the lockspace driver, keeping the size of each grant it
-// is asked for.
+// grantCounter is the lockspace driver, keeping the size of each grant
+// and of each release it is asked for.
 type grantCounter struct {
 	*lockspace.Driver
-	mu     sync.Mutex
-	grants []int
+	mu       sync.Mutex
+	grants   []int
+	releases []int
+}
+
+func (g *grantCounter) Release(ctx context.Context, ls []lockmgr.Lease) error {
+	g.mu.Lock()
+	g.releases = append(g.releases, len(ls))
+	g.mu.Unlock()
+	return g.Driver.Release(ctx, ls)
 }
 
 func (g *grantCounter) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr.Lease, error) {
@@ -120,5 +128,42 @@ func TestAHotplugWithOneBusyDiskTakesNothingOfTheList(t *testing.T) {
 	c, _ = r.start(Config{})
 	if st, err := c.Inquire(ctx, a.UUID); err != nil || st != before {
 		t.Fatalf("after a restart a holds %q (%v), want %q", st, err, before)
+	}
+}
+
+// An unplug of a list is one release: the driver is asked once for the
+// whole list, not once per resource (each of which also rewrote the
+// object's whole lock-holder record), and every disk of it is free after.
+func TestAnUnplugOfALongListIsOneRelease(t *testing.T) {
+	r := newRestartable(t)
+	g := &grantCounter{}
+	r.wrap = func(d *lockspace.Driver) lockmgr.Driver { g.Driver = d; return g }
+	c, _ := r.start(Config{})
+	ctx := context.Background()
+	o := lockmgr.Object{UUID: "99999999-0000-4000-8000-000000000004", Name: "a", PID: sleeper(t)}
+	kept := longDisks(t, r.dir, "kept", 1)
+	list := longDisks(t, r.dir, "hot", 40)
+	if _, err := c.Acquire(ctx, o, append(kept, list...), ""); err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	n := len(g.releases)
+	g.mu.Unlock()
+	if _, err := c.Release(ctx, o.UUID, list...); err != nil {
+		t.Fatalf("unplug of %d disks: %v", len(list), err)
+	}
+	g.mu.Lock()
+	got := append([]int(nil), g.releases[n:]...)
+	g.mu.Unlock()
+	if len(got) != 1 || got[0] != len(list) {
+		t.Fatalf("an unplug of %d disks asked the driver for releases of %v, want one of %d", len(list), got, len(list))
+	}
+	for _, d := range list {
+		if !ofdFree(t, d.Name) {
+			t.Fatalf("%s...%s is still locked after the unplug", d.Name[:30], d.Name[len(d.Name)-20:])
+		}
+	}
+	if ofdFree(t, kept[0].Name) {
+		t.Fatal("the disk not named in the unplug was released")
 	}
 }

@@ -438,7 +438,6 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		}
 		return &vmlockpb.StateReply{State: st}, nil
 	}
-	// Check every resource first, so that a bad one changes nothing.
 	rs := make([]lockmgr.Resource, 0, len(req.Resources))
 	for _, pr := range req.Resources {
 		r, err := api.ResourceFromPB(pr)
@@ -450,58 +449,16 @@ func (s *service) Release(ctx context.Context, req *vmlockpb.ReleaseRequest) (*v
 		}
 		rs = append(rs, r)
 	}
-	if err := d.allHeld(uuid, rs); err != nil {
+	// One release for the whole list: one driver call and one lock-holder
+	// record; a resource not held, or named twice, releases nothing.
+	st, err := d.mgr.Unplug(ctx, uuid, rs...)
+	if err != nil {
 		return nil, err
-	}
-	var st lockmgr.State
-	for _, r := range rs {
-		one, err := d.mgr.Release(ctx, uuid, &r)
-		if err != nil {
-			return nil, err
-		}
-		part, _ := lockmgr.ParseState(one)
-		st = append(st, part...)
 	}
 	if ls, ro, err := d.mgr.Held(uuid); err == nil && len(ls) == 0 && len(ro) == 0 {
 		_ = d.forget(ctx, uuid)
 	}
-	return &vmlockpb.StateReply{State: st.String()}, nil
-}
-
-// allHeld checks that uuid holds every resource of rs (by canonical key),
-// and that rs names none twice: the release that follows must not fail
-// half-way.
-func (d *Daemon) allHeld(uuid string, rs []lockmgr.Resource) error {
-	ls, ro, err := d.mgr.Held(uuid)
-	if err != nil {
-		return err
-	}
-	held := make(map[string]bool, len(ls)+len(ro))
-	for _, l := range ls {
-		held[l.Resource().Key()] = true
-	}
-	for _, r := range ro {
-		held[r.Key()] = true
-	}
-	seen := make(map[string]bool, len(rs))
-	for _, r := range rs {
-		key := r.Key()
-		if !held[key] {
-			c, err := lockmgr.Canonical(r)
-			if err != nil {
-				return err
-			}
-			key = c.Key()
-		}
-		if !held[key] {
-			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "not held by object " + uuid + "; nothing was released"}
-		}
-		if seen[key] {
-			return &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(), Msg: "named twice; nothing was released"}
-		}
-		seen[key] = true
-	}
-	return nil
+	return &vmlockpb.StateReply{State: st}, nil
 }
 
 func (s *service) Inquire(ctx context.Context, req *vmlockpb.InquireRequest) (*vmlockpb.StateReply, error) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -149,5 +150,41 @@ func TestAHotplugNamingADiskTwiceChangesNothing(t *testing.T) {
 	}
 	if err := m.AcquireResource(context.Background(), vmUUID, rs...); err != nil {
 		t.Fatalf("the list without the repetition: %v", err)
+	}
+}
+
+// An unplug of a list is one release: the observer is told once, and every
+// disk of the list is unlocked; a list with a disk the object does not
+// hold releases nothing and names that disk.
+func TestAnUnplugOfAListIsOneRecord(t *testing.T) {
+	obs := &countingObserver{}
+	m, _, img := lockspaceManager(t, obs, lockmgr.Exclusive)
+	rs := images(t, img, 20)
+	ctx := context.Background()
+	if err := m.AcquireResource(ctx, vmUUID, rs[:19]...); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := m.Inquire(vmUUID)
+	if _, err := m.Unplug(ctx, vmUUID, rs...); !errors.Is(err, lockmgr.ErrNotHeld) || !strings.Contains(err.Error(), rs[19].Name) {
+		t.Fatalf("unplug of a list with %s, not held: %v, want not held naming it", rs[19].Name, err)
+	}
+	if st, _ := m.Inquire(vmUUID); st != before {
+		t.Fatalf("after the refused unplug the object holds %q, want %q", st, before)
+	}
+	calls, _ := obs.state()
+	if _, err := m.Unplug(ctx, vmUUID, rs[:19]...); err != nil {
+		t.Fatal(err)
+	}
+	after, leases := obs.state()
+	if after-calls != 1 || len(leases) != 1 {
+		t.Fatalf("an unplug of 19 disks wrote %d records, the last with %d leases; want 1 record with the 1 lease kept", after-calls, len(leases))
+	}
+	for _, r := range rs {
+		if locked(t, r.Name) {
+			t.Fatalf("%s is still locked after the unplug", r.Name)
+		}
+	}
+	if !locked(t, img) {
+		t.Fatal("the disk not named in the unplug was released")
 	}
 }

@@ -439,15 +439,41 @@ func (m *Manager) dropHeldLocked(ob *object, u *use) {
 }
 
 // Release releases every held resource of the object (r == nil), or only r
-// (unplug: r is also forgotten, even when the driver fails to release it).
-// It returns the state string of what it released, for a later Acquire
-// elsewhere. A resource that is not held is a CodeNotHeld error and changes
-// nothing. After a release of all, the object stays registered with its
-// resources, so that Acquire takes them again (a paused VM that resumes).
-// The driver releases the locks even if ctx is done; if ctx ends first, the
-// error has CodeTimeout and the release completes in the background.
+// (unplug, as by Unplug). It returns the state string of what it released,
+// for a later Acquire elsewhere. After a release of all, the object stays
+// registered with its resources, so that Acquire takes them again (a
+// paused VM that resumes). The driver releases the locks even if ctx is
+// done; if ctx ends first, the error has CodeTimeout and the release
+// completes in the background.
 func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string, error) {
 	if r != nil {
+		return m.Unplug(ctx, uuid, *r)
+	}
+	ob, err := m.lookup(uuid)
+	if err != nil {
+		return "", err
+	}
+	defer ob.op.Unlock()
+	var rel []*use
+	for _, u := range ob.uses {
+		if u.held {
+			rel = append(rel, u)
+		}
+	}
+	state := stateOf(rel).String()
+	return state, m.release(ctx, ob, rel)
+}
+
+// Unplug releases rs and forgets them (a later Acquire does not take them
+// again), as one release: one observer call and one driver call for the
+// whole list. Every resource must be one the object holds, named once:
+// otherwise the error (CodeNotHeld, or CodeInvalidArgument for one named
+// twice) names it and nothing is released. It returns the state string of
+// what it released. The resources are forgotten even when the driver fails
+// to release them, and, as for Release, the driver releases them even if
+// ctx is done.
+func (m *Manager) Unplug(ctx context.Context, uuid string, rs ...Resource) (string, error) {
+	for _, r := range rs {
 		if err := r.Validate(); err != nil {
 			return "", err
 		}
@@ -457,44 +483,40 @@ func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string
 		return "", err
 	}
 	defer ob.op.Unlock()
-	var rel []*use
-	if r != nil {
+	byKey := make(map[string]*use, len(ob.uses))
+	for _, u := range ob.uses {
+		byKey[u.res.Key()] = u
+	}
+	rel := make([]*use, 0, len(rs))
+	seen := make(map[*use]bool, len(rs))
+	for _, r := range rs {
 		// Callers usually give back the canonical name they were granted:
 		// look it up as given first, and resolve the path only if needed.
-		u := ob.find(r.Key())
+		u := byKey[r.Key()]
 		if u == nil {
-			c, err := Canonical(*r)
+			c, err := Canonical(r)
 			if err != nil {
 				return "", err
 			}
-			u = ob.find(c.Key())
+			u = byKey[c.Key()]
 		}
-		if u == nil {
-			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not used by object " + ob.obj.UUID}
-		}
-		if !u.held {
+		switch {
+		case u == nil:
+			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not used by object " + ob.obj.UUID + "; nothing was released"}
+		case !u.held:
 			return "", &Error{Code: CodeNotHeld, Resource: r.String(), Msg: "not held by object " + ob.obj.UUID + "; nothing was released"}
+		case seen[u]:
+			return "", &Error{Code: CodeInvalidArgument, Resource: r.String(), Msg: "named twice; nothing was released"}
 		}
-		rel = []*use{u}
-	} else {
-		for _, u := range ob.uses {
-			if u.held {
-				rel = append(rel, u)
-			}
-		}
+		seen[u] = true
+		rel = append(rel, u)
 	}
 	state := stateOf(rel).String()
 	err = m.release(ctx, ob, rel)
-	if r != nil {
-		// Even if the driver failed: the use is no longer held (see release),
-		// and a later Acquire must not take an unplugged resource again.
-		ob.remove(rel[0])
-	}
+	// Even if the driver failed: the uses are no longer held (see release),
+	// and a later Acquire must not take an unplugged resource again.
+	ob.uses = slices.DeleteFunc(ob.uses, func(u *use) bool { return seen[u] })
 	return state, err
-}
-
-func (ob *object) remove(u *use) {
-	ob.uses = slices.DeleteFunc(ob.uses, func(x *use) bool { return x == u })
 }
 
 // release releases rel; called with ob.op held. A driver failure leaves the
