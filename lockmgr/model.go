@@ -226,6 +226,10 @@ func (r Resource) Validate() error {
 			return invalid("disk path is %d bytes long (at most %d)", len(r.Name), MaxPathLen)
 		case strings.IndexByte(r.Name, 0) >= 0:
 			return invalid("disk path %q contains a NUL byte", r.Name)
+		case !utf8.ValidString(r.Name):
+			// The API, the lock-holder's records and the state string carry
+			// text: such a path would come back under another name.
+			return invalid("disk path %q is not valid UTF-8", r.Name)
 		}
 	case TypeLease:
 		if _, _, err := r.SplitLease(); err != nil {
@@ -239,6 +243,8 @@ func (r Resource) Validate() error {
 			return invalid("%s resource name is %d bytes long (at most %d)", r.Type, len(r.Name), MaxPathLen)
 		case strings.IndexByte(r.Name, 0) >= 0:
 			return invalid("%s resource name %q contains a NUL byte", r.Type, r.Name)
+		case !utf8.ValidString(r.Name):
+			return invalid("%s resource name %q is not valid UTF-8", r.Type, r.Name)
 		}
 	}
 	return nil

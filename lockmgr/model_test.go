@@ -16,6 +16,8 @@ func TestResourceValidateRejectsMalformed(t *testing.T) {
 	}{
 		{"empty disk path", DiskResource("", Exclusive)},
 		{"NUL in disk path", DiskResource("/a\x00b", Exclusive)},
+		{"disk path invalid UTF-8", DiskResource("/images/caf\xe9.img", Exclusive)},
+		{"custom name invalid UTF-8", Resource{Type: "vnc-port", Name: "\xff"}},
 		{"over-long disk path", DiskResource("/"+strings.Repeat("a", MaxPathLen), Exclusive)},
 		{"lease without slash", Resource{Type: TypeLease, Name: "nokey"}},
 		{"lease lockspace ..", LeaseResource("..", "k", Exclusive)},

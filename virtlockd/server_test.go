@@ -516,6 +516,16 @@ func TestRefusedAcquireLeavesNoObject(t *testing.T) {
 	wantRemote(t, "missing lease", a.AcquireResource(ctx, dir, "missing", 0), CodeSystemError, DomainLockspace,
 		"Unable to open resource")
 	wantRemote(t, "directory", a.AcquireResource(ctx, "", dir, 0), CodeSystemError, DomainLockspace, "Is a directory")
+	// A file name that is not UTF-8 exists, but vmlockd's records could
+	// not bring it back after a restart.
+	latin1 := filepath.Join(dir, "caf\xe9.img")
+	if err := os.WriteFile(latin1, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wantRemote(t, "non-UTF-8 path", a.AcquireResource(ctx, "", latin1, 0), CodeInvalidArg, DomainLockspace, "not valid UTF-8")
+	if !ofdFree(t, latin1) {
+		t.Fatal("the refused non-UTF-8 path is locked")
+	}
 	if objs := ts.m.Objects(); len(objs) != 0 {
 		t.Fatalf("refused acquires left objects %+v", objs)
 	}
