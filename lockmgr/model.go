@@ -394,23 +394,32 @@ func (o *Object) Validate() error {
 }
 
 // ParseUUID validates a UUID in the 8-4-4-4-12 hex form and returns it in
-// lower case.
+// lower case: s itself when it is in that form already, as every lookup of
+// a registered object passes a UUID this returned.
 func ParseUUID(s string) (string, error) {
 	if len(s) != 36 {
 		return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
 	}
-	b := []byte(strings.ToLower(s))
-	for i, c := range b {
+	upper := false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
 		switch i {
 		case 8, 13, 18, 23:
 			if c != '-' {
 				return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
 			}
 		default:
-			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			switch {
+			case c >= '0' && c <= '9' || c >= 'a' && c <= 'f':
+			case c >= 'A' && c <= 'F':
+				upper = true
+			default:
 				return "", invalid("uuid %q: want 8-4-4-4-12 hex digits", s)
 			}
 		}
 	}
-	return string(b), nil
+	if upper {
+		return strings.ToLower(s), nil
+	}
+	return s, nil
 }

@@ -124,6 +124,23 @@ func TestObjectSetAndValidate(t *testing.T) {
 	}
 }
 
+// ParseUUID lowers any upper-case digit, returns a lower-case UUID as it
+// is, and refuses anything that is not 8-4-4-4-12 hex digits.
+func TestParseUUID(t *testing.T) {
+	const lower = "0a0b0c0d-1111-2222-3333-44445555666f"
+	for _, in := range []string{lower, "0A0B0C0D-1111-2222-3333-44445555666F", "0a0B0c0D-1111-2222-3333-44445555666F"} {
+		if got, err := ParseUUID(in); err != nil || got != lower {
+			t.Errorf("ParseUUID(%q) = %q, %v; want %q", in, got, err, lower)
+		}
+	}
+	for _, bad := range []string{"", lower[:35], lower + "0", "0a0b0c0d-1111-2222-3333-44445555666g", "0a0b0c0d_1111-2222-3333-44445555666f",
+		"0a0b0c0d-1111-2222-3333-4444555566-6f", "0a0b0c0d-1111-2222-3333-444455556\u212a", "0a0b0c0d-1111-2222-3333-4444555566\xff\xff"} {
+		if got, err := ParseUUID(bad); !errors.Is(err, ErrInvalidArgument) {
+			t.Errorf("ParseUUID(%q) = %q, %v; want invalid argument", bad, got, err)
+		}
+	}
+}
+
 func TestModeConflicts(t *testing.T) {
 	cases := []struct {
 		a, b Mode

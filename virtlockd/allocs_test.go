@@ -61,3 +61,16 @@ func TestAllocsOfFindingALease(t *testing.T) {
 		t.Fatalf("%v allocations to find a lease, want 0", n)
 	}
 }
+
+// Every Manager call looks its object up by a UUID that is canonical
+// already (lower case): it is taken as it is.
+func TestAllocsOfParsingACanonicalUUID(t *testing.T) {
+	u := formatUUID([16]byte{0xab, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+	if n := testing.AllocsPerRun(100, func() {
+		if _, err := lockmgr.ParseUUID(u); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Fatalf("%v allocations to parse a canonical UUID, want 0", n)
+	}
+}
