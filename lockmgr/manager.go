@@ -79,11 +79,15 @@ type object struct {
 // A read-only use is "held" without a lease once acquired.
 type use struct {
 	res   Resource
+	key   string // res.Key(), built once: the table is keyed by it at every step
 	lease Lease
 	held  bool
 	token uint64
 	since time.Time
 }
+
+// newUse returns a use of r, not held.
+func newUse(r Resource) *use { return &use{res: r, key: r.Key()} }
 
 type heldResource struct {
 	res     Resource // the key's identity (type and name; Locks computes the mode from the holders)
@@ -173,17 +177,17 @@ func (m *Manager) lookupWith(uuid string, r Resource) (*object, Resource, error)
 
 // add records a new use of r; an object uses a resource once.
 func (ob *object) add(r Resource) (*use, error) {
-	if ob.find(r.Key()) != nil {
+	u := newUse(r)
+	if ob.find(u.key) != nil {
 		return nil, invalid("object %s already uses %s", ob.obj.UUID, r)
 	}
-	u := &use{res: r}
 	ob.uses = append(ob.uses, u)
 	return u, nil
 }
 
 func (ob *object) find(key string) *use {
 	for _, u := range ob.uses {
-		if u.res.Key() == key {
+		if u.key == key {
 			return u
 		}
 	}
@@ -212,10 +216,11 @@ func (m *Manager) Acquire(ctx context.Context, uuid string, state string) error 
 		if err != nil {
 			return err
 		}
-		if ob.find(r.Key()) == nil {
+		k := r.Key()
+		if ob.find(k) == nil {
 			return invalid("state names %s, which object %s does not use", r, ob.obj.UUID)
 		}
-		expect[r.Key()] = e.Token
+		expect[k] = e.Token
 	}
 	var todo []*use
 	for _, u := range ob.uses {
@@ -251,16 +256,16 @@ func (m *Manager) AcquireResource(ctx context.Context, uuid string, rs ...Resour
 	// object with many uses would otherwise cost their product.
 	keys := make(map[string]bool, len(ob.uses)+len(cs))
 	for _, u := range ob.uses {
-		keys[u.res.Key()] = true
+		keys[u.key] = true
 	}
 	todo := make([]*use, len(cs))
 	for i, r := range cs {
-		k := r.Key()
-		if keys[k] {
+		u := newUse(r)
+		if keys[u.key] {
 			return invalid("object %s already uses %s, or the list names it twice; nothing was acquired", ob.obj.UUID, r)
 		}
-		keys[k] = true
-		todo[i] = &use{res: r}
+		keys[u.key] = true
+		todo[i] = u
 	}
 	n := len(ob.uses)
 	ob.uses = append(ob.uses, todo...)
@@ -284,13 +289,13 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		if u.res.Mode == ReadOnly {
 			continue
 		}
-		if err := m.conflictLocked(ob, u.res); err != nil {
+		if err := m.conflictLocked(ob, u.key, u.res); err != nil {
 			m.unreserveLocked(ob, locked)
 			m.mu.Unlock()
 			return err
 		}
-		m.pending[u.res.Key()] = append(m.pending[u.res.Key()], reservation{ob, u.res.Mode})
-		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.res.Key()], Holder: holderOf(ob.obj, u.res.Mode, time.Time{})})
+		m.pending[u.key] = append(m.pending[u.key], reservation{ob, u.res.Mode})
+		reqs = append(reqs, Request{Resource: u.res, Expect: expect[u.key], Holder: holderOf(ob.obj, u.res.Mode, time.Time{})})
 		locked = append(locked, u)
 	}
 	m.mu.Unlock()
@@ -356,7 +361,7 @@ func (ob *object) holding() ([]Lease, []Resource) {
 // unreserveLocked drops ob's reservations of uses.
 func (m *Manager) unreserveLocked(ob *object, uses []*use) {
 	for _, u := range uses {
-		k := u.res.Key()
+		k := u.key
 		rs := slices.DeleteFunc(m.pending[k], func(r reservation) bool { return r.ob == ob })
 		if len(rs) == 0 {
 			delete(m.pending, k)
@@ -372,15 +377,15 @@ func holderOf(o Object, m Mode, since time.Time) Holder {
 }
 
 // conflictLocked returns a BusyError if another object of this Manager
-// holds r's key, or is being granted it, in a conflicting mode.
-func (m *Manager) conflictLocked(ob *object, r Resource) error {
-	for _, p := range m.pending[r.Key()] {
+// holds r's key (key), or is being granted it, in a conflicting mode.
+func (m *Manager) conflictLocked(ob *object, key string, r Resource) error {
+	for _, p := range m.pending[key] {
 		if p.ob != ob && p.mode.Conflicts(r.Mode) {
 			o := p.ob.obj
 			return &BusyError{Resource: r, Holder: holderOf(o, p.mode, time.Time{})}
 		}
 	}
-	h := m.held[r.Key()]
+	h := m.held[key]
 	if h == nil {
 		return nil
 	}
@@ -417,7 +422,7 @@ func (m *Manager) nameHolder(ob *object, err error) error {
 }
 
 func (m *Manager) addHeldLocked(ob *object, u *use) {
-	k := u.res.Key()
+	k := u.key
 	h := m.held[k]
 	if h == nil {
 		h = &heldResource{res: u.res, holders: make(map[string]*use, 1), objs: make(map[string]*object, 1)}
@@ -428,7 +433,7 @@ func (m *Manager) addHeldLocked(ob *object, u *use) {
 }
 
 func (m *Manager) dropHeldLocked(ob *object, u *use) {
-	k := u.res.Key()
+	k := u.key
 	if h := m.held[k]; h != nil {
 		delete(h.holders, ob.obj.UUID)
 		delete(h.objs, ob.obj.UUID)
@@ -485,7 +490,7 @@ func (m *Manager) Unplug(ctx context.Context, uuid string, rs ...Resource) (stri
 	defer ob.op.Unlock()
 	byKey := make(map[string]*use, len(ob.uses))
 	for _, u := range ob.uses {
-		byKey[u.res.Key()] = u
+		byKey[u.key] = u
 	}
 	rel := make([]*use, 0, len(rs))
 	seen := make(map[*use]bool, len(rs))
@@ -644,12 +649,14 @@ func (m *Manager) Restore(o Object, leases []Lease, readonly []Resource, since t
 	}
 	ob := &object{obj: o}
 	for _, l := range leases {
-		u := &use{res: l.Resource(), lease: l, held: true, token: l.Token(), since: since}
+		u := newUse(l.Resource())
+		u.lease, u.held, u.token, u.since = l, true, l.Token(), since
 		ob.uses = append(ob.uses, u)
 		m.addHeldLocked(ob, u)
 	}
 	for _, r := range readonly {
-		u := &use{res: r, held: true, since: since}
+		u := newUse(r)
+		u.held, u.since = true, since
 		ob.uses = append(ob.uses, u)
 		m.addHeldLocked(ob, u)
 	}

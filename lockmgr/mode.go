@@ -82,9 +82,9 @@ func (m *Manager) ChangeMode(ctx context.Context, uuid string, r Resource) error
 	// change, nor while the change is recorded one that would keep it from
 	// being undone.
 	m.mu.Lock()
-	err = m.conflictLocked(ob, r)
+	err = m.conflictLocked(ob, u.key, r)
 	if err == nil {
-		m.pending[r.Key()] = append(m.pending[r.Key()], reservation{ob, min(from, r.Mode)})
+		m.pending[u.key] = append(m.pending[u.key], reservation{ob, min(from, r.Mode)})
 	}
 	m.mu.Unlock()
 	if err != nil {
