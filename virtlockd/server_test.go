@@ -1201,16 +1201,37 @@ func BenchmarkCycle(b *testing.B) {
 // nothing (it sends encoded calls and reads the replies raw), so that its
 // allocs/op are the server's (and the lock table's) alone.
 func BenchmarkServerCycle(b *testing.B) {
-	m := lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})
-	s, err := NewServer(Config{Manager: m})
-	if err != nil {
-		b.Fatal(err)
-	}
+	benchServerCycle(b, func(string) lockmgr.Driver { return lockmgr.NopDriver{} })
+}
+
+// BenchmarkServerCycleLockspace is BenchmarkServerCycle with the lockspace
+// driver (direct disk leases: an OFD lock on the image itself), which
+// vmlock bench libvirt runs vmlockd with.
+func BenchmarkServerCycleLockspace(b *testing.B) {
+	benchServerCycle(b, func(dir string) lockmgr.Driver {
+		d, err := lsdriver.New(lsdriver.Config{StateDir: filepath.Join(dir, "state")})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return d
+	})
+}
+
+// benchServerCycle runs the cycle of BenchmarkServerCycle on a Manager
+// with the driver that newDriver returns for a temporary directory.
+func benchServerCycle(b *testing.B, newDriver func(dir string) lockmgr.Driver) {
 	dir, err := os.MkdirTemp("", "vlk")
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
+	d := newDriver(dir)
+	defer d.Close()
+	m := lockmgr.NewManager(d, lockmgr.Options{})
+	s, err := NewServer(Config{Manager: m})
+	if err != nil {
+		b.Fatal(err)
+	}
 	// Longer than 32 bytes as a key, as image paths are, whatever the
 	// length of dir: shorter strings are built without allocating.
 	img := filepath.Join(dir, "bench-images", "bench.qcow2")
