@@ -128,18 +128,28 @@ func (m *Manager) lookup(uuid string) (*object, error) {
 	if err != nil {
 		return nil, err
 	}
+	ob := m.registered(u)
+	if ob == nil {
+		return nil, Errorf(CodeNotRegistered, "object %s is not registered", u)
+	}
+	return ob, nil
+}
+
+// registered returns the object registered as the canonical UUID u with
+// its op lock held, or nil.
+func (m *Manager) registered(u string) *object {
 	m.mu.Lock()
 	ob := m.objects[u]
 	m.mu.Unlock()
 	if ob == nil {
-		return nil, Errorf(CodeNotRegistered, "object %s is not registered", u)
+		return nil
 	}
 	ob.op.Lock()
 	if ob.gone {
 		ob.op.Unlock()
-		return nil, Errorf(CodeNotRegistered, "object %s is not registered", u)
+		return nil
 	}
-	return ob, nil
+	return ob
 }
 
 // Object returns the identity of a registered object.
@@ -779,6 +789,25 @@ func (m *Manager) Notify(uuid string) error {
 	}
 	defer ob.op.Unlock()
 	return m.notify(context.Background(), ob)
+}
+
+// HoldingOf returns the object registered as uuid and what it holds, read
+// in one step; ok is false if no object is registered as uuid (or uuid is
+// not a UUID). It is Object and Held in one lookup, and builds no error
+// for an object that is not registered.
+func (m *Manager) HoldingOf(uuid string) (h Holding, ok bool) {
+	u, err := ParseUUID(uuid)
+	if err != nil {
+		return Holding{}, false
+	}
+	ob := m.registered(u)
+	if ob == nil {
+		return Holding{}, false
+	}
+	defer ob.op.Unlock()
+	h.Object = ob.obj
+	h.Leases, h.ReadOnly = ob.holding()
+	return h, true
 }
 
 // Held returns the leases an object holds (for the daemon's bookkeeping).

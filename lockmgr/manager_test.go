@@ -543,3 +543,34 @@ func TestAGrantTheObserverCannotRecordIsUndone(t *testing.T) {
 		t.Fatalf("AcquireResource once the observer records again: %v", err)
 	}
 }
+
+// HoldingOf is Object and Held in one: the object and its leases and
+// read-only uses, by its uuid in any case; nothing for an object that is
+// not registered (any more) or a uuid that is not one.
+func TestHoldingOf(t *testing.T) {
+	m := NewManager(newMemDriver(), Options{})
+	if _, ok := m.HoldingOf(uuidA); ok {
+		t.Fatal("HoldingOf an object never registered: ok")
+	}
+	if _, ok := m.HoldingOf("not-a-uuid"); ok {
+		t.Fatal("HoldingOf an invalid uuid: ok")
+	}
+	register(t, m, uuidA, "web1", DiskResource("/img/a", Exclusive), DiskResource("/img/ro", ReadOnly))
+	h, ok := m.HoldingOf(strings.ToUpper(uuidA))
+	if !ok || h.Object.UUID != uuidA || h.Object.Name != "web1" || len(h.Leases)+len(h.ReadOnly) != 0 {
+		t.Fatalf("HoldingOf before Acquire = %+v, %v; want web1 holding nothing", h, ok)
+	}
+	if err := m.Acquire(context.Background(), uuidA, ""); err != nil {
+		t.Fatal(err)
+	}
+	h, ok = m.HoldingOf(uuidA)
+	if !ok || len(h.Leases) != 1 || h.Leases[0].Resource().Name != "/img/a" || len(h.ReadOnly) != 1 || h.ReadOnly[0].Name != "/img/ro" {
+		t.Fatalf("HoldingOf after Acquire = %+v, %v; want /img/a leased and /img/ro read-only", h, ok)
+	}
+	if err := m.Unregister(context.Background(), uuidA); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := m.HoldingOf(uuidA); ok {
+		t.Fatal("HoldingOf an unregistered object: ok")
+	}
+}

@@ -347,7 +347,8 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 	o := c.obj
 	ownerLock := s.ownerLocks.lock(o.UUID)
 	defer ownerLock.unlock()
-	if rerr := s.ensureObject(ctx, o); rerr != nil { // takes key locks: before ours
+	leases, rerr := s.ensureObject(ctx, o) // takes key locks: before ours
+	if rerr != nil {
 		return rerr
 	}
 	// The resource's lock also serialises concurrent grants of one resource:
@@ -356,10 +357,6 @@ func (s *Server) acquire(ctx context.Context, c *conn, ls *lockspace, name strin
 	keyLock := s.keyLocks.lock(r.Key())
 	defer keyLock.unlock()
 
-	leases, _, err := s.mgr.Held(o.UUID)
-	if err != nil {
-		return remoteError(err)
-	}
 	if h, ok := heldAs(leases, r); ok {
 		return s.acquireHeld(o, sent, r, h)
 	}
@@ -652,36 +649,32 @@ func openFile(ls *lockspace, file string, flags int) (*os.File, error) {
 }
 
 // ensureObject makes sure the lock table has the owner's object with the
-// owner's pid. An object of the same uuid with another pid is replaced if
-// it holds nothing or its process is gone (a domain that was restarted);
-// if its process still holds locks, the owner is refused. Called with the
-// owner's lock held.
-func (s *Server) ensureObject(ctx context.Context, o lockmgr.Object) *RemoteError {
-	cur, err := s.mgr.Object(o.UUID)
-	if err == nil {
-		if cur.PID == o.PID {
-			return nil
+// owner's pid, and returns the leases it holds. An object of the same uuid
+// with another pid is replaced if it holds nothing or its process is gone
+// (a domain that was restarted); if its process still holds locks, the
+// owner is refused. Called with the owner's lock held.
+func (s *Server) ensureObject(ctx context.Context, o lockmgr.Object) ([]lockmgr.Lease, *RemoteError) {
+	// One lookup: libvirt's REGISTER before each ACQUIRE finds no object
+	// most of the time (dropIfEmpty forgot it at its last RELEASE).
+	if cur, ok := s.mgr.HoldingOf(o.UUID); ok {
+		if cur.Object.PID == o.PID {
+			return cur.Leases, nil
 		}
-		leases, ro, err := s.mgr.Held(o.UUID)
-		if err != nil {
-			return remoteError(err)
-		}
-		if len(leases)+len(ro) > 0 && processAlive(cur.PID) {
-			return newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf(
+		if n := len(cur.Leases) + len(cur.ReadOnly); n > 0 && processAlive(cur.Object.PID) {
+			return nil, newRemoteError(CodeResourceBusy, DomainLockspace, fmt.Sprintf(
 				"domain %q (uuid %s) is registered with pid %d, which is alive and holds %d locks; pid %d cannot take locks for it",
-				cur.Name, cur.UUID, cur.PID, len(leases)+len(ro), o.PID))
+				cur.Object.Name, cur.Object.UUID, cur.Object.PID, n, o.PID))
 		}
-		s.log.Info("replacing a stale owner", "uuid", o.UUID, "name", o.Name, "old_pid", cur.PID, "pid", o.PID)
-		if rerr := s.forget(ctx, cur, leases); rerr != nil {
-			return rerr
+		s.log.Info("replacing a stale owner", "uuid", o.UUID, "name", o.Name, "old_pid", cur.Object.PID, "pid", o.PID)
+		if rerr := s.forget(ctx, cur.Object, cur.Leases); rerr != nil {
+			return nil, rerr
 		}
-	} else if !errors.Is(err, lockmgr.ErrNotRegistered) {
-		return remoteError(err)
 	}
+	// An invalid uuid fails here as it would have in the lookup.
 	if err := s.owners.Register(ctx, o); err != nil {
-		return remoteError(err)
+		return nil, remoteError(err)
 	}
-	return nil
+	return nil, nil // a new object holds nothing
 }
 
 // forget releases everything the object o holds (the leases given) and, if
@@ -752,12 +745,8 @@ func (s *Server) dropGrant(key, uuid string) {
 // objects do not pile up (a paused domain holds nothing; its next ACQUIRE
 // registers it again). Called with the owner's lock held.
 func (s *Server) dropIfEmpty(ctx context.Context, o lockmgr.Object) {
-	leases, ro, err := s.mgr.Held(o.UUID)
-	if err != nil || len(leases)+len(ro) > 0 {
-		return
-	}
-	cur, err := s.mgr.Object(o.UUID)
-	if err != nil || cur.URI != ObjectURI || cur.PID != o.PID {
+	cur, ok := s.mgr.HoldingOf(o.UUID)
+	if !ok || len(cur.Leases)+len(cur.ReadOnly) > 0 || cur.Object.URI != ObjectURI || cur.Object.PID != o.PID {
 		return
 	}
 	if err := s.owners.Unregister(ctx, o.UUID); err != nil && !errors.Is(err, lockmgr.ErrNotRegistered) {
@@ -802,12 +791,12 @@ func (s *Server) releaseOf(ctx context.Context, uuid string, pid int, r lockmgr.
 	ownerLock := s.ownerLocks.lock(uuid)
 	defer ownerLock.unlock()
 
-	o, err := s.mgr.Object(uuid)
-	if err != nil || o.PID != pid {
+	cur, ok := s.mgr.HoldingOf(uuid)
+	if !ok || cur.Object.PID != pid {
 		return false, nil
 	}
+	o, leases := cur.Object, cur.Leases
 	var held lockmgr.Resource
-	leases, _, _ := s.mgr.Held(uuid)
 	s.mu.Lock()
 	key, spelled := s.spelled[uuid][r.Name]
 	s.mu.Unlock()
@@ -838,7 +827,7 @@ func (s *Server) releaseOf(ctx context.Context, uuid string, pid int, r lockmgr.
 	// The table no longer holds it for o even if this fails (the driver
 	// did, or ctx ended: see lockmgr.Manager.Release), so neither do the
 	// server's records.
-	_, err = s.mgr.Release(ctx, uuid, &held)
+	_, err := s.mgr.Release(ctx, uuid, &held)
 	s.unspell(uuid, key)
 	s.dropGrant(key, uuid)
 	s.dropIfEmpty(ctx, o)
