@@ -91,8 +91,13 @@ func newUse(r Resource) *use { return &use{res: r, key: r.Key()} }
 
 type heldResource struct {
 	res     Resource // the key's identity (type and name; Locks computes the mode from the holders)
-	holders map[string]*use
-	objs    map[string]*object
+	holders map[string]holderRef // by object UUID
+}
+
+// holderRef is one holder of a held resource: its use and its object.
+type holderRef struct {
+	u  *use
+	ob *object
 }
 
 // NewManager returns a Manager that locks through d.
@@ -399,10 +404,9 @@ func (m *Manager) conflictLocked(ob *object, key string, r Resource) error {
 	if h == nil {
 		return nil
 	}
-	for id, u := range h.holders {
-		if id != ob.obj.UUID && u.res.Mode.Conflicts(r.Mode) {
-			o := h.objs[id].obj
-			return &BusyError{Resource: r, Holder: holderOf(o, u.res.Mode, u.since)}
+	for id, hr := range h.holders {
+		if u := hr.u; id != ob.obj.UUID && u.res.Mode.Conflicts(r.Mode) {
+			return &BusyError{Resource: r, Holder: holderOf(hr.ob.obj, u.res.Mode, u.since)}
 		}
 	}
 	return nil
@@ -421,10 +425,9 @@ func (m *Manager) nameHolder(ob *object, err error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if h := m.held[be.Resource.Key()]; h != nil {
-		for id, u := range h.holders {
-			if id != ob.obj.UUID && u.res.Mode.Conflicts(be.Resource.Mode) {
-				o := h.objs[id].obj
-				return &BusyError{Resource: be.Resource, Holder: holderOf(o, u.res.Mode, u.since)}
+		for id, hr := range h.holders {
+			if u := hr.u; id != ob.obj.UUID && u.res.Mode.Conflicts(be.Resource.Mode) {
+				return &BusyError{Resource: be.Resource, Holder: holderOf(hr.ob.obj, u.res.Mode, u.since)}
 			}
 		}
 	}
@@ -435,18 +438,16 @@ func (m *Manager) addHeldLocked(ob *object, u *use) {
 	k := u.key
 	h := m.held[k]
 	if h == nil {
-		h = &heldResource{res: u.res, holders: make(map[string]*use, 1), objs: make(map[string]*object, 1)}
+		h = &heldResource{res: u.res, holders: make(map[string]holderRef, 1)}
 		m.held[k] = h
 	}
-	h.holders[ob.obj.UUID] = u
-	h.objs[ob.obj.UUID] = ob
+	h.holders[ob.obj.UUID] = holderRef{u, ob}
 }
 
 func (m *Manager) dropHeldLocked(ob *object, u *use) {
 	k := u.key
 	if h := m.held[k]; h != nil {
 		delete(h.holders, ob.obj.UUID)
-		delete(h.objs, ob.obj.UUID)
 		if len(h.holders) == 0 {
 			delete(m.held, k)
 		}
@@ -690,9 +691,9 @@ func (m *Manager) Locks() []LockInfo {
 	for _, h := range m.held {
 		li := LockInfo{Resource: h.res, Holders: make([]Holder, 0, len(h.holders))}
 		li.Resource.Mode = ReadOnly
-		for id, u := range h.holders {
-			o := h.objs[id].obj
-			li.Holders = append(li.Holders, holderOf(o, u.res.Mode, u.since))
+		for _, hr := range h.holders {
+			u := hr.u
+			li.Holders = append(li.Holders, holderOf(hr.ob.obj, u.res.Mode, u.since))
 			if u.res.Mode < li.Resource.Mode {
 				li.Resource.Mode = u.res.Mode
 			}
@@ -757,10 +758,11 @@ func (m *Manager) Holdings() []Holding {
 	defer m.mu.Unlock()
 	by := map[string]*Holding{}
 	for _, h := range m.held {
-		for id, u := range h.holders {
+		for id, hr := range h.holders {
+			u := hr.u
 			hd := by[id]
 			if hd == nil {
-				hd = &Holding{Object: h.objs[id].obj}
+				hd = &Holding{Object: hr.ob.obj}
 				by[id] = hd
 			}
 			switch {
