@@ -90,7 +90,7 @@ type use struct {
 func newUse(r Resource) *use { return &use{res: r, key: r.Key()} }
 
 type heldResource struct {
-	res     Resource // the key's identity (type and name; Locks computes the mode from the holders)
+	res     Resource             // the key's identity (type and name; Locks computes the mode from the holders)
 	holders map[string]holderRef // by object UUID
 }
 
