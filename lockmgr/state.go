@@ -32,12 +32,16 @@ const MaxStateLen = 1 << 20
 // maxStateEntries bounds the number of resources in one state string.
 const maxStateEntries = 4096
 
-var stateEscaper = strings.NewReplacer(",", "%2C", ":", "%3A")
-
-// String encodes s in the v1 format.
+// String encodes s in the v1 format, in one allocation.
 func (s State) String() string {
+	n := len(stateV1)
+	for _, e := range s {
+		n += len(e.Resource.Type) + len(e.Resource.Mode.String()) + 20 + escapedLen(e.Resource.Name) + 4
+	}
 	var b strings.Builder
+	b.Grow(n)
 	b.WriteString(stateV1)
+	var tok [20]byte
 	for i, e := range s {
 		if i > 0 {
 			b.WriteByte(',')
@@ -46,11 +50,51 @@ func (s State) String() string {
 		b.WriteByte(':')
 		b.WriteString(e.Resource.Mode.String())
 		b.WriteByte(':')
-		b.WriteString(strconv.FormatUint(e.Token, 10))
+		b.Write(strconv.AppendUint(tok[:0], e.Token, 10))
 		b.WriteByte(':')
-		b.WriteString(stateEscaper.Replace(url.PathEscape(e.Resource.Name)))
+		writeEscaped(&b, e.Resource.Name)
 	}
 	return b.String()
+}
+
+// stateKeeps reports whether a name's byte c stands for itself in a state
+// string: what url.PathEscape keeps, except ':' (',' it escapes itself).
+func stateKeeps(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	switch c {
+	case '-', '_', '.', '~', '$', '&', '+', '=', '@':
+		return true
+	}
+	return false
+}
+
+// escapedLen is the length of name in a state string.
+func escapedLen(name string) int {
+	n := len(name)
+	for i := 0; i < len(name); i++ {
+		if !stateKeeps(name[i]) {
+			n += 2
+		}
+	}
+	return n
+}
+
+// writeEscaped writes name as a state string carries it: every byte that
+// does not stand for itself as %XX, as url.PathEscape writes it.
+func writeEscaped(b *strings.Builder, name string) {
+	const hex = "0123456789ABCDEF"
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; stateKeeps(c) {
+			b.WriteByte(c)
+		} else {
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+		}
+	}
 }
 
 // ParseState decodes a state string. The empty string is the empty state

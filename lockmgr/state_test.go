@@ -2,6 +2,7 @@ package lockmgr
 
 import (
 	"errors"
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -31,6 +32,24 @@ func TestStateRoundTrip(t *testing.T) {
 	}
 	if empty, err := ParseState(State{}.String()); err != nil || len(empty) != 0 {
 		t.Fatalf("empty state: %v %v", empty, err)
+	}
+}
+
+// A name is written in a state string as url.PathEscape writes it, with
+// ',' and ':' escaped too, as it always was: state strings made by an older
+// vmlockd (kept by management applications) stay the same.
+func TestStateEscapesNamesAsPathEscape(t *testing.T) {
+	var all []byte
+	for c := range 256 {
+		all = append(all, byte(c))
+	}
+	old := strings.NewReplacer(",", "%2C", ":", "%3A")
+	for _, name := range []string{string(all), "/var/lib/images/a,b:c d%.qcow2", "vm:1", "ä€/x?y;z#w", ""} {
+		st := State{{Resource: Resource{Type: "custom", Name: name}, Token: 1 << 40}}
+		want := "v1:custom:exclusive:1099511627776:" + old.Replace(url.PathEscape(name))
+		if got := st.String(); got != want {
+			t.Errorf("State.String() of %q = %q, want %q", name, got, want)
+		}
 	}
 }
 

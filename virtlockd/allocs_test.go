@@ -74,3 +74,15 @@ func TestAllocsOfParsingACanonicalUUID(t *testing.T) {
 		t.Fatalf("%v allocations to parse a canonical UUID, want 0", n)
 	}
 }
+
+// Every RELEASE builds the state string of what it released (the Manager
+// returns it; the server has no use for it): it costs the string only.
+func TestAllocsOfAStateString(t *testing.T) {
+	st := lockmgr.State{
+		{Resource: lockmgr.DiskResource("/var/lib/libvirt/images/a-long-enough-name,with:escapes.qcow2", lockmgr.Exclusive), Token: 1 << 40},
+		{Resource: lockmgr.LeaseResource("cluster", "vm1", lockmgr.Shared), Token: 7},
+	}
+	if n := testing.AllocsPerRun(100, func() { _ = st.String() }); n != 1 {
+		t.Fatalf("%v allocations per state string, want 1", n)
+	}
+}
