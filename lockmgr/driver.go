@@ -67,13 +67,9 @@ type Adopter interface {
 // late grant is not leaked. A hung system call (a dead NFS server) thus
 // never holds up the caller beyond its deadline.
 func Bounded[T any](ctx context.Context, f func() (T, error), undo func(T)) (T, error) {
-	if err := ctx.Err(); err != nil {
+	if err := ended(ctx); err != nil {
 		var zero T
-		if errors.Is(err, context.Canceled) {
-			return zero, timeoutError(err)
-		}
-		// Not the driver's fault: the call had no time left to ask it.
-		return zero, &Error{Code: CodeTimeout, Msg: "deadline exceeded before the lock driver was asked; nothing was changed", Err: err}
+		return zero, err
 	}
 	v, ok, err := await(ctx, f, undo)
 	if !ok {
@@ -111,6 +107,28 @@ func await[T any](ctx context.Context, f func() (T, error), undo func(T)) (v T, 
 		var zero T
 		return zero, false, nil
 	}
+}
+
+// ended returns the error of a call whose ctx is done before the driver is
+// asked, or nil.
+func ended(ctx context.Context) error {
+	err := ctx.Err()
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, context.Canceled):
+		return timeoutError(err)
+	}
+	// Not the driver's fault: the call had no time left to ask it.
+	return &Error{Code: CodeTimeout, Msg: "deadline exceeded before the lock driver was asked; nothing was changed", Err: err}
+}
+
+// immediate reports whether d's calls return at once whatever happens
+// (NopDriver): the caller never waits past its deadline on them, so the
+// Manager makes them directly instead of in a goroutine that bounds them.
+func immediate(d Driver) bool {
+	_, ok := d.(NopDriver)
+	return ok
 }
 
 func timeoutError(err error) error {

@@ -52,9 +52,10 @@ type Options struct {
 // calls about other objects. Calls about one object are serialised by the
 // object's own lock.
 type Manager struct {
-	driver Driver
-	now    func() time.Time
-	obs    Observer
+	driver    Driver
+	immediate bool // driver calls are made directly (see immediate)
+	now       func() time.Time
+	obs       Observer
 
 	mu      sync.Mutex
 	objects map[string]*object // by UUID
@@ -106,7 +107,7 @@ func NewManager(d Driver, opt Options) *Manager {
 	if now == nil {
 		now = time.Now
 	}
-	return &Manager{driver: d, now: now, obs: opt.Observer,
+	return &Manager{driver: d, immediate: immediate(d), now: now, obs: opt.Observer,
 		objects: make(map[string]*object), held: make(map[string]*heldResource), pending: make(map[string][]reservation)}
 }
 
@@ -318,8 +319,7 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 	var leases []Lease
 	if len(reqs) > 0 {
 		var err error
-		leases, err = Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, reqs) },
-			func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })
+		leases, err = m.acquireLeases(ctx, reqs)
 		if err != nil {
 			m.mu.Lock()
 			m.unreserveLocked(ob, locked)
@@ -346,6 +346,19 @@ func (m *Manager) acquire(ctx context.Context, ob *object, todo []*use, expect m
 		return &Error{Code: CodeOf(err), Msg: "the grant was not recorded and is undone", Err: err}
 	}
 	return nil
+}
+
+// acquireLeases has the driver grant reqs, bounded by ctx (see Bounded): a
+// grant that comes after ctx is done is released.
+func (m *Manager) acquireLeases(ctx context.Context, reqs []Request) ([]Lease, error) {
+	if m.immediate {
+		if err := ended(ctx); err != nil {
+			return nil, err
+		}
+		return m.driver.Acquire(ctx, reqs)
+	}
+	return Bounded(ctx, func() ([]Lease, error) { return m.driver.Acquire(ctx, reqs) },
+		func(ls []Lease) { _ = m.driver.Release(context.Background(), ls) })
 }
 
 // notify tells the observer what ob holds now. Called with ob.op held.
@@ -579,6 +592,9 @@ func (m *Manager) release(ctx context.Context, ob *object, rel []*use) error {
 // CodeTimeout, and the release completes in the background.
 func (m *Manager) releaseLeases(ctx context.Context, leases []Lease) (waited bool, err error) {
 	bg := context.WithoutCancel(ctx)
+	if m.immediate {
+		return true, m.driver.Release(bg, leases)
+	}
 	_, waited, err = await(ctx, func() (struct{}, error) { return struct{}{}, m.driver.Release(bg, leases) }, nil)
 	if !waited {
 		return false, &Error{Code: CodeTimeout, Err: ctx.Err(),
