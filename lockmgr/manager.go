@@ -512,22 +512,27 @@ func (m *Manager) Unplug(ctx context.Context, uuid string, rs ...Resource) (stri
 		return "", err
 	}
 	defer ob.op.Unlock()
-	byKey := make(map[string]*use, len(ob.uses))
+	// By type and name, which is the key without building it.
+	type id struct {
+		t    ResourceType
+		name string
+	}
+	byKey := make(map[id]*use, len(ob.uses))
 	for _, u := range ob.uses {
-		byKey[u.key] = u
+		byKey[id{u.res.Type, u.res.Name}] = u
 	}
 	rel := make([]*use, 0, len(rs))
 	seen := make(map[*use]bool, len(rs))
 	for _, r := range rs {
 		// Callers usually give back the canonical name they were granted:
 		// look it up as given first, and resolve the path only if needed.
-		u := byKey[r.Key()]
+		u := byKey[id{r.Type, r.Name}]
 		if u == nil {
 			c, err := Canonical(r)
 			if err != nil {
 				return "", err
 			}
-			u = byKey[c.Key()]
+			u = byKey[id{c.Type, c.Name}]
 		}
 		switch {
 		case u == nil:
