@@ -5,6 +5,8 @@
 package virtlockd
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -84,5 +86,42 @@ func TestAllocsOfAStateString(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { _ = st.String() }); n != 1 {
 		t.Fatalf("%v allocations per state string, want 1", n)
+	}
+}
+
+// A cycle of REGISTER, ACQUIRE and RELEASE of a disk, as libvirt sends
+// for a domain with one disk that starts and pauses, on the NopDriver: the
+// lock table and the server allocate what the count below allows, no more.
+func TestAllocsOfACycle(t *testing.T) {
+	s, err := NewServer(Config{Manager: lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "a-long-enough-image-name.qcow2")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := &conn{peer: &Peer{}}
+	type call struct {
+		h       Header
+		payload []byte
+	}
+	var calls []call
+	for i, a := range []Args{&RegisterArgs{Owner: owner("cycle", fakePID)}, &AcquireResourceArgs{Name: img}, &ReleaseResourceArgs{Name: img}} {
+		msg, err := AppendCall(nil, uint32(i), a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		calls = append(calls, call{decodeHeader(msg[4:MinMessageSize]), msg[MinMessageSize:]})
+	}
+	const want = 34
+	if n := testing.AllocsPerRun(100, func() {
+		for _, cl := range calls {
+			if rerr, _ := s.dispatch(t.Context(), c, cl.h, cl.payload); rerr != nil {
+				t.Fatal(rerr)
+			}
+		}
+	}); n > want {
+		t.Fatalf("%v allocations per cycle, want at most %d", n, want)
 	}
 }
