@@ -125,7 +125,7 @@ type bandwidthFlags struct {
 }
 
 func (b *bandwidthFlags) add(c *cobra.Command) {
-	c.Flags().Int64Var(&b.n, "bandwidth", 0, "limit the job to this many MiB/s (bytes/s with --bytes); 0 is unlimited")
+	c.Flags().Int64Var(&b.n, "bandwidth", 0, "limit the job to this many MiB/s (bytes/s with --bytes); 0 is unlimited, a negative one is refused")
 	c.Flags().BoolVar(&b.bytes, "bytes", false, "--bandwidth is in bytes per second")
 }
 
@@ -235,9 +235,10 @@ func newBlockCopyCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "blockcopy VM DISK DEST [--format F] [--reuse-external] [--wait] [--verbose] [--pivot|--finish] [--async]",
 		Short: "copy a disk's whole chain into a new standalone image (virsh blockcopy); DEST is locked exclusively",
-		Long: `blockcopy creates DEST (qcow2 unless --format; --reuse-external copies into an
-existing image), locks it exclusively, and mirrors the disk into it. The job
-runs until it is ready, then waits for a pivot (--pivot, or vmlock blockjob
+		Long: `blockcopy creates DEST as the VM's user (the uid and gid of its QEMU process;
+qcow2 unless --format), or with --reuse-external copies into an existing
+image; it locks DEST exclusively and mirrors the disk into it. The job runs
+until it is ready, then waits for a pivot (--pivot, or vmlock blockjob
 --pivot: DEST becomes the disk's active image and the old chain is released)
 or an abort (--finish, or blockjob --abort: the disk keeps its chain; DEST, a
 complete copy, is released).`,
@@ -390,7 +391,9 @@ func newBlockJobCmd(g *globals) *cobra.Command {
 ready, ...) and its progress, or how its last job ended; a commit or mirror
 started through another QMP monitor is shown and controlled too, and so are a
 backup and a stream (block-stream, virsh's blockpull), which have no ready
-phase: they end by themselves or are aborted. --pivot
+phase: they end by themselves or are aborted. vmlockd does not dismiss such a
+job: one started with auto-dismiss=false shows as concluded once it ends, and
+keeps its locks, until its creator dismisses it (job-dismiss). --pivot
 makes the base or the copy the active image of a ready job (refused before it
 is ready, and on a disk nothing in QEMU uses, with no device, drive or export:
 abort instead); --abort ends the job keeping the top (a ready active commit's
