@@ -114,7 +114,7 @@ func (l *lease) regrant(h lockmgr.Holder) (uint64, error) {
 	defer done()
 	cur, fresh, err := readToken(fd)
 	if err != nil {
-		return 0, fsError(l.res, "read the token of", l.path(), err)
+		return 0, l.d.readTokenError(l.res, l.dir == nil, l.path(), err)
 	}
 	if fresh && l.dir != nil {
 		if cur, err = l.dir.readHWM(); err != nil {

@@ -384,7 +384,7 @@ func (d *Driver) readCurrent(l *lease, t *target) (uint64, error) {
 	}
 	cur, fresh, err := readToken(recFd)
 	if err != nil {
-		return 0, fsError(l.res, "read the token of", d.filePath(t), err)
+		return 0, d.readTokenError(l.res, t.direct, d.filePath(t), err)
 	}
 	if fresh && l.dir != nil {
 		if cur, err = l.dir.readHWM(); err != nil {
@@ -566,13 +566,27 @@ func (d *Driver) tokenFile(r lockmgr.Resource, path string) (*handle, error) {
 	base := d.tokDir
 	base.refs++
 	d.mu.Unlock()
-	name := hashName(path)
-	fd, err := unix.Openat(base.fd, name, fileFlags, 0o600)
+	fd, err := unix.Openat(base.fd, hashName(path), fileFlags, 0o600)
 	d.put(base)
 	if err != nil {
-		return nil, fsError(r, "open token file", filepath.Join(d.cfg.StateDir, "tokens", name), err)
+		return nil, fsError(r, "open token file", d.tokenPath(path), err)
 	}
 	return d.cacheHandle(r, &d.tokens, path, fd)
+}
+
+// tokenPath is where the token of a direct lease on the image path lives.
+func (d *Driver) tokenPath(path string) string {
+	return filepath.Join(d.cfg.StateDir, "tokens", hashName(path))
+}
+
+// readTokenError is the error of a token that cannot be read from the
+// record of the lease on path: the lease file, or a direct lease's token
+// file, named so that an operator can repair it.
+func (d *Driver) readTokenError(r lockmgr.Resource, direct bool, path string, err error) error {
+	if direct {
+		return fsError(r, "read the token of "+path+" from", d.tokenPath(path), err)
+	}
+	return fsError(r, "read the token of", path, err)
 }
 
 // cacheHandle adds a freshly opened descriptor to a cache and returns its

@@ -102,7 +102,7 @@ type damagedError struct {
 
 func (e *damagedError) Error() string {
 	return fmt.Sprintf("damaged token record (%s, %d bytes read): refusing to grant, since the next token could be lower than one already granted; "+
-		"find the last token granted, then repair or remove the file", e.why, e.size)
+		"find the last token granted and write a greater one into the file in place (docs/operations.md); removing it would restart its tokens", e.why, e.size)
 }
 
 // readToken reads the token of a record file; fresh is true when the file

@@ -234,7 +234,7 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 	}
 	cur, _, err := readToken(recFd)
 	if err != nil {
-		return fail(fsError(r, "read the token of", path, err))
+		return fail(d.readTokenError(r, l.dir == nil, path, err))
 	}
 	if cur < token || r.Mode == lockmgr.Exclusive && cur != token {
 		return fail(&lockmgr.StaleStateError{Resource: r, Want: token, Current: cur})

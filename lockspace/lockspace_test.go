@@ -423,6 +423,9 @@ func TestDamagedTokenRecordRefusesGrants(t *testing.T) {
 				if !errors.As(err, &de) {
 					t.Fatalf("error %v does not say the record is damaged", err)
 				}
+				if !strings.Contains(err.Error(), e.recordPath(r)) {
+					t.Fatalf("error %v does not name the damaged file %s", err, e.recordPath(r))
+				}
 				if got, _ := os.ReadFile(e.recordPath(r)); string(got) != string(damage) {
 					t.Fatalf("the damaged record was rewritten: % x", got)
 				}
