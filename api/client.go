@@ -92,6 +92,11 @@ func (c *Client) RPC() vmlockpb.VMLockClient { return c.rpc }
 // empty, makes the grant conditional on its tokens. It returns the state of
 // everything o holds.
 func (c *Client) Acquire(ctx context.Context, o lockmgr.Object, rs []lockmgr.Resource, state string) (string, error) {
+	// What the daemon would refuse, and what could not even be sent (a
+	// name that is not UTF-8), is refused here with the daemon's error.
+	if err := o.Validate(); err != nil {
+		return "", err
+	}
 	req := &vmlockpb.AcquireRequest{Object: ObjectToPB(o), State: state}
 	for _, r := range rs {
 		req.Resources = append(req.Resources, ResourceToPB(r))

@@ -145,6 +145,25 @@ func TestBlockJobsRefuseABadBandwidth(t *testing.T) {
 	}
 }
 
+// An object the daemon would refuse (a name that is not UTF-8, which gRPC
+// could not even carry, or has a control character) is a usage error,
+// found before the daemon is asked.
+func TestAcquireAndRunRefuseABadObjectName(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	disk := filepath.Join(t.TempDir(), "a.img")
+	for _, name := range []string{"caf\xe9", "a\nb"} {
+		for _, args := range [][]string{
+			{"acquire", "--uuid", "0a0b0c0d-1111-2222-3333-444455556666", "--pid", "1", "--name", name, "--disk", disk},
+			{"run", "--name", name, "--disk", disk, "--", "true"},
+			{"run", "--qemu", "--name", name, "--", "qemu-system-x86_64", "-machine", "none"},
+		} {
+			if code := run(append([]string{"--socket", sock}, args...)); code != int(lockmgr.CodeInvalidArgument) {
+				t.Errorf("%q: exit %d, want %d", args, code, lockmgr.CodeInvalidArgument)
+			}
+		}
+	}
+}
+
 // The --grace help states the longest grace revoke takes (api.MaxGrace),
 // and that without it the daemon's revoke.grace applies.
 func TestRevokeGraceHelpStatesItsRange(t *testing.T) {

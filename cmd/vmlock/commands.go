@@ -436,8 +436,12 @@ func newAcquireCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			o := of.object()
+			if err := o.Validate(); err != nil {
+				return err
+			}
 			return g.printState(cmd, func(ctx context.Context, c *api.Client) (string, error) {
-				return c.Acquire(ctx, of.object(), rs, state)
+				return c.Acquire(ctx, o, rs, state)
 			})
 		},
 	}
@@ -526,6 +530,9 @@ the holder.`,
 			}
 			if o.Name == "" {
 				o.Name = args[0]
+			}
+			if err := o.Validate(); err != nil {
+				return err
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
 			defer cancel()

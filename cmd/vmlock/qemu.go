@@ -54,6 +54,9 @@ func runQEMU(cmd *cobra.Command, g *globals, of *objectFlags, rf *resourceFlags,
 	o.PID = os.Getpid()
 	o.UUID = cmp.Or(o.UUID, newUUID())
 	o.Name = cmp.Or(o.Name, cl.Name, filepath.Base(args[0]))
+	if err := o.Validate(); err != nil {
+		return err
+	}
 	req := &vmlockpb.QEMUStartRequest{Object: api.ObjectToPB(o), Resume: !cl.Paused}
 	for _, d := range cl.Drives {
 		p, err := filepath.Abs(d.Path)
