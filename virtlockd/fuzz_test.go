@@ -3,22 +3,32 @@ package virtlockd
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 // FuzzDecodeMessage feeds arbitrary streams to the framing reader and every
 // message to the payload decoders. Nothing may panic; a read error must be
 // one of the documented kinds; whatever decodes must re-encode to exactly
-// the bytes it came from (the decoder accepts only canonical XDR).
+// the bytes it came from (the decoder accepts only canonical XDR), and
+// decode the same into a connection's reused arguments as into new ones.
 func FuzzDecodeMessage(f *testing.F) {
 	f.Add(unhex(f, "00 00 00 1c 11 22 33 44 00 00 00 01 00 00 06 66 00 00 00 00 00 00 00 99 00 00 00 00"))
+	var stream []byte // every call on one connection
 	for i, a := range sampleArgs() {
 		if b, err := AppendCall(nil, uint32(i), a); err == nil && len(b) < 1024 {
 			f.Add(b)
+			stream = append(stream, b...)
 		}
 	}
+	f.Add(stream)
 	call := Header{Program: Program, Version: ProgramVersion, Procedure: ProcAcquireResource, Serial: 5}
 	for _, e := range []*RemoteError{
 		newRemoteError(CodeResourceBusy, DomainLockspace, "busy"),
@@ -34,6 +44,7 @@ func FuzzDecodeMessage(f *testing.F) {
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		rd := NewReader(bytes.NewReader(data), MaxCallSize)
+		var conn argsBuf // as a server's connection decodes its calls, one after another
 		for range 32 {
 			h, payload, err := rd.Next()
 			if err != nil {
@@ -50,7 +61,15 @@ func FuzzDecodeMessage(f *testing.F) {
 			if err != nil || len(re) != MinMessageSize+len(payload) {
 				t.Fatalf("re-framing: %v", err)
 			}
-			if args, err := DecodeArgs(h.Procedure, payload); err == nil {
+			args, err := DecodeArgs(h.Procedure, payload)
+			// The connection's arguments, reused from its earlier calls,
+			// decode to the same as new ones: nothing of an earlier call
+			// is left in them.
+			if cargs, cerr := conn.decode(h.Procedure, payload); (err == nil) != (cerr == nil) ||
+				err != nil && err.Error() != cerr.Error() || err == nil && !reflect.DeepEqual(cargs, args) {
+				t.Fatalf("procedure %v: the connection decodes %+v (%v), a new decoder %+v (%v)", h.Procedure, cargs, cerr, args, err)
+			}
+			if err == nil {
 				if args.Procedure() != h.Procedure {
 					t.Fatalf("procedure %v decoded as %v", h.Procedure, args.Procedure())
 				}
@@ -79,6 +98,79 @@ func FuzzDecodeMessage(f *testing.F) {
 			} else if de := (*DecodeError)(nil); !errors.As(err, &de) {
 				t.Fatalf("DecodeRemoteError error %v is not a *DecodeError", err)
 			}
+		}
+	})
+}
+
+// A grant record is read back after a restart, possibly torn by a crash of
+// the host: any bytes in a record file are an error or a record that
+// satisfies what Load promises (absolute paths, something recorded, the
+// key of its file name) and that Put writes back unchanged; and every
+// record Put writes reads back as it was.
+func FuzzGrantRecord(f *testing.F) {
+	f.Add([]byte(`{"version":2,"key":"disk:/a","file":"/a","spelled":{"u":["/l/a"]}}`), "disk:/a", "/a", "u", "/l/a\x00/m/a")
+	f.Add([]byte(`{"key":"lease:ls/k","file":"/f/k"}`), "lease:ls/k", "", "u", "/l")
+	f.Add([]byte(`{"version":2,"key":"k","file":"/f","spelled":{}}`), "k", "/f", "", "")
+	f.Add([]byte(`{"version":2,"key":"k","file":"","spelled":{"u":null}}`), "k", "rel", "u", "rel")
+	f.Fuzz(func(t *testing.T, raw []byte, key, file, uuid, paths string) {
+		st := DirGrantStore{Dir: t.TempDir()}
+		check := func(what string, p string) (string, GrantRecord, bool) {
+			t.Helper()
+			k, rec, err := st.read(p)
+			if err != nil {
+				return "", GrantRecord{}, false
+			}
+			switch {
+			case k == "" || st.path(k) != p:
+				t.Fatalf("%s: record of key %q read from %s", what, k, p)
+			case rec.empty():
+				t.Fatalf("%s: empty record of %q", what, k)
+			case rec.File != "" && !filepath.IsAbs(rec.File):
+				t.Fatalf("%s: relative file %q", what, rec.File)
+			}
+			for u, ps := range rec.Spelled {
+				if u == "" || len(ps) == 0 || slices.ContainsFunc(ps, func(s string) bool { return !filepath.IsAbs(s) }) {
+					t.Fatalf("%s: bad paths of %q: %q", what, u, ps)
+				}
+			}
+			if len(rec.Spelled) == 0 {
+				rec.Spelled = nil // "spelled":{} records nothing, as does none
+			}
+			return k, rec, true
+		}
+
+		p := st.path(key)
+		if err := os.WriteFile(p, raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if k, rec, ok := check(fmt.Sprintf("bytes %q", raw), p); ok {
+			if err := st.Put(k, rec); err != nil {
+				t.Fatal(err)
+			}
+			if k2, again, ok := check("rewritten", p); !ok || k2 != k || !reflect.DeepEqual(again, rec) {
+				t.Fatalf("record %q %+v read from %q is written back as %+v (%v)", k, rec, raw, again, ok)
+			}
+		}
+
+		rec := GrantRecord{File: file}
+		if uuid != "" {
+			rec.Spelled = map[string][]string{uuid: strings.Split(paths, "\x00")}
+		}
+		valid := key != "" && !rec.empty() && (file == "" || filepath.IsAbs(file))
+		for _, s := range append([]string{key, file, uuid}, rec.Spelled[uuid]...) {
+			valid = valid && utf8.ValidString(s) // JSON replaces invalid UTF-8
+		}
+		for _, s := range rec.Spelled[uuid] {
+			valid = valid && filepath.IsAbs(s)
+		}
+		if !valid {
+			return
+		}
+		if err := st.Put(key, rec); err != nil {
+			t.Fatal(err)
+		}
+		if k, got, ok := check("written", p); !ok || k != key || !reflect.DeepEqual(got, rec) {
+			t.Fatalf("Put(%q, %+v) reads back as %q %+v (%v)", key, rec, k, got, ok)
 		}
 	})
 }
