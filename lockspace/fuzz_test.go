@@ -2,9 +2,12 @@ package lockspace
 
 import (
 	"encoding/binary"
+	"errors"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -43,6 +46,67 @@ func FuzzRecord(f *testing.F) {
 			if got != want || named != isNamed(h) {
 				t.Fatalf("record of %+v reads back as %+v (named %v)", want, got, named)
 			}
+		}
+	})
+}
+
+// A token record or high-water mark may have been left torn or zeroed by a
+// crash, or written by another host: whatever its bytes, readToken gives a
+// token greater than 0 or says the file is new (empty) or damaged, never
+// token 0 of a file that is not empty (the next grant's token would go
+// back); and every record appendRecord writes reads back with its token.
+func FuzzTokenRecord(f *testing.F) {
+	f.Add([]byte{}, uint64(1))
+	f.Add([]byte("\x07\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00{}"), uint64(7))
+	f.Add(make([]byte, recHeader), uint64(1<<63))
+	f.Add([]byte("\x01\x00\x00\x00"), uint64(0))
+	f.Fuzz(func(t *testing.T, raw []byte, tok uint64) {
+		read := func(b []byte) (uint64, bool, uint64, error, error) {
+			fd, err := unix.MemfdCreate("rec", unix.MFD_CLOEXEC)
+			if err != nil {
+				t.Skip(err)
+			}
+			defer unix.Close(fd)
+			if err := pwriteAll(fd, b, 0); err != nil {
+				t.Fatal(err)
+			}
+			tok, fresh, terr := readToken(fd)
+			mark, merr := readMark(fd)
+			return tok, fresh, mark, terr, merr
+		}
+		got, fresh, mark, terr, merr := read(raw)
+		var de *damagedError
+		switch {
+		case len(raw) == 0:
+			if terr != nil || !fresh || got != 0 || merr != nil || mark != 0 {
+				t.Fatalf("empty file: token %d fresh %v (%v), mark %d (%v)", got, fresh, terr, mark, merr)
+			}
+		case terr == nil:
+			if fresh || got == 0 || len(raw) < recHeader || got != binary.LittleEndian.Uint64(raw) {
+				t.Fatalf("% x reads as token %d (fresh %v)", raw, got, fresh)
+			}
+		case !errors.As(terr, &de):
+			t.Fatalf("% x: error %v is not a damaged record", raw, terr)
+		case len(raw) >= recHeader && binary.LittleEndian.Uint64(raw) != 0:
+			t.Fatalf("record % x with token %d refused: %v", raw, binary.LittleEndian.Uint64(raw), terr)
+		}
+		switch {
+		case len(raw) == 0:
+		case merr == nil:
+			if len(raw) < 8 || mark != binary.LittleEndian.Uint64(raw) {
+				t.Fatalf("% x reads as mark %d", raw, mark)
+			}
+		case !errors.As(merr, &de) || len(raw) >= 8:
+			t.Fatalf("mark % x: %v", raw, merr)
+		}
+
+		if tok == 0 {
+			return // never granted
+		}
+		var cache holderCache
+		rec := appendRecord(nil, tok, lockmgr.Holder{Name: string(raw)}, time.Unix(0, 0), &cache)
+		if got, fresh, _, err, _ := read(rec); err != nil || fresh || got != tok {
+			t.Fatalf("record of token %d reads as %d (fresh %v, %v)", tok, got, fresh, err)
 		}
 	})
 }
