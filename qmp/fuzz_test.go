@@ -5,8 +5,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
+	"time"
+	"unicode/utf8"
 )
 
 var fuzzSeeds = []string{
@@ -59,6 +62,44 @@ func FuzzDecodeMessage(f *testing.F) {
 			if !json.Valid(m.ret) {
 				t.Fatalf("return value %q is not JSON", m.ret)
 			}
+		}
+	})
+}
+
+// FuzzReplyRoundTrip checks that what QEMU writes decodes to what it
+// wrote: any JSON value as a reply's return value or an event's data, and
+// any string as an error's class and description, with the reply's id.
+func FuzzReplyRoundTrip(f *testing.F) {
+	for _, s := range fuzzSeeds {
+		f.Add([]byte(s), uint64(len(s)))
+	}
+	f.Fuzz(func(t *testing.T, v []byte, id uint64) {
+		if !json.Valid(v) || !utf8.Valid(v) {
+			return
+		}
+		v = trimJSONSpace(v)
+		if bytes.IndexByte(v, '\n') >= 0 {
+			return // QEMU writes one message a line
+		}
+		line := fmt.Appendf(nil, `{"return": %s, "id": %d}`, v, id)
+		if m, err := decodeMessage(line); err != nil || m.kind != kindReturn || !m.hasID || m.id != id || !bytes.Equal(m.ret, v) {
+			t.Fatalf("%s decodes as %+v (%v)", line, m, err)
+		}
+		line = fmt.Appendf(nil, `{"event": "X", "data": %s, "timestamp": {"seconds": 1, "microseconds": 2}}`, v)
+		m, err := decodeMessage(line)
+		if err != nil || m.kind != kindEvent || m.event.Name != "X" || !m.event.Time.Equal(time.Unix(1, 2000)) ||
+			(string(v) == "null") != (m.event.Data == nil) || m.event.Data != nil && !bytes.Equal(m.event.Data, v) {
+			t.Fatalf("%s decodes as %+v (%v)", line, m, err)
+		}
+		s := string(v)
+		if s == "" {
+			return
+		}
+		e, _ := json.Marshal(Error{Class: s, Desc: s})
+		line = fmt.Appendf(nil, `{"error": %s, "id": %d}`, e, id)
+		m, err = decodeMessage(line)
+		if err != nil || m.kind != kindError || !m.hasID || m.id != id || m.err == nil || m.err.Class != s || m.err.Desc != s {
+			t.Fatalf("%s decodes as %+v (%v)", line, m, err)
 		}
 	})
 }
