@@ -351,45 +351,7 @@ func NewArgsFor(p Procedure) (Args, error) {
 // non-canonical (padding, optional discriminants), and nothing may follow.
 // Every failure is a *DecodeError.
 func DecodeArgs(p Procedure, payload []byte) (Args, error) {
-	a, err := NewArgsFor(p)
-	if err != nil {
-		return nil, err
-	}
-	if err := decodeInto(a, payload); err != nil {
-		return nil, err
-	}
-	return a, nil
-}
-
-// decodeInto decodes payload into a, as DecodeArgs does. It calls each
-// type's decode directly, so that the decoder stays on the stack.
-func decodeInto(a Args, payload []byte) error {
-	d := decoder{b: payload}
-	var err error
-	switch a := a.(type) {
-	case *RegisterArgs:
-		err = a.decode(&d)
-	case *RestrictArgs:
-		err = a.decode(&d)
-	case *NewArgs:
-		err = a.decode(&d)
-	case *CreateResourceArgs:
-		err = a.decode(&d)
-	case *DeleteResourceArgs:
-		err = a.decode(&d)
-	case *AcquireResourceArgs:
-		err = a.decode(&d)
-	case *ReleaseResourceArgs:
-		err = a.decode(&d)
-	case *CreateLockspaceArgs:
-		err = a.decode(&d)
-	default: // none: Args has unexported methods, and the cases are all
-		return &DecodeError{Field: "arguments", Err: fmt.Errorf("%w: arguments of type %T", ErrUnknownProcedure, a)}
-	}
-	if err != nil {
-		return err
-	}
-	return d.end()
+	return new(argsBuf).decode(p, payload)
 }
 
 // argsBuf holds the arguments of each procedure, so that a server decodes
@@ -406,38 +368,44 @@ type argsBuf struct {
 }
 
 // decode decodes a call to p into b, as DecodeArgs does. The arguments
-// returned are valid until the next call.
+// returned are valid until the next call. Each type's decode is called
+// directly, so that the decoder stays on the stack.
 func (b *argsBuf) decode(p Procedure, payload []byte) (Args, error) {
+	d := decoder{b: payload}
 	var a Args
+	var err error
 	switch p {
 	case ProcRegister:
 		b.register = RegisterArgs{}
-		a = &b.register
+		a, err = &b.register, b.register.decode(&d)
 	case ProcRestrict:
 		b.restrict = RestrictArgs{}
-		a = &b.restrict
+		a, err = &b.restrict, b.restrict.decode(&d)
 	case ProcNew:
 		b.new = NewArgs{}
-		a = &b.new
+		a, err = &b.new, b.new.decode(&d)
 	case ProcCreateResource:
 		b.createResource = CreateResourceArgs{}
-		a = &b.createResource
+		a, err = &b.createResource, b.createResource.decode(&d)
 	case ProcDeleteResource:
 		b.deleteResource = DeleteResourceArgs{}
-		a = &b.deleteResource
+		a, err = &b.deleteResource, b.deleteResource.decode(&d)
 	case ProcAcquireResource:
 		b.acquire = AcquireResourceArgs{}
-		a = &b.acquire
+		a, err = &b.acquire, b.acquire.decode(&d)
 	case ProcReleaseResource:
 		b.release = ReleaseResourceArgs{}
-		a = &b.release
+		a, err = &b.release, b.release.decode(&d)
 	case ProcCreateLockspace:
 		b.createLS = CreateLockspaceArgs{}
-		a = &b.createLS
+		a, err = &b.createLS, b.createLS.decode(&d)
 	default:
-		return NewArgsFor(p)
+		return NewArgsFor(p) // the unknown-procedure error
 	}
-	if err := decodeInto(a, payload); err != nil {
+	if err == nil {
+		err = d.end()
+	}
+	if err != nil {
 		return nil, err
 	}
 	return a, nil
