@@ -684,7 +684,7 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 				d.put(dir)
 				return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Err: err,
 					Msg: fmt.Sprintf("the lockspace directory %s was removed while this host holds leases in it: "+
-						"it is not made again until they are released, since new lease files would not conflict with them",
+						"it is not made again until they are released (vmlock locks lists them), since new lease files would not conflict with them",
 						filepath.Join(d.cfg.LeaseDir, t.sub))}
 			}
 			if err == unix.ENOENT && t.sub != "" && !dirGone {
