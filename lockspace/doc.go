@@ -63,18 +63,31 @@
 //     file's token, unlinks the file while still holding the lock, and only
 //     then unlocks and closes it. Otherwise it just unlocks and closes.
 //   - An acquirer, after locking its descriptor, compares fstat of the
-//     descriptor with fstatat of the path (device and inode). If the path is
-//     gone or names another inode, it locked a file that was being removed:
-//     it closes it and starts again (a bounded number of times).
+//     descriptor with fstatat of the path (device and inode), taken from
+//     LeaseDir ("LS/KEY") or DiskLeaseDir, where other drivers look, not
+//     from the cached lockspace directory. If the path is gone or names
+//     another inode, it locked a file that was being removed: it closes it
+//     and starts again (a bounded number of times).
 //   - A file that is new (shorter than 8 bytes) continues from .hwm: its first
 //     grant gets token hwm+1, so tokens never go back when files come and go.
 //
-// A lockspace directory that was removed (by an operator) is made again on
-// demand, except while this Driver holds leases through lease files in it:
-// those files went with it, and a lease file in a new directory would not
-// conflict with their locks, so every acquire in that lockspace fails until
-// they are released. (Other drivers cannot know of them.) Its tokens then
-// start again from 1, since its .hwm went with it too.
+// A lockspace directory that an operator renamed or removed after this
+// Driver cached it is noticed: a removed one by the open of a lease file in
+// it, a renamed one by that re-check (the path then names another file, or
+// none, and LeaseDir/LS is not the cached directory). The Driver then uses
+// the directory now at LeaseDir/LS, made again if needed, except while it
+// holds leases through lease files in the old one: those files went with
+// it, and a lease file in a new directory would not conflict with their
+// locks, so every acquire in that lockspace fails (the error says the
+// directory was renamed or removed) until they are released; a lease held
+// there stays busy. (Other drivers cannot know of them.) Tokens in the new
+// directory start again from 1, since the .hwm stayed in the old one.
+//
+// LeaseDir and DiskLeaseDir themselves are opened once, by New, and their
+// paths are not checked again: renamed or removed (or a symlink to them
+// changed) while a Driver runs, it keeps using the old directory while
+// other drivers use the new one, and one lease can be granted twice. An
+// operator moves them only while no lease in them is held on any host.
 //
 // The price of removal: a state string's token for a resource whose file
 // was removed is compared with the directory's mark, which other resources

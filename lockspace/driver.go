@@ -28,7 +28,9 @@ type Config struct {
 	// LeaseDir/custom.T. Lockspace directories are created on demand (mode
 	// 0700). Hosts that share LeaseDir (NFS, GFS2, CephFS) exclude each
 	// other. If empty, lease and custom resources are refused with
-	// CodeUnsupported.
+	// CodeUnsupported. LeaseDir and DiskLeaseDir are opened once, by New:
+	// they must not be renamed or removed while leases in them are held
+	// (see the package comment).
 	LeaseDir string
 	// DiskLeaseDir, if set, makes disk leases indirect: a disk is locked
 	// through the lease file DiskLeaseDir/<sha256hex(canonical path)>,
@@ -159,7 +161,7 @@ func (d *Driver) Close() error {
 	}
 	d.mu.Unlock()
 	for _, h := range cl {
-		h.close()
+		d.closeHandle(h)
 	}
 	return nil
 }
@@ -176,7 +178,16 @@ func (d *Driver) put(h *handle) {
 	last := h.refs == 0
 	d.mu.Unlock()
 	if last {
-		h.close()
+		d.closeHandle(h)
+	}
+}
+
+// closeHandle closes h, whose last reference was dropped, and drops its
+// reference to its parent directory.
+func (d *Driver) closeHandle(h *handle) {
+	h.close()
+	if h.parent != nil {
+		d.put(h.parent)
 	}
 }
 
@@ -186,6 +197,7 @@ type target struct {
 	path   string // direct: the image's canonical path
 	sub    string // lease file: its directory in LeaseDir; "" for DiskLeaseDir
 	name   string // lease file: its name in that directory
+	rel    string // lease file in LeaseDir: its path there, sub/name
 }
 
 // filePath is the path of a target's locked file, for messages.
@@ -249,12 +261,14 @@ func (d *Driver) resolve(r lockmgr.Resource) (target, error) {
 		if d.leaseDir == nil {
 			return target{}, &lockmgr.Error{Code: lockmgr.CodeUnsupported, Resource: r.String(), Msg: "no lease directory is configured (Config.LeaseDir)"}
 		}
-		return target{sub: ls, name: key}, nil
+		return target{sub: ls, name: key, rel: r.Name}, nil
 	default:
 		if d.leaseDir == nil {
 			return target{}, &lockmgr.Error{Code: lockmgr.CodeUnsupported, Resource: r.String(), Msg: "no lease directory is configured (Config.LeaseDir) for custom resources"}
 		}
-		return target{sub: customPrefix + string(r.Type), name: hashName(r.Name)}, nil
+		rel := customPath(r.Type, r.Name)
+		n := len(customPrefix) + len(r.Type)
+		return target{sub: rel[:n], name: rel[n+1:], rel: rel}, nil
 	}
 }
 
@@ -571,7 +585,7 @@ func (d *Driver) tokenFile(r lockmgr.Resource, path string) (*handle, error) {
 	if err != nil {
 		return nil, fsError(r, "open token file", d.tokenPath(path), err)
 	}
-	return d.cacheHandle(r, &d.tokens, path, fd)
+	return d.cacheHandle(r, &d.tokens, path, fd, nil)
 }
 
 // tokenPath is where the token of a direct lease on the image path lives.
@@ -591,24 +605,32 @@ func (d *Driver) readTokenError(r lockmgr.Resource, direct bool, path string, er
 
 // cacheHandle adds a freshly opened descriptor to a cache and returns its
 // handle, referenced; if another goroutine was faster, fd is closed and
-// theirs is returned. r is the resource it is opened for, for errors.
-func (d *Driver) cacheHandle(r lockmgr.Resource, c *handleCache, key string, fd int) (*handle, error) {
+// theirs is returned. parent, if not nil, is the directory fd was opened in,
+// whose reference the new handle takes over (else it is dropped). r is the
+// resource it is opened for, for errors.
+func (d *Driver) cacheHandle(r lockmgr.Resource, c *handleCache, key string, fd int, parent *handle) (*handle, error) {
 	d.mu.Lock()
+	var h *handle
+	var err error
 	if d.closed {
+		err = errClosed(r)
+	} else {
+		h = c.getLocked(key)
+	}
+	if h != nil || err != nil {
 		d.mu.Unlock()
 		_ = unix.Close(fd)
-		return nil, errClosed(r)
+		if parent != nil {
+			d.put(parent)
+		}
+		return h, err
 	}
-	if h := c.getLocked(key); h != nil {
-		d.mu.Unlock()
-		_ = unix.Close(fd)
-		return h, nil
-	}
-	h := newHandle(fd, 1)
+	h = newHandle(fd, 1)
+	h.parent = parent
 	evicted := c.addLocked(key, h)
 	d.mu.Unlock()
 	for _, e := range evicted {
-		e.close()
+		d.closeHandle(e)
 	}
 	return h, nil
 }
@@ -634,22 +656,54 @@ func (d *Driver) dirFor(r lockmgr.Resource, t *target) (*handle, error) {
 	base.refs++
 	d.mu.Unlock()
 	fd, err := openSubdir(base.fd, t.sub)
-	d.put(base)
 	if err != nil {
+		d.put(base)
 		return nil, fsError(r, "create lockspace directory", filepath.Join(d.cfg.LeaseDir, t.sub), err)
 	}
-	return d.cacheHandle(r, &d.dirs, t.sub, fd)
+	// The lockspace directory keeps LeaseDir open: lockFile stats lease
+	// files from there.
+	return d.cacheHandle(r, &d.dirs, t.sub, fd, base)
 }
 
-// forgetDir drops a cached lockspace directory that turned out to be
-// removed (by an operator), so that the next dirFor creates it again.
-func (d *Driver) forgetDir(sub string, h *handle) {
-	d.mu.Lock()
-	last := d.dirs.removeLocked(sub, h)
-	d.mu.Unlock()
-	if last {
-		h.close()
+// leaveDir gives up dir, the cached lockspace directory of t, which is no
+// longer at its path in LeaseDir (an operator renamed or removed it), and
+// returns the directory now there, made again if needed. While this Driver
+// holds leases through lease files in dir, it fails instead, and dir stays
+// cached so that every acquire in the lockspace fails so: a lease file in a
+// new directory would not conflict with their locks. dir's reference is
+// dropped either way.
+func (d *Driver) leaveDir(r lockmgr.Resource, t *target, dir *handle, err error) (*handle, error) {
+	if dir.leases.Load() > 0 {
+		d.put(dir)
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Err: err,
+			Msg: fmt.Sprintf("the lockspace directory %s was renamed or removed while this host holds leases in it: "+
+				"it is not made again until they are released (vmlock locks lists them), since new lease files would not conflict with them",
+				filepath.Join(d.cfg.LeaseDir, t.sub))}
 	}
+	d.mu.Lock()
+	d.dirs.removeLocked(t.sub, dir) // not the last reference: ours is
+	d.mu.Unlock()
+	d.put(dir)
+	return d.dirFor(r, t)
+}
+
+// dirInPlace reports whether the lockspace directory dir is still the one
+// named sub in LeaseDir.
+func dirInPlace(dir *handle, sub string) bool {
+	var st, pst unix.Stat_t
+	return unix.Fstat(dir.fd, &st) == nil &&
+		unix.Fstatat(dir.parent.fd, sub, &pst, unix.AT_SYMLINK_NOFOLLOW) == nil && sameFile(&st, &pst)
+}
+
+// statPath stats a lease file by its path from the configured directory
+// (LeaseDir, or DiskLeaseDir), not from its cached lockspace directory dir:
+// that is where other drivers find it, also when dir was renamed or removed
+// since it was cached.
+func statPath(dir *handle, t *target, st *unix.Stat_t) error {
+	if t.sub == "" {
+		return unix.Fstatat(dir.fd, t.name, st, unix.AT_SYMLINK_NOFOLLOW)
+	}
+	return unix.Fstatat(dir.parent.fd, t.rel, st, unix.AT_SYMLINK_NOFOLLOW)
 }
 
 // openSubdir opens (creating it, mode 0700, if needed) the directory name
@@ -673,30 +727,16 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 	if err != nil {
 		return err
 	}
-	dirGone := false
 	for range maxReopen {
 		fd, err := unix.Openat(dir.fd, t.name, fileFlags, 0o600)
+		if err == unix.ENOENT && t.sub != "" {
+			// The lockspace directory was removed under us.
+			if dir, err = d.leaveDir(r, t, dir, err); err != nil {
+				return err
+			}
+			continue
+		}
 		if err != nil {
-			if err == unix.ENOENT && t.sub != "" && dir.leases.Load() > 0 {
-				// The lockspace directory was removed with lease files this
-				// host holds: a lease file in a new directory would not
-				// conflict with their locks.
-				d.put(dir)
-				return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Err: err,
-					Msg: fmt.Sprintf("the lockspace directory %s was removed while this host holds leases in it: "+
-						"it is not made again until they are released (vmlock locks lists them), since new lease files would not conflict with them",
-						filepath.Join(d.cfg.LeaseDir, t.sub))}
-			}
-			if err == unix.ENOENT && t.sub != "" && !dirGone {
-				// The lockspace directory was removed under us.
-				dirGone = true
-				d.forgetDir(t.sub, dir)
-				d.put(dir)
-				if dir, err = d.dirFor(r, t); err != nil {
-					return err
-				}
-				continue
-			}
 			d.put(dir)
 			return fsError(r, "open lease file", d.filePath(t), err)
 		}
@@ -705,27 +745,40 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 			d.put(dir)
 			return err
 		}
+		// Counted before the re-check, so that an acquirer that finds dir
+		// moved away after this check cannot miss this lease (leaveDir).
+		dir.leases.Add(1)
 		var st, pst unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
+			dir.leases.Add(-1)
 			_ = unix.Close(fd)
 			d.put(dir)
 			return fsError(r, "stat lease file", d.filePath(t), err)
 		}
-		err = unix.Fstatat(dir.fd, t.name, &pst, unix.AT_SYMLINK_NOFOLLOW)
-		if err == unix.ENOENT || err == nil && !sameFile(&st, &pst) {
+		err = statPath(dir, t, &pst)
+		if err == nil && sameFile(&st, &pst) {
+			l.fd, l.dir = fd, dir
+			return nil
+		}
+		dir.leases.Add(-1)
+		switch {
+		case t.sub != "" && !dirInPlace(dir, t.sub):
+			// The lockspace directory was renamed (or removed) after it
+			// was cached: the file locked is not at the lease's path.
+			d.dropFile(fd, dir, t.name, r.Mode, 0, false, false)
+			_ = unix.Close(fd)
+			if dir, err = d.leaveDir(r, t, dir, err); err != nil {
+				return err
+			}
+		case err == nil || err == unix.ENOENT:
 			// We locked a file its last holder removed meanwhile.
 			_ = unix.Close(fd)
 			runtime.Gosched()
-			continue
-		}
-		if err != nil {
+		default:
 			_ = unix.Close(fd)
 			d.put(dir)
 			return fsError(r, "stat lease file", d.filePath(t), err)
 		}
-		l.fd, l.dir = fd, dir
-		dir.leases.Add(1)
-		return nil
 	}
 	d.put(dir)
 	return &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(),

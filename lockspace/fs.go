@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
@@ -212,6 +213,22 @@ func sameFile(a, b *unix.Stat_t) bool { return a.Dev == b.Dev && a.Ino == b.Ino 
 func hashName(s string) string {
 	sum := sha256.Sum256([]byte(s))
 	return hex.EncodeToString(sum[:])
+}
+
+// customPath is the path in LeaseDir of the lease file of the custom
+// resource of type typ named name, custom.TYPE/<hashName(name)>, built in
+// one allocation.
+func customPath(typ lockmgr.ResourceType, name string) string {
+	sum := sha256.Sum256([]byte(name))
+	var h [2 * sha256.Size]byte
+	hex.Encode(h[:], sum[:])
+	var b strings.Builder
+	b.Grow(len(customPrefix) + len(typ) + 1 + len(h))
+	b.WriteString(customPrefix)
+	b.WriteString(string(typ))
+	b.WriteByte('/')
+	b.Write(h[:])
+	return b.String()
 }
 
 // holderJSON caches the JSON of one holder without its grant time, so that

@@ -14,8 +14,9 @@ import (
 // reference and every user's; the descriptor is closed when it drops to 0,
 // so evicting a handle from its cache is safe while it is in use.
 type handle struct {
-	fd   int
-	refs int // guarded by Driver.mu
+	fd     int
+	refs   int     // guarded by Driver.mu
+	parent *handle // a lockspace directory's LeaseDir (referenced), else nil
 
 	// The .hwm file of a directory of lease files, opened on first use.
 	// hwmMu serialises this process's users of hwmFd (OFD locks taken

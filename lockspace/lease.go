@@ -204,7 +204,7 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 			return nil, err
 		}
 		l.dir, recFd = dir, fd
-		if err = unix.Fstatat(dir.fd, t.name, &pst, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if err = statPath(dir, &t, &pst); err != nil {
 			d.put(dir)
 			_ = f.Close()
 			return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Msg: "the lease file " + path + " is gone: the lock was lost", Err: err}

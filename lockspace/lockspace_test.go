@@ -489,8 +489,8 @@ func TestRemovedLockspaceDirectoryIsNotRemadeWhileLeasesInItAreHeld(t *testing.T
 			t.Fatalf("%s granted (token %d) while %s is held in the removed directory", res, ls[0].Token(), r)
 		}
 		wantCode(t, err, lockmgr.CodeInternal)
-		if !strings.Contains(err.Error(), "was removed") {
-			t.Fatalf("error %q does not say the lockspace directory was removed", err)
+		if !strings.Contains(err.Error(), "was renamed or removed") {
+			t.Fatalf("error %q does not say the lockspace directory was renamed or removed", err)
 		}
 	}
 	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
@@ -502,6 +502,120 @@ func TestRemovedLockspaceDirectoryIsNotRemadeWhileLeasesInItAreHeld(t *testing.T
 	ls, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r))
 	if err != nil {
 		t.Fatalf("acquire after the last lease in the removed directory was released: %v", err)
+	}
+	if err := d.Release(ctx, ls); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A lockspace directory renamed (mv LS LS.old) while a driver has it
+// cached must not be used under its new name: another driver (another host
+// sharing LeaseDir, or this host's vmlockd after a restart) makes LS anew
+// and locks LS/KEY there, so a lease file made in LS.old would not conflict
+// with its lock. The renamed directory's leases all were released, so the
+// driver makes LS again itself and meets the other one's lock there.
+func TestRenamedLockspaceDirectoryIsNotUsedUnderItsNewName(t *testing.T) {
+	for _, k := range allKinds() {
+		if !k.file || k.indirect {
+			continue // lockspace directories: leases and custom types
+		}
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, false)
+			a := e.driver(t)
+			hostB := &env{root: e.root, cfg: e.cfg}
+			hostB.cfg.StateDir = filepath.Join(e.root, "state-b")
+			b := hostB.driver(t)
+			k1, k2 := k.res(t, e, 1, lockmgr.Exclusive), k.res(t, e, 2, lockmgr.Exclusive)
+			ls, err := a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), k1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := a.Release(ctx, ls); err != nil {
+				t.Fatal(err)
+			}
+			dir := filepath.Dir(e.lockPath(k2))
+			if err := os.Rename(dir, dir+".old"); err != nil {
+				t.Fatal(err)
+			}
+			heldB, err := b.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), k2))
+			if err != nil {
+				t.Fatal(err)
+			}
+			heldA, err := a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), k2))
+			var be *lockmgr.BusyError
+			if err == nil {
+				if err := b.Release(ctx, heldB); err != nil {
+					t.Fatal(err)
+				}
+				t.Fatalf("%s granted to A (token %d) while B holds it; with B's lease released, %s is %s",
+					k2, heldA[0].Token(), e.lockPath(k2), probe(t, e.lockPath(k2)))
+			}
+			if !errors.As(err, &be) || be.Holder.Name != otherHolder(lockmgr.Exclusive).Name {
+				t.Fatalf("A's acquire of %s: %v, want busy naming B's holder", k2, err)
+			}
+			if err := b.Release(ctx, heldB); err != nil {
+				t.Fatal(err)
+			}
+			if heldA, err = a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), k2)); err != nil {
+				t.Fatalf("A's acquire of %s once B released it: %v", k2, err)
+			}
+			if got := probe(t, e.lockPath(k2)); got != "busy" {
+				t.Fatalf("A holds %s, yet %s is %s", k2, e.lockPath(k2), got)
+			}
+			if err := a.Release(ctx, heldA); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A lockspace directory renamed while this host holds leases in it takes
+// their lease files along, as a removal does: the directory is not made
+// again under its name while they are held, and every acquire in it fails
+// saying why; once they are released it is made again, and what is granted
+// then is locked at the lockspace's path.
+func TestRenamedLockspaceDirectoryIsNotRemadeWhileLeasesInItAreHeld(t *testing.T) {
+	e := newEnv(t, false)
+	d := e.driver(t)
+	r := lockmgr.LeaseResource("cluster-a", "key", lockmgr.Exclusive)
+	held, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(e.cfg.LeaseDir, "cluster-a")
+	if err := os.Rename(dir, dir+".old"); err != nil {
+		t.Fatal(err)
+	}
+	// The held lease itself is busy, its holder named (its file is still
+	// reached through the cached directory).
+	var be *lockmgr.BusyError
+	if _, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r)); !errors.As(err, &be) || be.Holder.Name != myHolder(lockmgr.Exclusive).Name {
+		t.Fatalf("acquire of the held %s: %v, want busy naming its holder", r, err)
+	}
+	other := lockmgr.LeaseResource("cluster-a", "other", lockmgr.Exclusive)
+	ls, err := d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), other))
+	if err == nil {
+		t.Fatalf("%s granted (token %d) while %s is held in the renamed directory", other, ls[0].Token(), r)
+	}
+	wantCode(t, err, lockmgr.CodeInternal)
+	if !strings.Contains(err.Error(), "was renamed or removed") || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("error %q does not say that the lockspace directory %s was renamed or removed", err, dir)
+	}
+	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the renamed lockspace directory was made again (%v)", err)
+	}
+	if ents, _ := os.ReadDir(dir + ".old"); hasPrefix(ents, "other") {
+		t.Fatal("the refused acquire left a lease file in the renamed directory")
+	}
+	if err := d.Release(ctx, held); err != nil {
+		t.Fatal(err)
+	}
+	ls, err = d.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r))
+	if err != nil {
+		t.Fatalf("acquire after the last lease in the renamed directory was released: %v", err)
+	}
+	if got := probe(t, e.lockPath(r)); got != "busy" {
+		t.Fatalf("%s is granted, yet %s is %s", r, e.lockPath(r), got)
 	}
 	if err := d.Release(ctx, ls); err != nil {
 		t.Fatal(err)
