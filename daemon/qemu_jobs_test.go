@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -641,4 +643,89 @@ func TestBlockJobArgumentsAreCheckedBeforeAnythingIsDone(t *testing.T) {
 			}
 		})
 	}
+}
+
+// holdOpen opens image with qemu-io (with opts), keeping QEMU's own image
+// locks on it (bytes 100 and up; vmlock's lock is byte 0), until the
+// returned function (also run at cleanup) closes it.
+func holdOpen(t *testing.T, image string, opts ...string) (release func()) {
+	t.Helper()
+	cmd := exec.Command("qemu-io", append(opts, image)...)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	release = sync.OnceFunc(func() {
+		in.Close() // qemu-io quits at the end of its input
+		cmd.Wait()
+	})
+	t.Cleanup(release)
+	// Its answer to a command says the image is open (and locked).
+	io.WriteString(in, "length\n")
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || !strings.Contains(line, "MiB") {
+		release()
+		t.Fatalf("qemu-io %v %s: %q, %v", opts, image, line, err)
+	}
+	return release
+}
+
+// A copy into a new target whose job QEMU refuses (here: another process
+// reads the target with force-share, holding QEMU's "consistent read"
+// lock, which a mirror's target must not share) fails saying QEMU refused,
+// in QEMU's words; the target, which vmlockd created, is removed from QEMU
+// and from the disk, the locks are as before, no job is left, the guest
+// runs on, and the copy succeeds once the reader is gone.
+func TestBlockCopyWhoseJobQEMURefusesRemovesTheTargetItCreated(t *testing.T) {
+	tv := startJobTestVM(t)
+	dest := filepath.Join(tv.dir, "copy.qcow2")
+	var release func()
+	tv.d.qemu.copyHook = func(step, p string) {
+		if step == "formatted" {
+			release = holdOpen(t, p, "-r", "-U")
+		}
+	}
+	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})
+	if !strings.Contains(fmt.Sprint(err), "QEMU refused the job") || !strings.Contains(fmt.Sprint(err), `Failed to get shared "consistent read" lock`) {
+		t.Fatalf("blockcopy whose mirror QEMU refuses: %v, want QEMU's refusal in its words", err)
+	}
+	release()
+	tv.d.qemu.copyHook = nil
+	if _, err := os.Lstat(dest); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the target vmlockd created, after the refused copy: %v, want it removed", err)
+	}
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared})
+	if jobs, err := qemu.QueryJobs(tv.ctx, tv.vm.c); err != nil || len(jobs) != 0 {
+		t.Fatalf("QEMU's jobs after the refused copy: %+v %v", jobs, err)
+	}
+	if info, err := tv.vm.blockJobAction(tv.ctx, &vmlockpb.BlockJobRequest{Disk: "drive0"}); err != nil || info.Phase != "none" {
+		t.Fatalf("vmlock blockjob after the refused copy: %v %v, want no job", info, err)
+	}
+	if len(tv.vm.rec.Jobs) != 0 {
+		t.Fatalf("the VM's record after the refused copy: %+v, want no job", tv.vm.rec.Jobs)
+	}
+	var nodes []qemu.NodeInfo
+	if err := tv.test.Execute(tv.ctx, "query-named-block-nodes", map[string]bool{"flat": true}, &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.Filename == dest {
+			t.Fatalf("QEMU still has node %s on the removed target", n.Name)
+		}
+	}
+	if st := tv.status(t); st != "running" {
+		t.Fatalf("QEMU after the refused copy: %s, want running", st)
+	}
+
+	if _, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest}); err != nil {
+		t.Fatalf("blockcopy again, once the reader is gone: %v", err)
+	}
+	tv.waitPhase(t, phaseReady)
+	tv.wantLocks(t, map[string]lockmgr.Mode{tv.top: lockmgr.Exclusive, tv.base: lockmgr.Shared, dest: lockmgr.Exclusive})
 }
