@@ -298,7 +298,13 @@ func (vm *qemuVM) startJobLocked(ctx context.Context, rec jobRecord, start func(
 			vm.s.log.Error("putting the locks back after QEMU refused a job", "uuid", vm.uuid, "err", rerr)
 		}
 		if qe != nil {
-			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU refused the job", Err: qe}
+			// QEMU's words do not name the image (its lock errors say
+			// only 'Failed to get "write" lock').
+			kind := "commit"
+			if rec.Type == jobCopy {
+				kind = "copy"
+			}
+			return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: fmt.Sprintf("QEMU refused the job, a %s of disk %s into %s", kind, rec.Disk, rec.written()), Err: qe}
 		}
 		return nil, err
 	}
@@ -484,7 +490,7 @@ func (vm *qemuVM) blockCopy(ctx context.Context, req *vmlockpb.BlockCopyRequest)
 		cctx, cancel := vm.cleanupContext()
 		defer cancel()
 		dropCreated(cctx)
-		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU cannot open the copy target", Err: err}
+		return nil, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Msg: "QEMU cannot open the copy target " + dest.Name, Err: err}
 	}
 	opts := qemu.MirrorOptions{JobID: rec.ID, Device: d.Root, Target: rec.TargetNode, Sync: "full", Speed: req.Bandwidth, AutoDismiss: new(false)}
 	info, err := vm.startJobLocked(ctx, rec, func() (*qemu.Job, error) { return qemu.StartMirror(ctx, vm.c, opts) })

@@ -692,7 +692,7 @@ func TestBlockCopyWhoseJobQEMURefusesRemovesTheTargetItCreated(t *testing.T) {
 		}
 	}
 	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})
-	if !strings.Contains(fmt.Sprint(err), "QEMU refused the job") || !strings.Contains(fmt.Sprint(err), `Failed to get shared "consistent read" lock`) {
+	if !strings.Contains(fmt.Sprint(err), "QEMU refused the job, a copy of disk drive0 into "+dest+": ") || !strings.Contains(fmt.Sprint(err), `Failed to get shared "consistent read" lock`) {
 		t.Fatalf("blockcopy whose mirror QEMU refuses: %v, want QEMU's refusal in its words", err)
 	}
 	release()

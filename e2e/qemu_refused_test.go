@@ -25,6 +25,7 @@ import (
 // QEMU's words; every lock vmlockd took for the job is given back; a
 // target it did not create is left as it was; no job is left; the guest
 // runs on; and the same call succeeds once the other process is gone.
+// QEMU's words do not name the image, so vmlockd's do.
 
 // qemuIOHold opens image with qemu-io (with opts) and keeps it open, with
 // QEMU's image locks, until the returned function (also run at cleanup)
@@ -165,8 +166,8 @@ func TestQEMUCommitQEMURefusesGivesTheBaseBack(t *testing.T) {
 	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
 	reader := qemuIOHold(t, ch.base, "-r")
 	r := d.vmlock("blockcommit", "vm1", "drive0", "--active")
-	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
-		t.Fatalf("blockcommit while another process reads the base: exit %d, stderr %q; want QEMU's refusal in its words", r.code, r.stderr)
+	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job, a commit of disk drive0 into "+ch.base+": ") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
+		t.Fatalf("blockcommit while another process reads the base: exit %d, stderr %q; want QEMU's refusal in its words, naming the base", r.code, r.stderr)
 	}
 	d.wantChainBack(v, ch)
 	d.wantNoJob(v, "drive0")
@@ -191,8 +192,8 @@ func TestQEMUBlockCopyIntoAnImageQEMUCannotOpenLeavesItAlone(t *testing.T) {
 	before := fileSum(t, dest)
 	writer := qemuIOHold(t, dest)
 	r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
-	if r.code == 0 || !strings.Contains(r.stderr, "QEMU cannot open the copy target") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
-		t.Fatalf("blockcopy into an image another process has open: exit %d, stderr %q; want QEMU's refusal in its words", r.code, r.stderr)
+	if r.code == 0 || !strings.Contains(r.stderr, "QEMU cannot open the copy target "+dest+": ") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
+		t.Fatalf("blockcopy into an image another process has open: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
 	}
 	d.wantChainBack(v, ch)
 	if !probeFree(t, dest) {
@@ -226,8 +227,8 @@ func TestQEMUBlockCopyWhoseJobQEMURefusesLeavesTheTargetAlone(t *testing.T) {
 	before := fileSum(t, dest)
 	reader := qemuIOHold(t, dest, "-r", "-U")
 	r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
-	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job") || !strings.Contains(r.stderr, `Failed to get shared "consistent read" lock`) {
-		t.Fatalf("blockcopy into an image another process reads: exit %d, stderr %q; want QEMU's refusal in its words", r.code, r.stderr)
+	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job, a copy of disk drive0 into "+dest+": ") || !strings.Contains(r.stderr, `Failed to get shared "consistent read" lock`) {
+		t.Fatalf("blockcopy into an image another process reads: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
 	}
 	d.wantChainBack(v, ch)
 	if !probeFree(t, dest) {
