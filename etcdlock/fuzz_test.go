@@ -2,7 +2,9 @@ package etcdlock
 
 import (
 	"encoding/json"
+	"errors"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -71,4 +73,62 @@ func sameRecord(a, b record) bool {
 	}
 	a.Holder.Since, b.Holder.Since = time.Time{}, time.Time{}
 	return reflect.DeepEqual(a, b)
+}
+
+// The session file is read back when vmlockd starts, to re-attach to its
+// lease: any bytes in it are a session or a *sessionFileError, never a
+// panic; a session it reads names a lease etcd can have granted, a host
+// and a prefix, and is written back (as writeState writes) and read again
+// as the same; and every session writeState can write reads back as it
+// was.
+func FuzzSessionFile(f *testing.F) {
+	valid, _ := json.Marshal(stateFile{Lease: 0x3fb2a201b736bb03, Host: "host1", Prefix: DefaultPrefix})
+	f.Add(append(valid, '\n'), int64(0x3fb2a201b736bb03), "host1", DefaultPrefix)
+	f.Add(valid[:len(valid)/2], int64(1), "h", "/")                                                // truncated
+	f.Add([]byte(`{"lease":"7","host":"h","prefix":"/p/"}`), int64(-1), "h", "/p/")                // wrong type
+	f.Add([]byte(`{"lease":1e30,"host":"h","prefix":"/p/"}`), int64(-1<<63), "", "/p/")            // huge number
+	f.Add([]byte(`{"lease":9223372036854775808,"host":"h","prefix":"/"}`), int64(1<<62), "h", "p") // int64 overflow
+	f.Add([]byte(`{"lease":0,"host":"h","prefix":"/"}`), int64(0), "h", "/")
+	f.Add([]byte(`{"lease":-5,"host":"h","prefix":"/"}`), int64(-5), "h", "/")
+	f.Add([]byte(`{"lease":5,"lease":6,"host":"h","host":"","prefix":"/"}`), int64(6), "h\u00e9", "/") // duplicate keys
+	f.Add([]byte("{\"lease\":5,\"host\":\"h\xff\",\"prefix\":\"/\"}"), int64(5), "h\xff", "/\xfe/")    // not UTF-8
+	f.Add([]byte(`{"lease":5}`), int64(5), "", "")
+	f.Add([]byte(`null`), int64(5), "h", "/")
+	f.Add([]byte{}, int64(1), "h", "/")
+	f.Fuzz(func(t *testing.T, raw []byte, lease int64, host, prefix string) {
+		st, err := decodeSession(raw)
+		if err != nil {
+			var se *sessionFileError
+			if !errors.As(err, &se) || err.Error() == "" {
+				t.Fatalf("decodeSession(%q) fails with %v (%T), not a *sessionFileError", raw, err, err)
+			}
+		} else {
+			if st.Lease <= 0 || st.Host == "" || !strings.HasSuffix(st.Prefix, "/") {
+				t.Fatalf("session %+v read from %q: no lease, host or prefix", st, raw)
+			}
+			b, err := json.Marshal(st)
+			if err != nil {
+				t.Fatalf("session %+v read from %q cannot be written: %v", st, raw, err)
+			}
+			if again, err := decodeSession(append(b, '\n')); err != nil || again != st {
+				t.Fatalf("session %+v read from %q reads back as %+v (%v)", st, raw, again, err)
+			}
+		}
+
+		if !utf8.ValidString(host) || !utf8.ValidString(prefix) {
+			return // JSON replaces invalid UTF-8
+		}
+		want := stateFile{Lease: lease, Host: host, Prefix: prefix}
+		b, err := json.Marshal(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := decodeSession(append(b, '\n'))
+		switch valid := lease > 0 && host != "" && strings.HasSuffix(prefix, "/"); {
+		case valid && (err != nil || got != want):
+			t.Fatalf("session %+v written as %s reads back as %+v (%v)", want, b, got, err)
+		case !valid && err == nil:
+			t.Fatalf("session %+v written as %s is read as a session", want, b)
+		}
+	})
 }

@@ -27,6 +27,32 @@ type stateFile struct {
 	Prefix string `json:"prefix"`
 }
 
+// sessionFileError is what decodeSession finds wrong with a session file.
+type sessionFileError struct{ Err error }
+
+func (e *sessionFileError) Error() string { return "not an etcd session file: " + e.Err.Error() }
+func (e *sessionFileError) Unwrap() error { return e.Err }
+
+// decodeSession reads a session file's content as writeState writes it. A
+// session it returns names a lease that etcd can have granted (etcd's IDs
+// are positive), a host and a prefix ending in "/"; anything else is a
+// *sessionFileError.
+func decodeSession(b []byte) (stateFile, error) {
+	var st stateFile
+	if err := json.Unmarshal(b, &st); err != nil {
+		return stateFile{}, &sessionFileError{err}
+	}
+	switch {
+	case st.Lease <= 0:
+		return stateFile{}, &sessionFileError{fmt.Errorf("lease %d is not an etcd lease ID (want > 0)", st.Lease)}
+	case st.Host == "":
+		return stateFile{}, &sessionFileError{errors.New("no host name")}
+	case !strings.HasSuffix(st.Prefix, "/"):
+		return stateFile{}, &sessionFileError{fmt.Errorf("prefix %q does not end with /", st.Prefix)}
+	}
+	return st, nil
+}
+
 func (d *Driver) statePath() string { return filepath.Join(d.cfg.StateDir, stateFileName) }
 
 func (d *Driver) writeState(id clientv3.LeaseID) error {
@@ -83,8 +109,8 @@ func (d *Driver) readState() (stateFile, bool) {
 		}
 		return stateFile{}, false
 	}
-	var st stateFile
-	if err := json.Unmarshal(b, &st); err != nil || st.Lease == 0 {
+	st, err := decodeSession(b)
+	if err != nil {
 		d.log.Warn("bad etcd session file; starting a new session", "path", d.statePath(), "err", err)
 		return stateFile{}, false
 	}
