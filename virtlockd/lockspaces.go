@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -110,6 +111,20 @@ func (f FileStore) Load() ([]string, error) {
 	return nil, &CorruptStoreError{Path: f.Path, Aside: aside, Offset: offset, Err: err}
 }
 
+// storablePath checks a lockspace directory that Save writes and Load
+// reads: JSON text carries it unchanged only if it is valid UTF-8.
+func storablePath(p string) error {
+	switch {
+	case !filepath.IsAbs(p):
+		return fmt.Errorf("path %q is not absolute", p)
+	case strings.IndexByte(p, 0) >= 0:
+		return fmt.Errorf("path %q contains a NUL byte", p)
+	case !utf8.ValidString(p):
+		return fmt.Errorf("path %q is not valid UTF-8", p)
+	}
+	return nil
+}
+
 // moveAside renames the file to a new name next to it and returns that.
 func (f FileStore) moveAside() (string, error) {
 	// A new empty file reserves a name that no earlier copy has.
@@ -126,8 +141,14 @@ func (f FileStore) moveAside() (string, error) {
 }
 
 // Save writes a temporary file, syncs it, renames it over the file and
-// syncs the directory.
+// syncs the directory. A directory that Load could not read back as it
+// is (see storablePath) is an error, and nothing is written.
 func (f FileStore) Save(dirs []string) error {
+	for _, p := range dirs {
+		if err := storablePath(p); err != nil {
+			return fmt.Errorf("lockspace store: cannot record lockspace: %w", err)
+		}
+	}
 	b, err := json.MarshalIndent(storeFile{Version: 1, Lockspaces: dirs}, "", "  ")
 	if err != nil {
 		return fmt.Errorf("lockspace store: %w", err)

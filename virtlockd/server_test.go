@@ -1434,6 +1434,25 @@ func TestServerStartsWithAGarbageLockspaceStoreAndKeepsItAside(t *testing.T) {
 	}
 }
 
+// A lockspace path that the store cannot keep as it is (JSON text would
+// replace its invalid UTF-8, so that a restarted server would serve
+// another path) is refused, and the store keeps what it had.
+func TestCreateLockspaceThatTheStoreCannotKeepIsRefused(t *testing.T) {
+	store := FileStore{Path: filepath.Join(t.TempDir(), "libvirt-lockspaces.json")}
+	ts := startServer(t, Config{Store: store})
+	c := ts.registered("holder", fakePID)
+	good, bad := filepath.Join(t.TempDir(), "files"), filepath.Join(t.TempDir(), "caf\xe9")
+	wantOK(t, "create", c.CreateLockspace(testCtx(t), good))
+	wantRemote(t, "create with invalid UTF-8", c.CreateLockspace(testCtx(t), bad),
+		CodeSystemError, DomainLockspace, "Unable to record lockspace", "not valid UTF-8")
+	if got := ts.s.Lockspaces(); slices.Contains(got, bad) {
+		t.Fatalf("served %q after the refusal", got)
+	}
+	if got, err := store.Load(); err != nil || !slices.Equal(got, []string{good}) {
+		t.Fatalf("store after the refusal: %q (%v), want %q", got, err, []string{good})
+	}
+}
+
 // releaseFails is a lock driver whose releases fail (an unreachable NFS
 // server): the lock table forgets the lease all the same.
 type releaseFails struct{ lockmgr.NopDriver }
