@@ -174,3 +174,90 @@ func FuzzGrantRecord(f *testing.F) {
 		}
 	})
 }
+
+// The lockspace store is read back when vmlockd starts: any bytes in it
+// are lockspaces that Save writes back as they were, a newer vmlockd's
+// store (an error naming the file, which is left alone), or a corrupt one
+// (a *CorruptStoreError naming the file and where it was moved with its
+// bytes); never a panic, and never a lockspace the server cannot serve
+// under the name libvirt gave it. Every list Save accepts reads back as it
+// was; what it refuses leaves the file as it was.
+func FuzzLockspaceStore(f *testing.F) {
+	seed := FileStore{Path: filepath.Join(f.TempDir(), "seed.json")}
+	if err := seed.Save([]string{"/srv/lockd/a b", "/var/lib/libvirt/lockd/files"}); err != nil {
+		f.Fatal(err)
+	}
+	valid, err := os.ReadFile(seed.Path)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(valid, "/srv/lockd/a b\x00/var/lib/libvirt/lockd/files")
+	f.Add(valid[:len(valid)/2], "/a")                                              // truncated
+	f.Add([]byte(`{"version":"1","lockspaces":["/a"]}`), "/a//b/../c/")            // wrong type
+	f.Add([]byte(`{"version":1e30,"lockspaces":[]}`), "")                          // huge number
+	f.Add([]byte(`{"version":2,"lockspaces":["/a"],"more":{}}`), "/")              // a newer vmlockd's
+	f.Add([]byte(`{"version":1,"lockspaces":["/a"],"lockspaces":["rel"]}`), "rel") // duplicate keys
+	f.Add([]byte("{\"version\":1,\"lockspaces\":[\"/a\xff\"]}"), "/a\xff")         // not UTF-8
+	f.Add([]byte(`{"version":1,"lockspaces":["/a\u0000b",null]}`), "/a\x00")       // NUL, null
+	f.Add([]byte(`{"lockspaces":["/a"]}`), "/a")                                   // no version
+	f.Add([]byte(`null`), "/a")
+	f.Add([]byte{}, "")
+	f.Fuzz(func(t *testing.T, raw []byte, list string) {
+		storable := func(p string) bool {
+			return filepath.IsAbs(p) && !strings.Contains(p, "\x00") && utf8.ValidString(p)
+		}
+		dir := t.TempDir()
+		st := FileStore{Path: filepath.Join(dir, "store.json")}
+		if err := os.WriteFile(st.Path, raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		dirs, err := st.Load()
+		var corrupt *CorruptStoreError
+		switch {
+		case err == nil:
+			for _, p := range dirs {
+				if !storable(p) {
+					t.Fatalf("%q loads as lockspace %q", raw, p)
+				}
+			}
+			if b, _ := os.ReadFile(st.Path); !bytes.Equal(b, raw) {
+				t.Fatalf("loading %q changed the file to %q", raw, b)
+			}
+			if err := st.Save(dirs); err != nil {
+				t.Fatalf("lockspaces %q loaded from %q cannot be saved: %v", dirs, raw, err)
+			}
+			if again, err := st.Load(); err != nil || !slices.Equal(again, dirs) {
+				t.Fatalf("lockspaces %q loaded from %q are saved and load as %q (%v)", dirs, raw, again, err)
+			}
+		case errors.As(err, &corrupt):
+			if b, rerr := os.ReadFile(corrupt.Aside); corrupt.Path != st.Path || rerr != nil || !bytes.Equal(b, raw) {
+				t.Fatalf("corrupt store %q: %v; its copy aside: %q (%v)", raw, err, b, rerr)
+			}
+			if _, serr := os.Stat(st.Path); !errors.Is(serr, os.ErrNotExist) {
+				t.Fatalf("corrupt store %q: %v; still in place (%v)", raw, err, serr)
+			}
+		default:
+			b, _ := os.ReadFile(st.Path)
+			if !strings.Contains(err.Error(), st.Path) || !bytes.Equal(b, raw) {
+				t.Fatalf("store %q: error %v does not name it, or the file changed to %q", raw, err, b)
+			}
+		}
+
+		st.Path = filepath.Join(dir, "saved.json")
+		var want []string
+		if list != "" {
+			want = strings.Split(list, "\x00")
+		}
+		err = st.Save(want)
+		if !slices.ContainsFunc(want, func(p string) bool { return !storable(p) }) {
+			if err != nil {
+				t.Fatalf("Save(%q): %v", want, err)
+			}
+			if got, err := st.Load(); err != nil || !slices.Equal(got, want) {
+				t.Fatalf("Save(%q) loads as %q (%v)", want, got, err)
+			}
+		} else if _, serr := os.Stat(st.Path); err == nil || !errors.Is(serr, os.ErrNotExist) {
+			t.Fatalf("Save(%q) of a path that cannot be stored: %v; file: %v", want, err, serr)
+		}
+	})
+}

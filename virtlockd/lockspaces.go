@@ -83,32 +83,65 @@ func (f FileStore) Load() ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lockspace store: %w", err)
 	}
-	var sf storeFile
-	if len(b) > maxStoreFile {
-		err = fmt.Errorf("larger than %d bytes", maxStoreFile)
-	} else if err = json.Unmarshal(b, &sf); err == nil {
-		if sf.Version != 1 {
-			// Not corrupt but a newer vmlockd's: moving it aside would
-			// lose its lockspaces.
-			return nil, fmt.Errorf("lockspace store %s: unknown version %d", f.Path, sf.Version)
-		}
-		return sf.Lockspaces, nil
+	dirs, err := decodeStore(b)
+	var se *storeError
+	if !errors.As(err, &se) {
+		return dirs, err
 	}
-	offset := int64(-1)
-	var se *json.SyntaxError
-	var te *json.UnmarshalTypeError
-	switch {
-	case errors.As(err, &se):
-		offset = se.Offset
-	case errors.As(err, &te):
-		offset = te.Offset
+	if se.Newer {
+		// Not corrupt but a newer vmlockd's: moving it aside would lose
+		// its lockspaces.
+		return nil, fmt.Errorf("lockspace store %s: %w", f.Path, err)
 	}
 	aside, merr := f.moveAside()
 	if merr != nil {
 		return nil, fmt.Errorf("lockspace store %s is corrupt: %v; it cannot be moved aside (%w): "+
 			"move it aside yourself, and vmlockd starts without the lockspaces it lists", f.Path, err, merr)
 	}
-	return nil, &CorruptStoreError{Path: f.Path, Aside: aside, Offset: offset, Err: err}
+	return nil, &CorruptStoreError{Path: f.Path, Aside: aside, Offset: se.Offset, Err: se.Err}
+}
+
+// storeError is what decodeStore finds wrong with a store file's content.
+type storeError struct {
+	// Newer: the file is a store of a later version (a newer vmlockd's).
+	Newer bool
+	// Offset is the byte offset of a JSON syntax or type error; -1 if none.
+	Offset int64
+	Err    error
+}
+
+func (e *storeError) Error() string { return e.Err.Error() }
+func (e *storeError) Unwrap() error { return e.Err }
+
+// decodeStore reads a store file's content as Save writes it: the
+// lockspace directories it returns are what Save was given, each absolute,
+// valid UTF-8 and without a NUL byte. Anything else is a *storeError.
+func decodeStore(b []byte) ([]string, error) {
+	if len(b) > maxStoreFile {
+		return nil, &storeError{Offset: -1, Err: fmt.Errorf("larger than %d bytes", maxStoreFile)}
+	}
+	var sf storeFile
+	if err := json.Unmarshal(b, &sf); err != nil {
+		offset := int64(-1)
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			offset = se.Offset
+		case errors.As(err, &te):
+			offset = te.Offset
+		}
+		return nil, &storeError{Offset: offset, Err: err}
+	}
+	if sf.Version != 1 {
+		return nil, &storeError{Newer: true, Offset: -1, Err: fmt.Errorf("unknown version %d", sf.Version)}
+	}
+	for i, p := range sf.Lockspaces {
+		if err := storablePath(p); err != nil {
+			return nil, &storeError{Offset: -1, Err: fmt.Errorf("lockspace %d: %w", i, err)}
+		}
+	}
+	return sf.Lockspaces, nil
 }
 
 // storablePath checks a lockspace directory that Save writes and Load
@@ -142,7 +175,7 @@ func (f FileStore) moveAside() (string, error) {
 
 // Save writes a temporary file, syncs it, renames it over the file and
 // syncs the directory. A directory that Load could not read back as it
-// is (see storablePath) is an error, and nothing is written.
+// is (see decodeStore) is an error, and nothing is written.
 func (f FileStore) Save(dirs []string) error {
 	for _, p := range dirs {
 		if err := storablePath(p); err != nil {

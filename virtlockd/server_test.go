@@ -1434,6 +1434,23 @@ func TestServerStartsWithAGarbageLockspaceStoreAndKeepsItAside(t *testing.T) {
 	}
 }
 
+// A store file that lists a relative path (a disk that turned a '/' into
+// a '.') is corrupt: the server keeps it aside, whole, instead of serving
+// the other lockspaces and writing over the damaged one with the next
+// lockspace created.
+func TestServerStartsWithALockspaceStoreListingARelativePathAndKeepsItAside(t *testing.T) {
+	var damaged []byte
+	a, _, ts, logs := corruptStoreRestart(t, func(data []byte) []byte {
+		damaged = bytes.Replace(data, []byte(`"/`), []byte(`".`), 1)
+		return damaged
+	})
+	wantKeptAside(t, filepath.Dir(ts.s.store.(FileStore).Path), damaged,
+		fmt.Sprintf("lockspace 0: path %q is not absolute", "."+a[1:]), logs)
+	if got := ts.s.Lockspaces(); !slices.Equal(got, []string{""}) {
+		t.Fatalf("served %q, want the default lockspace only", got)
+	}
+}
+
 // A lockspace path that the store cannot keep as it is (JSON text would
 // replace its invalid UTF-8, so that a restarted server would serve
 // another path) is refused, and the store keeps what it had.
