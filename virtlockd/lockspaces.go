@@ -133,8 +133,11 @@ func decodeStore(b []byte) ([]string, error) {
 		}
 		return nil, &storeError{Offset: offset, Err: err}
 	}
-	if sf.Version != 1 {
+	switch {
+	case sf.Version > 1:
 		return nil, &storeError{Newer: true, Offset: -1, Err: fmt.Errorf("unknown version %d", sf.Version)}
+	case sf.Version < 1: // no version ever wrote it: not a newer vmlockd's
+		return nil, &storeError{Offset: -1, Err: fmt.Errorf("version %d, want 1", sf.Version)}
 	}
 	for i, p := range sf.Lockspaces {
 		if err := storablePath(p); err != nil {

@@ -1434,6 +1434,21 @@ func TestServerStartsWithAGarbageLockspaceStoreAndKeepsItAside(t *testing.T) {
 	}
 }
 
+// A store file whose version is gone (a disk that damaged its key) is
+// corrupt, not a newer vmlockd's: the server starts without the stored
+// lockspaces and keeps the file aside, as for any other damage.
+func TestServerStartsWithALockspaceStoreWithoutAVersionAndKeepsItAside(t *testing.T) {
+	var damaged []byte
+	_, _, ts, logs := corruptStoreRestart(t, func(data []byte) []byte {
+		damaged = bytes.Replace(data, []byte(`"version"`), []byte(`"versiom"`), 1)
+		return damaged
+	})
+	wantKeptAside(t, filepath.Dir(ts.s.store.(FileStore).Path), damaged, "version 0, want 1", logs)
+	if got := ts.s.Lockspaces(); !slices.Equal(got, []string{""}) {
+		t.Fatalf("served %q, want the default lockspace only", got)
+	}
+}
+
 // A store file that lists a relative path (a disk that turned a '/' into
 // a '.') is corrupt: the server keeps it aside, whole, instead of serving
 // the other lockspaces and writing over the damaged one with the next
