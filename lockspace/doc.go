@@ -61,7 +61,10 @@
 //   - On release, the holder takes a write lock on byte 0 (a sharer gets it
 //     only if it is the last holder). If it does, it raises .hwm to the
 //     file's token, unlinks the file while still holding the lock, and only
-//     then unlocks and closes it. Otherwise it just unlocks and closes.
+//     then unlocks and closes it. Otherwise it just unlocks and closes. It
+//     unlinks the path only if it still names the file locked: a held lease
+//     file an operator moved away (or replaced) no longer excludes anyone,
+//     and the file made anew at its path may be another holder's.
 //   - An acquirer, after locking its descriptor, compares fstat of the
 //     descriptor with fstatat of the path (device and inode), taken from
 //     LeaseDir ("LS/KEY") or DiskLeaseDir, where other drivers look, not

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -757,7 +758,7 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 		}
 		err = statPath(dir, t, &pst)
 		if err == nil && sameFile(&st, &pst) {
-			l.fd, l.dir = fd, dir
+			l.fd, l.dir, l.id = fd, dir, idOf(&st)
 			return nil
 		}
 		dir.leases.Add(-1)
@@ -765,7 +766,7 @@ func (d *Driver) lockFile(l *lease, t *target) error {
 		case t.sub != "" && !dirInPlace(dir, t.sub):
 			// The lockspace directory was renamed (or removed) after it
 			// was cached: the file locked is not at the lease's path.
-			d.dropFile(fd, dir, t.name, r.Mode, 0, false, false)
+			d.dropFile(fd, dir, t.name, idOf(&st), r.Mode, 0, false, false)
 			_ = unix.Close(fd)
 			if dir, err = d.leaveDir(r, t, dir, err); err != nil {
 				return err
@@ -834,23 +835,25 @@ func (d *Driver) lock(fd int, r lockmgr.Resource, t *target, recFd int, removabl
 // notices (its inode re-check fails) and no token is lost. For a lock that
 // was never granted (a failed Acquire) it removes the file only if it holds
 // no token, so that the resource's current token stays what it was.
+// It removes the file at name only if that is still fd's file, id: one an
+// operator moved away leaves name to whoever made the lease file anew.
 // explicit unlocks byte 0 explicitly, needed when copies of the description
 // may live elsewhere.
-func (d *Driver) dropFile(fd int, dir *handle, name string, m lockmgr.Mode, tok uint64, granted, explicit bool) {
+func (d *Driver) dropFile(fd int, dir *handle, name string, id fileID, m lockmgr.Mode, tok uint64, granted, explicit bool) {
 	if m == lockmgr.Exclusive || tryLock(fd, unix.F_WRLCK, lockByte) == nil {
 		cur, fresh, err := readToken(fd)
 		switch {
 		case err != nil:
 		case !granted:
 			if fresh {
-				_ = unix.Unlinkat(dir.fd, name, 0)
+				unlinkFile(dir, name, id)
 			}
 		default:
 			cur = max(cur, tok)
 			if cur == 0 || dir.raiseHWM(cur) == nil {
 				// If the mark cannot be raised the file stays: it still
 				// holds the token, and a lease file left behind is harmless.
-				_ = unix.Unlinkat(dir.fd, name, 0)
+				unlinkFile(dir, name, id)
 			}
 		}
 		explicit = true // undo the write lock we may have just taken
@@ -858,6 +861,30 @@ func (d *Driver) dropFile(fd int, dir *handle, name string, m lockmgr.Mode, tok 
 	if explicit {
 		_ = unlock(fd, 0, 0)
 	}
+}
+
+// unlinkFile removes name from dir if it is the file id. Both system calls
+// take the one C string of name, so that the check allocates nothing more
+// than the unlink did alone (hence statx, the stat call whose number and
+// layout are the same on every Linux architecture).
+func unlinkFile(dir *handle, name string, id fileID) {
+	p, err := unix.BytePtrFromString(name)
+	if err != nil {
+		return
+	}
+	var stx unix.Statx_t
+	_, _, e := unix.Syscall6(unix.SYS_STATX, uintptr(dir.fd), uintptr(unsafe.Pointer(p)),
+		unix.AT_SYMLINK_NOFOLLOW, unix.STATX_INO, uintptr(unsafe.Pointer(&stx)), 0)
+	switch {
+	case e == unix.ENOSYS: // before Linux 4.11
+		var st unix.Stat_t
+		if unix.Fstatat(dir.fd, name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil || idOf(&st) != id {
+			return
+		}
+	case e != 0 || (fileID{unix.Mkdev(stx.Dev_major, stx.Dev_minor), stx.Ino}) != id:
+		return
+	}
+	_, _, _ = unix.Syscall(unix.SYS_UNLINKAT, uintptr(dir.fd), uintptr(unsafe.Pointer(p)), 0)
 }
 
 // isCleanAbs reports whether p is absolute and equal to filepath.Clean(p),

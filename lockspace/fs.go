@@ -208,6 +208,11 @@ func parseHolder(b []byte) (h lockmgr.Holder, ok bool) {
 // sameFile reports whether two stats are of one inode.
 func sameFile(a, b *unix.Stat_t) bool { return a.Dev == b.Dev && a.Ino == b.Ino }
 
+// fileID names an inode: its device and number.
+type fileID struct{ dev, ino uint64 }
+
+func idOf(st *unix.Stat_t) fileID { return fileID{uint64(st.Dev), uint64(st.Ino)} }
+
 // hashName is the lowercase hex SHA-256 of s: the name of a disk's or a
 // custom resource's lease file and of a direct lease's token file.
 func hashName(s string) string {

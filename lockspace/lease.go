@@ -19,6 +19,7 @@ type lease struct {
 	dir   *handle // the lease file's directory (referenced); nil for a direct lease
 	sub   string  // the lease file's lockspace directory, "" for DiskLeaseDir
 	name  string  // the lease file's name in dir
+	id    fileID  // the lease file
 
 	// During Acquire: tf is a direct lease's token file (referenced) until
 	// commit, which sets committed.
@@ -112,7 +113,7 @@ func (l *lease) release() error {
 	// Without a File, no copy of the description exists: close unlocks.
 	explicit := f != nil
 	if l.dir != nil {
-		l.d.dropFile(fd, l.dir, l.name, l.res.Mode, l.token, l.committed, explicit)
+		l.d.dropFile(fd, l.dir, l.name, l.id, l.res.Mode, l.token, l.committed, explicit)
 		l.dir.leases.Add(-1)
 		l.d.put(l.dir)
 	} else if explicit {
@@ -225,6 +226,7 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 		return fail(&lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(),
 			Msg: "the adopted file is no longer the one at " + path + ": the lock was lost"})
 	}
+	l.id = idOf(&st)
 	if err := d.lock(fd, r, &t, recFd, false); err != nil {
 		_ = f.Close()
 		if l.dir != nil {

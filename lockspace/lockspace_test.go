@@ -622,6 +622,55 @@ func TestRenamedLockspaceDirectoryIsNotRemadeWhileLeasesInItAreHeld(t *testing.T
 	}
 }
 
+// A held lease file that an operator moved away (mv, or a copy put in its
+// place) no longer excludes anyone: another host makes the lease file anew
+// and is granted the lease. When the first holder then releases, the file
+// at the lease's path is the other host's, held: it must stay, or a third
+// holder would be granted the lease too.
+func TestReleaseLeavesALeaseFileItDoesNotHold(t *testing.T) {
+	for _, k := range allKinds() {
+		if !k.file {
+			continue
+		}
+		t.Run(k.name, func(t *testing.T) {
+			e := newEnv(t, k.indirect)
+			a := e.driver(t)
+			hostB := &env{root: e.root, cfg: e.cfg}
+			hostB.cfg.StateDir = filepath.Join(e.root, "state-b")
+			b := hostB.driver(t)
+			r := k.res(t, e, 0, lockmgr.Exclusive)
+			heldA, err := a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := e.lockPath(r)
+			if err := os.Rename(p, p+".bak"); err != nil {
+				t.Fatal(err)
+			}
+			heldB, err := b.Acquire(ctx, reqsOf(otherHolder(lockmgr.Exclusive), r))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := a.Release(ctx, heldA); err != nil {
+				t.Fatal(err)
+			}
+			if got := probe(t, p); got != "busy" {
+				t.Fatalf("B holds %s, yet after A's release %s is %s", r, p, got)
+			}
+			var be *lockmgr.BusyError
+			if _, err := a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r)); !errors.As(err, &be) || be.Holder.Name != otherHolder(lockmgr.Exclusive).Name {
+				t.Fatalf("acquire of %s while B holds it: %v, want busy naming B's holder", r, err)
+			}
+			if err := b.Release(ctx, heldB); err != nil {
+				t.Fatal(err)
+			}
+			if got := probe(t, p); got != "absent" {
+				t.Fatalf("after B, the last holder, released %s, %s is %s", r, p, got)
+			}
+		})
+	}
+}
+
 func TestStaleExpect(t *testing.T) {
 	for _, k := range allKinds() {
 		t.Run(k.name, func(t *testing.T) {
