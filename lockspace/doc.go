@@ -39,7 +39,8 @@
 // than the header, or with token 0, was damaged (a torn write, a truncation,
 // zeros after a crash): its last token is unknown, so the resource is not
 // granted (CodeInternal, "damaged token record") until an operator repairs
-// or removes the file; the same holds for a .hwm shorter than 8 bytes. The
+// the file in place (docs/operations.md); the same holds for a .hwm shorter
+// than 8 bytes. The
 // token strictly increases on every grant of the resource, shared grants
 // included. An
 // upgrade to exclusive (Convert) is a grant too: it rewrites the record with
