@@ -495,13 +495,9 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
 	for i := range entries {
 		e := &entries[i]
-		var rec objectRecord
-		uuid, chunk, ok := parseRecordKey(e.Key)
-		if ok {
-			ok = json.Unmarshal(e.Meta, &rec) == nil && rec.Object.UUID == uuid
-		}
-		if !ok {
-			d.log.Error("lock-holder: unreadable record; dropping it", "key", e.Key)
+		uuid, chunk, rec, err := decodeRecord(e.Key, e.Meta)
+		if err != nil {
+			d.log.Error("lock-holder: unreadable record; dropping it", "key", e.Key, "err", err)
 			_ = d.holder.Drop(ctx, e.Key)
 			e.Close()
 			continue
@@ -605,6 +601,34 @@ func parseRecordKey(k string) (uuid string, chunk int, ok bool) {
 	// Only the spelling recordKey writes: "00" or "+0" would be a second
 	// record of one chunk.
 	return uuid, chunk, err == nil && chunk >= 0 && strconv.Itoa(chunk) == c
+}
+
+// recordError is what decodeRecord finds wrong with a lock-holder record.
+type recordError struct {
+	Key string
+	Err error
+}
+
+func (e *recordError) Error() string { return "lock-holder record " + e.Key + ": " + e.Err.Error() }
+func (e *recordError) Unwrap() error { return e.Err }
+
+// decodeRecord reads the lock-holder record meta, kept under key, as
+// writeRecord writes it: the object's uuid and the chunk number (from the
+// key) and the record, which is of that object. Anything else is a
+// *recordError.
+func decodeRecord(key string, meta []byte) (string, int, objectRecord, error) {
+	uuid, chunk, ok := parseRecordKey(key)
+	if !ok {
+		return "", 0, objectRecord{}, &recordError{key, errors.New("not the key of an object's record")}
+	}
+	var rec objectRecord
+	if err := json.Unmarshal(meta, &rec); err != nil {
+		return "", 0, objectRecord{}, &recordError{key, err}
+	}
+	if rec.Object.UUID != uuid {
+		return "", 0, objectRecord{}, &recordError{key, fmt.Errorf("the record is of object %q", rec.Object.UUID)}
+	}
+	return uuid, chunk, rec, nil
 }
 
 // watchLocked ties uuid's locks to p's life and returns the process that is
