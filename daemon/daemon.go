@@ -615,7 +615,10 @@ func (e *recordError) Unwrap() error { return e.Err }
 // decodeRecord reads the lock-holder record meta, kept under key, as
 // writeRecord writes it: the object's uuid and the chunk number (from the
 // key) and the record, which is of that object. Anything else is a
-// *recordError.
+// *recordError: restore puts what it accepts into the lock table as it is,
+// so it accepts only what writeRecord can have written (a valid object
+// with its canonical uuid, canonical resources, leases that are not
+// read-only, read-only uses that are, a known migration role).
 func decodeRecord(key string, meta []byte) (string, int, objectRecord, error) {
 	uuid, chunk, ok := parseRecordKey(key)
 	if !ok {
@@ -625,10 +628,62 @@ func decodeRecord(key string, meta []byte) (string, int, objectRecord, error) {
 	if err := json.Unmarshal(meta, &rec); err != nil {
 		return "", 0, objectRecord{}, &recordError{key, err}
 	}
-	if rec.Object.UUID != uuid {
-		return "", 0, objectRecord{}, &recordError{key, fmt.Errorf("the record is of object %q", rec.Object.UUID)}
+	if err := checkRecord(uuid, &rec); err != nil {
+		return "", 0, objectRecord{}, &recordError{key, err}
 	}
 	return uuid, chunk, rec, nil
+}
+
+// checkRecord checks that rec is what writeRecord writes for object uuid.
+func checkRecord(uuid string, rec *objectRecord) error {
+	if o := rec.Object; o.UUID != uuid {
+		return fmt.Errorf("the record is of object %q", o.UUID)
+	} else if err := o.Validate(); err != nil {
+		return err
+	} else if o.UUID != uuid {
+		return fmt.Errorf("uuid %q is not in lower case", uuid)
+	}
+	if rec.UID < -1 {
+		return fmt.Errorf("uid %d", rec.UID)
+	}
+	canonical := func(r lockmgr.Resource) error {
+		if err := r.Validate(); err != nil {
+			return err
+		}
+		if r.Type == lockmgr.TypeDisk && (!filepath.IsAbs(r.Name) || filepath.Clean(r.Name) != r.Name) {
+			return fmt.Errorf("disk path %q is not canonical", r.Name)
+		}
+		return nil
+	}
+	for _, l := range rec.Leases {
+		switch err := canonical(l.Resource); {
+		case err != nil:
+			return fmt.Errorf("lease: %w", err)
+		case l.Resource.Mode == lockmgr.ReadOnly:
+			return fmt.Errorf("lease of %s is read-only", l.Resource)
+		case l.File < -1:
+			return fmt.Errorf("lease of %s: file %d", l.Resource, l.File)
+		}
+	}
+	for _, r := range rec.ReadOnly {
+		if err := canonical(r); err != nil {
+			return fmt.Errorf("read-only use: %w", err)
+		}
+		if r.Mode != lockmgr.ReadOnly {
+			return fmt.Errorf("read-only use of %s is %s", r, r.Mode)
+		}
+	}
+	if m := rec.Migration; m != nil {
+		if m.Role != roleSource && m.Role != roleTarget {
+			return fmt.Errorf("migration role %q", m.Role)
+		}
+		for _, r := range m.Pending {
+			if err := canonical(r); err != nil {
+				return fmt.Errorf("migration: %w", err)
+			}
+		}
+	}
+	return nil
 }
 
 // watchLocked ties uuid's locks to p's life and returns the process that is
