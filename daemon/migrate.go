@@ -166,6 +166,11 @@ func (d *Daemon) migratePrepare(ctx context.Context, c caller, id, to string) (s
 			return "", d.undoPrepare(ctx, uuid, ow, prev, to, todo, err)
 		}
 	}
+	if len(todo) == 0 {
+		// No downgrade wrote a record with the mark (nothing was held
+		// exclusively): it is recorded by itself, or a restart forgets it.
+		d.recordMark(uuid)
+	}
 	d.log.Info("migration prepared: exclusive holds are shared until the handover completes", "uuid", uuid, "to", to, "downgraded", len(todo))
 	return d.handoverState(uuid)
 }

@@ -556,3 +556,35 @@ func TestAFailedUpgradeOfMigrateCompleteStaysPendingInTheRecord(t *testing.T) {
 		t.Fatal("after a cancel on the restarted vmlockd the disk is still held shared")
 	}
 }
+
+// A prepare of an object that holds nothing exclusively (a shared disk, a
+// read-only one) downgrades nothing, yet it marks the object as migrating
+// away: the mark survives a restart of vmlockd like any other, so that the
+// source's `migrate complete` still releases it afterwards.
+func TestAPrepareThatDowngradesNothingKeepsItsMarkThroughARestart(t *testing.T) {
+	ctx := context.Background()
+	r := newRestartable(t)
+	c, stop := r.start(Config{Host: "src"})
+	const u = "55555555-0000-4000-8000-000000000002"
+	var rs []lockmgr.Resource
+	for n, m := range map[string]lockmgr.Mode{"shared.img": lockmgr.Shared, "ro.img": lockmgr.ReadOnly} {
+		disk := filepath.Join(r.dir, n)
+		os.WriteFile(disk, nil, 0o600)
+		rs = append(rs, lockmgr.DiskResource(disk, m))
+	}
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: sleeper(t)}, rs, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.MigratePrepare(ctx, u, "dst"); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	c, _ = r.start(Config{Host: "src"})
+	res, err := c.MigrateComplete(ctx, u, false)
+	if err != nil || !res.Released {
+		t.Fatalf("migrate complete on the source after the restart: %+v, %v; want the object released", res, err)
+	}
+	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
+		t.Fatalf("after the source completed: locks %+v, %v; want none", locks, err)
+	}
+}
