@@ -129,7 +129,10 @@ func (d *Daemon) newQEMUSupervisor() *qemuSupervisor {
 }
 
 // reattachAll reads the records and resumes supervising every VM whose
-// owner the daemon took back; other records are of VMs that exited.
+// owner the daemon took back; other records are of VMs that exited. A
+// damaged record of a VM that runs is left in place for the operator and
+// logged naming the file: that VM keeps its locks until it exits, but is
+// not supervised.
 func (s *qemuSupervisor) reattachAll() {
 	ents, _ := os.ReadDir(s.dir)
 	for _, e := range ents {
@@ -137,14 +140,25 @@ func (s *qemuSupervisor) reattachAll() {
 		if !ok {
 			continue
 		}
-		var rec vmRecord
-		b, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
-		if err == nil {
-			err = json.Unmarshal(b, &rec)
+		file := filepath.Join(s.dir, e.Name())
+		o, err := s.d.mgr.Object(uuid)
+		if err != nil {
+			s.log.Info("dropping the record of a VM that is gone", "uuid", uuid, "err", err)
+			s.removeRecord(uuid, s.defaultMonitor(uuid))
+			continue
 		}
-		o, oerr := s.d.mgr.Object(uuid)
-		if err != nil || oerr != nil || o.PID != rec.PID || rec.UUID != uuid {
-			s.log.Info("dropping the record of a VM that is gone", "uuid", uuid, "err", cmp.Or(err, oerr))
+		b, err := os.ReadFile(file)
+		var rec vmRecord
+		if err == nil {
+			rec, err = decodeVMRecord(b)
+		}
+		if err != nil {
+			s.log.Error("cannot re-attach to a running QEMU: its record is damaged; its locks stay until it exits, but vmlock cannot act on its disks or jobs",
+				"uuid", uuid, "name", o.Name, "pid", o.PID, "file", file, "err", err)
+			continue
+		}
+		if o.PID != rec.PID || rec.UUID != uuid {
+			s.log.Info("dropping the record of a VM that is gone", "uuid", uuid, "pid", rec.PID)
 			s.removeRecord(uuid, rec.Monitor)
 			continue
 		}
@@ -152,6 +166,74 @@ func (s *qemuSupervisor) reattachAll() {
 		s.log.Info("re-attaching to a running QEMU", "uuid", uuid, "name", o.Name, "pid", o.PID, "jobs", len(rec.Jobs))
 		go vm.run()
 	}
+}
+
+// errBadRecord is wrapped by decodeVMRecord's errors.
+var errBadRecord = errors.New("not a VM record that vmlockd can re-attach with")
+
+// decodeVMRecord reads a VM's record, as saveLocked writes it, and
+// checks what re-attaching relies on: the VM's uuid, its QEMU's pid, the
+// absolute path of a unix socket, canonical image paths, and jobs that
+// can be followed (one a disk, each with its id, a known type and
+// canonical paths). Whatever a crash, a full disk or another version of
+// vmlockd left in the file is either that or an error wrapping
+// errBadRecord.
+func decodeVMRecord(b []byte) (vmRecord, error) {
+	var rec vmRecord
+	err := json.Unmarshal(b, &rec)
+	if err == nil {
+		err = rec.check()
+	}
+	if err != nil {
+		return vmRecord{}, fmt.Errorf("%w: %w", errBadRecord, err)
+	}
+	return rec, nil
+}
+
+func (rec *vmRecord) check() error {
+	if u, err := lockmgr.ParseUUID(rec.UUID); err != nil || u != rec.UUID {
+		return fmt.Errorf("uuid %q is not a uuid in canonical form", rec.UUID)
+	}
+	if rec.PID <= 0 {
+		return fmt.Errorf("pid %d is not a process id", rec.PID)
+	}
+	if !filepath.IsAbs(rec.Monitor) || len(rec.Monitor) > maxSocketPath || strings.ContainsRune(rec.Monitor, 0) {
+		return fmt.Errorf("monitor %q is not an absolute path of at most %d bytes", rec.Monitor, maxSocketPath)
+	}
+	for _, p := range rec.Managed {
+		if !canonicalForm(p) {
+			return fmt.Errorf("managed image %q is not a canonical path", p)
+		}
+	}
+	if rec.Seq < 0 {
+		return fmt.Errorf("seq %d is negative", rec.Seq)
+	}
+	disks, ids := map[string]bool{}, map[string]bool{}
+	for _, j := range rec.Jobs {
+		switch {
+		case j.Disk == "" || disks[j.Disk]:
+			return fmt.Errorf("job %q: no disk, or a second job on disk %q", j.ID, j.Disk)
+		case j.ID == "" || ids[j.ID]:
+			return fmt.Errorf("job on disk %q: no id, or a second job %q", j.Disk, j.ID)
+		case !slices.Contains([]string{jobCommit, jobActiveCommit, jobCopy, jobBackup, jobStream}, j.Type):
+			return fmt.Errorf("job %q: unknown type %q", j.ID, j.Type)
+		case j.UID < 0:
+			return fmt.Errorf("job %q: uid %d", j.ID, j.UID)
+		}
+		for _, p := range append([]string{j.Top, j.Base, j.Target}, j.Delete...) {
+			if p != "" && !canonicalForm(p) || p == "" && slices.Contains(j.Delete, p) {
+				return fmt.Errorf("job %q: image %q is not a canonical path", j.ID, p)
+			}
+		}
+		disks[j.Disk], ids[j.ID] = true, true
+	}
+	return nil
+}
+
+// canonicalForm reports whether p has the form of a canonical path
+// (lockmgr.Canonical): absolute and clean.
+func canonicalForm(p string) bool {
+	return filepath.IsAbs(p) && filepath.Clean(p) == p && !strings.ContainsRune(p, 0)
 }
 
 func (s *qemuSupervisor) add(o lockmgr.Object, rec vmRecord) *qemuVM {

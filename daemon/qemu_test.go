@@ -1,12 +1,21 @@
 package daemon
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
+	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/lockspace"
 	"github.com/vmlock/vmlock/qemu"
 )
 
@@ -119,5 +128,74 @@ func TestWantedModesLockDataFilesLikeTheirImages(t *testing.T) {
 	vm.jobs["vda"] = &blockJob{rec: jobRecord{Type: jobActiveCommit, Top: "/a/top", Base: "/a/base"}}
 	if want := vm.wanted(disks); want["/a/base"] != lockmgr.Exclusive || want["/a/base.data"] != lockmgr.Exclusive {
 		t.Fatalf("during a commit into /a/base: %v", want)
+	}
+}
+
+// A VM's record that vmlockd cannot have written (here: its monitor is a
+// relative path) is not re-attached with at start: vmlockd logs an error
+// naming the file, and leaves the file in place; that VM keeps its locks
+// (until its process exits). The other VMs are re-attached.
+func TestDamagedVMRecordIsLoggedByItsFileAndTheOtherVMsAreReattached(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vqr") // short: it holds sockets
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state := filepath.Join(dir, "state")
+	os.MkdirAll(filepath.Join(state, "qemu"), 0o700)
+	drv, err := lockspace.New(lockspace.Config{StateDir: state, LeaseDir: filepath.Join(state, "lockspaces")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go lockholder.Serve(ctx, state)
+	var logs lockedBuffer
+	d, err := New(ctx, Config{Driver: drv, Socket: filepath.Join(dir, "s.sock"), StateDir: state,
+		Logger: slog.New(slog.NewJSONHandler(&logs, nil)), HolderCommand: func() error { return nil }}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, bad := "5e550000-0000-4000-8000-00000000000a", "5e550000-0000-4000-8000-00000000000b"
+	records := map[string]string{}
+	for _, u := range []string{good, bad} {
+		disk := filepath.Join(dir, u[len(u)-1:]+".img")
+		os.WriteFile(disk, nil, 0o600)
+		pid := sleeper(t)
+		if _, err := d.acquire(ctx, caller{uid: os.Getuid(), pid: os.Getpid()}, &vmlockpb.AcquireRequest{
+			Object:    api.ObjectToPB(lockmgr.Object{UUID: u, Name: "vm-" + u[len(u)-1:], PID: pid}),
+			Resources: []*vmlockpb.Resource{api.ResourceToPB(lockmgr.DiskResource(disk, lockmgr.Exclusive))}}); err != nil {
+			t.Fatal(err)
+		}
+		monitor := filepath.Join(dir, "m.qmp") // nothing listens there
+		if u == bad {
+			monitor = "m.qmp"
+		}
+		b, _ := json.Marshal(vmRecord{UUID: u, PID: pid, Monitor: monitor, Verified: true, Managed: []string{disk}})
+		records[u] = filepath.Join(state, "qemu", u+".json")
+		if err := os.WriteFile(records[u], b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	sup := d.newQEMUSupervisor()
+	if !sup.supervises(good) || sup.supervises(bad) {
+		t.Fatalf("after start: supervises the good VM %v, the one whose record is damaged %v; want true, false", sup.supervises(good), sup.supervises(bad))
+	}
+	var logged bool
+	for line := range strings.Lines(logs.String()) {
+		var l struct{ Level, UUID, File, Err string }
+		if json.Unmarshal([]byte(line), &l) == nil && l.Level == "ERROR" && l.UUID == bad && l.File == records[bad] && strings.Contains(l.Err, `monitor "m.qmp"`) {
+			logged = true
+		}
+	}
+	if !logged {
+		t.Fatalf("no error logged naming %s and what is wrong in it; log:\n%s", records[bad], logs.String())
+	}
+	if _, err := os.Stat(records[bad]); err != nil {
+		t.Fatalf("the damaged record: %v, want it left in place", err)
+	}
+	if ls, _, err := d.mgr.Held(bad); err != nil || len(ls) != 1 {
+		t.Fatalf("the locks of the VM whose record is damaged: %v, %v; want its disk", ls, err)
 	}
 }
