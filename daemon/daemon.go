@@ -824,6 +824,9 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 	var pidfd *os.File // the owner, for the lock-holder's fencing
 	prev := 1
 	if ow != nil {
+		if len(leases) > 0 || len(ro) > 0 {
+			ow.mig.keepHeld(leases, ro)
+		}
 		rec = objectRecord{Object: o, UID: ow.uid, Start: ow.proc.start, Since: ow.since, ReadOnly: ro, Migration: ow.mig.clone()}
 		prev = ow.chunks
 		if d.cfg.Fencer != nil && len(leases) > 0 {
@@ -838,8 +841,7 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 		return h.DropPrefix(ctx, "O/"+o.UUID+"/")
 	}
 	// The mark's pending resources go with their leases (see objectRecord);
-	// the mark keeps those held read-only. One held no more (unplugged
-	// during the handover) is left out: its upgrade would be skipped.
+	// the mark keeps those held read-only.
 	var pending map[string]bool
 	if mig := rec.Migration; mig != nil && len(mig.Pending) > 0 {
 		pending = make(map[string]bool, len(mig.Pending))

@@ -40,6 +40,8 @@ import (
 //     a resource is removed from it before its upgrade is tried (and put
 //     back, in the record too, if that fails), so the record of a completed
 //     upgrade never lists it. A target's mark with nothing pending is a finished handover.
+//     A resource unplugged during the handover leaves Pending (keepHeld):
+//     hotplugged again, it keeps the mode it was asked for.
 //   - A prepare that fails takes back exclusively what it made shared;
 //     what it cannot take back stays pending in a source mark, so that a
 //     cancel takes it back and a new prepare hands it over exclusive.
@@ -73,6 +75,25 @@ func (m *migration) clone() *migration {
 	c := *m
 	c.Pending = slices.Clone(m.Pending)
 	return &c
+}
+
+// keepHeld drops the pending resources that the object no longer holds
+// (unplugged during the handover): granted again later, such a resource is
+// a new use, in the mode it was asked for, that the handover does not take
+// back exclusively. The observer calls it, with Daemon.mu held, in order
+// with the object's changes, before it records the mark.
+func (m *migration) keepHeld(leases []lockmgr.Lease, ro []lockmgr.Resource) {
+	if m == nil || len(m.Pending) == 0 {
+		return
+	}
+	held := make(map[string]bool, len(leases)+len(ro))
+	for _, l := range leases {
+		held[l.Resource().Key()] = true
+	}
+	for _, r := range ro {
+		held[r.Key()] = true
+	}
+	m.Pending = slices.DeleteFunc(m.Pending, func(p lockmgr.Resource) bool { return !held[p.Key()] })
 }
 
 // restoredMigration returns the mark to keep for a record's mark: a

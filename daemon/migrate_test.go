@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -586,5 +587,56 @@ func TestAPrepareThatDowngradesNothingKeepsItsMarkThroughARestart(t *testing.T) 
 	}
 	if locks, err := c.Locks(ctx); err != nil || len(locks) != 0 {
 		t.Fatalf("after the source completed: locks %+v, %v; want none", locks, err)
+	}
+}
+
+// A disk unplugged during a handover leaves it: hotplugged again (here
+// shared), it is a new use that the handover does not cover, and a cancel
+// (or complete, on the destination) leaves it in the mode it was asked
+// for, whether vmlockd ran on or was restarted in between.
+func TestADiskUnpluggedDuringAHandoverIsNotTakenBackByIt(t *testing.T) {
+	ctx := context.Background()
+	for _, restart := range []bool{false, true} {
+		t.Run(fmt.Sprintf("restart=%v", restart), func(t *testing.T) {
+			r := newRestartable(t)
+			c, stop := r.start(Config{Host: "src"})
+			const u = "55555555-0000-4000-8000-000000000003"
+			again, kept := filepath.Join(r.dir, "again.img"), filepath.Join(r.dir, "kept.img")
+			for _, p := range []string{again, kept} {
+				os.WriteFile(p, nil, 0o600)
+			}
+			o := lockmgr.Object{UUID: u, PID: sleeper(t)}
+			rs := []lockmgr.Resource{lockmgr.DiskResource(again, lockmgr.Exclusive), lockmgr.DiskResource(kept, lockmgr.Exclusive)}
+			if _, err := c.Acquire(ctx, o, rs, ""); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.MigratePrepare(ctx, u, "dst"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Release(ctx, u, lockmgr.DiskResource(again, lockmgr.Shared)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Acquire(ctx, o, []lockmgr.Resource{lockmgr.DiskResource(again, lockmgr.Shared)}, ""); err != nil {
+				t.Fatal(err)
+			}
+			if restart {
+				stop()
+				c, _ = r.start(Config{Host: "src"})
+			}
+			res, err := c.MigrateComplete(ctx, u, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, err := lockmgr.ParseState(res.State)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range st {
+				want := map[string]lockmgr.Mode{again: lockmgr.Shared, kept: lockmgr.Exclusive}[e.Resource.Name]
+				if e.Resource.Mode != want {
+					t.Errorf("after the cancel %s is held %s, want %s", e.Resource.Name, e.Resource.Mode, want)
+				}
+			}
+		})
 	}
 }
