@@ -150,7 +150,8 @@ var ErrGraphUnreadable = errors.New("QEMU's block nodes cannot be read now")
 // flat). It asks for the jobs first (query-jobs) and fails with an error
 // wrapping ErrGraphUnreadable, without asking for the nodes, while a
 // stream job waits to be dismissed. A stream that ends between the two
-// commands is not seen: QEMU gives no way to ask both at once.
+// commands is not seen (QEMU gives no way to ask both at once): QEMU then
+// crashes, and the call fails as its connection is lost.
 func QueryNodes(ctx context.Context, c *qmp.Client) ([]NodeInfo, error) {
 	jobs, err := QueryJobs(ctx, c)
 	if err != nil {
