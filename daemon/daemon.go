@@ -35,6 +35,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -489,10 +490,22 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		ro      []lockmgr.Resource
 		pending map[int][]lockmgr.Resource // the mark's, recorded with the leases, by chunk
 		chunks  int
-		lost    int // leases the driver could not take back
+		lost    int             // leases the driver could not take back
+		seen    map[string]bool // resource keys taken, from the lowest chunk
 	}
 	objs := map[string]*restoring{}
 	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
+	// Each object's chunks in order: a crash in the middle of rewriting a
+	// record of several chunks (writeRecord writes them in order) can
+	// leave a resource in two, one it moved to (a lower chunk, written)
+	// and one it left (not rewritten yet). It is taken from the lower one
+	// only: a second use of one resource would be released twice, and an
+	// unplug of one would unlock what the other still shows held.
+	slices.SortFunc(entries, func(a, b lockholder.Entry) int {
+		ua, ca, _ := parseRecordKey(a.Key)
+		ub, cb, _ := parseRecordKey(b.Key)
+		return cmp.Or(strings.Compare(ua, ub), cmp.Compare(ca, cb))
+	})
 	for i := range entries {
 		e := &entries[i]
 		uuid, chunk, rec, err := decodeRecord(e.Key, e.Meta)
@@ -504,15 +517,24 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		}
 		r := objs[uuid]
 		if r == nil {
-			r = &restoring{}
+			r = &restoring{seen: map[string]bool{}}
 			objs[uuid] = r
 		}
 		r.chunks++
 		if chunk == 0 {
 			r.rec = &rec
 		}
-		r.ro = append(r.ro, rec.ReadOnly...) // any chunk (older vmlockd: chunk 0 only)
+		for _, ro := range rec.ReadOnly { // any chunk (older vmlockd: chunk 0 only)
+			if !r.seen[ro.Key()] {
+				r.seen[ro.Key()] = true
+				r.ro = append(r.ro, ro)
+			}
+		}
 		for _, lr := range rec.Leases {
+			if r.seen[lr.Resource.Key()] {
+				continue // its descriptor is closed with the entry's
+			}
+			r.seen[lr.Resource.Key()] = true
 			if lr.Pending {
 				if r.pending == nil {
 					r.pending = map[int][]lockmgr.Resource{}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockholder"
@@ -275,5 +278,77 @@ func TestALockHolderRecordVmlockdCannotHaveWrittenIsDroppedAndTheOthersKept(t *t
 			t.Errorf("the holder still keeps %s", entries[i].Key)
 		}
 		entries[i].Close()
+	}
+}
+
+// A crash of vmlockd in the middle of rewriting an object's record of
+// several chunks can leave a lease in two of them: the lower chunk it moved
+// to (written) and the one it left (not rewritten yet). The restarted
+// vmlockd takes it back once: its state lists it once, and one unplug
+// frees it.
+func TestALeaseThatACrashLeftInTwoChunksIsTakenBackOnce(t *testing.T) {
+	ctx := context.Background()
+	r := newRestartable(t)
+	c, stop := r.start(Config{})
+	const u = "77777777-0000-4000-8000-00000000000b"
+	moved, kept := filepath.Join(r.dir, "moved.img"), filepath.Join(r.dir, "kept.img")
+	for _, p := range []string{moved, kept} {
+		os.WriteFile(p, nil, 0o600)
+	}
+	rs := []lockmgr.Resource{lockmgr.DiskResource(moved, lockmgr.Exclusive), lockmgr.DiskResource(kept, lockmgr.Exclusive)}
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: sleeper(t)}, rs, ""); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	// What the crash left: chunk 1, from before, still lists the lease
+	// that chunk 0 lists now.
+	h, entries, err := lockholder.Open(ctx, r.state, func() error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Key != recordKey(u, 0) {
+			continue
+		}
+		var rec objectRecord
+		if err := json.Unmarshal(e.Meta, &rec); err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(rec.Leases, func(l leaseRecord) bool { return l.Resource.Name == moved })
+		f := e.Files[rec.Leases[i].File]
+		rec.Leases = []leaseRecord{rec.Leases[i]}
+		rec.Leases[0].File = 0
+		b, _ := json.Marshal(rec)
+		if err := h.Put(ctx, recordKey(u, 1), b, []*os.File{f}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range entries {
+		entries[i].Close()
+	}
+	h.Close()
+
+	c, _ = r.start(Config{})
+	st, err := c.Inquire(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(st, filepath.Base(moved)); n != 1 {
+		t.Fatalf("after the restart the object's state %q lists %s %d times, want once", st, moved, n)
+	}
+	if _, err := c.Release(ctx, u, lockmgr.DiskResource(moved, lockmgr.Exclusive)); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := c.Inquire(ctx, u); err != nil || strings.Contains(st, filepath.Base(moved)) {
+		t.Fatalf("after unplugging %s the object holds %q, %v", moved, st, err)
+	}
+	f, err := os.OpenFile(moved, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Len: 1}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		t.Fatalf("%s is still locked after its unplug: %v", moved, err)
 	}
 }
