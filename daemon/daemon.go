@@ -672,7 +672,7 @@ func checkRecord(uuid string, rec *objectRecord) error {
 		if err := r.Validate(); err != nil {
 			return err
 		}
-		if r.Type == lockmgr.TypeDisk && (!filepath.IsAbs(r.Name) || filepath.Clean(r.Name) != r.Name) {
+		if r.Type == lockmgr.TypeDisk && !lockmgr.InCanonicalForm(r.Name) {
 			return fmt.Errorf("disk path %q is not canonical", r.Name)
 		}
 		return nil

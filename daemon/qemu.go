@@ -201,7 +201,7 @@ func (rec *vmRecord) check() error {
 		return fmt.Errorf("monitor %q is not an absolute path of at most %d bytes", rec.Monitor, maxSocketPath)
 	}
 	for _, p := range rec.Managed {
-		if !canonicalForm(p) {
+		if !lockmgr.InCanonicalForm(p) {
 			return fmt.Errorf("managed image %q is not a canonical path", p)
 		}
 	}
@@ -221,19 +221,13 @@ func (rec *vmRecord) check() error {
 			return fmt.Errorf("job %q: uid %d", j.ID, j.UID)
 		}
 		for _, p := range append([]string{j.Top, j.Base, j.Target}, j.Delete...) {
-			if p != "" && !canonicalForm(p) || p == "" && slices.Contains(j.Delete, p) {
+			if p != "" && !lockmgr.InCanonicalForm(p) || p == "" && slices.Contains(j.Delete, p) {
 				return fmt.Errorf("job %q: image %q is not a canonical path", j.ID, p)
 			}
 		}
 		disks[j.Disk], ids[j.ID] = true, true
 	}
 	return nil
-}
-
-// canonicalForm reports whether p has the form of a canonical path
-// (lockmgr.Canonical): absolute and clean.
-func canonicalForm(p string) bool {
-	return filepath.IsAbs(p) && filepath.Clean(p) == p && !strings.ContainsRune(p, 0)
 }
 
 func (s *qemuSupervisor) add(o lockmgr.Object, rec vmRecord) *qemuVM {

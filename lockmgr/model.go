@@ -272,6 +272,29 @@ func Canonical(r Resource) (Resource, error) {
 	return r, nil
 }
 
+// InCanonicalForm reports whether p has the form of a disk path that
+// Canonical returns: absolute and clean (equal to filepath.Clean(p)), with
+// no NUL byte. It does not look at the file system, so it cannot tell
+// whether symlinks were resolved; it does not allocate.
+func InCanonicalForm(p string) bool {
+	if p == "" || p[0] != '/' || strings.IndexByte(p, 0) >= 0 {
+		return false
+	}
+	if p == "/" {
+		return true
+	}
+	for rest := p[1:]; ; {
+		elem, tail, more := strings.Cut(rest, "/")
+		if elem == "" || elem == "." || elem == ".." {
+			return false
+		}
+		if !more {
+			return true
+		}
+		rest = tail
+	}
+}
+
 func canonicalPath(p string) (string, error) {
 	abs, err := filepath.Abs(p)
 	if err != nil {

@@ -202,3 +202,13 @@ func TestSafeFieldKeepsWhatItCanShow(t *testing.T) {
 		}
 	}
 }
+
+func TestInCanonicalForm(t *testing.T) {
+	for _, p := range []string{"", "/", "//", "/a", "/a/", "/a//b", "/a/./b", "/a/../b", "/..", "/.", "/a/.", "/a/..",
+		"a", "./a", "/a/b.c", "/a/.b", "/a/..b", "/a/b..", "/a/b/c.qcow2", "/ /x", "/a\x00b", "/a/\x00"} {
+		want := filepath.IsAbs(p) && filepath.Clean(p) == p && !strings.Contains(p, "\x00")
+		if got := InCanonicalForm(p); got != want {
+			t.Errorf("InCanonicalForm(%q) = %v, want %v", p, got, want)
+		}
+	}
+}

@@ -232,7 +232,7 @@ func (d *Driver) resolve(r lockmgr.Resource) (target, error) {
 	}
 	switch r.Type {
 	case lockmgr.TypeDisk:
-		if !isCleanAbs(r.Name) {
+		if !lockmgr.InCanonicalForm(r.Name) {
 			return target{}, &lockmgr.Error{Code: lockmgr.CodeInvalidArgument, Resource: r.String(),
 				Msg: "disk path is not canonical (want an absolute, clean path with symlinks resolved: see lockmgr.Canonical)"}
 		}
@@ -885,25 +885,4 @@ func unlinkFile(dir *handle, name string, id fileID) {
 		return
 	}
 	_, _, _ = unix.Syscall(unix.SYS_UNLINKAT, uintptr(dir.fd), uintptr(unsafe.Pointer(p)), 0)
-}
-
-// isCleanAbs reports whether p is absolute and equal to filepath.Clean(p),
-// without allocating: no empty, "." or ".." element, no trailing slash.
-func isCleanAbs(p string) bool {
-	if p == "" || p[0] != '/' {
-		return false
-	}
-	if p == "/" {
-		return true
-	}
-	for rest := p[1:]; ; {
-		elem, tail, more := strings.Cut(rest, "/")
-		if elem == "" || elem == "." || elem == ".." {
-			return false
-		}
-		if !more {
-			return true
-		}
-		rest = tail
-	}
 }
