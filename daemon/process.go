@@ -30,7 +30,9 @@ type process struct {
 
 // openProcess pins pid. If start is non-zero (a record from before a
 // restart) the process must still have that start time, otherwise the pid
-// now names another process and errGone is returned.
+// now names another process and errGone is returned. errGone means that
+// the process is known to be gone; any other error says nothing about it
+// (restore then keeps its owner's locks).
 func openProcess(pid int, start uint64) (*process, error) {
 	if pid <= 0 {
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "pid %d: locks are owned by a process, give its pid", pid)
@@ -42,10 +44,30 @@ func openProcess(pid int, start uint64) (*process, error) {
 		}
 		return nil, fmt.Errorf("pidfd_open(%d): %w", pid, err)
 	}
-	f := os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pid))
+	return pinned(os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pid)), pid, start, startTime)
+}
+
+// pinned is openProcess once pidfd f pins pid: readStart reads its start
+// time. f is closed on failure.
+func pinned(f *os.File, pid int, start uint64, readStart func(pid int) (uint64, error)) (*process, error) {
 	// The pidfd pins the process, so the start time read now is its own.
-	got, err := startTime(pid)
-	if err != nil || start != 0 && got != start {
+	got, err := readStart(pid)
+	if err != nil {
+		// It may have exited (and been reaped) since it was pinned;
+		// otherwise /proc could not be read (EMFILE, EACCES, hidepid=).
+		var serr error
+		if rc, cerr := f.SyscallConn(); cerr != nil {
+			serr = cerr
+		} else if cerr := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), 0, nil, 0) }); cerr != nil {
+			serr = cerr
+		}
+		f.Close()
+		if errors.Is(serr, unix.ESRCH) {
+			return nil, errGone
+		}
+		return nil, fmt.Errorf("process %d: reading its start time: %w", pid, err)
+	}
+	if start != 0 && got != start {
 		f.Close()
 		return nil, errGone
 	}
