@@ -104,6 +104,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	rec := record{Resource: nres, Holder: h, Token: token, Attempt: nonce()}
 	if m == lockmgr.Exclusive {
 		rec.Token = 0 // a new grant: its token is the new key's CreateRevision
+		rec.Replaced = token
 	}
 	val, err := json.Marshal(rec)
 	if err != nil {

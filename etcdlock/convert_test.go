@@ -394,3 +394,66 @@ func TestConvertSettlesWhenTheSettlingAnswerIsLostToo(t *testing.T) {
 	wantBusy(t, err, disk, "host-a", uuidA, lockmgr.Exclusive)
 	mustRelease(t, a, up)
 }
+
+// vmlockd records a conversion after etcd made it; killed in between, it
+// restarts with a record of the grant as it was before. A downgrade whose
+// record was lost is adopted by the token it kept, in the mode etcd has:
+// shared.
+func TestADowngradeWhoseRecordWasLostIsAdoptedAsEtcdHasIt(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.StateDir = t.TempDir()
+	a := newDriver(t, cfg)
+	ls := mustAcquire(t, a, req("/img/r1", lockmgr.Exclusive, uuidA))
+	if _, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Shared); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	a2 := newDriver(t, cfg)
+	l, err := a2.Adopt(lockmgr.DiskResource("/img/r1", lockmgr.Exclusive), ls[0].Token(), nil)
+	if err != nil {
+		t.Fatalf("adopt the downgraded lease as it was recorded (exclusive, token %d): %v (recovered %+v)", ls[0].Token(), err, a2.Recovered())
+	}
+	if l.Resource().Mode != lockmgr.Shared || l.Token() != ls[0].Token() {
+		t.Fatalf("adopted %s with token %d, want shared with token %d", l.Resource(), l.Token(), ls[0].Token())
+	}
+	if err := a2.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/r1", lockmgr.Exclusive, uuidB)})
+	wantBusy(t, err, "/img/r1", "host-a", uuidA, lockmgr.Shared)
+}
+
+// An upgrade whose record was lost is adopted by the token of the shared
+// grant it replaced, in the mode etcd has: exclusive, with its own token.
+func TestAnUpgradeWhoseRecordWasLostIsAdoptedAsEtcdHasIt(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.StateDir = t.TempDir()
+	a := newDriver(t, cfg)
+	ls := mustAcquire(t, a, req("/img/r1", lockmgr.Shared, uuidA))
+	sharedTok := ls[0].Token()
+	up, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Exclusive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	upTok := up.Token()
+	a.Close()
+	a2 := newDriver(t, cfg)
+	l, err := a2.Adopt(lockmgr.DiskResource("/img/r1", lockmgr.Shared), sharedTok, nil)
+	if err != nil {
+		t.Fatalf("adopt the upgraded lease as it was recorded (shared, token %d): %v (recovered %+v)", sharedTok, err, a2.Recovered())
+	}
+	if l.Resource().Mode != lockmgr.Exclusive || l.Token() != upTok {
+		t.Fatalf("adopted %s with token %d, want exclusive with token %d", l.Resource(), l.Token(), upTok)
+	}
+	if err := a2.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/r1", lockmgr.Shared, uuidB)})
+	wantBusy(t, err, "/img/r1", "host-a", uuidA, lockmgr.Exclusive)
+}

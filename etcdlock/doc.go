@@ -107,7 +107,11 @@
 // grant: its token is its transaction's revision, which the token key takes
 // too, so it is greater than the other side's shared grant's. A downgraded
 // grant's record carries its token, since its key's CreateRevision is no
-// longer the token; re-attach and Adopt use it. A conversion's transaction
+// longer the token; re-attach and Adopt use it. An upgrade's record carries
+// the token of the shared grant it replaced ("replaced"): a daemon killed
+// after etcd made a conversion and before it recorded it restarts with a
+// record of the grant as it was, and Adopt finds the grant by that token
+// and takes it back as etcd has it. A conversion's transaction
 // compares the old holder key's ModRevision, so that when etcd's answer is
 // lost Convert can settle the outcome for sure: it rewrites the old key in
 // place (a new ModRevision, which the lost transaction can no longer

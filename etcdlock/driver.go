@@ -91,11 +91,12 @@ func (l *lease) Token() uint64 {
 }
 
 type recoveredGrant struct {
-	res    lockmgr.Resource
-	token  uint64
-	rev    int64
-	mod    int64
-	holder lockmgr.Holder
+	res      lockmgr.Resource
+	token    uint64
+	replaced uint64 // an upgrade's: the token of the grant it replaced
+	rev      int64
+	mod      int64
+	holder   lockmgr.Holder
 }
 
 // New connects to etcd and starts the host's session: it re-attaches to the
@@ -793,6 +794,13 @@ func (d *Driver) Recovered() []Grant {
 // accepted for lockmgr.Adopter and closed if not nil. A grant that is not
 // under the session is a CodeNotHeld error: its lease expired (its holders
 // must have been fenced) or the daemon did not re-attach.
+//
+// The daemon records a conversion once etcd made it; an earlier run that
+// died in between left a record of the grant as it was. Such a grant is
+// adopted as etcd has it, and the lease's Resource and Token say so: a
+// downgrade (same token) in its new mode, an upgrade (found by the token
+// of the shared grant it replaced) exclusive, with its own token. Refusing
+// it would make the daemon kill a holder whose lock is held.
 func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Lease, error) {
 	if f != nil {
 		_ = f.Close()
@@ -803,9 +811,10 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 		return nil, err
 	}
 	for key, g := range d.recovered {
-		if g.res.Key() == r.Key() && g.res.Mode == r.Mode && g.token == token {
+		// A token names one grant of a resource: the mode need not match.
+		if g.res.Key() == r.Key() && (g.token == token || g.replaced == token) {
 			delete(d.recovered, key)
-			l := &lease{d: d, res: g.res, token: token, key: key, rev: g.rev, mod: g.mod, holder: g.holder, epoch: d.epoch}
+			l := &lease{d: d, res: g.res, token: g.token, key: key, rev: g.rev, mod: g.mod, holder: g.holder, epoch: d.epoch}
 			d.live[key] = l
 			return l, nil
 		}

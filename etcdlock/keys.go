@@ -66,6 +66,10 @@ type record struct {
 	// another key (an upgrade is a new grant, whose token is its key's
 	// CreateRevision).
 	Token uint64 `json:"token,omitempty"`
+	// Replaced is, in the record of an upgrade, the token of the shared
+	// grant it replaced: the one the daemon's record still names if it
+	// died before recording the upgrade (see Driver.Adopt).
+	Replaced uint64 `json:"replaced,omitempty"`
 	// Attempt is a random value unique to the grant or conversion that
 	// wrote the key, by which the driver recognises its own write when
 	// etcd's answer to it was lost.

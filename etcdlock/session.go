@@ -262,7 +262,7 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 				if tok == 0 {
 					tok = uint64(kv.CreateRevision)
 				}
-				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: tok, rev: kv.CreateRevision, mod: kv.ModRevision, holder: r.Holder}
+				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: tok, replaced: r.Replaced, rev: kv.CreateRevision, mod: kv.ModRevision, holder: r.Holder}
 			}
 		}
 		keys = keys[n:]
