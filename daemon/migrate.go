@@ -174,23 +174,24 @@ func (d *Daemon) migratePrepare(ctx context.Context, c caller, id, to string) (s
 	var todo []lockmgr.Resource
 	for _, l := range leases {
 		if r := l.Resource(); r.Mode == lockmgr.Exclusive {
-			mig.Pending = append(mig.Pending, r)
+			if !slices.ContainsFunc(mig.Pending, func(p lockmgr.Resource) bool { return p.Key() == r.Key() }) {
+				mig.Pending = append(mig.Pending, r)
+			}
 			todo = append(todo, r)
 		}
 	}
-	// The mark is set first, so that every downgrade's record carries it.
+	// The mark is set and recorded first: a downgrade is recorded once the
+	// driver made it, and a vmlockd killed in between takes the lease
+	// back as the driver has it (etcd: shared), with this mark to take it
+	// back exclusively.
 	ow.mig = mig
 	d.mu.Unlock()
+	d.recordMark(uuid)
 	for _, r := range todo {
 		r.Mode = lockmgr.Shared
 		if err := d.mgr.ChangeMode(ctx, uuid, r); err != nil {
 			return "", d.undoPrepare(ctx, uuid, ow, prev, to, todo, err)
 		}
-	}
-	if len(todo) == 0 {
-		// No downgrade wrote a record with the mark (nothing was held
-		// exclusively): it is recorded by itself, or a restart forgets it.
-		d.recordMark(uuid)
 	}
 	d.log.Info("migration prepared: exclusive holds are shared until the handover completes", "uuid", uuid, "to", to, "downgraded", len(todo))
 	return d.handoverState(uuid)

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -638,5 +639,58 @@ func TestADiskUnpluggedDuringAHandoverIsNotTakenBackByIt(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// markChecker is a lockspace driver that looks, before each downgrade, at
+// the object's lock-holder record: what a vmlockd killed right after the
+// downgrade would restart from.
+type markChecker struct {
+	*lockspace.Driver
+	r       *restartable
+	uuid    string
+	checked []bool // per downgrade: the record had a source mark
+}
+
+func (m *markChecker) Convert(ctx context.Context, l lockmgr.Lease, mode lockmgr.Mode) (lockmgr.Lease, error) {
+	if mode == lockmgr.Shared {
+		entries, err := m.r.d.holder.List(ctx)
+		if err != nil {
+			return nil, err
+		}
+		marked := false
+		for _, e := range entries {
+			var rec objectRecord
+			if strings.HasPrefix(e.Key, "O/"+m.uuid+"/") && json.Unmarshal(e.Meta, &rec) == nil {
+				marked = marked || rec.Migration != nil && rec.Migration.Role == roleSource
+			}
+			e.Close()
+		}
+		m.checked = append(m.checked, marked)
+	}
+	return m.Driver.Convert(ctx, l, mode)
+}
+
+// A `migrate prepare` records its mark before it downgrades anything: a
+// vmlockd killed after a downgrade and before its record restarts with
+// the mark, so that a cancel takes the disk back exclusively (with the
+// etcd driver a downgrade made in etcd is taken back as made: shared).
+func TestAPrepareRecordsItsMarkBeforeTheFirstDowngrade(t *testing.T) {
+	ctx := context.Background()
+	r := newRestartable(t)
+	const u = "55555555-0000-4000-8000-000000000002"
+	mc := &markChecker{r: r, uuid: u}
+	r.wrap = func(d *lockspace.Driver) lockmgr.Driver { mc.Driver = d; return mc }
+	c, _ := r.start(Config{Host: "src"})
+	disk := filepath.Join(r.dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: sleeper(t)}, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.MigratePrepare(ctx, u, "dst"); err != nil {
+		t.Fatal(err)
+	}
+	if len(mc.checked) != 1 || !mc.checked[0] {
+		t.Fatalf("downgrades %d, the record had the mark before each: %v; want one, with the mark", len(mc.checked), mc.checked)
 	}
 }
