@@ -39,7 +39,8 @@ import (
 //     restart of vmlockd. Pending lists the resources still to be upgraded;
 //     a resource is removed from it before its upgrade is tried (and put
 //     back, in the record too, if that fails), so the record of a completed
-//     upgrade never lists it. A target's mark with nothing pending is a finished handover.
+//     upgrade never lists it. A target's mark with nothing pending stays,
+//     across restarts too, until its complete or cancel.
 //     A resource unplugged during the handover leaves Pending (keepHeld):
 //     hotplugged again, it keeps the mode it was asked for.
 //   - A prepare that fails takes back exclusively what it made shared;
@@ -96,12 +97,12 @@ func (m *migration) keepHeld(leases []lockmgr.Lease, ro []lockmgr.Resource) {
 	m.Pending = slices.DeleteFunc(m.Pending, func(p lockmgr.Resource) bool { return !held[p.Key()] })
 }
 
-// restoredMigration returns the mark to keep for a record's mark: a
-// target's finished handover is none.
+// restoredMigration returns the mark to keep for a record's mark: the
+// mark as recorded. A target with nothing pending (its source held nothing
+// exclusively, or a complete upgraded everything before a crash) is still
+// the target: `migrate complete` ends it, and `--cancel` releases it, as
+// before the restart.
 func restoredMigration(m *migration) *migration {
-	if m == nil || m.Role == roleTarget && len(m.Pending) == 0 {
-		return nil
-	}
 	return m
 }
 

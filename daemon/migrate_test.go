@@ -75,9 +75,9 @@ func TestHandoverStateOnTheDestination(t *testing.T) {
 }
 
 func TestRestoredMigrationMarks(t *testing.T) {
-	done := &migration{Role: roleTarget}
-	if restoredMigration(done) != nil {
-		t.Fatal("a finished handover's mark was kept")
+	nothingPending := &migration{Role: roleTarget}
+	if restoredMigration(nothingPending) != nothingPending {
+		t.Fatal("a target's mark with nothing pending was dropped")
 	}
 	pending := &migration{Role: roleTarget, Pending: []lockmgr.Resource{lockmgr.DiskResource("/a", lockmgr.Exclusive)}}
 	src := &migration{Role: roleSource, Peer: "dst"}
@@ -692,5 +692,33 @@ func TestAPrepareRecordsItsMarkBeforeTheFirstDowngrade(t *testing.T) {
 	}
 	if len(mc.checked) != 1 || !mc.checked[0] {
 		t.Fatalf("downgrades %d, the record had the mark before each: %v; want one, with the mark", len(mc.checked), mc.checked)
+	}
+}
+
+// A destination whose handover has nothing to take exclusively (the
+// source held its disks shared or read-only) is still the target after a
+// restart of its vmlockd: a cancel releases it, as it did before.
+func TestATargetWithNothingPendingCanBeCancelledAfterARestart(t *testing.T) {
+	ctx := context.Background()
+	r := newRestartable(t)
+	c, stop := r.start(Config{Host: "dst"})
+	const u = "55555555-0000-4000-8000-000000000003"
+	disk := filepath.Join(r.dir, "a.img")
+	os.WriteFile(disk, nil, 0o600)
+	st := lockmgr.State{
+		{Resource: lockmgr.DiskResource(disk, lockmgr.ReadOnly)},
+		{Resource: lockmgr.Resource{Type: migrationType, Name: "dst", Mode: lockmgr.ReadOnly}},
+	}
+	if _, err := c.Acquire(ctx, lockmgr.Object{UUID: u, PID: sleeper(t)}, nil, st.String()); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	c, _ = r.start(Config{Host: "dst"})
+	res, err := c.MigrateComplete(ctx, u, true)
+	if err != nil || !res.Released {
+		t.Fatalf("cancel on the destination after its restart: %+v, %v; want it released", res, err)
+	}
+	if _, err := c.Inquire(ctx, u); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Fatalf("after the cancel: %v, want not registered", err)
 	}
 }
