@@ -17,14 +17,18 @@
 // record of the grant. The holder keeps the OFD locks alive while vmlockd is
 // down, whether it was reloaded, stopped or killed. On start, vmlockd lists
 // the holder's entries and rebuilds its table from them; owners that exited
-// meanwhile have their locks released then. The records are keyed
+// meanwhile have their locks released then. An object whose owner vmlockd
+// cannot tell to be gone, but cannot take back either (a record it cannot
+// read, liveness unknown), is left in the holder untouched (see restore):
+// its locks stay held. The records are keyed
 //
 //	O/<uuid>/<n>  chunk n of the object's record (see objectRecord): chunk 0
 //	              has the identity, owner start time, registrant uid and
 //	              migration mark; the chunks share out the leases (with
 //	              their lease files) and the read-only uses
 //
-// Chunks without their chunk 0 are released on restart.
+// Chunks without their chunk 0 are released on restart if their owner is
+// gone, and kept otherwise.
 //
 // # Reload
 //
@@ -108,6 +112,10 @@ type Config struct {
 	// Libvirt, if set, also serves the lock table over virtlockd's protocol
 	// for libvirt's lockd plugin (libvirt.go).
 	Libvirt *LibvirtConfig
+
+	// openProcess, if set, replaces openProcess where restore pins the
+	// owners of the lock-holder's records (tests).
+	openProcess func(pid int, start uint64) (*process, error)
 }
 
 func (c *Config) setDefaults() error {
@@ -179,6 +187,9 @@ type Daemon struct {
 	mu     sync.Mutex
 	owners map[string]*owner    // by uuid
 	procs  map[int]*processRefs // by pid
+	// kept are the objects whose lock-holder records restore left
+	// untouched (see keep), by uuid; until the holder is replaced.
+	kept map[string]keptObject
 
 	hier *hierService
 	lv   *libvirtEndpoint // the libvirt drop-in, or nil (libvirt.go)
@@ -284,8 +295,12 @@ func New(ctx context.Context, cfg Config, lockFile *os.File) (*Daemon, error) {
 	d.holder = h
 	restored := d.startFencing()
 	err = d.restore(ctx, kept)
-	if err == nil {
+	if err == nil && d.keptCount() == 0 {
 		d.dropUnadopted(ctx)
+	} else if err == nil {
+		// The driver's grants that no record claims may be those of the
+		// kept records, which could not be read or taken back.
+		d.log.Error("restore: the driver's grants that no record claims are kept too, as some records are kept")
 	}
 	restored()
 	if err != nil {
@@ -479,22 +494,28 @@ func (d *Daemon) InheritedFiles() (listener, lock *os.File, err error) {
 }
 
 // restore takes back what the lock-holder kept: entries, as it listed them.
+//
+// The rule it enforces: vmlockd frees an object's locks only once it knows
+// that the owner is gone (its process exited, or its pid now names another
+// process), since a lock freed under a running VM loses data. Every entry
+// is decoded and grouped by the object its key names before anything is
+// adopted, and an object is then
+//   - released (through the driver, and dropped from the holder) if its
+//     owner is gone, or was killed by killLost;
+//   - taken back into the lock table, with the leases the driver could
+//     adopt, if its owner runs (killLost kills an owner that lost leases
+//     to a cluster driver);
+//   - kept otherwise (see keep): an object with a record decodeRecord
+//     refuses, without its chunk 0, whose owner's liveness cannot be told,
+//     or that the lock table refuses. Its entries stay in the holder
+//     untouched, so its locks stay held; no lease of it is adopted, since
+//     a lease adopted and then released would unlock the description the
+//     holder shares.
 func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error {
 	if len(entries) == 0 {
 		return nil
 	}
 	t0 := time.Now()
-	type restoring struct {
-		rec     *objectRecord // chunk 0
-		leases  []lockmgr.Lease
-		ro      []lockmgr.Resource
-		pending map[int][]lockmgr.Resource // the mark's, recorded with the leases, by chunk
-		chunks  int
-		lost    int             // leases the driver could not take back
-		seen    map[string]bool // resource keys taken, from the lowest chunk
-	}
-	objs := map[string]*restoring{}
-	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
 	// Each object's chunks in order: a crash in the middle of rewriting a
 	// record of several chunks (writeRecord writes them in order) can
 	// leave a resource in two, one it moved to (a lower chunk, written)
@@ -504,44 +525,160 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 	slices.SortFunc(entries, func(a, b lockholder.Entry) int {
 		ua, ca, _ := parseRecordKey(a.Key)
 		ub, cb, _ := parseRecordKey(b.Key)
-		return cmp.Or(strings.Compare(ua, ub), cmp.Compare(ca, cb))
+		return cmp.Or(strings.Compare(ua, ub), cmp.Compare(ca, cb), strings.Compare(a.Key, b.Key))
 	})
+	// An entry whose key names no object's record is a group of its own.
+	type group struct{ uuid, odd string }
+	var order []group
+	objs := map[group][]restoredChunk{}
 	for i := range entries {
 		e := &entries[i]
-		uuid, chunk, rec, err := decodeRecord(e.Key, e.Meta)
-		if err != nil {
-			d.log.Error("lock-holder: unreadable record; dropping it", "key", e.Key, "err", err)
-			_ = d.holder.Drop(ctx, e.Key)
-			e.Close()
-			continue
-		}
-		r := objs[uuid]
-		if r == nil {
-			r = &restoring{seen: map[string]bool{}}
-			objs[uuid] = r
-		}
-		r.chunks++
-		if chunk == 0 {
-			r.rec = &rec
-		}
-		for _, ro := range rec.ReadOnly { // any chunk (older vmlockd: chunk 0 only)
-			if !r.seen[ro.Key()] {
-				r.seen[ro.Key()] = true
-				r.ro = append(r.ro, ro)
+		c := restoredChunk{e: e}
+		var uuid string
+		uuid, c.n, c.rec, c.err = decodeRecord(e.Key, e.Meta)
+		g := group{uuid: uuid}
+		if c.err != nil {
+			var ok bool
+			if uuid, c.n, ok = parseRecordKey(e.Key); ok {
+				g = group{uuid: uuid}
+			} else {
+				g = group{odd: e.Key}
 			}
 		}
-		for _, lr := range rec.Leases {
-			if r.seen[lr.Resource.Key()] {
+		if objs[g] == nil {
+			order = append(order, g)
+		}
+		objs[g] = append(objs[g], c)
+	}
+	restored, released := 0, 0
+	for _, g := range order {
+		switch n, ok := d.restoreObject(ctx, g.uuid, objs[g]); {
+		case ok:
+			restored++
+		case n >= 0:
+			released += n
+		}
+	}
+	d.log.Info("took back the locks kept by the lock-holder", "objects", restored, "released_of_gone_owners", released,
+		"kept_untouched", d.keptCount(), "took", time.Since(t0))
+	return nil
+}
+
+// restoredChunk is one lock-holder entry of an object, as restore read it.
+type restoredChunk struct {
+	e   *lockholder.Entry
+	n   int          // the chunk number
+	rec objectRecord // if err is nil
+	err error        // why decodeRecord refused it
+}
+
+// restoreObject restores, releases or keeps (see restore) the object uuid
+// ("" if the key of its one entry names none) from its entries, sorted by
+// chunk. It reports whether it was restored, and else how many leases
+// were released (-1 if it was kept).
+func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restoredChunk) (released int, ok bool) {
+	var id *restoredChunk // the owner's identity: chunk 0, or else the lowest one readable
+	var bad []string
+	for i := range chunks {
+		c := &chunks[i]
+		if c.err != nil {
+			bad = append(bad, c.err.Error())
+		} else if id == nil {
+			id = c
+		}
+	}
+	pid := 0
+	if id != nil {
+		pid = id.rec.Object.PID
+	} else {
+		pid = recordPID(chunks[0].e.Meta)
+	}
+	if len(bad) > 0 {
+		d.keep(uuid, pid, chunks, "unreadable record (written by another version of vmlockd, or damaged): "+strings.Join(bad, "; "))
+		return -1, false
+	}
+	proc, err := d.pinOwner(ctx, id.rec.Object.PID, id.rec.Start)
+	if err != nil && !errors.Is(err, errGone) {
+		d.keep(uuid, pid, chunks, "cannot tell whether its owner still runs: "+err.Error())
+		return -1, false
+	}
+	if err == nil && chunks[0].n != 0 {
+		proc.close()
+		d.keep(uuid, pid, chunks, "its chunk 0 (the object's identity and migration mark) is missing, and its owner still runs")
+		return -1, false
+	}
+	t := d.adopt(uuid, chunks)
+	if err == nil && d.killLost(uuid, proc, t.lost) {
+		proc.close()
+		err = errGone
+	}
+	if errors.Is(err, errGone) {
+		// The owner exited while we were down: release its locks now.
+		if rerr := d.cfg.Driver.Release(ctx, t.leases); rerr != nil {
+			d.log.Error("releasing the locks of a gone owner", "uuid", uuid, "err", rerr)
+		}
+		_ = d.holder.DropPrefix(ctx, "O/"+uuid+"/")
+		return len(t.leases), false
+	}
+	rec := &id.rec
+	if err := d.mgr.Restore(rec.Object, t.leases, t.ro, rec.Since); err != nil {
+		// Not expected (the record was checked, and each uuid comes once):
+		// the adopted leases are left unreleased, so their locks stay with
+		// the holder's descriptors.
+		proc.close()
+		d.keep(uuid, pid, chunks, "the lock table refuses it: "+err.Error())
+		return -1, false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// A process that owns several objects is watched once: every owner
+	// record refers to the watched process, never to a closed duplicate.
+	proc = d.watchLocked(uuid, proc)
+	mig := rec.Migration
+	if mig != nil {
+		for _, c := range slices.Sorted(maps.Keys(t.pending)) {
+			mig.Pending = append(mig.Pending, t.pending[c]...)
+		}
+	}
+	d.owners[uuid] = &owner{obj: rec.Object, uid: rec.UID, proc: proc, since: rec.Since, chunks: len(chunks), mig: restoredMigration(mig)}
+	return 0, true
+}
+
+// taken is what adopt took back of an object.
+type taken struct {
+	leases  []lockmgr.Lease
+	ro      []lockmgr.Resource
+	pending map[int][]lockmgr.Resource // the mark's, recorded with the leases, by chunk
+	lost    int                        // leases the driver could not take back
+}
+
+// adopt has the driver take back every lease of an object's chunks (each
+// resource once, from the lowest chunk), and closes the descriptors no
+// lease claimed.
+func (d *Daemon) adopt(uuid string, chunks []restoredChunk) taken {
+	var t taken
+	adopter, _ := d.cfg.Driver.(lockmgr.Adopter)
+	seen := map[string]bool{} // resource keys taken, from the lowest chunk
+	for _, c := range chunks {
+		e := c.e
+		for _, ro := range c.rec.ReadOnly { // any chunk (older vmlockd: chunk 0 only)
+			if !seen[ro.Key()] {
+				seen[ro.Key()] = true
+				t.ro = append(t.ro, ro)
+			}
+		}
+		for _, lr := range c.rec.Leases {
+			if seen[lr.Resource.Key()] {
 				continue // its descriptor is closed with the entry's
 			}
-			r.seen[lr.Resource.Key()] = true
+			seen[lr.Resource.Key()] = true
 			if lr.Pending {
-				if r.pending == nil {
-					r.pending = map[int][]lockmgr.Resource{}
+				if t.pending == nil {
+					t.pending = map[int][]lockmgr.Resource{}
 				}
 				p := lr.Resource
 				p.Mode = lockmgr.Exclusive // a mark's pending resources were all exclusive
-				r.pending[chunk] = append(r.pending[chunk], p)
+				t.pending[c.n] = append(t.pending[c.n], p)
 			}
 			var f *os.File
 			if lr.File >= 0 && lr.File < len(e.Files) {
@@ -558,56 +695,99 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 			l, err := adopter.Adopt(lr.Resource, lr.Token, f)
 			if err != nil {
 				d.log.Error("lock-holder: cannot take back a lease", "uuid", uuid, "resource", lr.Resource.String(), "err", err)
-				r.lost++
+				t.lost++
 				continue
 			}
-			r.leases = append(r.leases, l)
+			t.leases = append(t.leases, l)
 		}
 		e.Close() // descriptors no lease claimed
 	}
-	restored, released := 0, 0
-	for uuid, r := range objs {
-		var proc *process
-		err := errGone
-		if r.rec != nil {
-			proc, err = openProcess(r.rec.Object.PID, r.rec.Start)
-		}
-		if err == nil && d.killLost(uuid, proc, r.lost) {
-			proc.close()
-			err = errGone
-		}
-		if err == nil {
-			err = d.mgr.Restore(r.rec.Object, r.leases, r.ro, r.rec.Since)
-			if err != nil {
-				proc.close()
-			}
-		}
-		if err != nil {
-			// The owner exited while we were down: release its locks now.
-			if rerr := d.cfg.Driver.Release(ctx, r.leases); rerr != nil {
-				d.log.Error("releasing the locks of a gone owner", "uuid", uuid, "err", rerr)
-			}
-			_ = d.holder.DropPrefix(ctx, "O/"+uuid+"/")
-			released += len(r.leases)
-			continue
-		}
-		d.mu.Lock()
-		// A process that owns several objects is watched once: every owner
-		// record refers to the watched process, never to a closed duplicate.
-		proc = d.watchLocked(uuid, proc)
-		mig := r.rec.Migration
-		if mig != nil {
-			for _, c := range slices.Sorted(maps.Keys(r.pending)) {
-				mig.Pending = append(mig.Pending, r.pending[c]...)
-			}
-		}
-		d.owners[uuid] = &owner{obj: r.rec.Object, uid: r.rec.UID, proc: proc, since: r.rec.Since, chunks: r.chunks, mig: restoredMigration(mig)}
-		d.mu.Unlock()
-		restored++
+	return t
+}
+
+// keptObject is an object whose lock-holder entries restore left untouched
+// (see restore).
+type keptObject struct {
+	keys    []string
+	pid     int // 0 if unknown
+	problem string
+}
+
+// keep leaves an object's entries in the lock-holder as they are, so that
+// its locks stay held, and says so at error level (at every start, as long
+// as the entries are there). Only vmlockd's copies of the descriptors are
+// closed: the holder has its own, so no lock is freed.
+func (d *Daemon) keep(uuid string, pid int, chunks []restoredChunk, problem string) {
+	keys := make([]string, 0, len(chunks))
+	for _, c := range chunks {
+		keys = append(keys, c.e.Key)
+		c.e.Close()
 	}
-	d.log.Info("took back the locks kept by the lock-holder", "objects", restored, "released_of_gone_owners", released,
-		"took", time.Since(t0))
-	return nil
+	d.log.Error("restore: keeping an object's lock-holder records and locks untouched: vmlockd cannot tell that its owner is gone (see docs/operations.md, \"Troubleshooting\")",
+		"uuid", uuid, "pid", pid, "keys", keys, "problem", problem, "lock_holder_pid", d.holder.PID())
+	d.mu.Lock()
+	if d.kept == nil {
+		d.kept = map[string]keptObject{}
+	}
+	id := uuid
+	if id == "" {
+		id = keys[0] // a key that names no object
+	}
+	d.kept[id] = keptObject{keys: keys, pid: pid, problem: problem}
+	d.mu.Unlock()
+}
+
+func (d *Daemon) keptCount() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.kept)
+}
+
+// keptLocked refuses a registration of uuid while restore kept its records:
+// a registration's first record would replace the kept chunk 0, freeing
+// its locks while their owner may run. Called with d.mu held.
+func (d *Daemon) keptLocked(uuid string) error {
+	k, ok := d.kept[uuid]
+	if !ok {
+		return nil
+	}
+	return lockmgr.Errorf(lockmgr.CodeBusy,
+		"object %s still holds locks from before vmlockd's last start, kept by the lock-holder (records %s, pid %d) because vmlockd cannot tell that their owner is gone (%s); see docs/operations.md",
+		uuid, strings.Join(k.keys, ", "), k.pid, k.problem)
+}
+
+// pinOwner is openProcess of a restored owner, tried a few times while it
+// fails for another reason than errGone (too many open files, no memory,
+// /proc unreadable: such errors say nothing about the owner, and may pass).
+func (d *Daemon) pinOwner(ctx context.Context, pid int, start uint64) (*process, error) {
+	open := d.cfg.openProcess
+	if open == nil {
+		open = openProcess
+	}
+	const tries = 4
+	for try := 1; ; try++ {
+		p, err := open(pid, start)
+		if err == nil || errors.Is(err, errGone) || try == tries {
+			return p, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(time.Duration(try) * 20 * time.Millisecond):
+		}
+	}
+}
+
+// recordPID is the owner pid of a record that decodeRecord refused, if it
+// can be read at all (for the log), or 0.
+func recordPID(meta []byte) int {
+	var r struct {
+		Object struct {
+			PID int `json:"pid"`
+		} `json:"object"`
+	}
+	_ = json.Unmarshal(meta, &r)
+	return r.Object.PID
 }
 
 func parseRecordKey(k string) (uuid string, chunk int, ok bool) {
@@ -999,6 +1179,16 @@ func (d *Daemon) resyncHolder(failed *lockholder.Client, cause error) {
 	}
 	failed.Close()
 	d.holder = h
+	// Another holder serves only once the failed one exited (the holder
+	// lock), and the records restore kept untouched went with it: their
+	// locks are free. The same one (it had only closed our connection)
+	// still keeps them.
+	d.mu.Lock()
+	if pid := h.PID(); len(d.kept) > 0 && pid != 0 && failed.PID() != 0 && pid != failed.PID() {
+		d.log.Warn("lock-holder: the records restore kept untouched went with the lost one; their locks are free", "objects", len(d.kept))
+		d.kept = nil
+	}
+	d.mu.Unlock()
 	if f := d.cfg.Fencer; f != nil {
 		if t := f.latest(); !t.IsZero() {
 			d.armHolderWith(context.Background(), h, t)

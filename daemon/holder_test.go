@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
@@ -25,7 +27,32 @@ import (
 // `vmlockd lock-holder` is.
 const holderEnv = "VMLOCK_DAEMON_TEST_LOCKHOLDER"
 
+// probeEnv makes this test binary an OFD lock probe of the file it names
+// (TestMain): it exits 0 if a write lock on the file's first byte can be
+// taken, probeLocked if not.
+const (
+	probeEnv    = "VMLOCK_DAEMON_TEST_PROBE"
+	probeLocked = 10
+)
+
 func TestMain(m *testing.M) {
+	if path := os.Getenv(probeEnv); path != "" {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		lk := unix.Flock_t{Type: unix.F_WRLCK, Len: 1}
+		switch err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); {
+		case err == nil:
+			os.Exit(0)
+		case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES):
+			os.Exit(probeLocked)
+		default:
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
 	if dir := os.Getenv(holderEnv); dir != "" {
 		if err := lockholder.Serve(context.Background(), dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -136,14 +163,22 @@ func newHolderRig(t *testing.T) *holderRig {
 // exit does: its own lock descriptors close, the lock-holder keeps the
 // locks.
 func (r *holderRig) start() (d *Daemon, c *api.Client, stop func()) {
+	return r.startWith(Config{})
+}
+
+// startWith is start with cfg's Logger, Metrics and openProcess.
+func (r *holderRig) startWith(cfg Config) (d *Daemon, c *api.Client, stop func()) {
 	t := r.t
 	drv, err := lockspace.New(r.leaseCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err = New(ctx, Config{Driver: drv, Socket: filepath.Join(r.dir, "s.sock"), StateDir: r.state,
-		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Logger: cfg.Logger, Metrics: cfg.Metrics, openProcess: cfg.openProcess,
 		HolderCommand:  r.holders.start(r.state),
 		RequestTimeout: 2 * time.Second}, nil)
 	if err != nil {
@@ -159,6 +194,15 @@ func (r *holderRig) start() (d *Daemon, c *api.Client, stop func()) {
 			cancel()
 			<-ran
 			d.lockF.Close()
+			// The lease files close too, as with the process: only the
+			// lock-holder's copies keep the locks.
+			for _, h := range d.mgr.Holdings() {
+				for _, l := range h.Leases {
+					if fl, ok := l.(lockmgr.FileLease); ok && fl.File() != nil {
+						fl.File().Close()
+					}
+				}
+			}
 			drv.Close()
 		}
 	}
@@ -169,6 +213,23 @@ func (r *holderRig) start() (d *Daemon, c *api.Client, stop func()) {
 	}
 	t.Cleanup(func() { c.Close() })
 	return d, c, stop
+}
+
+// lockedForOthers reports whether another process (a probe started for
+// it) finds path locked: what any program would see.
+func (r *holderRig) lockedForOthers(path string) bool {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), probeEnv+"="+path)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &ee) && ee.ExitCode() == probeLocked:
+		return true
+	}
+	r.t.Fatalf("probing %s: %v: %s", path, err, out)
+	return false
 }
 
 // takeable reports whether another host could lock disk in mode m now.

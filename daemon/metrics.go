@@ -53,6 +53,9 @@ func (m *Metrics) register(d *Daemon) {
 			func() float64 { return float64(d.mgr.HeldCount()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vmlock_owners", Help: "Objects whose owner process is watched."},
 			func() float64 { return float64(d.ownerCount()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vmlock_kept_objects",
+			Help: "Objects whose lock-holder records vmlockd left untouched at its start, their locks held, because it cannot tell that their owner is gone (see docs/operations.md)."},
+			func() float64 { return float64(d.keptCount()) }),
 	)
 }
 

@@ -231,56 +231,6 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-// A lock-holder record that vmlockd cannot have written (here, of a live
-// owner, with a read-only use of a relative disk path) is not taken into
-// the lock table: the restarted daemon logs it by its key, with what is
-// wrong, and drops it from the holder; the other objects are taken back.
-func TestALockHolderRecordVmlockdCannotHaveWrittenIsDroppedAndTheOthersKept(t *testing.T) {
-	r := newRestartable(t)
-	c, stop := r.start(Config{})
-	ctx := context.Background()
-	disk := filepath.Join(r.dir, "a.img")
-	os.WriteFile(disk, nil, 0o600)
-	good := lockmgr.Object{UUID: "77777777-0000-4000-8000-00000000000b", PID: sleeper(t)}
-	if _, err := c.Acquire(ctx, good, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
-		t.Fatal(err)
-	}
-	stop()
-	bad := "77777777-0000-4000-8000-00000000000c"
-	h, err := lockholder.Connect(ctx, r.state, func() error { return nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	meta := fmt.Sprintf(`{"object":{"uuid":%q,"pid":%d},"uid":0,"readonly":[{"type":"disk","name":"b.img","mode":"readonly"}]}`, bad, sleeper(t))
-	if err := h.Put(ctx, recordKey(bad, 0), []byte(meta), nil); err != nil {
-		t.Fatal(err)
-	}
-	h.Close()
-
-	var logs lockedBuffer
-	c, _ = r.start(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-	locks, err := c.Locks(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(locks) != 1 || locks[0].Resource.Name != disk || len(locks[0].Holders) != 1 || locks[0].Holders[0].UUID != good.UUID {
-		t.Fatalf("after the restart: locks %+v; want %s held by %s only", locks, disk, good.UUID)
-	}
-	if l := logs.String(); !strings.Contains(l, "unreadable record") || !strings.Contains(l, recordKey(bad, 0)) || !strings.Contains(l, `disk path \"b.img\" is not canonical`) {
-		t.Fatalf("the log does not name record %s and what is wrong with it:\n%s", recordKey(bad, 0), l)
-	}
-	entries, err := r.d.holder.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range entries {
-		if strings.Contains(entries[i].Key, bad) {
-			t.Errorf("the holder still keeps %s", entries[i].Key)
-		}
-		entries[i].Close()
-	}
-}
-
 // A crash of vmlockd in the middle of rewriting an object's record of
 // several chunks can leave a lease in two of them: the lower chunk it moved
 // to (written) and the one it left (not rewritten yet). The restarted

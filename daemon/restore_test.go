@@ -1,13 +1,313 @@
 package daemon
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/lockholder"
+	"github.com/vmlock/vmlock/lockmgr"
 )
+
+// keptMetric is the daemon's vmlock_kept_objects gauge.
+func keptMetric(t *testing.T, m *Metrics) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "vmlock_kept_objects" {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatal("no vmlock_kept_objects metric")
+	return 0
+}
+
+// holderKeys are the keys the daemon's lock-holder keeps now.
+func holderKeys(t *testing.T, d *Daemon) []string {
+	t.Helper()
+	d.recordMu.RLock()
+	entries, err := d.holder.List(context.Background())
+	d.recordMu.RUnlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for i := range entries {
+		keys = append(keys, entries[i].Key)
+		entries[i].Close()
+	}
+	return keys
+}
+
+// rewriteRecord changes the lock-holder's record under key (vmlockd
+// stopped), keeping its descriptors.
+func rewriteRecord(t *testing.T, state, key string, change func(map[string]any)) {
+	t.Helper()
+	ctx := context.Background()
+	h, entries, err := lockholder.Open(ctx, state, func() error { return errors.New("no lock-holder serves the state directory") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	found := false
+	for i := range entries {
+		e := &entries[i]
+		if e.Key == key {
+			found = true
+			var rec map[string]any
+			if err := json.Unmarshal(e.Meta, &rec); err != nil {
+				t.Fatal(err)
+			}
+			change(rec)
+			b, _ := json.Marshal(rec)
+			// Our copies of the descriptors hold the locks meanwhile.
+			if err := h.PutOwned(ctx, key, b, e.Owner, e.Files); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.Close()
+	}
+	if !found {
+		t.Fatalf("the lock-holder keeps no record %s", key)
+	}
+}
+
+// acquireOne registers o holding disk exclusively.
+func acquireOne(t *testing.T, c *api.Client, o lockmgr.Object, disk string) {
+	t.Helper()
+	if _, err := c.Acquire(context.Background(), o, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mustBeBusyFor checks that another object's acquire of disk is refused as
+// busy, naming holder.
+func mustBeBusyFor(t *testing.T, c *api.Client, disk string, holder lockmgr.Object) {
+	t.Helper()
+	other := lockmgr.Object{UUID: "88888888-0000-4000-8000-0000000000ff", PID: sleeper(t)}
+	_, err := c.Acquire(context.Background(), other, []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}, "")
+	if !errors.Is(err, lockmgr.ErrBusy) {
+		t.Fatalf("another object's acquire of %s = %v, want busy", disk, err)
+	}
+	for _, want := range []string{holder.UUID, fmt.Sprintf("pid %d", holder.PID)} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("the busy error %q does not name the holder (%s)", err, want)
+		}
+	}
+}
+
+func newImage(t *testing.T, dir, name string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// A lock-holder record that vmlockd cannot read (here chunk 0 of an
+// object whose owner runs, with a migration role a newer vmlockd might
+// write) is left in the lock-holder as it is, at every start: the disk it
+// locks stays locked for every other process, another object's acquire of
+// it is busy naming its holder, the error log names the record, the object
+// and its pid, and a metric counts it. The other objects are taken back.
+func TestARecordVmlockdCannotReadKeepsItsLocksAndTheOthersAreTakenBack(t *testing.T) {
+	rig := newHolderRig(t)
+	_, c, stop := rig.start()
+	kept := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000001", Name: "web1", PID: sleeper(t)}
+	good := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000002", Name: "web2", PID: sleeper(t)}
+	keptDisk, goodDisk := newImage(t, rig.dir, "kept.img"), newImage(t, rig.dir, "good.img")
+	acquireOne(t, c, kept, keptDisk)
+	acquireOne(t, c, good, goodDisk)
+	stop()
+	rewriteRecord(t, rig.state, recordKey(kept.UUID, 0), func(rec map[string]any) {
+		rec["migration"] = map[string]any{"role": "relay", "peer": "h2"}
+	})
+
+	for start := range 2 {
+		var logs lockedBuffer
+		m := NewMetrics()
+		d, c, stop := rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m})
+		if !rig.lockedForOthers(keptDisk) || rig.takeable(keptDisk, lockmgr.Shared) {
+			t.Fatalf("start %d: the disk of the unreadable record is free", start)
+		}
+		mustBeBusyFor(t, c, keptDisk, kept)
+		if st, err := c.Inquire(context.Background(), good.UUID); err != nil || !strings.Contains(st, filepath.Base(goodDisk)) {
+			t.Fatalf("start %d: the readable object holds %q, %v; want %s", start, st, err, goodDisk)
+		}
+		if rig.takeable(goodDisk, lockmgr.Shared) {
+			t.Fatalf("start %d: the readable object's disk is free", start)
+		}
+		locks, err := c.Locks(context.Background())
+		if err != nil || len(locks) != 1 || locks[0].Resource.Name != goodDisk {
+			t.Fatalf("start %d: the lock table lists %+v, %v; want %s only", start, locks, err, goodDisk)
+		}
+		l := logs.String()
+		for _, want := range []string{"level=ERROR", recordKey(kept.UUID, 0), "uuid=" + kept.UUID, fmt.Sprintf("pid=%d", kept.PID), `migration role \"relay\"`} {
+			if !strings.Contains(l, want) {
+				t.Fatalf("start %d: the log does not say %q:\n%s", start, want, l)
+			}
+		}
+		if n := keptMetric(t, m); n != 1 {
+			t.Fatalf("start %d: vmlock_kept_objects = %v, want 1", start, n)
+		}
+		if keys := holderKeys(t, d); !slices.Contains(keys, recordKey(kept.UUID, 0)) {
+			t.Fatalf("start %d: the lock-holder no longer keeps the unreadable record: %v", start, keys)
+		}
+		stop()
+	}
+}
+
+// An owner whose liveness vmlockd cannot tell at its start (pidfd_open
+// fails with EMFILE, every try) keeps its locks: they stay held by the
+// lock-holder, the object is not released (nor taken back), and the log
+// says why. Once the owner has exited, the next start releases them.
+func TestAnOwnerWhoseLivenessCannotBeToldKeepsItsLocks(t *testing.T) {
+	rig := newHolderRig(t)
+	_, c, stop := rig.start()
+	cmd := sleeperCmd(t)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000003", PID: cmd.Process.Pid}
+	disk := newImage(t, rig.dir, "a.img")
+	acquireOne(t, c, o, disk)
+	stop()
+
+	var tries atomic.Int32
+	failing := func(pid int, start uint64) (*process, error) {
+		tries.Add(1)
+		return nil, fmt.Errorf("pidfd_open(%d): %w", pid, unix.EMFILE)
+	}
+	var logs lockedBuffer
+	m := NewMetrics()
+	d, c, stop := rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m, openProcess: failing})
+	if !rig.lockedForOthers(disk) {
+		t.Fatal("the disk of an owner whose liveness is unknown was freed")
+	}
+	mustBeBusyFor(t, c, disk, o)
+	if tries.Load() < 2 {
+		t.Fatalf("pinning the owner was tried %d times, want it retried", tries.Load())
+	}
+	if _, err := c.Inquire(context.Background(), o.UUID); !errors.Is(err, lockmgr.ErrNotRegistered) {
+		t.Fatalf("inquire of the kept object = %v, want not registered (vmlockd does not watch it)", err)
+	}
+	for _, want := range []string{"uuid=" + o.UUID, fmt.Sprintf("pid=%d", o.PID), "cannot tell whether its owner still runs", "too many open files"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Fatalf("the log does not say %q:\n%s", want, logs.String())
+		}
+	}
+	if n := keptMetric(t, m); n != 1 {
+		t.Fatalf("vmlock_kept_objects = %v, want 1", n)
+	}
+	if keys := holderKeys(t, d); !slices.Contains(keys, recordKey(o.UUID, 0)) {
+		t.Fatalf("the lock-holder no longer keeps the object's record: %v", keys)
+	}
+	stop()
+
+	cmd.Process.Kill()
+	cmd.Wait()
+	_, c, _ = rig.start()
+	if rig.lockedForOthers(disk) {
+		t.Fatal("the disk of an owner that exited is still locked after the next start")
+	}
+	if locks, err := c.Locks(context.Background()); err != nil || len(locks) != 0 {
+		t.Fatalf("after the owner exited the lock table lists %+v, %v", locks, err)
+	}
+}
+
+// A failure to pin an owner at start that passes (EAGAIN once) is retried:
+// the object is taken back as usual.
+func TestATransientFailureToPinAnOwnerIsRetried(t *testing.T) {
+	rig := newHolderRig(t)
+	_, c, stop := rig.start()
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000004", PID: sleeper(t)}
+	disk := newImage(t, rig.dir, "a.img")
+	acquireOne(t, c, o, disk)
+	stop()
+
+	var failed atomic.Bool
+	once := func(pid int, start uint64) (*process, error) {
+		if !failed.Swap(true) {
+			return nil, fmt.Errorf("pidfd_open(%d): %w", pid, unix.EAGAIN)
+		}
+		return openProcess(pid, start)
+	}
+	m := NewMetrics()
+	_, c, _ = rig.startWith(Config{Metrics: m, openProcess: once})
+	if st, err := c.Inquire(context.Background(), o.UUID); err != nil || !strings.Contains(st, filepath.Base(disk)) {
+		t.Fatalf("after a passing failure the object holds %q, %v; want %s", st, err, disk)
+	}
+	if n := keptMetric(t, m); n != 0 {
+		t.Fatalf("vmlock_kept_objects = %v, want 0", n)
+	}
+}
+
+// An object whose records vmlockd kept cannot be registered again (its
+// first record would replace the kept one, freeing its locks under a VM
+// that may run): busy, naming the kept record. Killing the lock-holder
+// while vmlockd runs is how an operator frees them once the VM is known to
+// be gone: vmlockd replaces it with every lock of its table, the kept
+// record's locks are free, and the object can be registered again.
+func TestAKeptObjectCannotBeRegisteredAgainUntilTheLockHolderIsReplaced(t *testing.T) {
+	rig := newHolderRig(t)
+	_, c, stop := rig.start()
+	kept := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000005", PID: sleeper(t)}
+	good := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000006", PID: sleeper(t)}
+	keptDisk, goodDisk, newDisk := newImage(t, rig.dir, "kept.img"), newImage(t, rig.dir, "good.img"), newImage(t, rig.dir, "new.img")
+	acquireOne(t, c, kept, keptDisk)
+	acquireOne(t, c, good, goodDisk)
+	stop()
+	rewriteRecord(t, rig.state, recordKey(kept.UUID, 0), func(rec map[string]any) { rec["uid"] = -7 })
+
+	m := NewMetrics()
+	d, c, _ := rig.startWith(Config{Metrics: m})
+	_, err := c.Acquire(context.Background(), kept, []lockmgr.Resource{lockmgr.DiskResource(newDisk, lockmgr.Exclusive)}, "")
+	if !errors.Is(err, lockmgr.ErrBusy) || !strings.Contains(err.Error(), recordKey(kept.UUID, 0)) {
+		t.Fatalf("registering the kept object again = %v, want busy naming its record", err)
+	}
+	if !rig.lockedForOthers(keptDisk) || !rig.takeable(newDisk, lockmgr.Exclusive) {
+		t.Fatal("the refused registration changed what is locked")
+	}
+
+	holderPID := d.holderPID()
+	holder, exited := rig.holders.byPID(holderPID)
+	if holder == nil {
+		t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", holderPID)
+	}
+	holder.Process.Signal(syscall.SIGKILL)
+	<-exited
+	d.ensureHolder() // what its once-a-second check does
+	if d.holderPID() == holderPID {
+		t.Fatal("the killed lock-holder was not replaced")
+	}
+	if rig.lockedForOthers(keptDisk) {
+		t.Fatal("the kept record's disk is still locked after the lock-holder was replaced")
+	}
+	if n := keptMetric(t, m); n != 0 {
+		t.Fatalf("vmlock_kept_objects = %v after the lock-holder was replaced, want 0", n)
+	}
+	acquireOne(t, c, kept, newDisk)
+	if keys := holderKeys(t, d); !slices.Contains(keys, recordKey(good.UUID, 0)) {
+		t.Fatalf("the new lock-holder does not keep the restored object's record: %v", keys)
+	}
+	if rig.takeable(goodDisk, lockmgr.Shared) {
+		t.Fatal("the restored object's disk was freed with the lock-holder")
+	}
+}
 
 // sleeperCmd is sleeper's process, for a test that ends it itself.
 func sleeperCmd(t *testing.T) *exec.Cmd {

@@ -349,7 +349,11 @@ func (d *Daemon) acquireNew(ctx context.Context, c caller, o lockmgr.Object, rs 
 // start time with the locks. On failure o is unregistered again.
 func (d *Daemon) own(ctx context.Context, o lockmgr.Object, uid int, mig *migration) error {
 	d.mu.Lock()
-	p, err := d.pinLocked(o.PID)
+	var p *process
+	err := d.keptLocked(o.UUID)
+	if err == nil {
+		p, err = d.pinLocked(o.PID)
+	}
 	if err == nil && uid != 0 {
 		if err = processOwnedBy(p, uid); err != nil {
 			if pr := d.procs[p.pid]; pr == nil || pr.p != p {
