@@ -161,7 +161,9 @@ func (d *Driver) Release(_ context.Context, leases []lockmgr.Lease) error {
 // Adopt takes back a lease whose file was kept elsewhere across a restart
 // of the daemon (the lock is still on f's open file description), and takes
 // ownership of f: it is closed when the lease is released, or at once if
-// Adopt fails. r must be canonical, as for Acquire, and token the lease's
+// Adopt fails. A failed Adopt never unlocks: other copies of f's
+// description (the lock-holder's) keep whatever lock it has until they are
+// closed. r must be canonical, as for Acquire, and token the lease's
 // token.
 //
 // Adopt checks that f is still the file at r's path (a lease file that was
@@ -211,8 +213,11 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 			return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: r.String(), Msg: "the lease file " + path + " is gone: the lock was lost", Err: err}
 		}
 	}
+	// A failure closes f and leaves the lock alone: the description is
+	// shared with the lock-holder's copy, and the owner may still run.
+	// Whether the lock goes is the caller's decision (it drops the other
+	// copies once the owner is known to be gone, or killed).
 	fail := func(err error) (lockmgr.Lease, error) {
-		_ = unlock(fd, 0, 0)
 		if l.dir != nil {
 			d.put(l.dir)
 		}

@@ -1086,3 +1086,56 @@ func TestSharedHandoverStaleBetweenPhasesMovesNoToken(t *testing.T) {
 		})
 	}
 }
+
+// A failed Adopt closes its own copy of the description and nothing more:
+// the lock-holder keeps another copy, and the owner may still run, so the
+// lock stays until the caller releases that copy (after killing the owner,
+// or dropping a record of an owner that is gone).
+func TestAFailedAdoptLeavesTheLockToTheOtherCopies(t *testing.T) {
+	cases := []struct {
+		name   string
+		damage func(t *testing.T, e *env, r lockmgr.Resource)
+		tok    func(granted uint64) uint64
+		code   lockmgr.Code
+	}{
+		{"stale token", func(*testing.T, *env, lockmgr.Resource) {}, func(g uint64) uint64 { return g + 1 }, lockmgr.CodeStaleState},
+		{"damaged token record", func(t *testing.T, e *env, r lockmgr.Resource) {
+			// A torn record: the token's 8 bytes cut to 3.
+			if err := os.Truncate(filepath.Join(e.cfg.StateDir, "tokens", hashName(r.Name)), 3); err != nil {
+				t.Fatal(err)
+			}
+		}, func(g uint64) uint64 { return g }, lockmgr.CodeInternal},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t, false)
+			d1 := e.driver(t)
+			r := lockmgr.DiskResource(e.image(t, "a.qcow2", true), lockmgr.Exclusive)
+			ls, err := d1.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
+			if err != nil {
+				t.Fatal(err)
+			}
+			f := ls[0].(lockmgr.FileLease).File()
+			holderFd, err := unix.Dup(int(f.Fd())) // the lock-holder's copy
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(holderFd)
+			adoptFd, err := unix.Dup(holderFd) // what it hands back at restart
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The daemon dies.
+			_ = f.Close()
+			_ = d1.Close()
+			c.damage(t, e, r)
+
+			d2 := e.driver(t)
+			_, err = d2.Adopt(r, c.tok(ls[0].Token()), os.NewFile(uintptr(adoptFd), "adopted"))
+			wantCode(t, err, c.code)
+			if got := probe(t, r.Name); got != "busy" {
+				t.Fatalf("after a failed Adopt, with the lock-holder's copy open, probe says %q, want busy", got)
+			}
+		})
+	}
+}
