@@ -151,14 +151,7 @@ func (w *crashWorld) newOwner() *exec.Cmd {
 // tokens never go backwards; owners that exited while it was down are
 // released.
 func TestAKillAtAnyMomentLosesNoAcknowledgedLock(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv(crashSeedEnv); s != "" {
-		var err error
-		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
-			t.Fatalf("%s=%q: %v", crashSeedEnv, s, err)
-		}
-	}
-	t.Logf("seed %d", seed)
+	seed := crashSeed(t)
 	d := startDaemon(t, "--host", crashHost)
 	w := &crashWorld{t: t, seed: seed, disks: diskPaths(t, crashDisks),
 		maxToken: map[string]uint64{}, reserved: map[string]string{}, acquiring: map[string]int{}, stats: map[string]int{}}
@@ -183,6 +176,20 @@ func TestAKillAtAnyMomentLosesNoAcknowledgedLock(t *testing.T) {
 		w.flush()
 	}
 	t.Logf("%d rounds: %v", crashRounds, w.stats)
+}
+
+// crashSeed returns the seed of a crash test's random choices: the time, or
+// the one VMLOCK_CRASH_SEED gives to replay a failure.
+func crashSeed(t *testing.T) uint64 {
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv(crashSeedEnv); s != "" {
+		var err error
+		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
+			t.Fatalf("%s=%q: %v", crashSeedEnv, s, err)
+		}
+	}
+	t.Logf("seed %d", seed)
+	return seed
 }
 
 // runRound runs the clients until they have made kill operations between
