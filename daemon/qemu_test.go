@@ -17,6 +17,8 @@ import (
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/lockspace"
 	"github.com/vmlock/vmlock/qemu"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 // The QEMU supervisor runs against real QEMU in the e2e tests; these test
@@ -150,7 +152,7 @@ func TestDamagedVMRecordIsLoggedByItsFileAndTheOtherVMsAreReattached(t *testing.
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go lockholder.Serve(ctx, state)
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	d, err := New(ctx, Config{Driver: drv, Socket: filepath.Join(dir, "s.sock"), StateDir: state,
 		Logger: slog.New(slog.NewJSONHandler(&logs, nil)), HolderCommand: func() error { return nil }}, nil)
 	if err != nil {

@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -211,24 +209,6 @@ func TestManyLongReadOnlyPathsAreKeptThroughARestart(t *testing.T) {
 	if n != len(rs) {
 		t.Fatalf("after the restart %d of %d read-only paths are shown", n, len(rs))
 	}
-}
-
-// lockedBuffer is a log sink for a daemon's goroutines and the test.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // A crash of vmlockd in the middle of rewriting an object's record of

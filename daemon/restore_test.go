@@ -20,6 +20,8 @@ import (
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 // keptMetric is the daemon's vmlock_kept_objects gauge.
@@ -141,7 +143,7 @@ func TestARecordVmlockdCannotReadKeepsItsLocksAndTheOthersAreTakenBack(t *testin
 	})
 
 	for start := range 2 {
-		var logs lockedBuffer
+		var logs syncbuf.Buffer
 		m := NewMetrics()
 		d, c, stop := rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m})
 		if !rig.lockedForOthers(keptDisk) || rig.takeable(keptDisk, lockmgr.Shared) {
@@ -192,7 +194,7 @@ func TestAnOwnerWhoseLivenessCannotBeToldKeepsItsLocks(t *testing.T) {
 		tries.Add(1)
 		return nil, fmt.Errorf("pidfd_open(%d): %w", pid, unix.EMFILE)
 	}
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	m := NewMetrics()
 	d, c, stop := rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m, openProcess: failing})
 	if !rig.lockedForOthers(disk) {

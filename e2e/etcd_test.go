@@ -20,6 +20,8 @@ import (
 	"github.com/vmlock/vmlock/api"
 	"github.com/vmlock/vmlock/etcdlock/etcdtest"
 	"github.com/vmlock/vmlock/lockmgr"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 // The cluster tests: a real etcd cluster (three embedded members, run by
@@ -39,24 +41,6 @@ func startEtcd(t *testing.T) *etcdtest.Cluster {
 	return c
 }
 
-// syncBuffer collects a process's output; safe to read while it writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // clusterHost is one vmlockd with the etcd driver, standing for one host. Its
 // embedded daemon gives the CLI helpers (vmlock, locks, startRun).
 type clusterHost struct {
@@ -64,7 +48,7 @@ type clusterHost struct {
 	name   string
 	args   []string
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *syncbuf.Buffer
 	exited chan struct{}
 }
 
@@ -94,7 +78,7 @@ func startHost(t *testing.T, name string, hc hostConfig) *clusterHost {
 		t.Fatal(err)
 	}
 	d := &daemon{t: t, dir: dir, socket: filepath.Join(dir, "vmlockd.sock"), stateDir: filepath.Join(dir, "state")}
-	h := &clusterHost{daemon: d, name: name, out: &syncBuffer{}}
+	h := &clusterHost{daemon: d, name: name, out: &syncbuf.Buffer{}}
 	h.args = []string{"--config", conf, "--socket", d.socket, "--state-dir", d.stateDir, "--host", name, "--log-level", "debug"}
 	t.Cleanup(func() {
 		h.stop()

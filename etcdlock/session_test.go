@@ -1,33 +1,15 @@
 package etcdlock
 
 import (
-	"bytes"
 	"encoding/json"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
-
-// lockedBuffer is a log sink for a driver's goroutines and the test.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // A session file that names a lease etcd cannot have granted (etcd's IDs
 // are positive) is reported as a bad session file, naming the file, not
@@ -38,7 +20,7 @@ func TestSessionFileWithImpossibleLeaseStartsNewSession(t *testing.T) {
 	c := fastCluster(t)
 	cfg := hostConfig(c.Endpoints(), "host-a")
 	cfg.StateDir = t.TempDir()
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	path := filepath.Join(cfg.StateDir, stateFileName)
 	if err := os.WriteFile(path, []byte(`{"lease":-5,"host":"host-a","prefix":"`+DefaultPrefix+`"}`), 0o600); err != nil {

@@ -2,7 +2,6 @@ package qmp
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 // Unit tests of the client's logic against a scripted in-process QMP
@@ -61,31 +62,13 @@ func (f *fakeServer) reply(req fakeRequest, ret string) {
 	f.send(fmt.Sprintf(`{"return": %s, "id": %s}`, ret, req.ID))
 }
 
-// lockedBuffer is a log sink safe for the client's reader goroutine.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // newFake returns a client connected to a fake server that has completed
 // the handshake, and a buffer collecting the client's log.
-func newFake(t *testing.T, opts ...Option) (*Client, *fakeServer, *lockedBuffer) {
+func newFake(t *testing.T, opts ...Option) (*Client, *fakeServer, *syncbuf.Buffer) {
 	t.Helper()
 	cc, sc := net.Pipe()
 	f := &fakeServer{t: t, conn: sc, r: bufio.NewReader(sc)}
-	logs := &lockedBuffer{}
+	logs := &syncbuf.Buffer{}
 	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))}, opts...)
 	done := make(chan struct{})
 	go func() {

@@ -1,17 +1,17 @@
 package virtlockd
 
 import (
-	"bytes"
 	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/vmlock/vmlock/lockmgr"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 // A record written by the store's first version (a key and a file, no
@@ -108,24 +108,6 @@ func TestGrantStoreReportsUnusableRecordsAndLoadsTheOthers(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer for a logger that other goroutines write.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // A restarted server whose grant store holds unusable files (a record torn
 // by a crash, a directory) starts all the same, logs each of them, and
 // keeps the other grants: an auto-created lease file still goes with its
@@ -146,7 +128,7 @@ func TestServerStartsWithUnusableGrantRecordsAndKeepsTheOthers(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var logs syncBuffer
+	var logs syncbuf.Buffer
 	ts := startServer(t, Config{Manager: m, Lockspaces: []string{dir}, Grants: grants,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	for _, p := range []string{torn, filepath.Join(grants.Dir, "junk")} {

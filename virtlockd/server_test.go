@@ -23,6 +23,8 @@ import (
 
 	"github.com/vmlock/vmlock/lockmgr"
 	lsdriver "github.com/vmlock/vmlock/lockspace"
+
+	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
 type closedConn struct {
@@ -1342,7 +1344,7 @@ func TestConcurrentClients(t *testing.T) {
 // the second, then corrupts the store file with corrupt and starts a new
 // server on the same lock table. It returns the two lockspaces, the new
 // server and its log.
-func corruptStoreRestart(t *testing.T, corrupt func(b []byte) []byte) (a, b string, ts *testServer, logs *syncBuffer) {
+func corruptStoreRestart(t *testing.T, corrupt func(b []byte) []byte) (a, b string, ts *testServer, logs *syncbuf.Buffer) {
 	t.Helper()
 	store := FileStore{Path: filepath.Join(t.TempDir(), "libvirt-lockspaces.json")}
 	root := t.TempDir()
@@ -1360,7 +1362,7 @@ func corruptStoreRestart(t *testing.T, corrupt func(b []byte) []byte) (a, b stri
 	if err := os.WriteFile(store.Path, corrupt(data), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logs = &syncBuffer{}
+	logs = &syncbuf.Buffer{}
 	ts = startServer(t, Config{Manager: m, Store: store, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
 	return a, b, ts, logs
 }
@@ -1368,7 +1370,7 @@ func corruptStoreRestart(t *testing.T, corrupt func(b []byte) []byte) (a, b stri
 // wantKeptAside checks that the log names the store file, says what is
 // wrong with it and what to do, and that the file was moved aside whole,
 // where the log says.
-func wantKeptAside(t *testing.T, dir string, content []byte, wrong string, logs *syncBuffer) {
+func wantKeptAside(t *testing.T, dir string, content []byte, wrong string, logs *syncbuf.Buffer) {
 	t.Helper()
 	path := filepath.Join(dir, "libvirt-lockspaces.json")
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
