@@ -271,46 +271,21 @@ func (w *clusterWorld) sessionLease(h int) string {
 // them, then kills the victim's vmlockd and waits for the clients to stop.
 // Calls to the other host go on to their answer.
 func (w *clusterWorld) runRound(kill int) {
-	w.killing.Store(false)
-	w.ops.Store(0)
 	var ctxs [2]context.Context
 	var cancels [2]context.CancelFunc
 	for h := range ctxs {
 		ctxs[h], cancels[h] = context.WithCancel(context.Background())
 		defer cancels[h]()
 	}
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	for c := range clusterClients {
+	w.runClients(clusterClients, kill, func(c int) (func() bool, func()) {
 		cls := [2]*api.Client{w.hosts[0].client(), w.hosts[1].client()}
 		rng := rand.New(rand.NewPCG(w.seed, uint64(1+w.round*clusterClients+c)))
-		wg.Go(func() {
-			defer cls[0].Close()
-			defer cls[1].Close()
-			for !w.killing.Load() {
-				ob := w.cobjs[c*clusterSlots+rng.IntN(clusterSlots)]
-				if !w.step(ctxs, cls, rng, ob) {
-					return
-				}
-				w.ops.Add(1)
-			}
-		})
-	}
-	go func() { wg.Wait(); close(done) }()
-	for w.ops.Load() < int64(kill) {
-		select {
-		case <-done:
-			kill = 0
-		case <-time.After(time.Millisecond):
-		}
-	}
-	w.killing.Store(true)
-	w.hosts[w.victim].kill9()
-	cancels[w.victim]()
-	<-done
-	w.mu.Lock()
-	clear(w.acquiring)
-	w.mu.Unlock()
+		return func() bool { return w.step(ctxs, cls, rng, w.cobjs[c*clusterSlots+rng.IntN(clusterSlots)]) },
+			func() { cls[0].Close(); cls[1].Close() }
+	}, func() {
+		w.hosts[w.victim].kill9()
+		cancels[w.victim]()
+	})
 }
 
 // choose picks the next call on ob, and reserves what it needs; nil if

@@ -114,8 +114,7 @@ type crashWorld struct {
 	round     int
 	stats     map[string]int // what the test went through, logged at the end
 
-	killing atomic.Bool  // the kill is coming: errors may be the kill's
-	ops     atomic.Int64 // operations done in this round
+	killing atomic.Bool // the kill is coming: errors may be the kill's
 }
 
 // failf records a violation; the round ends in a test failure.
@@ -195,28 +194,40 @@ func crashSeed(t *testing.T) uint64 {
 // runRound runs the clients until they have made kill operations between
 // them, then kills vmlockd and waits for the clients to stop.
 func (w *crashWorld) runRound(d *daemon, kill int) {
-	w.killing.Store(false)
-	w.ops.Store(0)
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	for c := range crashClients {
+	defer cancel()
+	w.runClients(crashClients, kill, func(c int) (func() bool, func()) {
 		cl := d.client()
 		rng := rand.New(rand.NewPCG(w.seed, uint64(1+w.round*crashClients+c)))
+		return func() bool { return w.step(ctx, cl, rng, w.objs[c*crashSlots+rng.IntN(crashSlots)]) }, func() { cl.Close() }
+	}, func() {
+		d.kill9()
+		// Calls not sent yet would wait for the next vmlockd: they end
+		// here, before it starts.
+		cancel()
+	})
+}
+
+// runClients runs n clients at once, each making its next operation until
+// that says stop or the kill is coming, and calls killNow once they have
+// made kill operations between them (or all stopped first): not a timing.
+// It returns once every client has stopped.
+func (w *crashWorld) runClients(n, kill int, client func(c int) (next func() bool, closeClient func()), killNow func()) {
+	w.killing.Store(false)
+	var ops atomic.Int64
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	for c := range n {
+		next, closeClient := client(c)
 		wg.Go(func() {
-			defer cl.Close()
-			for !w.killing.Load() {
-				ob := w.objs[c*crashSlots+rng.IntN(crashSlots)]
-				if !w.step(ctx, cl, rng, ob) {
-					return
-				}
-				w.ops.Add(1)
+			defer closeClient()
+			for !w.killing.Load() && next() {
+				ops.Add(1)
 			}
 		})
 	}
 	go func() { wg.Wait(); close(done) }()
-	// Not a timing: the kill comes after a number of operations.
-	for w.ops.Load() < int64(kill) {
+	for ops.Load() < int64(kill) {
 		select {
 		case <-done:
 			kill = 0
@@ -224,10 +235,7 @@ func (w *crashWorld) runRound(d *daemon, kill int) {
 		}
 	}
 	w.killing.Store(true)
-	d.kill9()
-	// Calls not sent yet would wait for the next vmlockd: they end here,
-	// before it starts.
-	cancel()
+	killNow()
 	<-done
 	w.mu.Lock()
 	clear(w.acquiring)
