@@ -179,70 +179,53 @@ func TestQEMUCommitQEMURefusesGivesTheBaseBack(t *testing.T) {
 	checkMerged(t, ch.base)
 }
 
-// A copy into an existing image that another process has open with QEMU's
-// image locking (qemu-io) fails: QEMU cannot open the target. The target,
-// which vmlockd did not create, is left as it was, and unlocked.
-func TestQEMUBlockCopyIntoAnImageQEMUCannotOpenLeavesItAlone(t *testing.T) {
+// A copy into an existing image that another process holds with QEMU's
+// image locking is refused by QEMU: with qemu-io it cannot open the target;
+// with qemu-io -r -U (force-share: it takes QEMU's "consistent read" lock,
+// but shares everything) the target opens, but QEMU refuses the mirror job,
+// which must not share consistent reads of its target. Either way the
+// target, which vmlockd did not create, is removed from QEMU, left as it
+// was, and unlocked.
+func TestQEMUBlockCopyIntoAnImageAnotherQEMUProcessHoldsLeavesItAlone(t *testing.T) {
 	needQEMU(t)
-	d := startDaemon(t)
-	ch := makeVChain(t)
-	dest := filepath.Join(ch.dir, "copy.qcow2")
-	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
-	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
-	before := fileSum(t, dest)
-	writer := qemuIOHold(t, dest)
-	r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
-	if r.code == 0 || !strings.Contains(r.stderr, "QEMU cannot open the copy target "+dest+": ") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
-		t.Fatalf("blockcopy into an image another process has open: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
+	cases := []struct {
+		name       string
+		qemuIOOpts []string
+		refusal    string // vmlockd's words, naming the target
+		qemuWords  string
+	}{
+		{"target open elsewhere: QEMU cannot open it", nil, "QEMU cannot open the copy target ", `Failed to get "write" lock`},
+		{"target read elsewhere with force-share: QEMU refuses the job", []string{"-r", "-U"},
+			"QEMU refused the job, a copy of disk drive0 into ", `Failed to get shared "consistent read" lock`},
 	}
-	d.wantChainBack(v, ch)
-	if !probeFree(t, dest) {
-		t.Fatalf("%s is still locked after the refused copy", dest)
-	}
-	d.wantNoJob(v, "drive0")
-	v.wantNoNodeOf(dest)
-	writer()
-	if fileSum(t, dest) != before {
-		t.Fatalf("the refused copy changed %s, which vmlockd did not create", dest)
-	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := startDaemon(t)
+			ch := makeVChain(t)
+			dest := filepath.Join(ch.dir, "copy.qcow2")
+			runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
+			v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
+			before := fileSum(t, dest)
+			other := qemuIOHold(t, dest, c.qemuIOOpts...)
+			r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
+			if r.code == 0 || !strings.Contains(r.stderr, c.refusal+dest+": ") || !strings.Contains(r.stderr, c.qemuWords) {
+				t.Fatalf("blockcopy into an image another process holds: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
+			}
+			d.wantChainBack(v, ch)
+			if !probeFree(t, dest) {
+				t.Fatalf("%s is still locked after the refused copy", dest)
+			}
+			d.wantNoJob(v, "drive0")
+			v.wantNoNodeOf(dest)
+			other()
+			if fileSum(t, dest) != before {
+				t.Fatalf("the refused copy changed %s, which vmlockd did not create", dest)
+			}
 
-	mustContain(t, "blockcopy --pivot", d.mustRun("blockcopy", "vm1", "drive0", dest, "--reuse-external", "--pivot"), "Successfully pivoted")
-	d.wantLocks(v.pid(), map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
-	v.quit()
-	checkMerged(t, dest)
-}
-
-// A copy into an existing image that another process reads with
-// force-share (qemu-io -r -U: it takes QEMU's "consistent read" lock, but
-// shares everything) opens, but QEMU refuses the mirror job, which must
-// not share consistent reads of its target. The target is removed from
-// QEMU, left as it was, and unlocked.
-func TestQEMUBlockCopyWhoseJobQEMURefusesLeavesTheTargetAlone(t *testing.T) {
-	needQEMU(t)
-	d := startDaemon(t)
-	ch := makeVChain(t)
-	dest := filepath.Join(ch.dir, "copy.qcow2")
-	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
-	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
-	before := fileSum(t, dest)
-	reader := qemuIOHold(t, dest, "-r", "-U")
-	r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
-	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job, a copy of disk drive0 into "+dest+": ") || !strings.Contains(r.stderr, `Failed to get shared "consistent read" lock`) {
-		t.Fatalf("blockcopy into an image another process reads: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
+			mustContain(t, "blockcopy --pivot", d.mustRun("blockcopy", "vm1", "drive0", dest, "--reuse-external", "--pivot"), "Successfully pivoted")
+			d.wantLocks(v.pid(), map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
+			v.quit()
+			checkMerged(t, dest)
+		})
 	}
-	d.wantChainBack(v, ch)
-	if !probeFree(t, dest) {
-		t.Fatalf("%s is still locked after the refused copy", dest)
-	}
-	d.wantNoJob(v, "drive0")
-	v.wantNoNodeOf(dest)
-	reader()
-	if fileSum(t, dest) != before {
-		t.Fatalf("the refused copy changed %s, which vmlockd did not create", dest)
-	}
-
-	mustContain(t, "blockcopy --pivot", d.mustRun("blockcopy", "vm1", "drive0", dest, "--reuse-external", "--pivot"), "Successfully pivoted")
-	d.wantLocks(v.pid(), map[string]lockmgr.Mode{dest: lockmgr.Exclusive})
-	v.quit()
-	checkMerged(t, dest)
 }
