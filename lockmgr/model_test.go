@@ -203,12 +203,29 @@ func TestSafeFieldKeepsWhatItCanShow(t *testing.T) {
 	}
 }
 
+var canonicalFormCases = []string{"", "/", "//", "/a", "/a/", "/a//b", "/a/./b", "/a/../b", "/..", "/.", "/a/.", "/a/..",
+	"a", "./a", "/a/b.c", "/a/.b", "/a/..b", "/a/b..", "/a/b/c.qcow2", "/ /x", "/a\x00b", "/a/\x00"}
+
+// canonicalForm is InCanonicalForm's definition.
+func canonicalForm(p string) bool {
+	return filepath.IsAbs(p) && filepath.Clean(p) == p && !strings.Contains(p, "\x00")
+}
+
 func TestInCanonicalForm(t *testing.T) {
-	for _, p := range []string{"", "/", "//", "/a", "/a/", "/a//b", "/a/./b", "/a/../b", "/..", "/.", "/a/.", "/a/..",
-		"a", "./a", "/a/b.c", "/a/.b", "/a/..b", "/a/b..", "/a/b/c.qcow2", "/ /x", "/a\x00b", "/a/\x00"} {
-		want := filepath.IsAbs(p) && filepath.Clean(p) == p && !strings.Contains(p, "\x00")
-		if got := InCanonicalForm(p); got != want {
+	for _, p := range canonicalFormCases {
+		if got, want := InCanonicalForm(p), canonicalForm(p); got != want {
 			t.Errorf("InCanonicalForm(%q) = %v, want %v", p, got, want)
 		}
 	}
+}
+
+func FuzzInCanonicalForm(f *testing.F) {
+	for _, p := range canonicalFormCases {
+		f.Add(p)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		if got, want := InCanonicalForm(p), canonicalForm(p); got != want {
+			t.Errorf("InCanonicalForm(%q) = %v, want %v", p, got, want)
+		}
+	})
 }
