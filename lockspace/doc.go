@@ -35,6 +35,12 @@
 //	bytes 8..11   n, uint32 little endian
 //	bytes 12..    n bytes of JSON: the lockmgr.Holder of the newest grant
 //
+// A direct lease's token file, once it holds a record, is extended to 4096
+// bytes ending with the 16 bytes "vmlock.tokens.v1" and mapped into memory
+// (tokenmap.go): grants then read and write the record there, without a
+// system call; a file without that ending (cut short, rewritten) is read
+// with pread and judged as below.
+//
 // An empty (new) file has token 0 and no holder. Any other file shorter
 // than the header, or with token 0, was damaged (a torn write, a truncation,
 // zeros after a crash): its last token is unknown, so the resource is not
@@ -101,6 +107,15 @@
 // A last sharer's brief write lock at release can make a concurrent shared
 // acquirer see a conflict; shared acquirers retry a few times before they
 // report busy when the record says the resource is held shared.
+//
+// # Kept image descriptors
+//
+// A released direct lease's descriptor, unlocked, is kept open for the next
+// grant of the image while inotify says its path still names that file
+// (images.go has the rules): a grant is then one non-blocking epoll_wait per
+// Acquire and one lock per resource, instead of a walk of the path. Only
+// descriptors never passed out by File are kept, so vmlockd, which passes
+// every lease's file to its lock-holder, opens its images every time.
 //
 // # Acquire
 //

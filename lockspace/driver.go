@@ -73,6 +73,8 @@ type Driver struct {
 	tokens handleCache // token files, by canonical disk path
 	dirs   handleCache // lockspace directories, by name in LeaseDir
 
+	images imageCache // released direct leases' descriptors (images.go)
+
 	testHookLocked func() // if set, runs between Acquire's two phases
 }
 
@@ -151,6 +153,7 @@ func (d *Driver) Close() error {
 		return nil
 	}
 	d.closed = true
+	d.images.close()
 	cl := d.tokens.clearLocked()
 	cl = append(cl, d.dirs.clearLocked()...)
 	for _, h := range []*handle{d.tokDir, d.leaseDir, d.diskDir} {
@@ -294,7 +297,12 @@ func (d *Driver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr
 		return nil, nil
 	}
 	ls := make([]lease, len(reqs))
+	synced := false
 	for i := range reqs {
+		if !synced && d.diskDir == nil && reqs[i].Resource.Type == lockmgr.TypeDisk {
+			d.images.sync()
+			synced = true
+		}
 		err := ctx.Err()
 		if err != nil {
 			err = &lockmgr.Error{Code: lockmgr.CodeTimeout, Resource: reqs[i].Resource.String(),
@@ -393,11 +401,14 @@ func (d *Driver) current(l *lease, t *target, mutex bool) (uint64, error) {
 }
 
 func (d *Driver) readCurrent(l *lease, t *target) (uint64, error) {
-	recFd := l.fd
+	var cur uint64
+	var fresh bool
+	var err error
 	if l.tf != nil {
-		recFd = l.tf.fd
+		cur, fresh, err = l.tf.recordToken()
+	} else {
+		cur, fresh, err = readToken(l.fd)
 	}
-	cur, fresh, err := readToken(recFd)
 	if err != nil {
 		return 0, d.readTokenError(l.res, t.direct, d.filePath(t), err)
 	}
@@ -465,13 +476,9 @@ func (d *Driver) commitExpectingSharers(ls []lease, reqs []lockmgr.Request, now 
 // unless mutexHeld (then l.token is already current and checked).
 func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byte, mutexHeld bool) error {
 	r := req.Resource
-	t := l.target()
-	recFd := l.fd
-	if l.tf != nil {
-		recFd = l.tf.fd
-	}
 	cur := l.token
 	if r.Mode == lockmgr.Shared && !mutexHeld {
+		t := l.target()
 		if err := waitLock(l.fd, unix.F_WRLCK, mutexByte); err != nil {
 			return fsError(r, "lock the token of", d.filePath(&t), err)
 		}
@@ -484,7 +491,14 @@ func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byt
 	h := req.Holder
 	h.Mode = r.Mode
 	rec := appendRecord(buf, cur+1, h, now, &d.holders)
-	if err := pwriteAll(recFd, rec, 0); err != nil {
+	var err error
+	if l.tf != nil {
+		err = l.tf.writeRecord(rec)
+	} else {
+		err = pwriteAll(l.fd, rec, 0)
+	}
+	if err != nil {
+		t := l.target()
 		return fsError(r, "write the token of", d.filePath(&t), err)
 	}
 	h.Since = now
@@ -504,17 +518,21 @@ func (d *Driver) lockDirect(l *lease, t *target) error {
 	if err != nil {
 		return err
 	}
-	fd, err := openImage(path)
-	if err != nil {
-		d.put(tf)
-		return imageError(r, path, err)
+	fd, k := d.images.take(path)
+	if k == nil {
+		if fd, err = openImage(path); err != nil {
+			d.put(tf)
+			return imageError(r, path, err)
+		}
 	}
 	if err := d.lock(fd, r, t, tf.fd, false); err != nil {
-		_ = unix.Close(fd)
+		if !d.images.keep(k, path, fd) {
+			_ = unix.Close(fd)
+		}
 		d.put(tf)
 		return err
 	}
-	l.fd, l.tf = fd, tf
+	l.fd, l.tf, l.img = fd, tf, k
 	return nil
 }
 

@@ -259,10 +259,7 @@ func appendRecord(b []byte, tok uint64, h lockmgr.Holder, now time.Time, cache *
 			b = append(b, js...)
 		}
 	} else {
-		b = append(b, cache.prefix(h)...)
-		b = append(b, `,"since":"`...)
-		b = now.AppendFormat(b, time.RFC3339Nano)
-		b = append(b, `"}`...)
+		b = cache.appendJSON(b, h, now)
 	}
 	n := len(b) - start
 	if n > maxRecJSON {
@@ -272,15 +269,29 @@ func appendRecord(b []byte, tok uint64, h lockmgr.Holder, now time.Time, cache *
 	return b
 }
 
-// holderCache is a one-entry cache of a holder's JSON encoding.
+// holderCache is a one-entry cache of a holder's JSON encoding, and of a
+// grant time's (all the resources of one grant share both).
 type holderCache struct {
-	mu   sync.Mutex
-	last *holderJSON
+	mu    sync.Mutex
+	last  *holderJSON
+	now   time.Time
+	since []byte // now in RFC 3339
 }
 
-func (c *holderCache) prefix(h lockmgr.Holder) []byte {
+// appendJSON appends the JSON of h, with Since set to now.
+func (c *holderCache) appendJSON(b []byte, h lockmgr.Holder, now time.Time) []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.since == nil || !c.now.Equal(now) {
+		c.now, c.since = now, now.AppendFormat(c.since[:0], time.RFC3339Nano)
+	}
+	b = append(b, c.prefixLocked(h)...)
+	b = append(b, `,"since":"`...)
+	b = append(b, c.since...)
+	return append(b, `"}`...)
+}
+
+func (c *holderCache) prefixLocked(h lockmgr.Holder) []byte {
 	if c.last != nil && c.last.h == h {
 		return c.last.prefix
 	}

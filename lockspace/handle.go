@@ -29,6 +29,13 @@ type handle struct {
 	// (locked by lockFile or adopted, not yet released), so that a removed
 	// lockspace directory is not made again under them (see lockFile).
 	leases atomic.Int64
+
+	// A direct lease's token file's mapping (tokenmap.go), and mappings
+	// given up (guarded by hwmMu), unmapped by close. noMap: the file
+	// cannot be mapped.
+	tm      atomic.Pointer[tokenMap]
+	oldMaps []*tokenMap
+	noMap   atomic.Bool
 }
 
 func newHandle(fd, refs int) *handle { return &handle{fd: fd, refs: refs, hwmFd: -1} }
@@ -37,6 +44,12 @@ func (h *handle) close() {
 	_ = unix.Close(h.fd)
 	if h.hwmFd >= 0 {
 		_ = unix.Close(h.hwmFd)
+	}
+	if m := h.tm.Load(); m != nil {
+		_ = unix.Munmap(m.b)
+	}
+	for _, m := range h.oldMaps {
+		_ = unix.Munmap(m.b)
 	}
 }
 

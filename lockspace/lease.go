@@ -26,6 +26,10 @@ type lease struct {
 	tf        *handle
 	committed bool
 
+	// img is the kept descriptor a direct lease was lent (images.go), or
+	// nil.
+	img *keptImage
+
 	mu   sync.Mutex // guards the fields below, res.Mode and token (see Convert)
 	held bool
 	fd   int
@@ -101,6 +105,7 @@ func (l *lease) release() error {
 		// If the user closed the file (which File forbids), fd may already
 		// name another file: do not touch it.
 		if v := f.Fd(); v == ^uintptr(0) {
+			l.d.images.drop(l.img)
 			if l.dir != nil {
 				l.dir.leases.Add(-1)
 				l.d.put(l.dir)
@@ -111,17 +116,22 @@ func (l *lease) release() error {
 	}
 
 	// Without a File, no copy of the description exists: close unlocks.
+	// A direct lease's descriptor without one may be kept (images.go).
 	explicit := f != nil
-	if l.dir != nil {
-		l.d.dropFile(fd, l.dir, l.name, l.id, l.res.Mode, l.token, l.committed, explicit)
-		l.dir.leases.Add(-1)
-		l.d.put(l.dir)
-	} else if explicit {
-		_ = unlock(fd, 0, 0)
-	}
 	if l.tf != nil {
 		l.d.put(l.tf)
 		l.tf = nil
+	}
+	switch {
+	case l.dir != nil:
+		l.d.dropFile(fd, l.dir, l.name, l.id, l.res.Mode, l.token, l.committed, explicit)
+		l.dir.leases.Add(-1)
+		l.d.put(l.dir)
+	case explicit:
+		_ = unlock(fd, 0, 0)
+		l.d.images.drop(l.img) // f owns the descriptor
+	case l.d.images.keep(l.img, l.res.Name, fd):
+		return nil
 	}
 	if f != nil {
 		_ = f.Close()
