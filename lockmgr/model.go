@@ -277,28 +277,22 @@ func Canonical(r Resource) (Resource, error) {
 // no NUL byte. It does not look at the file system, so it cannot tell
 // whether symlinks were resolved; it does not allocate.
 func InCanonicalForm(p string) bool {
-	if p == "" || p[0] != '/' {
+	if p == "" || p[0] != '/' || strings.IndexByte(p, 0) >= 0 {
 		return false
 	}
 	if p == "/" {
 		return true
 	}
-	// One pass (it runs on every grant): each element between slashes is
-	// neither empty nor "." nor "..".
-	start := 1
-	for i := 1; i <= len(p); i++ {
-		if i < len(p) && p[i] != '/' {
-			if p[i] == 0 {
-				return false
-			}
-			continue
-		}
-		if elem := p[start:i]; elem == "" || elem == "." || elem == ".." {
+	for rest := p[1:]; ; {
+		elem, tail, more := strings.Cut(rest, "/")
+		if elem == "" || elem == "." || elem == ".." {
 			return false
 		}
-		start = i + 1
+		if !more {
+			return true
+		}
+		rest = tail
 	}
-	return true
 }
 
 func canonicalPath(p string) (string, error) {
