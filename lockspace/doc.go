@@ -110,8 +110,9 @@
 //
 // # Kept image descriptors
 //
-// A released direct lease's descriptor, unlocked, is kept open for the next
-// grant of the image while inotify says its path still names that file
+// A released direct lease's descriptor of an image file (not a block
+// device, which must be free to be removed), unlocked, is kept open for the
+// next grant of the image while inotify says its path still names that file
 // (images.go has the rules): a grant is then one non-blocking epoll_wait per
 // Acquire and one lock per resource, instead of a walk of the path. Only
 // descriptors never passed out by File are kept, so vmlockd, which passes

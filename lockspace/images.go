@@ -34,7 +34,9 @@ import (
 //
 //   - Only images on local file systems (ext2/3/4, XFS, Btrfs, tmpfs, F2FS)
 //     are kept: on a network file system another host's rename raises no
-//     event here.
+//     event here. And only regular files: a block device (an LVM volume, a
+//     LUN; /dev is a tmpfs) that is open cannot be removed (lvremove,
+//     dmsetup remove: "in use"), and its release must leave it free.
 //   - A descriptor is admitted only after its watches are in place and its
 //     path is then checked to name it: a change before the watches existed
 //     is caught by that check, one after it by an event.
@@ -168,7 +170,9 @@ func (c *imageCache) drop(k *keptImage) {
 // lease, if path can be watched and names fd; else it returns nil.
 func (c *imageCache) admit(path string, fd int) *keptImage {
 	var sfs unix.Statfs_t
-	if unix.Fstatfs(fd, &sfs) != nil || !localFS(sfs.Type) {
+	var st unix.Stat_t
+	if unix.Fstatfs(fd, &sfs) != nil || !localFS(sfs.Type) ||
+		unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil
 	}
 	c.mu.Lock()
@@ -182,10 +186,10 @@ func (c *imageCache) admit(path string, fd int) *keptImage {
 	}
 	k := &keptImage{path: path, fd: fd, lent: true}
 	ok := c.watchLocked(k)
-	var st, pst unix.Stat_t
+	var pst unix.Stat_t
 	if ok {
 		// After the watches: a change from now on raises an event.
-		ok = unix.Fstat(fd, &st) == nil && unix.Lstat(path, &pst) == nil && sameFile(&st, &pst)
+		ok = unix.Lstat(path, &pst) == nil && sameFile(&st, &pst)
 	}
 	if !ok {
 		c.unwatchLocked(k)

@@ -3,6 +3,7 @@ package lockspace
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -309,4 +310,81 @@ func must(t *testing.T, err error) {
 func mustWrite(t *testing.T, path string) {
 	t.Helper()
 	must(t, os.WriteFile(path, []byte("QFI\xfb"), 0o600))
+}
+
+// A direct lease may lock a block device (an LVM volume, a LUN). A kept
+// descriptor would hold the device open, and a device that is open cannot
+// be removed (lvremove and dmsetup remove say it is in use; a loop device's
+// detach waits for the last close): released, its descriptor is closed.
+func TestABlockDeviceIsFreeToBeRemovedOnceItsLeaseIsReleased(t *testing.T) {
+	dev := loopDevice(t)
+	e := newEnv(t, false)
+	d := e.driver(t)
+	r, err := lockmgr.Canonical(lockmgr.DiskResource(dev, lockmgr.Exclusive))
+	must(t, err)
+	cycle(t, d, r)
+	if fds := openFdsOf(t, r.Name); len(fds) != 0 {
+		t.Errorf("descriptors %v still open on the device after release", fds)
+	}
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	must(t, err)
+	err = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
+	_ = unix.Close(fd)
+	must(t, err)
+	fd, err = unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	must(t, err)
+	defer unix.Close(fd)
+	if _, err := unix.IoctlLoopGetStatus64(fd); err != unix.ENXIO {
+		t.Fatalf("the loop device is still attached after its detach (%v): something still has it open", err)
+	}
+}
+
+// loopDevice attaches a new loop device to a small file and returns its
+// path; it is detached at the end of the test. It skips the test where
+// loop devices cannot be made (not root, a container without them).
+func loopDevice(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("attaching a loop device needs root")
+	}
+	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Skipf("no loop devices: %v", err)
+	}
+	defer unix.Close(ctl)
+	backing := filepath.Join(t.TempDir(), "backing.img")
+	must(t, os.WriteFile(backing, make([]byte, 1<<20), 0o600))
+	bfd, err := unix.Open(backing, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	must(t, err)
+	defer unix.Close(bfd)
+	for range 10 { // another process may take the free device first
+		n, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			t.Skipf("no free loop device: %v", err)
+		}
+		dev := fmt.Sprintf("/dev/loop%d", n)
+		fd, err := unix.Open(dev, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Skipf("cannot open %s: %v", dev, err)
+		}
+		err = unix.IoctlSetInt(fd, unix.LOOP_SET_FD, bfd)
+		if err == unix.EBUSY {
+			_ = unix.Close(fd)
+			continue
+		}
+		if err != nil {
+			_ = unix.Close(fd)
+			t.Skipf("cannot attach %s: %v", dev, err)
+		}
+		_ = unix.Close(fd) // the device stays attached until detached
+		t.Cleanup(func() {
+			if fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+				_ = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0) // ENXIO if detached already
+				_ = unix.Close(fd)
+			}
+		})
+		return dev
+	}
+	t.Skip("no loop device stayed free")
+	return ""
 }
