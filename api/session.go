@@ -27,6 +27,8 @@ type session struct {
 	cancel context.CancelFunc
 	lastID uint64
 	closed bool // by Close, or the daemon has no sessions: unary calls only
+
+	testHookAnswered func(ctx context.Context) // if set, runs once a call's reply is in
 }
 
 // do makes call on the session. handled is false when the call was
@@ -65,7 +67,14 @@ func (s *session) do(ctx context.Context, rpc vmlockpb.VMLockClient, call *vmloc
 		call.TimeoutMs = max(1, time.Until(dl).Milliseconds())
 	}
 	stop := context.AfterFunc(ctx, s.cancel)
-	defer stop()
+	defer func() {
+		// ctx ended while the call was in flight: its AfterFunc cancels
+		// the stream (or has), even if the reply came in first, so the
+		// next call must not find this stream.
+		if !stop() {
+			s.drop()
+		}
+	}()
 	if err := s.stream.Send(call); err != nil {
 		// Not sent (the stream ended, or the connection did): the unary
 		// call makes it, waiting for the daemon if it is coming back.
@@ -73,6 +82,9 @@ func (s *session) do(ctx context.Context, rpc vmlockpb.VMLockClient, call *vmloc
 		return nil, false, nil
 	}
 	rep, err = s.stream.Recv()
+	if s.testHookAnswered != nil {
+		s.testHookAnswered(ctx)
+	}
 	switch {
 	case err == nil && rep.Id == call.Id:
 		if rep.Error != nil {

@@ -52,3 +52,55 @@ func TestClientOfADaemonWithoutSessionsUsesUnaryCalls(t *testing.T) {
 		t.Fatalf("the daemon ran %d Status calls, want 3", n)
 	}
 }
+
+// sessionDaemon answers Status on sessions.
+type sessionDaemon struct {
+	vmlockpb.UnimplementedVMLockServer
+}
+
+func (sessionDaemon) Session(stream grpc.BidiStreamingServer[vmlockpb.Call, vmlockpb.Reply]) error {
+	for {
+		c, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		if err := stream.Send(&vmlockpb.Reply{Id: c.Id, Result: &vmlockpb.Reply_Status{Status: &vmlockpb.StatusReply{Version: "sessions"}}}); err != nil {
+			return err
+		}
+	}
+}
+
+// A call's deadline can pass just after its reply came in: the session's
+// stream is then cancelled behind the call's back, and the next call must
+// open another rather than fail on it.
+func TestACallWhoseDeadlinePassesAsItsReplyArrivesLeavesTheNextCallASession(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	vmlockpb.RegisterVMLockServer(srv, sessionDaemon{})
+	go srv.Serve(ln)
+	defer srv.Stop()
+	c, err := Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	c.sess.testHookAnswered = func(context.Context) {
+		stream := c.sess.stream
+		cancel()                  // the deadline passes now...
+		<-stream.Context().Done() // ...and the stream is cancelled
+	}
+	if _, err := c.Status(ctx); err != nil {
+		t.Fatalf("the call answered before its deadline: %v", err)
+	}
+	c.sess.testHookAnswered = nil
+	st, err := c.Status(context.Background())
+	if err != nil || st.GetVersion() != "sessions" {
+		t.Fatalf("the next call: %v, %v; want the daemon's answer", st, err)
+	}
+}
