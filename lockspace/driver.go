@@ -526,7 +526,7 @@ func (d *Driver) lockDirect(l *lease, t *target) error {
 		}
 	}
 	if err := d.lock(fd, r, t, tf.fd, false); err != nil {
-		if !d.images.keep(k, path, fd) {
+		if !d.images.keep(k, path, fd, false) {
 			_ = unix.Close(fd)
 		}
 		d.put(tf)

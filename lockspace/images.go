@@ -46,12 +46,17 @@ import (
 //     lock them too.
 //   - Descriptors are kept unlocked: a lease unlocks byte 0 explicitly
 //     before its descriptor is kept, and one that fails to is closed.
+//   - Only a Release adds a descriptor; one opened by an Acquire that
+//     failed (busy, stale) is closed. So vmlockd, whose successful grants
+//     all pass their files out, keeps none.
 //
 // At most maxKeptImages are kept. Each is closed when it has not been used
 // for keptImageTTL, and one whose file was removed is closed at the next
-// Acquire, Release or sweep (every keptSweepEvery), so that a deleted
-// image's space is freed. Anything that goes wrong with inotify (no
-// instance left, no watch left) just means descriptors are not kept.
+// Acquire or sweep (every keptSweepEvery), so that a deleted image's space
+// is freed. A kept descriptor keeps its file system busy too: an unmount
+// fails with EBUSY until it is closed (Close the Driver first). Anything
+// that goes wrong with inotify (no instance left, no watch left) just means
+// descriptors are not kept.
 const (
 	maxKeptImages  = 256
 	keptImageTTL   = time.Minute
@@ -132,10 +137,15 @@ func (c *imageCache) take(path string) (int, *keptImage) {
 
 // keep is called with the descriptor fd of a direct lease on path, never
 // passed out, when the lease is released (still locked) or could not be
-// locked; k is the kept image it was lent, or nil. It reports whether fd
-// was unlocked and kept; if not, the caller closes it (which unlocks it).
-func (c *imageCache) keep(k *keptImage, path string, fd int) bool {
+// locked; k is the kept image it was lent, or nil. A descriptor not lent
+// joins the kept ones only if admit (a Release; not a failed Acquire). It
+// reports whether fd was unlocked and kept; if not, the caller closes it
+// (which unlocks it).
+func (c *imageCache) keep(k *keptImage, path string, fd int, admit bool) bool {
 	if k == nil {
+		if !admit {
+			return false
+		}
 		if k = c.admit(path, fd); k == nil {
 			return false
 		}

@@ -388,3 +388,27 @@ func loopDevice(t *testing.T) string {
 	t.Skip("no loop device stayed free")
 	return ""
 }
+
+// Only a Release adds a kept descriptor: an Acquire that fails closes what
+// it opened, so a program whose grants all pass their files out (vmlockd)
+// keeps nothing open.
+func TestAFailedAcquireKeepsNoDescriptor(t *testing.T) {
+	e := newEnv(t, false)
+	d := e.driver(t)
+	free := lockmgr.DiskResource(e.image(t, "free.img", true), lockmgr.Exclusive)
+	taken := lockmgr.DiskResource(e.image(t, "taken.img", true), lockmgr.Exclusive)
+	h := spawn(t, helperArgs{Mode: "hold", Cfg: e.cfg, Reqs: reqsOf(otherHolder(lockmgr.Exclusive), taken)})
+	h.expect("ok")
+	defer h.stop(false)
+	for _, rs := range [][]lockmgr.Resource{{taken}, {free, taken}} {
+		_, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), rs...))
+		if !errors.Is(err, lockmgr.ErrBusy) {
+			t.Fatalf("acquire of %v: %v, want busy", rs, err)
+		}
+		for _, r := range rs {
+			if isKept(d, r.Name) || len(openFdsOf(t, r.Name)) != 0 {
+				t.Fatalf("%s is still open after the failed acquire of %v", r.Name, rs)
+			}
+		}
+	}
+}

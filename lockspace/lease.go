@@ -90,8 +90,10 @@ func (l *lease) path() string {
 }
 
 // release frees the lease: a lease file's last holder removes it. A second
-// release is a CodeNotHeld error.
-func (l *lease) release() error {
+// release is a CodeNotHeld error. keep lets a direct lease's descriptor that
+// was not lent from the kept ones join them (see images.go); Release passes
+// true, a failed Acquire false.
+func (l *lease) release(keep bool) error {
 	l.mu.Lock()
 	if !l.held {
 		l.mu.Unlock()
@@ -130,7 +132,7 @@ func (l *lease) release() error {
 	case explicit:
 		_ = unlock(fd, 0, 0)
 		l.d.images.drop(l.img) // f owns the descriptor
-	case l.d.images.keep(l.img, l.res.Name, fd):
+	case l.d.images.keep(l.img, l.res.Name, fd, keep):
 		return nil
 	}
 	if f != nil {
@@ -144,7 +146,7 @@ func (l *lease) release() error {
 // undo releases a lease of a failed Acquire, if it was locked.
 func (l *lease) undo() {
 	if l.held {
-		_ = l.release()
+		_ = l.release(false)
 	}
 }
 
@@ -157,7 +159,7 @@ func (d *Driver) Release(_ context.Context, leases []lockmgr.Lease) error {
 	for _, x := range leases {
 		var err error
 		if l, ok := x.(*lease); ok && l.d == d {
-			err = l.release()
+			err = l.release(true)
 		} else {
 			err = lockmgr.Errorf(lockmgr.CodeInvalidArgument, "%T is not a lease of this lockspace driver", x)
 		}
