@@ -12,6 +12,27 @@ import (
 	"github.com/vmlock/vmlock/api/vmlockpb"
 )
 
+// dialServer serves impl on a unix socket and returns a Client of it; both
+// end with the test.
+func dialServer(t *testing.T, impl vmlockpb.VMLockServer) *Client {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "vmlock.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	vmlockpb.RegisterVMLockServer(srv, impl)
+	go srv.Serve(ln)
+	t.Cleanup(srv.Stop)
+	c, err := Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // oldDaemon serves the lock service as a vmlockd from before sessions did:
 // Status only, no Session.
 type oldDaemon struct {
@@ -26,22 +47,8 @@ func (o *oldDaemon) Status(context.Context, *vmlockpb.StatusRequest) (*vmlockpb.
 
 // A client newer than its daemon falls back to unary calls, every time.
 func TestClientOfADaemonWithoutSessionsUsesUnaryCalls(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "old.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
 	old := &oldDaemon{}
-	vmlockpb.RegisterVMLockServer(srv, old)
-	go srv.Serve(ln)
-	defer srv.Stop()
-
-	c, err := Dial(context.Background(), sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialServer(t, old)
 	for i := range 3 {
 		st, err := c.Status(context.Background())
 		if err != nil || st.GetVersion() != "old" {
@@ -74,21 +81,7 @@ func (sessionDaemon) Session(stream grpc.BidiStreamingServer[vmlockpb.Call, vmlo
 // stream is then cancelled behind the call's back, and the next call must
 // open another rather than fail on it.
 func TestACallWhoseDeadlinePassesAsItsReplyArrivesLeavesTheNextCallASession(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	vmlockpb.RegisterVMLockServer(srv, sessionDaemon{})
-	go srv.Serve(ln)
-	defer srv.Stop()
-	c, err := Dial(context.Background(), sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-
+	c := dialServer(t, sessionDaemon{})
 	ctx, cancel := context.WithCancel(context.Background())
 	c.sess.testHookAnswered = func(context.Context) {
 		stream := c.sess.stream
