@@ -1,6 +1,7 @@
 package etcdlock
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -47,63 +48,43 @@ func wantStale(t *testing.T, err error, what string) {
 
 // A destination whose grant with the source's state was applied by etcd
 // but whose answer was lost gets the disk when it asks again with the same
-// state: its lost grant was withdrawn, so nobody took the disk, and the
-// retry's token is above every revision the lost grant left.
+// state, however many answers were lost: each lost grant was withdrawn, so
+// nobody took the disk, and the granted token is above every revision the
+// lost grants left.
 func TestAcquireWithStateRetriedAfterItsAnswerWasLostSucceeds(t *testing.T) {
 	t.Parallel()
-	c := fastCluster(t)
-	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
-	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
-	raw := rawClient(t, c.Endpoints())
-	ctx := ctxT(t, 20*time.Second)
-	const disk = "/img/handover-lost.qcow2"
+	for _, lost := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d lost", lost), func(t *testing.T) {
+			t.Parallel()
+			c := fastCluster(t)
+			a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+			b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
+			raw := rawClient(t, c.Endpoints())
+			ctx := ctxT(t, 20*time.Second)
+			const disk = "/img/handover-lost.qcow2"
 
-	tok := handoverSource(t, a, disk)
-	loseReplies(b, applyLost)
-	_, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
-	wantLostGrantError(t, err)
-	left := tokenRevision(t, raw, b, disk)
+			tok := handoverSource(t, a, disk)
+			for range lost {
+				loseReplies(b, applyLost)
+				_, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
+				wantLostGrantError(t, err)
+			}
+			left := tokenRevision(t, raw, b, disk)
 
-	got, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
-	if err != nil {
-		t.Fatalf("the same acquire again: %v, want it granted", err)
-	}
-	if got[0].Token() <= uint64(left) {
-		t.Fatalf("retried grant's token %d is not above %d, the token key's revision after the lost grant", got[0].Token(), left)
-	}
-	if keys := holderKeys(t, raw); len(keys) != 2 {
-		t.Fatalf("etcd holds %v, want the source's and the destination's one holder key each", keys)
-	}
-	// The state is used up: nobody else gets the disk with it.
-	_, err = a.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidC, tok)})
-	wantStale(t, err, "another object with the handed-over state")
-}
-
-// When the retry's answer is lost too, a third try still succeeds.
-func TestAcquireWithStateSucceedsAfterTwoLostAnswers(t *testing.T) {
-	t.Parallel()
-	c := fastCluster(t)
-	a := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
-	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
-	raw := rawClient(t, c.Endpoints())
-	ctx := ctxT(t, 20*time.Second)
-	const disk = "/img/handover-lost-twice.qcow2"
-
-	tok := handoverSource(t, a, disk)
-	loseReplies(b, applyLost)
-	_, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
-	wantLostGrantError(t, err)
-	loseReplies(b, applyLost)
-	_, err = b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
-	wantLostGrantError(t, err)
-	left := tokenRevision(t, raw, b, disk)
-
-	got, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
-	if err != nil {
-		t.Fatalf("the third try: %v, want it granted", err)
-	}
-	if got[0].Token() <= uint64(left) {
-		t.Fatalf("token %d not above %d", got[0].Token(), left)
+			got, err := b.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidA, tok)})
+			if err != nil {
+				t.Fatalf("the same acquire again: %v, want it granted", err)
+			}
+			if got[0].Token() <= uint64(left) {
+				t.Fatalf("retried grant's token %d is not above %d, the token key's revision after the lost grants", got[0].Token(), left)
+			}
+			if keys := holderKeys(t, raw); len(keys) != 2 {
+				t.Fatalf("etcd holds %v, want the source's and the destination's one holder key each", keys)
+			}
+			// The state is used up: nobody else gets the disk with it.
+			_, err = a.Acquire(ctx, []lockmgr.Request{stateReq(disk, uuidC, tok)})
+			wantStale(t, err, "another object with the handed-over state")
+		})
 	}
 }
 
