@@ -448,3 +448,16 @@ func hasPrefix(ents []os.DirEntry, p string) bool {
 }
 
 func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
+
+// cycle acquires and releases r, exclusively, and returns the token.
+func cycle(t *testing.T, d *Driver, r lockmgr.Resource) uint64 {
+	t.Helper()
+	ls, err := d.Acquire(ctx, reqsOf(myHolder(r.Mode), r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Release(ctx, ls); err != nil {
+		t.Fatal(err)
+	}
+	return ls[0].Token()
+}

@@ -61,19 +61,6 @@ func openFdsOf(t *testing.T, path string) []string {
 	return fds
 }
 
-// cycle acquires and releases r, exclusively, and returns the token.
-func cycle(t *testing.T, d *Driver, r lockmgr.Resource) uint64 {
-	t.Helper()
-	ls, err := d.Acquire(ctx, reqsOf(myHolder(r.Mode), r))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Release(ctx, ls); err != nil {
-		t.Fatal(err)
-	}
-	return ls[0].Token()
-}
-
 // A released direct lease's descriptor is kept for the next grant; what
 // the path names may change meanwhile, and the next grant must lock what
 // it names then.

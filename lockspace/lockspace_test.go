@@ -369,13 +369,7 @@ func TestTokensIncrease(t *testing.T) {
 			// Another resource of the same directory moves the high-water mark
 			// past r's token; r must still never go back.
 			for range 3 {
-				ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), other))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := d.Release(ctx, ls); err != nil {
-					t.Fatal(err)
-				}
+				cycle(t, d, other)
 			}
 			// A restart: a new driver on the same directories.
 			if err := d.Close(); err != nil {
@@ -413,13 +407,7 @@ func TestDamagedTokenRecordRefusesGrants(t *testing.T) {
 				d := e.driver(t)
 				r := k.res(t, e, 0, lockmgr.Exclusive)
 				for range 5 {
-					ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
-					if err != nil {
-						t.Fatal(err)
-					}
-					if err := d.Release(ctx, ls); err != nil {
-						t.Fatal(err)
-					}
+					cycle(t, d, r)
 				}
 				// A sharer keeps the lease file while the record is damaged.
 				r.Mode = lockmgr.Shared
@@ -463,13 +451,7 @@ func TestDamagedHighWaterMarkRefusesGrants(t *testing.T) {
 	e := newEnv(t, false)
 	d := e.driver(t)
 	r := lockmgr.LeaseResource("cluster-a", "key", lockmgr.Exclusive)
-	ls, err := d.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), r))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Release(ctx, ls); err != nil {
-		t.Fatal(err)
-	}
+	cycle(t, d, r)
 	if err := os.WriteFile(filepath.Join(e.cfg.LeaseDir, "cluster-a", hwmFileName), []byte{1, 0, 0}, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -542,13 +524,7 @@ func TestRenamedLockspaceDirectoryIsNotUsedUnderItsNewName(t *testing.T) {
 			hostB.cfg.StateDir = filepath.Join(e.root, "state-b")
 			b := hostB.driver(t)
 			k1, k2 := k.res(t, e, 1, lockmgr.Exclusive), k.res(t, e, 2, lockmgr.Exclusive)
-			ls, err := a.Acquire(ctx, reqsOf(myHolder(lockmgr.Exclusive), k1))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := a.Release(ctx, ls); err != nil {
-				t.Fatal(err)
-			}
+			cycle(t, a, k1)
 			dir := filepath.Dir(e.lockPath(k2))
 			if err := os.Rename(dir, dir+".old"); err != nil {
 				t.Fatal(err)
