@@ -76,6 +76,18 @@ type object struct {
 	gone bool   // unregistered; operations that waited on op must fail
 }
 
+// held returns the uses of ob that hold their resource. Called with ob.op
+// held.
+func (ob *object) held() []*use {
+	var held []*use
+	for _, u := range ob.uses {
+		if u.held {
+			held = append(held, u)
+		}
+	}
+	return held
+}
+
 // use is one resource an object uses; lease is nil while it is not held.
 // A read-only use is "held" without a lease once acquired.
 type use struct {
@@ -483,12 +495,7 @@ func (m *Manager) Release(ctx context.Context, uuid string, r *Resource) (string
 		return "", err
 	}
 	defer ob.op.Unlock()
-	var rel []*use
-	for _, u := range ob.uses {
-		if u.held {
-			rel = append(rel, u)
-		}
-	}
+	rel := ob.held()
 	state := stateOf(rel).String()
 	return state, m.release(ctx, ob, rel)
 }
@@ -624,12 +631,7 @@ func (m *Manager) Inquire(uuid string) (string, error) {
 		return "", err
 	}
 	defer ob.op.Unlock()
-	var held []*use
-	for _, u := range ob.uses {
-		if u.held {
-			held = append(held, u)
-		}
-	}
+	held := ob.held()
 	return stateOf(held).String(), nil
 }
 
@@ -653,12 +655,7 @@ func (m *Manager) UnregisterIf(ctx context.Context, uuid string, is func(Object)
 	if is != nil && !is(ob.obj) {
 		return Errorf(CodeNotRegistered, "object %s is now registered for pid %d; the one meant is gone", ob.obj.UUID, ob.obj.PID)
 	}
-	var held []*use
-	for _, u := range ob.uses {
-		if u.held {
-			held = append(held, u)
-		}
-	}
+	held := ob.held()
 	err = m.release(ctx, ob, held)
 	ob.gone = true
 	m.mu.Lock()
