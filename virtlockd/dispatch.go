@@ -236,10 +236,11 @@ func (s *Server) createLockspace(path string, isNew bool) *RemoteError {
 	return nil
 }
 
-// persistLocked adds path to the store unless it is there already (or there
-// is no store). Called with lsMu held.
+// persistLocked adds path to the store unless it is there already, is the
+// default lockspace (always served, and not a directory the store could
+// name), or there is no store. Called with lsMu held.
 func (s *Server) persistLocked(path string) error {
-	if s.store == nil || slices.Contains(s.persisted, path) {
+	if s.store == nil || path == "" || slices.Contains(s.persisted, path) {
 		return nil
 	}
 	all := append(slices.Clone(s.persisted), path)

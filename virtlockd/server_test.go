@@ -1538,3 +1538,24 @@ func TestKeyedMutexLocksWithoutAllocating(t *testing.T) {
 		t.Fatalf("%v allocations per lock and unlock, want 0", n)
 	}
 }
+
+// CREATE_LOCKSPACE of the default lockspace ("", always served) succeeds
+// and records nothing: the store holds directories only, and an attempt to
+// add "" to it used to be logged as an error on every such call.
+func TestCreatingTheDefaultLockspaceRecordsNothing(t *testing.T) {
+	store := FileStore{Path: filepath.Join(t.TempDir(), "libvirt-lockspaces.json")}
+	logs := &syncbuf.Buffer{}
+	ts := startServer(t, Config{Manager: lockmgr.NewManager(lockmgr.NopDriver{}, lockmgr.Options{}), Store: store,
+		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	c := ts.dial()
+	wantOK(t, "create the default lockspace", c.CreateLockspace(testCtx(t), ""))
+	if _, err := os.Stat(store.Path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the store was written: %v", err)
+	}
+	if strings.Contains(logs.String(), `"level":"ERROR"`) {
+		t.Errorf("an error was logged:\n%s", logs.String())
+	}
+	if got := ts.s.Lockspaces(); !slices.Equal(got, []string{""}) {
+		t.Errorf("served %q, want the default lockspace only", got)
+	}
+}
