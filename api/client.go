@@ -71,6 +71,10 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 		// bytes a lock, 4 KiB names allowed): gRPC's default limit of
 		// 4 MiB would make `vmlock locks` fail on a big host.
 		grpc.WithDefaultCallOptions(grpc.WaitForReady(true), grpc.MaxCallRecvMsgSize(math.MaxInt32)),
+		// Fixed flow-control windows, as the daemon's: no BDP-estimation
+		// ping after each reply (see daemon.Run).
+		grpc.WithStaticStreamWindowSize(1<<20),
+		grpc.WithStaticConnWindowSize(4<<20),
 	)
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "connecting to vmlockd", Err: err}

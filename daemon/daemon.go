@@ -402,6 +402,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		grpc.ChainStreamInterceptor(d.interceptStream),
 		// A fixed pool of stream workers instead of a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		// Fixed flow-control windows: with gRPC's dynamic ones, the
+		// receiver of almost every message sends a BDP-estimation ping
+		// (and gets its ack), two frames more per call that a local
+		// socket's bandwidth does not need. The client sets the same
+		// (api.Dial).
+		grpc.StaticStreamWindowSize(1<<20),
+		grpc.StaticConnWindowSize(4<<20),
 	)
 	for _, register := range d.services() {
 		register(d.srv)
