@@ -18,15 +18,21 @@ import (
 )
 
 // hangingDriver grants everything except resources whose name contains
-// "hang", on which it blocks until released.
+// "hang", on which it blocks until released (after closing entered, if
+// set, the first time).
 type hangingDriver struct {
 	lockmgr.NopDriver
 	release chan struct{}
+	entered chan struct{}
+	once    sync.Once
 }
 
 func (h *hangingDriver) Acquire(ctx context.Context, reqs []lockmgr.Request) ([]lockmgr.Lease, error) {
 	for _, r := range reqs {
 		if strings.Contains(r.Resource.Name, "hang") {
+			if h.entered != nil {
+				h.once.Do(func() { close(h.entered) })
+			}
 			<-h.release
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -19,40 +20,51 @@ import (
 //
 // Invariant: the session ends (status OK) only between calls, so a Call it
 // has not answered was not run and the client may make it again. Calls are
-// read by a goroutine of their own so that a stop or reload ends an idle
-// session at once instead of waiting in Recv.
+// read, run and answered by a goroutine of their own, holding callMu for
+// each call, so that a stop or reload ends an idle session at once instead
+// of waiting in Recv; the handler sets stopped under callMu, so a call is
+// either answered before the session ends or not run at all. (Serving in
+// the reading goroutine, rather than handing each call to the handler,
+// spares a goroutine switch per call; gRPC allows one goroutine to Send
+// while another waits for the handler.)
 func (s *service) Session(stream grpc.BidiStreamingServer[vmlockpb.Call, vmlockpb.Reply]) error {
 	ctx := stream.Context()
-	calls := make(chan *vmlockpb.Call)
-	recvErr := make(chan error, 1)
+	var (
+		callMu  sync.Mutex
+		stopped bool // guarded by callMu: no call may start, or Send
+	)
+	ended := make(chan error, 1)
 	go func() {
 		for {
 			c, err := stream.Recv()
 			if err != nil {
-				recvErr <- err
+				ended <- err
 				return
 			}
-			select {
-			case calls <- c:
-			case <-ctx.Done():
+			callMu.Lock()
+			if stopped {
+				callMu.Unlock()
+				return // not run: the client sees the session end
+			}
+			err = stream.Send(s.serveCall(ctx, c))
+			callMu.Unlock()
+			if err != nil {
+				ended <- err
 				return
 			}
 		}
 	}()
-	for {
-		select {
-		case <-s.d.stopping:
+	select {
+	case <-s.d.stopping:
+		callMu.Lock() // waits for a call in progress to be answered
+		stopped = true
+		callMu.Unlock()
+		return nil
+	case err := <-ended:
+		if errors.Is(err, io.EOF) {
 			return nil
-		case err := <-recvErr:
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			return err
-		case c := <-calls:
-			if err := stream.Send(s.serveCall(ctx, c)); err != nil {
-				return err
-			}
 		}
+		return err
 	}
 }
 

@@ -119,6 +119,57 @@ func TestStopEndsAnIdleSessionBetweenCalls(t *testing.T) {
 	}
 }
 
+// A stop while a session's call is in progress waits for that call: its
+// reply comes first, and only then does the session end (EOF), so the
+// client never sees a call that was run go unanswered.
+func TestStopAnswersTheSessionCallInProgressBeforeEndingTheSession(t *testing.T) {
+	drv := &hangingDriver{release: make(chan struct{}), entered: make(chan struct{})}
+	d, sock, stop := serveInProcess(t, Config{Driver: drv, RequestTimeout: time.Minute})
+	c, err := api.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.RPC().Session(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := lockmgr.Object{UUID: "66666666-0000-4000-8000-000000000002", PID: sleeper(t)}
+	disk := lockmgr.DiskResource(filepath.Join(t.TempDir(), "hang.img"), lockmgr.Exclusive)
+	if err := s.Send(&vmlockpb.Call{Id: 1, Method: &vmlockpb.Call_Acquire{Acquire: &vmlockpb.AcquireRequest{
+		Object: api.ObjectToPB(o), Resources: []*vmlockpb.Resource{api.ResourceToPB(disk)}}}}); err != nil {
+		t.Fatal(err)
+	}
+	<-drv.entered
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	<-d.stopping
+	type recvd struct {
+		r   *vmlockpb.Reply
+		err error
+	}
+	first := make(chan recvd, 1)
+	go func() { r, err := s.Recv(); first <- recvd{r, err} }()
+	// Neither the session nor the stop may end while the call runs. (A
+	// while is given for a wrong one to show; a right one waits forever.)
+	select {
+	case <-stopped:
+		t.Fatal("the stop finished while a session call was in progress")
+	case got := <-first:
+		t.Fatalf("while its call was in progress, the session gave %+v %v", got.r, got.err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(drv.release)
+	got := <-first
+	if got.err != nil || got.r.Id != 1 || sessionErr(got.r) != nil {
+		t.Fatalf("the call in progress at the stop: %+v %v, want its reply (granted)", got.r, got.err)
+	}
+	if _, err := s.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("Recv after the answered call: %v, want EOF", err)
+	}
+	<-stopped
+}
+
 // One Client used by many goroutines at once: one of them has the session,
 // the others make unary calls, and every call gets its own answer.
 func TestClientIsSafeForConcurrentCalls(t *testing.T) {
