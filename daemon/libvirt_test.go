@@ -223,6 +223,9 @@ func TestLibvirtDomainIsAnOwnerPinnedByPid(t *testing.T) {
 	if got := testutil.ToFloat64(m.busy); got != 1 {
 		t.Errorf("busy refusals = %v, want 1 (the libvirt one)", got)
 	}
+	if got := latencyCount(t, m, "libvirt.ACQUIRE_RESOURCE"); got != 2 {
+		t.Errorf("vmlock_request_duration_seconds{method=libvirt.ACQUIRE_RESOURCE} counts %d calls, want 2", got)
+	}
 
 	// The connection's peer is not the owner: closing it releases nothing,
 	// but the owner's exit does, through the daemon's pid tracking.
@@ -587,4 +590,26 @@ func TestLibvirtDomainThatExitsBeforeTheEndpointIsUpLeavesNoGrantRecords(t *test
 	if err := other.AcquireResource(ctx, "", link, 0); err != nil {
 		t.Errorf("acquiring the exited domain's disk: %v", err)
 	}
+}
+
+// latencyCount returns how many calls the latency histogram of method holds.
+func latencyCount(t *testing.T, m *Metrics, method string) uint64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "vmlock_request_duration_seconds" {
+			continue
+		}
+		for _, s := range mf.GetMetric() {
+			for _, l := range s.GetLabel() {
+				if l.GetName() == "method" && l.GetValue() == method {
+					return s.GetHistogram().GetSampleCount()
+				}
+			}
+		}
+	}
+	return 0
 }

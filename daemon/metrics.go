@@ -18,6 +18,11 @@ type Metrics struct {
 	revocations prometheus.Counter
 	latency     *prometheus.HistogramVec
 	libvirt     *prometheus.CounterVec
+
+	// The libvirt endpoint's series, by procedure (and result: ok, busy,
+	// error), looked up once here rather than by label on every call.
+	lvCalls   [virtlockd.ProcCreateLockspace + 1][3]prometheus.Counter
+	lvLatency [virtlockd.ProcCreateLockspace + 1]prometheus.Observer
 }
 
 // NewMetrics returns the metrics, registered on a new registry.
@@ -43,6 +48,12 @@ func NewMetrics() *Metrics {
 	}
 	m.Registry.MustRegister(m.acquires, m.busy, m.revocations, m.latency, m.libvirt,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for p := virtlockd.ProcRegister; p <= virtlockd.ProcCreateLockspace; p++ {
+		for i, result := range []string{"ok", "busy", "error"} {
+			m.lvCalls[p][i] = m.libvirt.WithLabelValues(p.String(), result)
+		}
+		m.lvLatency[p] = m.latency.WithLabelValues("libvirt." + p.String())
+	}
 	return m
 }
 
@@ -63,16 +74,18 @@ func (m *Metrics) register(d *Daemon) {
 // latency under the method "libvirt.PROCEDURE". A busy refusal also counts
 // as one of the daemon's busy refusals.
 func (m *Metrics) observeLibvirt(p virtlockd.Procedure, took time.Duration, rerr *virtlockd.RemoteError) {
-	result := "ok"
+	if p < virtlockd.ProcRegister || p > virtlockd.ProcCreateLockspace {
+		return // the server observes valid procedures only
+	}
+	result := 0 // ok
 	switch {
 	case rerr == nil:
 	case rerr.Code == virtlockd.CodeResourceBusy:
-		result = "busy"
+		result = 1
 		m.busy.Inc()
 	default:
-		result = "error"
+		result = 2
 	}
-	name := p.String()
-	m.libvirt.WithLabelValues(name, result).Inc()
-	m.latency.WithLabelValues("libvirt." + name).Observe(took.Seconds())
+	m.lvCalls[p][result].Inc()
+	m.lvLatency[p].Observe(took.Seconds())
 }
