@@ -11,6 +11,7 @@ import (
 	"time"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -88,19 +89,26 @@ func TestSessionAnswersEachCallInOrderWithItsMethodsErrors(t *testing.T) {
 	}
 }
 
-// A stop ends an idle session at once, with status OK: Recv sees EOF
-// instead of the graceful stop waiting out the request timeout.
-func TestStopEndsAnIdleSessionBetweenCalls(t *testing.T) {
-	sock, stop := runInProcess(t, Config{RequestTimeout: time.Minute})
+// openSession opens a Session stream on the daemon at sock.
+func openSession(t *testing.T, sock string) grpc.BidiStreamingClient[vmlockpb.Call, vmlockpb.Reply] {
+	t.Helper()
 	c, err := api.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	s, err := c.RPC().Session(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s
+}
+
+// A stop ends an idle session at once, with status OK: Recv sees EOF
+// instead of the graceful stop waiting out the request timeout.
+func TestStopEndsAnIdleSessionBetweenCalls(t *testing.T) {
+	sock, stop := runInProcess(t, Config{RequestTimeout: time.Minute})
+	s := openSession(t, sock)
 	if err := s.Send(&vmlockpb.Call{Id: 1, Method: &vmlockpb.Call_Status{Status: &vmlockpb.StatusRequest{}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -125,15 +133,7 @@ func TestStopEndsAnIdleSessionBetweenCalls(t *testing.T) {
 func TestStopAnswersTheSessionCallInProgressBeforeEndingTheSession(t *testing.T) {
 	drv := &hangingDriver{release: make(chan struct{}), entered: make(chan struct{})}
 	d, sock, stop := serveInProcess(t, Config{Driver: drv, RequestTimeout: time.Minute})
-	c, err := api.Dial(context.Background(), sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, err := c.RPC().Session(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSession(t, sock)
 	o := lockmgr.Object{UUID: "66666666-0000-4000-8000-000000000002", PID: sleeper(t)}
 	disk := lockmgr.DiskResource(filepath.Join(t.TempDir(), "hang.img"), lockmgr.Exclusive)
 	if err := s.Send(&vmlockpb.Call{Id: 1, Method: &vmlockpb.Call_Acquire{Acquire: &vmlockpb.AcquireRequest{
