@@ -27,8 +27,17 @@
 //	              migration mark; the chunks share out the leases (with
 //	              their lease files) and the read-only uses
 //
+//	O/<uuid>/L<n> the descriptors of leases a restore could not take back
+//	              (the driver's Adopt failed: the image renamed or replaced
+//	              while vmlockd was down, its token changed) from an object
+//	              whose owner runs; see keepUnadopted
+//
 // Chunks without their chunk 0 are released on restart if their owner is
-// gone, and kept otherwise.
+// gone, and kept otherwise. A lease that cannot be taken back from a
+// running owner is not in the lock table, but its lock stays held, by an
+// L entry, until the object's records go (the owner exits, or the object
+// releases everything): a lock never goes while its owner may still use
+// the disk.
 //
 // # Reload
 //
@@ -190,6 +199,11 @@ type Daemon struct {
 	// kept are the objects whose lock-holder records restore left
 	// untouched (see keep), by uuid; until the holder is replaced.
 	kept map[string]keptObject
+	// unadopted are the leases restore could not take back from running
+	// owners, by uuid, with vmlockd's own copies of their descriptors: the
+	// lock-holder's L entries hold the locks, and these let resyncHolder
+	// give a new holder the same (see keepUnadopted).
+	unadopted map[string][]unadoptedLease
 
 	hier *hierService
 	lv   *libvirtEndpoint // the libvirt drop-in, or nil (libvirt.go)
@@ -241,6 +255,24 @@ type leaseRecord struct {
 }
 
 func recordKey(uuid string, chunk int) string { return "O/" + uuid + "/" + strconv.Itoa(chunk) }
+
+// unadoptedKey is the key of an object's n-th entry of leases restore
+// could not take back (see keepUnadopted).
+func unadoptedKey(uuid string, n int) string { return "O/" + uuid + "/L" + strconv.Itoa(n) }
+
+// parseUnadoptedKey returns the object of an unadoptedKey, and its n.
+func parseUnadoptedKey(k string) (uuid string, n int, ok bool) {
+	rest, ok := strings.CutPrefix(k, "O/")
+	if !ok {
+		return "", 0, false
+	}
+	uuid, c, ok := strings.Cut(rest, "/L")
+	if !ok || strings.Contains(uuid, "/") {
+		return "", 0, false
+	}
+	n, err := strconv.Atoi(c)
+	return uuid, n, err == nil && n >= 0 && strconv.Itoa(n) == c
+}
 
 // New prepares a daemon: it takes the state directory's lock (failing with a
 // clear message if another vmlockd runs there), connects to the lock-holder,
@@ -482,6 +514,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.holderClosed = true
 	d.holder.Close()
 	d.recordMu.Unlock()
+	// The holder's L entries keep the unadopted leases' locks from now on.
+	d.mu.Lock()
+	for uuid := range d.unadopted {
+		d.forgetUnadoptedLocked(uuid)
+	}
+	d.mu.Unlock()
 	return result
 }
 
@@ -538,8 +576,18 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 	type group struct{ uuid, odd string }
 	var order []group
 	objs := map[group][]restoredChunk{}
+	unadopted := map[string][]*lockholder.Entry{} // L entries, by object
 	for i := range entries {
 		e := &entries[i]
+		if uuid, _, ok := parseUnadoptedKey(e.Key); ok {
+			g := group{uuid: uuid}
+			if _, seen := objs[g]; !seen {
+				order = append(order, g)
+				objs[g] = nil
+			}
+			unadopted[uuid] = append(unadopted[uuid], e)
+			continue
+		}
 		c := restoredChunk{e: e}
 		var uuid string
 		uuid, c.n, c.rec, c.err = decodeRecord(e.Key, e.Meta)
@@ -552,14 +600,14 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 				g = group{odd: e.Key}
 			}
 		}
-		if objs[g] == nil {
+		if _, seen := objs[g]; !seen {
 			order = append(order, g)
 		}
 		objs[g] = append(objs[g], c)
 	}
 	restored, released := 0, 0
 	for _, g := range order {
-		switch n, ok := d.restoreObject(ctx, g.uuid, objs[g]); {
+		switch n, ok := d.restoreObject(ctx, g.uuid, objs[g], unadopted[g.uuid]); {
 		case ok:
 			restored++
 		case n >= 0:
@@ -581,9 +629,14 @@ type restoredChunk struct {
 
 // restoreObject restores, releases or keeps (see restore) the object uuid
 // ("" if the key of its one entry names none) from its entries, sorted by
-// chunk. It reports whether it was restored, and else how many leases
-// were released (-1 if it was kept).
-func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restoredChunk) (released int, ok bool) {
+// chunk, and the L entries an earlier start left of it (see
+// keepUnadopted). It reports whether it was restored, and else how many
+// leases were released (-1 if it was kept).
+func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restoredChunk, old []*lockholder.Entry) (released int, ok bool) {
+	if len(chunks) == 0 {
+		d.keep(uuid, 0, nil, old, "entries of leases an earlier start could not take back, without the object's record")
+		return -1, false
+	}
 	var id *restoredChunk // the owner's identity: chunk 0, or else the lowest one readable
 	var bad []string
 	for i := range chunks {
@@ -601,17 +654,17 @@ func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restor
 		pid = recordPID(chunks[0].e.Meta)
 	}
 	if len(bad) > 0 {
-		d.keep(uuid, pid, chunks, "unreadable record (written by another version of vmlockd, or damaged): "+strings.Join(bad, "; "))
+		d.keep(uuid, pid, chunks, old, "unreadable record (written by another version of vmlockd, or damaged): "+strings.Join(bad, "; "))
 		return -1, false
 	}
 	proc, err := d.pinOwner(ctx, id.rec.Object.PID, id.rec.Start)
 	if err != nil && !errors.Is(err, errGone) {
-		d.keep(uuid, pid, chunks, "cannot tell whether its owner still runs: "+err.Error())
+		d.keep(uuid, pid, chunks, old, "cannot tell whether its owner still runs: "+err.Error())
 		return -1, false
 	}
 	if err == nil && chunks[0].n != 0 {
 		proc.close()
-		d.keep(uuid, pid, chunks, "its chunk 0 (the object's identity and migration mark) is missing, and its owner still runs")
+		d.keep(uuid, pid, chunks, old, "its chunk 0 (the object's identity and migration mark) is missing, and its owner still runs")
 		return -1, false
 	}
 	t := d.adopt(uuid, chunks)
@@ -624,7 +677,9 @@ func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restor
 		if rerr := d.cfg.Driver.Release(ctx, t.leases); rerr != nil {
 			d.log.Error("releasing the locks of a gone owner", "uuid", uuid, "err", rerr)
 		}
-		_ = d.holder.DropPrefix(ctx, "O/"+uuid+"/")
+		_ = d.holder.DropPrefix(ctx, "O/"+uuid+"/") // the L entries too
+		closeEntries(old)
+		closeUnadopted(t.unadopted)
 		return len(t.leases), false
 	}
 	rec := &id.rec
@@ -633,9 +688,11 @@ func (d *Daemon) restoreObject(ctx context.Context, uuid string, chunks []restor
 		// the adopted leases are left unreleased, so their locks stay with
 		// the holder's descriptors.
 		proc.close()
-		d.keep(uuid, pid, chunks, "the lock table refuses it: "+err.Error())
+		closeUnadopted(t.unadopted)
+		d.keep(uuid, pid, chunks, old, "the lock table refuses it: "+err.Error())
 		return -1, false
 	}
+	d.keepUnadopted(ctx, uuid, old, t.unadopted)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	// A process that owns several objects is watched once: every owner
@@ -657,6 +714,10 @@ type taken struct {
 	ro      []lockmgr.Resource
 	pending map[int][]lockmgr.Resource // the mark's, recorded with the leases, by chunk
 	lost    int                        // leases the driver could not take back
+	// unadopted are those of lost (and, with a driver that cannot adopt,
+	// every lease) that have a descriptor: a copy of it, which keeps the
+	// lock (see keepUnadopted).
+	unadopted []unadoptedLease
 }
 
 // adopt has the driver take back every lease of an object's chunks (each
@@ -695,15 +756,27 @@ func (d *Daemon) adopt(uuid string, chunks []restoredChunk) taken {
 			if adopter == nil {
 				d.log.Error("lock-holder: the driver cannot take back a lease", "driver", d.cfg.Driver.Name(), "resource", lr.Resource.String())
 				if f != nil {
-					f.Close()
+					t.unadopted = append(t.unadopted, unadoptedLease{Resource: lr.Resource, Problem: "the driver cannot take back a lease", file: f})
 				}
 				continue
+			}
+			// Adopt closes f if it fails; a copy keeps the lock for the
+			// owner all the same.
+			var keep *os.File
+			if f != nil {
+				keep = dupFile(f)
 			}
 			l, err := adopter.Adopt(lr.Resource, lr.Token, f)
 			if err != nil {
 				d.log.Error("lock-holder: cannot take back a lease", "uuid", uuid, "resource", lr.Resource.String(), "err", err)
 				t.lost++
+				if keep != nil {
+					t.unadopted = append(t.unadopted, unadoptedLease{Resource: lr.Resource, Problem: err.Error(), file: keep})
+				}
 				continue
+			}
+			if keep != nil {
+				keep.Close()
 			}
 			t.leases = append(t.leases, l)
 		}
@@ -724,11 +797,15 @@ type keptObject struct {
 // its locks stay held, and says so at error level (at every start, as long
 // as the entries are there). Only vmlockd's copies of the descriptors are
 // closed: the holder has its own, so no lock is freed.
-func (d *Daemon) keep(uuid string, pid int, chunks []restoredChunk, problem string) {
-	keys := make([]string, 0, len(chunks))
+func (d *Daemon) keep(uuid string, pid int, chunks []restoredChunk, unadopted []*lockholder.Entry, problem string) {
+	keys := make([]string, 0, len(chunks)+len(unadopted))
 	for _, c := range chunks {
 		keys = append(keys, c.e.Key)
 		c.e.Close()
+	}
+	for _, e := range unadopted {
+		keys = append(keys, e.Key)
+		e.Close()
 	}
 	d.log.Error("restore: keeping an object's lock-holder records and locks untouched: vmlockd cannot tell that its owner is gone (see docs/operations.md, \"Troubleshooting\")",
 		"uuid", uuid, "pid", pid, "keys", keys, "problem", problem, "lock_holder_pid", d.holder.PID())
@@ -1047,7 +1124,11 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 	d.mu.Unlock()
 	if len(leases) == 0 && len(ro) == 0 {
 		d.setChunks(o.UUID, 0)
-		return h.DropPrefix(ctx, "O/"+o.UUID+"/")
+		err := h.DropPrefix(ctx, "O/"+o.UUID+"/") // the L entries too
+		d.mu.Lock()
+		d.forgetUnadoptedLocked(o.UUID)
+		d.mu.Unlock()
+		return err
 	}
 	// The mark's pending resources go with their leases (see objectRecord);
 	// the mark keeps those held read-only.
@@ -1210,6 +1291,15 @@ func (d *Daemon) resyncHolder(failed *lockholder.Client, cause error) {
 			return
 		}
 		n++
+	}
+	d.mu.Lock()
+	unadopted := maps.Clone(d.unadopted)
+	d.mu.Unlock()
+	for uuid, ls := range unadopted {
+		if err := putUnadopted(context.Background(), h, uuid, ls, 0); err != nil {
+			d.log.Error("lock-holder: the new one failed too; locks will not survive a crash of vmlockd", "err", err)
+			return
+		}
 	}
 	d.log.Info("lock-holder: replaced; every lock is recorded again", "objects", n)
 }

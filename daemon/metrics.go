@@ -67,6 +67,9 @@ func (m *Metrics) register(d *Daemon) {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vmlock_kept_objects",
 			Help: "Objects whose lock-holder records vmlockd left untouched at its start, their locks held, because it cannot tell that their owner is gone (see docs/operations.md)."},
 			func() float64 { return float64(d.keptCount()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "vmlock_unadopted_leases",
+			Help: "Leases vmlockd could not take back at its start from owners that still run; their locks stay held until the owner exits (see docs/operations.md)."},
+			func() float64 { return float64(d.unadoptedCount()) }),
 	)
 }
 

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -343,5 +344,114 @@ func TestAnOwnerWhoseStartTimeCannotBeReadIsGoneOnlyIfItExited(t *testing.T) {
 	cmd.Wait()
 	if _, err := pinned(f, cmd.Process.Pid, 1, unreadable); !errors.Is(err, errGone) {
 		t.Fatalf("pinning an exited process whose start time cannot be read = %v, want gone", err)
+	}
+}
+
+// unadoptedMetric is the daemon's vmlock_unadopted_leases gauge.
+func unadoptedMetric(t *testing.T, m *Metrics) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "vmlock_unadopted_leases" {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatal("no vmlock_unadopted_leases metric")
+	return 0
+}
+
+// A lease that cannot be taken back at a start (its image was moved away
+// while vmlockd was down and another file put at its path, so the path no
+// longer names the file the lock is on) from an owner that still runs keeps its lock: through the
+// object's next record write (which used to drop the descriptor), through
+// the next start, until the owner exits. The error log and a metric say
+// so; the object's other leases are taken back as usual.
+func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExits(t *testing.T) {
+	rig := newHolderRig(t)
+	_, c, stop := rig.start()
+	cmd := sleeperCmd(t)
+	o := lockmgr.Object{UUID: "88888888-0000-4000-8000-000000000009", Name: "web9", PID: cmd.Process.Pid}
+	a, b := newImage(t, rig.dir, "a.img"), newImage(t, rig.dir, "b.img")
+	if _, err := c.Acquire(context.Background(), o, []lockmgr.Resource{
+		lockmgr.DiskResource(a, lockmgr.Exclusive), lockmgr.DiskResource(b, lockmgr.Exclusive)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	moved := filepath.Join(rig.dir, "a-moved.img")
+	if err := os.Rename(a, moved); err != nil {
+		t.Fatal(err)
+	}
+	newImage(t, rig.dir, "a.img") // another file at the path
+
+	var logs syncbuf.Buffer
+	m := NewMetrics()
+	d, c, stop := rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m})
+	for _, want := range []string{"stays locked until its owner exits", "uuid=" + o.UUID, a, "no longer the one at"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Fatalf("the log does not say %q:\n%s", want, logs.String())
+		}
+	}
+	if n := unadoptedMetric(t, m); n != 1 {
+		t.Fatalf("vmlock_unadopted_leases = %v, want 1", n)
+	}
+	if keys := holderKeys(t, d); !slices.Contains(keys, unadoptedKey(o.UUID, 0)) {
+		t.Fatalf("the lock-holder keeps %v, want the entry %s too", keys, unadoptedKey(o.UUID, 0))
+	}
+	mustBeBusyFor(t, c, b, o) // taken back
+	// A record write of the object (a disk more) leaves the lock alone.
+	acquireOne(t, c, o, newImage(t, rig.dir, "c.img"))
+	if !rig.lockedForOthers(moved) {
+		t.Fatal("the image under the running owner was freed by the object's next record")
+	}
+	stop()
+
+	// The next start finds the entry and keeps it; a lock-holder that
+	// replaces a lost one gets it too, and keeps the lock once vmlockd
+	// has stopped.
+	m = NewMetrics()
+	d, _, stop = rig.startWith(Config{Metrics: m})
+	if n := unadoptedMetric(t, m); n != 1 {
+		t.Fatalf("after another start vmlock_unadopted_leases = %v, want 1", n)
+	}
+	if !rig.lockedForOthers(moved) {
+		t.Fatal("the image under the running owner was freed by another start")
+	}
+	holderPID := d.holderPID()
+	holder, exited := rig.holders.byPID(holderPID)
+	if holder == nil {
+		t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", holderPID)
+	}
+	holder.Process.Signal(syscall.SIGKILL)
+	<-exited
+	d.ensureHolder() // what its once-a-second check does
+	if keys := holderKeys(t, d); d.holderPID() == holderPID || !slices.Contains(keys, unadoptedKey(o.UUID, 0)) {
+		t.Fatalf("the lock-holder that replaced the lost one (pid %d, was %d) keeps %v, want %s too",
+			d.holderPID(), holderPID, keys, unadoptedKey(o.UUID, 0))
+	}
+	stop()
+	if !rig.lockedForOthers(moved) {
+		t.Fatal("the image under the running owner was freed with the lost lock-holder")
+	}
+
+	m = NewMetrics()
+	d, _, _ = rig.startWith(Config{Metrics: m})
+
+	cmd.Process.Kill()
+	cmd.Wait()
+	for deadline := time.Now().Add(10 * time.Second); rig.lockedForOthers(moved); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the image is still locked after its owner exited")
+		}
+	}
+	for _, k := range holderKeys(t, d) {
+		if strings.HasPrefix(k, "O/"+o.UUID+"/") {
+			t.Fatalf("the lock-holder still keeps %s of the gone owner", k)
+		}
+	}
+	if n := unadoptedMetric(t, m); n != 0 {
+		t.Fatalf("vmlock_unadopted_leases = %v after the owner exited, want 0", n)
 	}
 }
