@@ -15,23 +15,37 @@ import (
 )
 
 // The lock-holder's keys are read back after a restart or a crash: every
-// key recordKey writes parses to its uuid and chunk, and a key it cannot
-// write ("O/u/00", "O/u/+1") is no record, never a second spelling of one
-// chunk.
+// key recordKey (or unadoptedKey) writes parses to its uuid and chunk (or
+// n), a key it cannot write ("O/u/00", "O/u/+1") is no record, never a
+// second spelling of one chunk, and no key is both a record and an L
+// entry.
 func FuzzRecordKey(f *testing.F) {
 	f.Add("O/6f0e2c4c-5d1e-4a39-9a55-1a2b3c4d5e6f/0", "6f0e2c4c-5d1e-4a39-9a55-1a2b3c4d5e6f", 3)
 	f.Add("O/u/00", "u", 0)
 	f.Add("O/u/+1", "", -1)
 	f.Add("L/u/disk:/a", "u/v", 1<<40)
+	f.Add("O/u/L0", "u", 0)
+	f.Add("O/u/L01", "u/L", 1)
 	f.Fuzz(func(t *testing.T, k, uuid string, chunk int) {
-		if u, c, ok := parseRecordKey(k); ok && recordKey(u, c) != k {
+		u, c, isRecord := parseRecordKey(k)
+		if isRecord && recordKey(u, c) != k {
 			t.Fatalf("parseRecordKey(%q) = %q, %d: the key of that is %q", k, u, c, recordKey(u, c))
+		}
+		u, c, isL := parseUnadoptedKey(k)
+		if isL && unadoptedKey(u, c) != k {
+			t.Fatalf("parseUnadoptedKey(%q) = %q, %d: the key of that is %q", k, u, c, unadoptedKey(u, c))
+		}
+		if isRecord && isL {
+			t.Fatalf("%q is both a record and an L entry", k)
 		}
 		if chunk < 0 || strings.Contains(uuid, "/") {
 			return
 		}
 		if u, c, ok := parseRecordKey(recordKey(uuid, chunk)); !ok || u != uuid || c != chunk {
 			t.Fatalf("recordKey(%q, %d) = %q parses as %q, %d, %v", uuid, chunk, recordKey(uuid, chunk), u, c, ok)
+		}
+		if u, c, ok := parseUnadoptedKey(unadoptedKey(uuid, chunk)); !ok || u != uuid || c != chunk {
+			t.Fatalf("unadoptedKey(%q, %d) = %q parses as %q, %d, %v", uuid, chunk, unadoptedKey(uuid, chunk), u, c, ok)
 		}
 	})
 }
