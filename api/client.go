@@ -145,25 +145,63 @@ type Lock struct {
 	Waiters  int              `json:"waiters"`
 }
 
-// Locks returns the lock monitor's entries.
-func (c *Client) Locks(ctx context.Context) ([]Lock, error) {
+// Untracked is a holding whose locks vmlockd keeps held without managing
+// them: what a start of vmlockd could not take back (see vmlock.proto).
+type Untracked struct {
+	UUID      string             `json:"uuid"`
+	PID       int                `json:"pid"`
+	Resources []lockmgr.Resource `json:"resources"`
+	Keys      []string           `json:"keys,omitempty"`
+	Problem   string             `json:"problem"`
+	// UntilOwnerExits: its locks go when its owner exits; otherwise they
+	// stay until an operator resolves them.
+	UntilOwnerExits bool `json:"until_owner_exits"`
+}
+
+// Monitor is the lock monitor: every lock in vmlockd's table, and the
+// holdings it keeps locked without managing them.
+type Monitor struct {
+	Locks     []Lock
+	Untracked []Untracked
+}
+
+// Monitor returns the lock monitor.
+func (c *Client) Monitor(ctx context.Context) (Monitor, error) {
 	rep, err := c.rpc.Locks(ctx, &vmlockpb.LocksRequest{})
 	if err != nil {
-		return nil, FromStatus(err)
+		return Monitor{}, FromStatus(err)
 	}
-	out := make([]Lock, 0, len(rep.Locks))
+	m := Monitor{Locks: make([]Lock, 0, len(rep.Locks))}
 	for _, l := range rep.Locks {
 		r, err := ResourceFromPB(l.Resource)
 		if err != nil {
-			return nil, fmt.Errorf("vmlockd sent a bad resource: %w", err)
+			return Monitor{}, fmt.Errorf("vmlockd sent a bad resource: %w", err)
 		}
 		lk := Lock{Resource: r, Token: l.Token, Since: fromUnixNano(l.SinceUnixNano), Waiters: int(l.Waiters)}
 		for _, h := range l.Holders {
 			lk.Holders = append(lk.Holders, HolderFromPB(h))
 		}
-		out = append(out, lk)
+		m.Locks = append(m.Locks, lk)
 	}
-	return out, nil
+	for _, u := range rep.Untracked {
+		ut := Untracked{UUID: u.Uuid, PID: int(u.Pid), Keys: u.Keys, Problem: u.Problem, UntilOwnerExits: u.UntilOwnerExits,
+			Resources: make([]lockmgr.Resource, 0, len(u.Resources))}
+		for _, pr := range u.Resources {
+			r, err := ResourceFromPB(pr)
+			if err != nil {
+				return Monitor{}, fmt.Errorf("vmlockd sent a bad resource: %w", err)
+			}
+			ut.Resources = append(ut.Resources, r)
+		}
+		m.Untracked = append(m.Untracked, ut)
+	}
+	return m, nil
+}
+
+// Locks returns the lock monitor's entries of vmlockd's table.
+func (c *Client) Locks(ctx context.Context) ([]Lock, error) {
+	m, err := c.Monitor(ctx)
+	return m.Locks, err
 }
 
 // Status returns the daemon's status.

@@ -788,9 +788,11 @@ func (d *Daemon) adopt(uuid string, chunks []restoredChunk) taken {
 // keptObject is an object whose lock-holder entries restore left untouched
 // (see restore).
 type keptObject struct {
-	keys    []string
-	pid     int // 0 if unknown
-	problem string
+	uuid      string // "" if its one key names no object
+	keys      []string
+	pid       int                // 0 if unknown
+	resources []lockmgr.Resource // those of its records that can be read
+	problem   string
 }
 
 // keep leaves an object's entries in the lock-holder as they are, so that
@@ -799,13 +801,23 @@ type keptObject struct {
 // closed: the holder has its own, so no lock is freed.
 func (d *Daemon) keep(uuid string, pid int, chunks []restoredChunk, unadopted []*lockholder.Entry, problem string) {
 	keys := make([]string, 0, len(chunks)+len(unadopted))
+	var resources []lockmgr.Resource
 	for _, c := range chunks {
 		keys = append(keys, c.e.Key)
 		c.e.Close()
+		if c.err == nil {
+			for _, l := range c.rec.Leases {
+				resources = append(resources, l.Resource)
+			}
+			resources = append(resources, c.rec.ReadOnly...)
+		}
 	}
 	for _, e := range unadopted {
 		keys = append(keys, e.Key)
-		e.Close()
+		for _, l := range decodeUnadopted(e) {
+			resources = append(resources, l.Resource)
+			l.file.Close()
+		}
 	}
 	d.log.Error("restore: keeping an object's lock-holder records and locks untouched: vmlockd cannot tell that its owner is gone (see docs/operations.md, \"Troubleshooting\")",
 		"uuid", uuid, "pid", pid, "keys", keys, "problem", problem, "lock_holder_pid", d.holder.PID())
@@ -817,7 +829,7 @@ func (d *Daemon) keep(uuid string, pid int, chunks []restoredChunk, unadopted []
 	if id == "" {
 		id = keys[0] // a key that names no object
 	}
-	d.kept[id] = keptObject{keys: keys, pid: pid, problem: problem}
+	d.kept[id] = keptObject{uuid: uuid, keys: keys, pid: pid, resources: resources, problem: problem}
 	d.mu.Unlock()
 }
 

@@ -219,6 +219,8 @@ func TestAnOwnerWhoseLivenessCannotBeToldKeepsItsLocks(t *testing.T) {
 	if keys := holderKeys(t, d); !slices.Contains(keys, recordKey(o.UUID, 0)) {
 		t.Fatalf("the lock-holder no longer keeps the object's record: %v", keys)
 	}
+	wantUntracked(t, c, api.Untracked{UUID: o.UUID, PID: o.PID, Keys: []string{recordKey(o.UUID, 0)},
+		Resources: []lockmgr.Resource{lockmgr.DiskResource(disk, lockmgr.Exclusive)}}, "cannot tell whether its owner still runs")
 	stop()
 
 	cmd.Process.Kill()
@@ -227,8 +229,8 @@ func TestAnOwnerWhoseLivenessCannotBeToldKeepsItsLocks(t *testing.T) {
 	if rig.lockedForOthers(disk) {
 		t.Fatal("the disk of an owner that exited is still locked after the next start")
 	}
-	if locks, err := c.Locks(context.Background()); err != nil || len(locks) != 0 {
-		t.Fatalf("after the owner exited the lock table lists %+v, %v", locks, err)
+	if mon, err := c.Monitor(context.Background()); err != nil || len(mon.Locks) != 0 || len(mon.Untracked) != 0 {
+		t.Fatalf("after the owner exited the lock monitor shows %+v and %+v, %v", mon.Locks, mon.Untracked, err)
 	}
 }
 
@@ -401,6 +403,8 @@ func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExi
 		t.Fatalf("the lock-holder keeps %v, want the entry %s too", keys, unadoptedKey(o.UUID, 0))
 	}
 	mustBeBusyFor(t, c, b, o) // taken back
+	wantUntracked(t, c, api.Untracked{UUID: o.UUID, PID: o.PID, UntilOwnerExits: true,
+		Resources: []lockmgr.Resource{lockmgr.DiskResource(a, lockmgr.Exclusive)}}, "no longer the one at")
 	// A record write of the object (a disk more) leaves the lock alone.
 	acquireOne(t, c, o, newImage(t, rig.dir, "c.img"))
 	if !rig.lockedForOthers(moved) {
@@ -437,7 +441,7 @@ func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExi
 	}
 
 	m = NewMetrics()
-	d, _, _ = rig.startWith(Config{Metrics: m})
+	d, c, _ = rig.startWith(Config{Metrics: m})
 
 	cmd.Process.Kill()
 	cmd.Wait()
@@ -453,5 +457,30 @@ func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExi
 	}
 	if n := unadoptedMetric(t, m); n != 0 {
 		t.Fatalf("vmlock_unadopted_leases = %v after the owner exited, want 0", n)
+	}
+	if mon, err := c.Monitor(context.Background()); err != nil || len(mon.Untracked) != 0 {
+		t.Fatalf("after the owner exited the lock monitor shows %+v as held, not managed (%v)", mon.Untracked, err)
+	}
+}
+
+// wantUntracked checks that the lock monitor shows want (its Problem
+// containing problem) as its one holding held but not managed.
+func wantUntracked(t *testing.T, c *api.Client, want api.Untracked, problem string) {
+	t.Helper()
+	mon, err := c.Monitor(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mon.Untracked) != 1 {
+		t.Fatalf("the lock monitor shows %+v as held, not managed; want %+v", mon.Untracked, want)
+	}
+	got := mon.Untracked[0]
+	if !strings.Contains(got.Problem, problem) {
+		t.Fatalf("held, not managed: problem %q, want it to say %q", got.Problem, problem)
+	}
+	got.Problem = ""
+	if got.UUID != want.UUID || got.PID != want.PID || got.UntilOwnerExits != want.UntilOwnerExits ||
+		!slices.Equal(got.Resources, want.Resources) || !slices.Equal(got.Keys, want.Keys) {
+		t.Fatalf("held, not managed: %+v, want %+v", got, want)
 	}
 }

@@ -483,6 +483,7 @@ func (s *service) Locks(ctx context.Context, _ *vmlockpb.LocksRequest) (*vmlockp
 		}
 		rep.Locks = append(rep.Locks, pl)
 	}
+	rep.Untracked = s.d.untracked()
 	return rep, nil
 }
 

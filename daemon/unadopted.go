@@ -3,10 +3,14 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vmlock/vmlock/api"
+	"github.com/vmlock/vmlock/api/vmlockpb"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
 )
@@ -113,6 +117,34 @@ func decodeUnadopted(e *lockholder.Entry) []unadoptedLease {
 func (d *Daemon) forgetUnadoptedLocked(uuid string) {
 	closeUnadopted(d.unadopted[uuid])
 	delete(d.unadopted, uuid)
+}
+
+// untracked returns what the lock monitor shows of the holdings vmlockd
+// keeps locked without managing them: the objects restore kept untouched,
+// and the leases it could not take back from running owners.
+func (d *Daemon) untracked() []*vmlockpb.Untracked {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []*vmlockpb.Untracked
+	for _, id := range slices.Sorted(maps.Keys(d.kept)) {
+		k := d.kept[id]
+		u := &vmlockpb.Untracked{Uuid: k.uuid, Pid: int64(k.pid), Keys: k.keys, Problem: "kept untouched at vmlockd's start: " + k.problem}
+		for _, r := range k.resources {
+			u.Resources = append(u.Resources, api.ResourceToPB(r))
+		}
+		out = append(out, u)
+	}
+	for _, uuid := range slices.Sorted(maps.Keys(d.unadopted)) {
+		pid := 0
+		if ow := d.owners[uuid]; ow != nil {
+			pid = ow.obj.PID
+		}
+		for _, l := range d.unadopted[uuid] {
+			out = append(out, &vmlockpb.Untracked{Uuid: uuid, Pid: int64(pid), Resources: []*vmlockpb.Resource{api.ResourceToPB(l.Resource)},
+				Problem: "not taken back at vmlockd's start: " + l.Problem, UntilOwnerExits: true})
+		}
+	}
+	return out
 }
 
 func (d *Daemon) unadoptedCount() int {

@@ -1023,16 +1023,107 @@ func (x *Lock) GetWaiters() int64 {
 	return 0
 }
 
+// Untracked is a holding whose locks vmlockd keeps held but does not
+// manage (it is in no lock table entry): what a start of vmlockd could not
+// take back. See docs/operations.md, "Troubleshooting".
+type Untracked struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Uuid      string                 `protobuf:"bytes,1,opt,name=uuid,proto3" json:"uuid,omitempty"`           // the object; "" if no record names one
+	Pid       int64                  `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`            // its owner; 0 if unknown
+	Resources []*Resource            `protobuf:"bytes,3,rep,name=resources,proto3" json:"resources,omitempty"` // what its records name, where they can be read
+	Keys      []string               `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`           // its lock-holder entries
+	Problem   string                 `protobuf:"bytes,5,opt,name=problem,proto3" json:"problem,omitempty"`     // why vmlockd does not manage it
+	// until_owner_exits: its locks go when the owner exits (a lease that could
+	// not be taken back from a running owner). Otherwise they stay until an
+	// operator resolves them (an object kept untouched).
+	UntilOwnerExits bool `protobuf:"varint,6,opt,name=until_owner_exits,json=untilOwnerExits,proto3" json:"until_owner_exits,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Untracked) Reset() {
+	*x = Untracked{}
+	mi := &file_vmlock_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Untracked) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Untracked) ProtoMessage() {}
+
+func (x *Untracked) ProtoReflect() protoreflect.Message {
+	mi := &file_vmlock_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Untracked.ProtoReflect.Descriptor instead.
+func (*Untracked) Descriptor() ([]byte, []int) {
+	return file_vmlock_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Untracked) GetUuid() string {
+	if x != nil {
+		return x.Uuid
+	}
+	return ""
+}
+
+func (x *Untracked) GetPid() int64 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Untracked) GetResources() []*Resource {
+	if x != nil {
+		return x.Resources
+	}
+	return nil
+}
+
+func (x *Untracked) GetKeys() []string {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *Untracked) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
+func (x *Untracked) GetUntilOwnerExits() bool {
+	if x != nil {
+		return x.UntilOwnerExits
+	}
+	return false
+}
+
 type LocksReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Locks         []*Lock                `protobuf:"bytes,1,rep,name=locks,proto3" json:"locks,omitempty"`
+	Untracked     []*Untracked           `protobuf:"bytes,2,rep,name=untracked,proto3" json:"untracked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LocksReply) Reset() {
 	*x = LocksReply{}
-	mi := &file_vmlock_proto_msgTypes[14]
+	mi := &file_vmlock_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1044,7 +1135,7 @@ func (x *LocksReply) String() string {
 func (*LocksReply) ProtoMessage() {}
 
 func (x *LocksReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[14]
+	mi := &file_vmlock_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1057,12 +1148,19 @@ func (x *LocksReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocksReply.ProtoReflect.Descriptor instead.
 func (*LocksReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{14}
+	return file_vmlock_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LocksReply) GetLocks() []*Lock {
 	if x != nil {
 		return x.Locks
+	}
+	return nil
+}
+
+func (x *LocksReply) GetUntracked() []*Untracked {
+	if x != nil {
+		return x.Untracked
 	}
 	return nil
 }
@@ -1077,7 +1175,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_vmlock_proto_msgTypes[15]
+	mi := &file_vmlock_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1089,7 +1187,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[15]
+	mi := &file_vmlock_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1102,7 +1200,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{15}
+	return file_vmlock_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeRequest) GetResource() *Resource {
@@ -1128,7 +1226,7 @@ type RevokeReply struct {
 
 func (x *RevokeReply) Reset() {
 	*x = RevokeReply{}
-	mi := &file_vmlock_proto_msgTypes[16]
+	mi := &file_vmlock_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1238,7 @@ func (x *RevokeReply) String() string {
 func (*RevokeReply) ProtoMessage() {}
 
 func (x *RevokeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[16]
+	mi := &file_vmlock_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1251,7 @@ func (x *RevokeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeReply.ProtoReflect.Descriptor instead.
 func (*RevokeReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{16}
+	return file_vmlock_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RevokeReply) GetKilledPids() []int64 {
@@ -1171,7 +1269,7 @@ type ReloadRequest struct {
 
 func (x *ReloadRequest) Reset() {
 	*x = ReloadRequest{}
-	mi := &file_vmlock_proto_msgTypes[17]
+	mi := &file_vmlock_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1183,7 +1281,7 @@ func (x *ReloadRequest) String() string {
 func (*ReloadRequest) ProtoMessage() {}
 
 func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[17]
+	mi := &file_vmlock_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1196,7 +1294,7 @@ func (x *ReloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadRequest.ProtoReflect.Descriptor instead.
 func (*ReloadRequest) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{17}
+	return file_vmlock_proto_rawDescGZIP(), []int{18}
 }
 
 type ReloadReply struct {
@@ -1208,7 +1306,7 @@ type ReloadReply struct {
 
 func (x *ReloadReply) Reset() {
 	*x = ReloadReply{}
-	mi := &file_vmlock_proto_msgTypes[18]
+	mi := &file_vmlock_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1220,7 +1318,7 @@ func (x *ReloadReply) String() string {
 func (*ReloadReply) ProtoMessage() {}
 
 func (x *ReloadReply) ProtoReflect() protoreflect.Message {
-	mi := &file_vmlock_proto_msgTypes[18]
+	mi := &file_vmlock_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1233,7 +1331,7 @@ func (x *ReloadReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadReply.ProtoReflect.Descriptor instead.
 func (*ReloadReply) Descriptor() ([]byte, []int) {
-	return file_vmlock_proto_rawDescGZIP(), []int{18}
+	return file_vmlock_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReloadReply) GetPid() int64 {
@@ -1320,10 +1418,18 @@ const file_vmlock_proto_rawDesc = "" +
 	"\x05token\x18\x02 \x01(\x04R\x05token\x12+\n" +
 	"\aholders\x18\x03 \x03(\v2\x11.vmlock.v1.HolderR\aholders\x12&\n" +
 	"\x0fsince_unix_nano\x18\x04 \x01(\x03R\rsinceUnixNano\x12\x18\n" +
-	"\awaiters\x18\x05 \x01(\x03R\awaiters\"3\n" +
+	"\awaiters\x18\x05 \x01(\x03R\awaiters\"\xbe\x01\n" +
+	"\tUntracked\x12\x12\n" +
+	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\x03R\x03pid\x121\n" +
+	"\tresources\x18\x03 \x03(\v2\x13.vmlock.v1.ResourceR\tresources\x12\x12\n" +
+	"\x04keys\x18\x04 \x03(\tR\x04keys\x12\x18\n" +
+	"\aproblem\x18\x05 \x01(\tR\aproblem\x12*\n" +
+	"\x11until_owner_exits\x18\x06 \x01(\bR\x0funtilOwnerExits\"g\n" +
 	"\n" +
 	"LocksReply\x12%\n" +
-	"\x05locks\x18\x01 \x03(\v2\x0f.vmlock.v1.LockR\x05locks\"[\n" +
+	"\x05locks\x18\x01 \x03(\v2\x0f.vmlock.v1.LockR\x05locks\x122\n" +
+	"\tuntracked\x18\x02 \x03(\v2\x14.vmlock.v1.UntrackedR\tuntracked\"[\n" +
 	"\rRevokeRequest\x12/\n" +
 	"\bresource\x18\x01 \x01(\v2\x13.vmlock.v1.ResourceR\bresource\x12\x19\n" +
 	"\bgrace_ms\x18\x02 \x01(\x03R\agraceMs\".\n" +
@@ -1355,7 +1461,7 @@ func file_vmlock_proto_rawDescGZIP() []byte {
 	return file_vmlock_proto_rawDescData
 }
 
-var file_vmlock_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_vmlock_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_vmlock_proto_goTypes = []any{
 	(*Call)(nil),           // 0: vmlock.v1.Call
 	(*Reply)(nil),          // 1: vmlock.v1.Reply
@@ -1371,12 +1477,13 @@ var file_vmlock_proto_goTypes = []any{
 	(*LocksRequest)(nil),   // 11: vmlock.v1.LocksRequest
 	(*Holder)(nil),         // 12: vmlock.v1.Holder
 	(*Lock)(nil),           // 13: vmlock.v1.Lock
-	(*LocksReply)(nil),     // 14: vmlock.v1.LocksReply
-	(*RevokeRequest)(nil),  // 15: vmlock.v1.RevokeRequest
-	(*RevokeReply)(nil),    // 16: vmlock.v1.RevokeReply
-	(*ReloadRequest)(nil),  // 17: vmlock.v1.ReloadRequest
-	(*ReloadReply)(nil),    // 18: vmlock.v1.ReloadReply
-	(*anypb.Any)(nil),      // 19: google.protobuf.Any
+	(*Untracked)(nil),      // 14: vmlock.v1.Untracked
+	(*LocksReply)(nil),     // 15: vmlock.v1.LocksReply
+	(*RevokeRequest)(nil),  // 16: vmlock.v1.RevokeRequest
+	(*RevokeReply)(nil),    // 17: vmlock.v1.RevokeReply
+	(*ReloadRequest)(nil),  // 18: vmlock.v1.ReloadRequest
+	(*ReloadReply)(nil),    // 19: vmlock.v1.ReloadReply
+	(*anypb.Any)(nil),      // 20: google.protobuf.Any
 }
 var file_vmlock_proto_depIdxs = []int32{
 	5,  // 0: vmlock.v1.Call.status:type_name -> vmlock.v1.StatusRequest
@@ -1386,35 +1493,37 @@ var file_vmlock_proto_depIdxs = []int32{
 	2,  // 4: vmlock.v1.Reply.error:type_name -> vmlock.v1.CallStatus
 	6,  // 5: vmlock.v1.Reply.status:type_name -> vmlock.v1.StatusReply
 	8,  // 6: vmlock.v1.Reply.state:type_name -> vmlock.v1.StateReply
-	19, // 7: vmlock.v1.CallStatus.details:type_name -> google.protobuf.Any
+	20, // 7: vmlock.v1.CallStatus.details:type_name -> google.protobuf.Any
 	3,  // 8: vmlock.v1.AcquireRequest.object:type_name -> vmlock.v1.Object
 	4,  // 9: vmlock.v1.AcquireRequest.resources:type_name -> vmlock.v1.Resource
 	4,  // 10: vmlock.v1.ReleaseRequest.resources:type_name -> vmlock.v1.Resource
 	4,  // 11: vmlock.v1.Lock.resource:type_name -> vmlock.v1.Resource
 	12, // 12: vmlock.v1.Lock.holders:type_name -> vmlock.v1.Holder
-	13, // 13: vmlock.v1.LocksReply.locks:type_name -> vmlock.v1.Lock
-	4,  // 14: vmlock.v1.RevokeRequest.resource:type_name -> vmlock.v1.Resource
-	5,  // 15: vmlock.v1.VMLock.Status:input_type -> vmlock.v1.StatusRequest
-	7,  // 16: vmlock.v1.VMLock.Acquire:input_type -> vmlock.v1.AcquireRequest
-	9,  // 17: vmlock.v1.VMLock.Release:input_type -> vmlock.v1.ReleaseRequest
-	10, // 18: vmlock.v1.VMLock.Inquire:input_type -> vmlock.v1.InquireRequest
-	11, // 19: vmlock.v1.VMLock.Locks:input_type -> vmlock.v1.LocksRequest
-	15, // 20: vmlock.v1.VMLock.Revoke:input_type -> vmlock.v1.RevokeRequest
-	17, // 21: vmlock.v1.VMLock.Reload:input_type -> vmlock.v1.ReloadRequest
-	0,  // 22: vmlock.v1.VMLock.Session:input_type -> vmlock.v1.Call
-	6,  // 23: vmlock.v1.VMLock.Status:output_type -> vmlock.v1.StatusReply
-	8,  // 24: vmlock.v1.VMLock.Acquire:output_type -> vmlock.v1.StateReply
-	8,  // 25: vmlock.v1.VMLock.Release:output_type -> vmlock.v1.StateReply
-	8,  // 26: vmlock.v1.VMLock.Inquire:output_type -> vmlock.v1.StateReply
-	14, // 27: vmlock.v1.VMLock.Locks:output_type -> vmlock.v1.LocksReply
-	16, // 28: vmlock.v1.VMLock.Revoke:output_type -> vmlock.v1.RevokeReply
-	18, // 29: vmlock.v1.VMLock.Reload:output_type -> vmlock.v1.ReloadReply
-	1,  // 30: vmlock.v1.VMLock.Session:output_type -> vmlock.v1.Reply
-	23, // [23:31] is the sub-list for method output_type
-	15, // [15:23] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	4,  // 13: vmlock.v1.Untracked.resources:type_name -> vmlock.v1.Resource
+	13, // 14: vmlock.v1.LocksReply.locks:type_name -> vmlock.v1.Lock
+	14, // 15: vmlock.v1.LocksReply.untracked:type_name -> vmlock.v1.Untracked
+	4,  // 16: vmlock.v1.RevokeRequest.resource:type_name -> vmlock.v1.Resource
+	5,  // 17: vmlock.v1.VMLock.Status:input_type -> vmlock.v1.StatusRequest
+	7,  // 18: vmlock.v1.VMLock.Acquire:input_type -> vmlock.v1.AcquireRequest
+	9,  // 19: vmlock.v1.VMLock.Release:input_type -> vmlock.v1.ReleaseRequest
+	10, // 20: vmlock.v1.VMLock.Inquire:input_type -> vmlock.v1.InquireRequest
+	11, // 21: vmlock.v1.VMLock.Locks:input_type -> vmlock.v1.LocksRequest
+	16, // 22: vmlock.v1.VMLock.Revoke:input_type -> vmlock.v1.RevokeRequest
+	18, // 23: vmlock.v1.VMLock.Reload:input_type -> vmlock.v1.ReloadRequest
+	0,  // 24: vmlock.v1.VMLock.Session:input_type -> vmlock.v1.Call
+	6,  // 25: vmlock.v1.VMLock.Status:output_type -> vmlock.v1.StatusReply
+	8,  // 26: vmlock.v1.VMLock.Acquire:output_type -> vmlock.v1.StateReply
+	8,  // 27: vmlock.v1.VMLock.Release:output_type -> vmlock.v1.StateReply
+	8,  // 28: vmlock.v1.VMLock.Inquire:output_type -> vmlock.v1.StateReply
+	15, // 29: vmlock.v1.VMLock.Locks:output_type -> vmlock.v1.LocksReply
+	17, // 30: vmlock.v1.VMLock.Revoke:output_type -> vmlock.v1.RevokeReply
+	19, // 31: vmlock.v1.VMLock.Reload:output_type -> vmlock.v1.ReloadReply
+	1,  // 32: vmlock.v1.VMLock.Session:output_type -> vmlock.v1.Reply
+	25, // [25:33] is the sub-list for method output_type
+	17, // [17:25] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_vmlock_proto_init() }
@@ -1438,7 +1547,7 @@ func file_vmlock_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmlock_proto_rawDesc), len(file_vmlock_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

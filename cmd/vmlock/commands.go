@@ -269,10 +269,11 @@ func newLocksCmd(g *globals) *cobra.Command {
 				return usageError{fmt.Errorf("--sort %q: want resource, age, token or holder", sortBy)}
 			}
 			return g.call(cmd, func(ctx context.Context, c *api.Client) error {
-				locks, err := c.Locks(ctx)
+				mon, err := c.Monitor(ctx)
 				if err != nil {
 					return err
 				}
+				locks := mon.Locks
 				slices.SortStableFunc(locks, less)
 				hier, err := c.HierMonitor(ctx)
 				if err != nil {
@@ -283,9 +284,12 @@ func newLocksCmd(g *globals) *cobra.Command {
 				}
 				jobs := blockJobsOf(ctx, c)
 				if asJSON {
-					return writeJSON(cmd.OutOrStdout(), monitorJSON{Resources: locks, Hierarchical: hierJSON(hier), BlockJobs: jobs})
+					return writeJSON(cmd.OutOrStdout(), monitorJSON{Resources: locks, Untracked: mon.Untracked, Hierarchical: hierJSON(hier), BlockJobs: jobs})
 				}
 				if err := printLocks(cmd.OutOrStdout(), locks, time.Now()); err != nil {
+					return err
+				}
+				if err := printUntracked(cmd.OutOrStdout(), mon.Untracked); err != nil {
 					return err
 				}
 				if err := printBlockJobs(cmd.OutOrStdout(), jobs); err != nil {
@@ -311,8 +315,11 @@ var lockOrders = map[string]func(a, b api.Lock) int{
 
 // monitorJSON is what `vmlock locks -o json` prints.
 type monitorJSON struct {
-	Resources    []api.Lock    `json:"resources"`
-	Hierarchical []hierLockRow `json:"hierarchical"`
+	Resources []api.Lock `json:"resources"`
+	// Untracked are the holdings vmlockd keeps locked without managing
+	// them (docs/operations.md, "Troubleshooting").
+	Untracked    []api.Untracked `json:"untracked,omitempty"`
+	Hierarchical []hierLockRow   `json:"hierarchical"`
 	// BlockJobs are the QEMU block jobs in progress (see qemu.go).
 	BlockJobs []*vmlockpb.BlockJobInfo `json:"block_jobs,omitempty"`
 }
@@ -396,6 +403,28 @@ func printLocks(w io.Writer, locks []api.Lock, now time.Time) error {
 			age = now.Sub(l.Since).Truncate(time.Second).String()
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\n", l.Resource.Type, l.Resource.Name, l.Resource.Mode, l.Token, age, l.Waiters, strings.Join(hs, "; "))
+	}
+	return tw.Flush()
+}
+
+// printUntracked lists the holdings vmlockd keeps locked without managing
+// them, if any, after the lock table.
+func printUntracked(w io.Writer, us []api.Untracked) error {
+	if len(us) == 0 {
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nHELD, NOT MANAGED (see docs/operations.md, Troubleshooting)\tPID\tUNTIL\tRESOURCES\tWHY")
+	for _, u := range us {
+		until := "resolved by hand"
+		if u.UntilOwnerExits {
+			until = "its owner exits"
+		}
+		rs := make([]string, 0, len(u.Resources))
+		for _, r := range u.Resources {
+			rs = append(rs, r.String())
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", cmp.Or(u.UUID, strings.Join(u.Keys, " ")), u.PID, until, cmp.Or(strings.Join(rs, ", "), "-"), u.Problem)
 	}
 	return tw.Flush()
 }
