@@ -215,6 +215,24 @@ func (r *holderRig) startWith(cfg Config) (d *Daemon, c *api.Client, stop func()
 	return d, c, stop
 }
 
+// replaceHolder kills d's lock-holder (SIGKILL), waits for its exit, and
+// has d replace it, as d's once-a-second check does; the test fails unless
+// another one took over.
+func (r *holderRig) replaceHolder(d *Daemon) {
+	r.t.Helper()
+	pid := d.holderPID()
+	holder, exited := r.holders.byPID(pid)
+	if holder == nil {
+		r.t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", pid)
+	}
+	holder.Process.Signal(syscall.SIGKILL)
+	<-exited
+	d.ensureHolder()
+	if d.holderPID() == pid {
+		r.t.Fatal("the killed lock-holder was not replaced")
+	}
+}
+
 // lockedForOthers reports whether another process (a probe started for
 // it) finds path locked: what any program would see.
 func (r *holderRig) lockedForOthers(path string) bool {

@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -25,20 +24,32 @@ import (
 	"github.com/vmlock/vmlock/internal/syncbuf"
 )
 
-// keptMetric is the daemon's vmlock_kept_objects gauge.
-func keptMetric(t *testing.T, m *Metrics) float64 {
+// gauge is the value of the daemon's gauge name.
+func gauge(t *testing.T, m *Metrics, name string) float64 {
 	t.Helper()
 	mfs, err := m.Registry.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, mf := range mfs {
-		if mf.GetName() == "vmlock_kept_objects" {
+		if mf.GetName() == name {
 			return mf.GetMetric()[0].GetGauge().GetValue()
 		}
 	}
-	t.Fatal("no vmlock_kept_objects metric")
+	t.Fatalf("no %s metric", name)
 	return 0
+}
+
+// keptMetric is the daemon's vmlock_kept_objects gauge.
+func keptMetric(t *testing.T, m *Metrics) float64 {
+	t.Helper()
+	return gauge(t, m, "vmlock_kept_objects")
+}
+
+// unadoptedMetric is the daemon's vmlock_unadopted_leases gauge.
+func unadoptedMetric(t *testing.T, m *Metrics) float64 {
+	t.Helper()
+	return gauge(t, m, "vmlock_unadopted_leases")
 }
 
 // holderKeys are the keys the daemon's lock-holder keeps now.
@@ -288,17 +299,7 @@ func TestAKeptObjectCannotBeRegisteredAgainUntilTheLockHolderIsReplaced(t *testi
 		t.Fatal("the refused registration changed what is locked")
 	}
 
-	holderPID := d.holderPID()
-	holder, exited := rig.holders.byPID(holderPID)
-	if holder == nil {
-		t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", holderPID)
-	}
-	holder.Process.Signal(syscall.SIGKILL)
-	<-exited
-	d.ensureHolder() // what its once-a-second check does
-	if d.holderPID() == holderPID {
-		t.Fatal("the killed lock-holder was not replaced")
-	}
+	rig.replaceHolder(d)
 	if rig.lockedForOthers(keptDisk) {
 		t.Fatal("the kept record's disk is still locked after the lock-holder was replaced")
 	}
@@ -347,22 +348,6 @@ func TestAnOwnerWhoseStartTimeCannotBeReadIsGoneOnlyIfItExited(t *testing.T) {
 	if _, err := pinned(f, cmd.Process.Pid, 1, unreadable); !errors.Is(err, errGone) {
 		t.Fatalf("pinning an exited process whose start time cannot be read = %v, want gone", err)
 	}
-}
-
-// unadoptedMetric is the daemon's vmlock_unadopted_leases gauge.
-func unadoptedMetric(t *testing.T, m *Metrics) float64 {
-	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == "vmlock_unadopted_leases" {
-			return mf.GetMetric()[0].GetGauge().GetValue()
-		}
-	}
-	t.Fatal("no vmlock_unadopted_leases metric")
-	return 0
 }
 
 // A lease that cannot be taken back at a start (its image was moved away
@@ -423,17 +408,9 @@ func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExi
 	if !rig.lockedForOthers(moved) {
 		t.Fatal("the image under the running owner was freed by another start")
 	}
-	holderPID := d.holderPID()
-	holder, exited := rig.holders.byPID(holderPID)
-	if holder == nil {
-		t.Fatalf("the daemon's lock-holder (pid %d) is not one it started", holderPID)
-	}
-	holder.Process.Signal(syscall.SIGKILL)
-	<-exited
-	d.ensureHolder() // what its once-a-second check does
-	if keys := holderKeys(t, d); d.holderPID() == holderPID || !slices.Contains(keys, unadoptedKey(o.UUID, 0)) {
-		t.Fatalf("the lock-holder that replaced the lost one (pid %d, was %d) keeps %v, want %s too",
-			d.holderPID(), holderPID, keys, unadoptedKey(o.UUID, 0))
+	rig.replaceHolder(d)
+	if keys := holderKeys(t, d); !slices.Contains(keys, unadoptedKey(o.UUID, 0)) {
+		t.Fatalf("the lock-holder that replaced the lost one keeps %v, want %s too", keys, unadoptedKey(o.UUID, 0))
 	}
 	stop()
 	if !rig.lockedForOthers(moved) {
