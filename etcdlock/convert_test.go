@@ -3,6 +3,7 @@ package etcdlock
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -128,34 +129,6 @@ func TestUpgradeTakesANewToken(t *testing.T) {
 	}
 	mustRelease(t, dst, ld...)
 	mustRelease(t, src, down)
-}
-
-// A converted lease is taken back after a restart by its original token,
-// in its new mode.
-func TestConvertedLeaseReattaches(t *testing.T) {
-	t.Parallel()
-	c := fastCluster(t)
-	cfg := hostConfig(c.Endpoints(), "host-a")
-	cfg.StateDir = t.TempDir()
-	a := newDriver(t, cfg)
-	ls := mustAcquire(t, a, req("/img/r1", lockmgr.Exclusive, uuidA))
-	if _, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Shared); err != nil {
-		t.Fatal(err)
-	}
-	a.Close()
-	a2 := newDriver(t, cfg)
-	r := lockmgr.DiskResource("/img/r1", lockmgr.Shared)
-	l, err := a2.Adopt(r, ls[0].Token(), nil)
-	if err != nil {
-		t.Fatalf("adopt the converted lease by its token: %v (recovered %+v)", err, a2.Recovered())
-	}
-	up, err := a2.Convert(ctxT(t, 5*time.Second), l, lockmgr.Exclusive)
-	if err != nil || up.Resource().Mode != lockmgr.Exclusive {
-		t.Fatalf("upgrade after re-attach: %v", err)
-	}
-	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
-	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/r1", lockmgr.Shared, uuidB)})
-	wantBusy(t, err, "/img/r1", "host-a", uuidA, lockmgr.Exclusive)
 }
 
 // OnDeadline hears the deadline before the session is usable, then once
@@ -395,65 +368,53 @@ func TestConvertSettlesWhenTheSettlingAnswerIsLostToo(t *testing.T) {
 	mustRelease(t, a, up)
 }
 
-// vmlockd records a conversion after etcd made it; killed in between, it
-// restarts with a record of the grant as it was before. A downgrade whose
-// record was lost is adopted by the token it kept, in the mode etcd has:
-// shared.
-func TestADowngradeWhoseRecordWasLostIsAdoptedAsEtcdHasIt(t *testing.T) {
+// A converted lease is taken back after a restart in the mode etcd has,
+// whatever vmlockd's record says: vmlockd records a conversion only after
+// etcd made it, so a restart may find the record of the grant as it was
+// before. Adopted by the token the record kept (a lost upgrade's: the
+// shared grant's it replaced), it has the mode and token of etcd's grant,
+// holds it against another host, and converts again.
+func TestAConvertedLeaseIsAdoptedAsEtcdHasIt(t *testing.T) {
 	t.Parallel()
 	c := fastCluster(t)
-	cfg := hostConfig(c.Endpoints(), "host-a")
-	cfg.StateDir = t.TempDir()
-	a := newDriver(t, cfg)
-	ls := mustAcquire(t, a, req("/img/r1", lockmgr.Exclusive, uuidA))
-	if _, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Shared); err != nil {
-		t.Fatal(err)
+	for i, tc := range []struct {
+		name     string
+		from, to lockmgr.Mode // the conversion etcd made
+		recorded lockmgr.Mode // the mode of vmlockd's record
+	}{
+		{"downgrade recorded", lockmgr.Exclusive, lockmgr.Shared, lockmgr.Shared},
+		{"downgrade whose record was lost", lockmgr.Exclusive, lockmgr.Shared, lockmgr.Exclusive},
+		{"upgrade whose record was lost", lockmgr.Shared, lockmgr.Exclusive, lockmgr.Shared},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			disk, host := fmt.Sprintf("/img/r%d", i), fmt.Sprintf("host-a%d", i)
+			cfg := hostConfig(c.Endpoints(), host)
+			cfg.StateDir = t.TempDir()
+			a := newDriver(t, cfg)
+			ls := mustAcquire(t, a, req(disk, tc.from, uuidA))
+			conv, err := a.Convert(ctxT(t, 5*time.Second), ls[0], tc.to)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.Close()
+			a2 := newDriver(t, cfg)
+			l, err := a2.Adopt(lockmgr.DiskResource(disk, tc.recorded), ls[0].Token(), nil)
+			if err != nil {
+				t.Fatalf("adopt as recorded (%s, token %d): %v (recovered %+v)", tc.recorded, ls[0].Token(), err, a2.Recovered())
+			}
+			if l.Resource().Mode != tc.to || l.Token() != conv.Token() {
+				t.Fatalf("adopted %s with token %d, want %s with token %d", l.Resource(), l.Token(), tc.to, conv.Token())
+			}
+			if err := a2.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
+				t.Fatal(err)
+			}
+			b := newDriver(t, hostConfig(c.Endpoints(), fmt.Sprintf("host-b%d", i)))
+			_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req(disk, lockmgr.Exclusive, uuidB)})
+			wantBusy(t, err, disk, host, uuidA, tc.to)
+			back, err := a2.Convert(ctxT(t, 5*time.Second), l, tc.from)
+			if err != nil || back.Resource().Mode != tc.from {
+				t.Fatalf("convert back to %s after the adoption: %v", tc.from, err)
+			}
+		})
 	}
-	a.Close()
-	a2 := newDriver(t, cfg)
-	l, err := a2.Adopt(lockmgr.DiskResource("/img/r1", lockmgr.Exclusive), ls[0].Token(), nil)
-	if err != nil {
-		t.Fatalf("adopt the downgraded lease as it was recorded (exclusive, token %d): %v (recovered %+v)", ls[0].Token(), err, a2.Recovered())
-	}
-	if l.Resource().Mode != lockmgr.Shared || l.Token() != ls[0].Token() {
-		t.Fatalf("adopted %s with token %d, want shared with token %d", l.Resource(), l.Token(), ls[0].Token())
-	}
-	if err := a2.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
-	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/r1", lockmgr.Exclusive, uuidB)})
-	wantBusy(t, err, "/img/r1", "host-a", uuidA, lockmgr.Shared)
-}
-
-// An upgrade whose record was lost is adopted by the token of the shared
-// grant it replaced, in the mode etcd has: exclusive, with its own token.
-func TestAnUpgradeWhoseRecordWasLostIsAdoptedAsEtcdHasIt(t *testing.T) {
-	t.Parallel()
-	c := fastCluster(t)
-	cfg := hostConfig(c.Endpoints(), "host-a")
-	cfg.StateDir = t.TempDir()
-	a := newDriver(t, cfg)
-	ls := mustAcquire(t, a, req("/img/r1", lockmgr.Shared, uuidA))
-	sharedTok := ls[0].Token()
-	up, err := a.Convert(ctxT(t, 5*time.Second), ls[0], lockmgr.Exclusive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	upTok := up.Token()
-	a.Close()
-	a2 := newDriver(t, cfg)
-	l, err := a2.Adopt(lockmgr.DiskResource("/img/r1", lockmgr.Shared), sharedTok, nil)
-	if err != nil {
-		t.Fatalf("adopt the upgraded lease as it was recorded (shared, token %d): %v (recovered %+v)", sharedTok, err, a2.Recovered())
-	}
-	if l.Resource().Mode != lockmgr.Exclusive || l.Token() != upTok {
-		t.Fatalf("adopted %s with token %d, want exclusive with token %d", l.Resource(), l.Token(), upTok)
-	}
-	if err := a2.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	b := newDriver(t, hostConfig(c.Endpoints(), "host-b"))
-	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/r1", lockmgr.Shared, uuidB)})
-	wantBusy(t, err, "/img/r1", "host-a", uuidA, lockmgr.Exclusive)
 }
