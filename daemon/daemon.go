@@ -561,12 +561,14 @@ func (d *Daemon) restore(ctx context.Context, entries []lockholder.Entry) error 
 		return nil
 	}
 	t0 := time.Now()
-	// Each object's chunks in order: a crash in the middle of rewriting a
-	// record of several chunks (writeRecord writes them in order) can
-	// leave a resource in two, one it moved to (a lower chunk, written)
-	// and one it left (not rewritten yet). It is taken from the lower one
-	// only: a second use of one resource would be released twice, and an
-	// unplug of one would unlock what the other still shows held.
+	// Each object's chunks in order. writeRecord sends a record of several
+	// chunks as one batch, which the holder applies whole or not at all;
+	// a vmlockd before it wrote them one by one, and a crash in the middle
+	// could leave a resource in two chunks, one it moved to (a lower chunk,
+	// written) and one it left (not rewritten yet). It is taken from the
+	// lower one only: a second use of one resource would be released
+	// twice, and an unplug of one would unlock what the other still shows
+	// held.
 	slices.SortFunc(entries, func(a, b lockholder.Entry) int {
 		ua, ca, _ := parseRecordKey(a.Key)
 		ub, cb, _ := parseRecordKey(b.Key)
@@ -1161,15 +1163,17 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 			mig.Pending = nil
 		}
 	}
-	// Write the new records first, then drop the chunks no longer used:
-	// the holder never goes without a record of a lock that is held.
-	chunks := 0
+	// The new chunks, then drops of the chunks no longer used, applied by
+	// the holder as one (lockholder.Client.Apply): a crash of vmlockd in
+	// the middle of a record of several chunks leaves the old record whole.
+	var ops []lockholder.Op
 	var first error
 	// Each chunk takes up to MaxFiles of the leases and then the read-only
 	// resources, fewer where their names make the record longer than
 	// MaxMeta (the holder takes no longer one): halved until it fits.
 	// Chunk 0 also carries the object's migration mark (without the
 	// pending resources that are leases).
+	chunks := 0
 	for ls, rs := 0, 0; chunks == 0 || ls < len(leases) || rs < len(ro); chunks++ {
 		n, m := min(lockholder.MaxFiles, len(leases)-ls), len(ro)-rs
 		var b []byte
@@ -1202,20 +1206,22 @@ func (d *Daemon) writeRecord(ctx context.Context, h *lockholder.Client, o lockmg
 				n /= 2
 			}
 		}
-		if err == nil && chunks == 0 {
-			err = h.PutOwned(ctx, recordKey(o.UUID, chunks), b, pidfd, files)
-		} else if err == nil {
-			err = h.Put(ctx, recordKey(o.UUID, chunks), b, files)
-		}
-		if err != nil && first == nil {
+		if err == nil {
+			op := lockholder.Op{Key: recordKey(o.UUID, chunks), Meta: b, Files: files}
+			if chunks == 0 {
+				op.Owner = pidfd
+			}
+			ops = append(ops, op)
+		} else if first == nil {
 			first = err
 		}
 		ls, rs = ls+n, rs+m
 	}
 	for c := chunks; c < prev; c++ {
-		if err := h.Drop(ctx, recordKey(o.UUID, c)); err != nil && first == nil {
-			first = err
-		}
+		ops = append(ops, lockholder.Op{Key: recordKey(o.UUID, c), Drop: true})
+	}
+	if err := h.Apply(ctx, ops); err != nil && first == nil {
+		first = err
 	}
 	d.setChunks(o.UUID, chunks)
 	return first

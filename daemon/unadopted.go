@@ -63,9 +63,10 @@ func (d *Daemon) keepUnadopted(ctx context.Context, uuid string, old []*lockhold
 
 // putUnadopted writes ls to h as the object's L entries (L0, L1, ...: at
 // most lockholder.MaxFiles descriptors and about half of MaxMeta of record
-// each), and drops the entries from an earlier write beyond them (prev).
+// each), and drops the entries from an earlier write beyond them (prev),
+// as one change.
 func putUnadopted(ctx context.Context, h *lockholder.Client, uuid string, ls []unadoptedLease, prev int) error {
-	n := 0
+	var ops []lockholder.Op
 	for len(ls) > 0 {
 		k, size := 0, 0
 		for k < len(ls) && k < lockholder.MaxFiles && (k == 0 || size+len(ls[k].Problem)+len(ls[k].Resource.Name) < lockholder.MaxMeta/2) {
@@ -76,21 +77,17 @@ func putUnadopted(ctx context.Context, h *lockholder.Client, uuid string, ls []u
 		if err != nil {
 			return err
 		}
-		files := make([]*os.File, k)
-		for i := range files {
-			files[i] = ls[i].file
+		op := lockholder.Op{Key: unadoptedKey(uuid, len(ops)), Meta: meta, Files: make([]*os.File, k)}
+		for i := range op.Files {
+			op.Files[i] = ls[i].file
 		}
-		if err := h.Put(ctx, unadoptedKey(uuid, n), meta, files); err != nil {
-			return err
-		}
-		ls, n = ls[k:], n+1
+		ops = append(ops, op)
+		ls = ls[k:]
 	}
-	for ; n < prev; n++ {
-		if err := h.Drop(ctx, unadoptedKey(uuid, n)); err != nil {
-			return err
-		}
+	for n := len(ops); n < prev; n++ {
+		ops = append(ops, lockholder.Op{Key: unadoptedKey(uuid, n), Drop: true})
 	}
-	return nil
+	return h.Apply(ctx, ops)
 }
 
 // decodeUnadopted returns the leases of an L entry, with its descriptors

@@ -316,6 +316,69 @@ func (c *Client) DropPrefix(ctx context.Context, prefix string) error {
 	return c.send(ctx, msg, nil)
 }
 
+// Op is one change of Apply: a put of Key (with Owner, a PutOwned), or with
+// Drop set, a drop of Key.
+type Op struct {
+	Key   string
+	Meta  []byte
+	Owner *os.File
+	Files []*os.File
+	Drop  bool
+}
+
+// Apply makes the changes ops as one: the holder applies them together
+// once the last is in, and none of them if the connection ends before (the
+// caller died while sending), so that a record of several entries never
+// changes in part. When Apply returns nil, the holder keeps the puts'
+// descriptors, as with Put. A single change is sent as itself.
+func (c *Client) Apply(ctx context.Context, ops []Op) error {
+	type message struct {
+		msg   []byte
+		files []*os.File
+	}
+	msgs := make([]message, 0, len(ops)+2)
+	if len(ops) > 1 {
+		if len(ops) > maxBatch {
+			return fmt.Errorf("lockholder: %d changes in one batch (at most %d)", len(ops), maxBatch)
+		}
+		b, _ := encode(opBegin, "", nil)
+		msgs = append(msgs, message{msg: b})
+	}
+	for _, o := range ops {
+		op, files := byte(opPut), o.Files
+		switch {
+		case o.Drop:
+			op, files = opDrop, nil
+		case o.Owner != nil:
+			op, files = opPutOwned, append([]*os.File{o.Owner}, o.Files...)
+		}
+		if len(o.Files) > MaxFiles {
+			return fmt.Errorf("lockholder: %d descriptors in one entry (at most %d)", len(o.Files), MaxFiles)
+		}
+		b, err := encode(op, o.Key, o.Meta)
+		if err != nil {
+			return err
+		}
+		msgs = append(msgs, message{b, files})
+	}
+	if len(ops) > 1 {
+		b, _ := encode(opCommit, "", nil)
+		msgs = append(msgs, message{msg: b})
+	}
+	// One operation for the whole batch: no other change comes between.
+	deadline, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.end()
+	for _, m := range msgs {
+		if err := c.write(ctx, deadline, m.msg, m.files); err != nil {
+			return c.fail(fmt.Errorf("lockholder: %w", err))
+		}
+	}
+	return nil
+}
+
 func (c *Client) send(ctx context.Context, msg []byte, files []*os.File) error {
 	deadline, err := c.begin(ctx)
 	if err != nil {

@@ -67,7 +67,11 @@
 // the owner's pidfd), 'D' drop key, 'X' drop every key with the prefix,
 // 'F' fence deadline (meta: int64 LE nanoseconds of CLOCK_MONOTONIC, 0 to
 // disarm), 'L' list; a list is answered by one 'E' (or, for an entry with
-// an owner, 'O', pidfd first) message per entry and a final 'Z'.
+// an owner, 'O', pidfd first) message per entry and a final 'Z'. 'B' and
+// 'C' bracket a batch (Client.Apply): the puts and drops between them are
+// applied together at 'C', and not at all if the connection ends first, so
+// a record of several entries (an object's chunks) never changes in part.
+// At most maxBatch changes make a batch.
 package lockholder
 
 import (
@@ -89,6 +93,11 @@ const (
 	opEntry      = 'E'
 	opEntryOwned = 'O'
 	opEnd        = 'Z'
+	opBegin      = 'B'
+	opCommit     = 'C'
+
+	// maxBatch bounds the changes of one batch that the holder buffers.
+	maxBatch = 1 << 14
 
 	// MaxMeta bounds an entry's record; a larger Put is refused by the client.
 	MaxMeta = 64 << 10

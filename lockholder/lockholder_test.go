@@ -307,3 +307,136 @@ func TestConnectStartsAgainIfNobodyListens(t *testing.T) {
 		t.Fatalf("List from the second holder: %v", err)
 	}
 }
+
+// metas returns the records the holder keeps, by key (closing the
+// descriptors List passed).
+func metas(t *testing.T, c *Client) map[string]string {
+	t.Helper()
+	es, err := c.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for i := range es {
+		m[es[i].Key] = string(es[i].Meta)
+		es[i].Close()
+	}
+	return m
+}
+
+// A batch (Apply) changes the holder's entries all at once when its last
+// message is in, and not at all if its controller goes before that (as
+// vmlockd killed while sending an object's chunks): the entries stay as
+// they were, and the descriptors the unfinished batch carried are closed,
+// their locks freed.
+func TestABatchIsAppliedWholeOrNotAtAll(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	ctx := context.Background()
+	a, b, n := filepath.Join(dir, "a"), filepath.Join(dir, "b"), filepath.Join(dir, "new")
+	fa, fb := lockedFile(t, a), lockedFile(t, b)
+	c := connect(t, dir)
+	err := c.Apply(ctx, []Op{{Key: "O/x/0", Meta: []byte("old0"), Files: []*os.File{fa}}, {Key: "O/x/1", Meta: []byte("old1"), Files: []*os.File{fb}}})
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa.Close()
+	fb.Close()
+	begin, _ := encode(opBegin, "", nil)
+	put, _ := encode(opPut, "O/x/0", []byte("new0"))
+	drop, _ := encode(opDrop, "O/x/1", nil)
+
+	// A controller that goes before committing.
+	fd, err := dial(filepath.Join(dir, SocketName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn := lockedFile(t, n)
+	for i, msg := range [][]byte{begin, put, drop} { // no commit
+		var files []*os.File
+		if i == 1 {
+			files = []*os.File{fn}
+		}
+		if err := sendmsg(fd, msg, files); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fn.Close()
+	unix.Close(fd)
+	c = connect(t, dir)
+	defer c.Close() // before the holder's stop, which waits for its controller to go
+	if got := metas(t, c); len(got) != 2 || got["O/x/0"] != "old0" || got["O/x/1"] != "old1" {
+		t.Fatalf("after a batch left unfinished the holder keeps %v, want both old records", got)
+	}
+	if free(t, a) || free(t, b) || !free(t, n) {
+		t.Fatalf("after a batch left unfinished: a free %v, b free %v, new free %v; want the old locks held and the new one freed",
+			free(t, a), free(t, b), free(t, n))
+	}
+
+	// The same batch, finished.
+	fn = lockedFile(t, n)
+	if err := c.Apply(ctx, []Op{{Key: "O/x/0", Meta: []byte("new0"), Files: []*os.File{fn}}, {Key: "O/x/1", Drop: true}}); err != nil {
+		t.Fatal(err)
+	}
+	fn.Close()
+	if got := metas(t, c); len(got) != 1 || got["O/x/0"] != "new0" {
+		t.Fatalf("after a batch the holder keeps %v, want the new record 0 only", got)
+	}
+	if !free(t, a) || !free(t, b) || free(t, n) {
+		t.Fatal("after a batch the old locks are held or the new one is not")
+	}
+}
+
+// A batch out of order (a commit without a begin, a second begin, a list
+// or a fence inside one) ends that controller's connection, and nothing of
+// the batch is applied.
+func TestABatchOutOfOrderEndsTheConnectionAndChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	defer serve(t, dir)()
+	msg := func(op byte, key string, meta []byte) []byte { b, _ := encode(op, key, meta); return b }
+	begin, commit := msg(opBegin, "", nil), msg(opCommit, "", nil)
+	put, drop := msg(opPut, "new", []byte("n")), msg(opDrop, "kept", nil)
+	for _, tc := range []struct {
+		name string
+		msgs [][]byte
+	}{
+		{"commit without begin", [][]byte{put, commit}},
+		{"two begins", [][]byte{begin, put, drop, begin, commit}},
+		{"list inside a batch", [][]byte{begin, put, drop, msg(opList, "", nil), commit}},
+		{"fence inside a batch", [][]byte{begin, put, drop, msg(opFence, "", make([]byte, 8)), commit}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := connect(t, dir)
+			err := c.Put(context.Background(), "kept", []byte("x"), nil)
+			c.Drop(context.Background(), "new")
+			c.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			fd, err := dial(filepath.Join(dir, SocketName))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range tc.msgs {
+				sendmsg(fd, m, nil) // the holder may have hung up already
+			}
+			// The holder ends the connection: a read sees its end.
+			unix.SetNonblock(fd, false)
+			n, _, _, _, rerr := unix.Recvmsg(fd, make([]byte, 64), nil, 0)
+			unix.Close(fd)
+			c = connect(t, dir)
+			defer c.Close()
+			if ended := n == 0 && rerr == nil || errors.Is(rerr, unix.ECONNRESET); !ended {
+				t.Fatalf("the holder answered %d bytes (%v), want the connection ended", n, rerr)
+			}
+			got := metas(t, c)
+			if tc.name == "commit without begin" {
+				delete(got, "new") // a put outside any batch is applied
+			}
+			if len(got) != 1 || got["kept"] != "x" {
+				t.Fatalf("after a batch out of order the holder keeps %v, want only what was there before", got)
+			}
+		})
+	}
+}

@@ -154,6 +154,13 @@ func (h *holder) serve(fd int) {
 	oob := make([]byte, oobSize)
 	flags := 0 // blocking while idle; MSG_DONTWAIT while draining a batch
 	napped := false
+	var batch []change // the changes of an open batch ('B' ... 'C')
+	inBatch := false
+	defer func() { // a batch the controller did not commit is not applied
+		for _, c := range batch {
+			closeAll(c.files)
+		}
+	}()
 	for {
 		msg, files, err := recvmsg(fd, buf, oob, flags)
 		if flags != 0 && errors.Is(err, unix.EAGAIN) {
@@ -175,37 +182,55 @@ func (h *holder) serve(fd int) {
 			return
 		}
 		switch op {
-		case opPut, opPutOwned:
-			e := &Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}
-			if op == opPutOwned {
-				if len(files) == 0 {
+		case opPut, opPutOwned, opDrop, opDropPrefix:
+			c := change{op: op, key: key, meta: meta, files: files}
+			if op == opPut || op == opPutOwned {
+				c.meta = append([]byte(nil), meta...)
+			} else if len(files) > 0 {
+				closeAll(files) // only a put carries descriptors
+				c.files = nil
+			}
+			if op == opPutOwned && len(files) == 0 {
+				return
+			}
+			if inBatch {
+				if len(batch) == maxBatch {
+					closeAll(c.files)
 					return
 				}
-				e.Owner, e.Files = files[0], files[1:]
+				batch = append(batch, c)
+				continue
 			}
 			h.mu.Lock()
-			h.drop(key)
-			h.entries[key] = e
+			h.apply(c)
 			h.mu.Unlock()
-			continue
-		case opDrop:
+		case opBegin:
+			closeAll(files)
+			if inBatch {
+				return
+			}
+			inBatch = true
+		case opCommit:
+			closeAll(files)
+			if !inBatch {
+				return
+			}
 			h.mu.Lock()
-			h.drop(key)
-			h.mu.Unlock()
-		case opDropPrefix:
-			h.mu.Lock()
-			for k := range h.entries {
-				if strings.HasPrefix(k, key) {
-					h.drop(k)
-				}
+			for _, c := range batch {
+				h.apply(c)
 			}
 			h.mu.Unlock()
+			batch, inBatch = batch[:0], false
 		case opFence:
-			if !h.setDeadline(meta) {
-				closeAll(files)
+			closeAll(files)
+			if inBatch || !h.setDeadline(meta) {
 				return
 			}
 		case opList:
+			closeAll(files)
+			if inBatch {
+				return
+			}
 			if err := h.list(fd); err != nil {
 				return
 			}
@@ -213,7 +238,35 @@ func (h *holder) serve(fd int) {
 			closeAll(files)
 			return
 		}
-		closeAll(files) // only a put carries descriptors
+	}
+}
+
+// change is one put or drop, as received.
+type change struct {
+	op    byte
+	key   string
+	meta  []byte // a put's, copied
+	files []*os.File
+}
+
+// apply makes the change c; called with h.mu held.
+func (h *holder) apply(c change) {
+	switch c.op {
+	case opPut, opPutOwned:
+		e := &Entry{Key: c.key, Meta: c.meta, Files: c.files}
+		if c.op == opPutOwned {
+			e.Owner, e.Files = c.files[0], c.files[1:]
+		}
+		h.drop(c.key)
+		h.entries[c.key] = e
+	case opDrop:
+		h.drop(c.key)
+	case opDropPrefix:
+		for k := range h.entries {
+			if strings.HasPrefix(k, c.key) {
+				h.drop(k)
+			}
+		}
 	}
 }
 
