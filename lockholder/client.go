@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -37,6 +39,8 @@ type Client struct {
 
 	mu     sync.Mutex
 	failed error // the failure that made the connection unusable, or nil
+	listed bool  // a List told what the holder takes:
+	batch  bool  // 'B' ... 'C' (Apply)
 }
 
 // DefaultTimeout bounds every operation whose context has no earlier
@@ -330,14 +334,24 @@ type Op struct {
 // once the last is in, and none of them if the connection ends before (the
 // caller died while sending), so that a record of several entries never
 // changes in part. When Apply returns nil, the holder keeps the puts'
-// descriptors, as with Put. A single change is sent as itself.
+// descriptors, as with Put. A single change is sent as itself, and so is
+// each change to a holder started by a vmlockd from before batches (the
+// first Apply of several changes on a Client that has not listed lists, to
+// learn which holder it is).
 func (c *Client) Apply(ctx context.Context, ops []Op) error {
 	type message struct {
 		msg   []byte
 		files []*os.File
 	}
+	batch := len(ops) > 1
+	if batch {
+		var err error
+		if batch, err = c.takesBatches(ctx); err != nil {
+			return err
+		}
+	}
 	msgs := make([]message, 0, len(ops)+2)
-	if len(ops) > 1 {
+	if batch {
 		if len(ops) > maxBatch {
 			return fmt.Errorf("lockholder: %d changes in one batch (at most %d)", len(ops), maxBatch)
 		}
@@ -361,7 +375,7 @@ func (c *Client) Apply(ctx context.Context, ops []Op) error {
 		}
 		msgs = append(msgs, message{b, files})
 	}
-	if len(ops) > 1 {
+	if batch {
 		b, _ := encode(opCommit, "", nil)
 		msgs = append(msgs, message{msg: b})
 	}
@@ -377,6 +391,27 @@ func (c *Client) Apply(ctx context.Context, ops []Op) error {
 		}
 	}
 	return nil
+}
+
+// takesBatches reports whether the holder takes batches, listing once to
+// learn it.
+func (c *Client) takesBatches(ctx context.Context) (bool, error) {
+	c.mu.Lock()
+	listed, batch := c.listed, c.batch
+	c.mu.Unlock()
+	if listed {
+		return batch, nil
+	}
+	es, err := c.List(ctx)
+	for i := range es {
+		es[i].Close()
+	}
+	if err != nil {
+		return false, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.batch, nil
 }
 
 func (c *Client) send(ctx context.Context, msg []byte, files []*os.File) error {
@@ -546,6 +581,9 @@ func (c *Client) List(ctx context.Context) ([]Entry, error) {
 			return fail(err)
 		}
 		if op == opEnd {
+			c.mu.Lock()
+			c.listed, c.batch = true, slices.Contains(strings.Fields(string(meta)), featureBatch)
+			c.mu.Unlock()
 			return out, nil
 		}
 		e := Entry{Key: key, Meta: append([]byte(nil), meta...), Files: files}

@@ -71,7 +71,10 @@
 // 'C' bracket a batch (Client.Apply): the puts and drops between them are
 // applied together at 'C', and not at all if the connection ends first, so
 // a record of several entries (an object's chunks) never changes in part.
-// At most maxBatch changes make a batch.
+// At most maxBatch changes make a batch. A holder that takes batches says
+// "batch" in the record of its list's 'Z' (one started by an older vmlockd
+// says nothing, and ends a connection that sends 'B': Apply then sends the
+// changes one by one).
 package lockholder
 
 import (
@@ -98,6 +101,8 @@ const (
 
 	// maxBatch bounds the changes of one batch that the holder buffers.
 	maxBatch = 1 << 14
+	// featureBatch in a list's 'Z' says that the holder takes batches.
+	featureBatch = "batch"
 
 	// MaxMeta bounds an entry's record; a larger Put is refused by the client.
 	MaxMeta = 64 << 10

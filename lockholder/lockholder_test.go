@@ -440,3 +440,32 @@ func TestABatchOutOfOrderEndsTheConnectionAndChangesNothing(t *testing.T) {
 		})
 	}
 }
+
+// A holder left running by a vmlockd from before batches (it ends a
+// connection that sends 'B') gets a batch's changes one by one: Apply
+// learns which holder it is from a list, and every change is made.
+func TestApplyToAHolderFromBeforeBatchesSendsTheChangesOneByOne(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- serveWith(ctx, dir, false) }()
+	defer func() { cancel(); <-done }()
+	c := connect(t, dir)
+	defer c.Close()
+	a := filepath.Join(dir, "a")
+	fa := lockedFile(t, a)
+	err := c.Apply(context.Background(), []Op{{Key: "O/x/0", Meta: []byte("0"), Files: []*os.File{fa}}, {Key: "O/x/1", Meta: []byte("1")}})
+	fa.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := metas(t, c); len(got) != 2 || got["O/x/0"] != "0" || got["O/x/1"] != "1" {
+		t.Fatalf("the old holder keeps %v, want both changes made", got)
+	}
+	if free(t, a) {
+		t.Fatal("the old holder did not keep the descriptor")
+	}
+	if !c.Alive() {
+		t.Fatal("the old holder ended the connection")
+	}
+}

@@ -18,6 +18,12 @@ import (
 // holds nothing, or ctx is done. It refuses to run (returning an error)
 // while another holder serves the same directory.
 func Serve(ctx context.Context, stateDir string) error {
+	return serveWith(ctx, stateDir, true)
+}
+
+// serveWith is Serve; batches false makes a holder from before batches
+// (tests: a holder left running by an older vmlockd).
+func serveWith(ctx context.Context, stateDir string, batches bool) error {
 	lock, err := os.OpenFile(filepath.Join(stateDir, LockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return err
@@ -46,7 +52,7 @@ func Serve(ctx context.Context, stateDir string) error {
 		<-ctx.Done()
 		unix.Shutdown(lfd, unix.SHUT_RDWR)
 	}()
-	h := &holder{entries: make(map[string]*Entry), rearm: make(chan struct{}, 1)}
+	h := &holder{entries: make(map[string]*Entry), rearm: make(chan struct{}, 1), batches: batches}
 	fctx, stopFence := context.WithCancel(ctx)
 	defer stopFence()
 	go h.fenceLoop(fctx)
@@ -77,7 +83,8 @@ func Serve(ctx context.Context, stateDir string) error {
 }
 
 type holder struct {
-	rearm chan struct{} // nudges fenceLoop after a new deadline (buffered, 1)
+	rearm   chan struct{} // nudges fenceLoop after a new deadline (buffered, 1)
+	batches bool          // takes 'B' ... 'C' (and says so in a list's 'Z')
 
 	// mu guards the fields below between serve's goroutine, the only one
 	// that changes entries, and fenceLoop, which reads them.
@@ -206,7 +213,7 @@ func (h *holder) serve(fd int) {
 			h.mu.Unlock()
 		case opBegin:
 			closeAll(files)
-			if inBatch {
+			if inBatch || !h.batches {
 				return
 			}
 			inBatch = true
@@ -307,6 +314,10 @@ func (h *holder) list(fd int) error {
 			return err
 		}
 	}
-	msg, _ := encode(opEnd, "", nil)
+	var features []byte
+	if h.batches {
+		features = []byte(featureBatch)
+	}
+	msg, _ := encode(opEnd, "", features)
 	return sendmsg(fd, msg, nil)
 }
