@@ -553,27 +553,6 @@ func (w *crashWorld) forget(ob *crashObject) {
 	ob.owner, ob.holds, ob.mark, ob.pending = nil, nil, false, nil
 }
 
-// probe reports whether an OFD lock of type typ (F_RDLCK, F_WRLCK) on byte
-// 0 of path can be taken now, as any other process would try it.
-func probe(t *testing.T, path string, typ int16) bool {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	lk := unix.Flock_t{Type: typ, Whence: 0, Start: 0, Len: 1}
-	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
-	if err == nil {
-		return true
-	}
-	if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
-		return false
-	}
-	t.Fatalf("probe %s: %v", path, err)
-	return false
-}
-
 // checkLocked checks what another process sees of disk, held in mode
 // (exclusive or shared; read-only: not locked), and says what is wrong.
 func checkLocked(t *testing.T, disk string, mode lockmgr.Mode) string {

@@ -288,12 +288,23 @@ func (d *daemon) waitFree(path string, limit time.Duration) time.Duration {
 // vmlockd-managed or not, would see.
 func probeFree(t *testing.T, path string) bool {
 	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	return probe(t, path, unix.F_WRLCK)
+}
+
+// probe reports whether an OFD lock of type typ (F_RDLCK, F_WRLCK) on byte
+// 0 of path can be taken now, as any other process would try it.
+func probe(t *testing.T, path string, typ int16) bool {
+	t.Helper()
+	flag := os.O_RDWR
+	if typ == unix.F_RDLCK {
+		flag = os.O_RDONLY // a read lock needs only read access
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 1}
+	lk := unix.Flock_t{Type: typ, Whence: 0, Start: 0, Len: 1}
 	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
 	if err == nil {
 		return true

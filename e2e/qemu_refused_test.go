@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -69,21 +68,7 @@ func qemuIOHold(t *testing.T, image string, opts ...string) (release func()) {
 // taken right now: whether nobody holds it exclusively.
 func probeRead(t *testing.T, path string) bool {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: 0, Len: 1}
-	err = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
-	if err == nil {
-		return true
-	}
-	if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
-		return false
-	}
-	t.Fatalf("probe %s: %v", path, err)
-	return false
+	return probe(t, path, unix.F_RDLCK)
 }
 
 func fileSum(t *testing.T, path string) [32]byte {
