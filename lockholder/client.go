@@ -343,12 +343,17 @@ func (c *Client) Apply(ctx context.Context, ops []Op) error {
 		msg   []byte
 		files []*os.File
 	}
-	batch := len(ops) > 1
-	if batch {
-		var err error
-		if batch, err = c.takesBatches(ctx); err != nil {
-			return err
-		}
+	switch {
+	case len(ops) == 0:
+		return nil
+	case len(ops) == 1 && ops[0].Drop:
+		return c.Drop(ctx, ops[0].Key)
+	case len(ops) == 1:
+		return c.PutOwned(ctx, ops[0].Key, ops[0].Meta, ops[0].Owner, ops[0].Files)
+	}
+	batch, err := c.takesBatches(ctx)
+	if err != nil {
+		return err
 	}
 	msgs := make([]message, 0, len(ops)+2)
 	if batch {
