@@ -418,13 +418,14 @@ func TestALeaseThatCannotBeTakenBackFromARunningOwnerStaysLockedUntilTheOwnerExi
 	}
 
 	m = NewMetrics()
-	d, c, _ = rig.startWith(Config{Metrics: m})
+	var last syncbuf.Buffer
+	d, c, _ = rig.startWith(Config{Logger: slog.New(slog.NewTextHandler(&last, nil)), Metrics: m})
 
 	cmd.Process.Kill()
 	cmd.Wait()
 	for deadline := time.Now().Add(10 * time.Second); rig.lockedForOthers(moved); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatal("the image is still locked after its owner exited")
+			t.Fatalf("the image is still locked after its owner exited; the last start logged:\n%s", last.String())
 		}
 	}
 	for _, k := range holderKeys(t, d) {
