@@ -80,19 +80,19 @@ var errGone = errors.New("process is gone")
 
 // wait closes done when the process exits. A pidfd becomes readable when
 // its process exits; the runtime poller tells us without a thread per pid.
+// The poller's edge-triggered readiness is reset before each check, so an
+// exit that came before this goroutine first ran (it may start late on a
+// busy host) is seen by asking the pidfd itself (poll, no wait), never by
+// waiting for an edge that has passed.
 func (p *process) wait() {
 	defer close(p.done)
 	rc, err := p.file.SyscallConn()
 	if err != nil {
 		return
 	}
-	first := true
-	err = rc.Read(func(uintptr) bool {
-		if first {
-			first = false
-			return false // wait for readability
-		}
-		return true
+	err = rc.Read(func(fd uintptr) bool {
+		n, perr := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+		return perr == nil && n > 0 // else: wait for readability
 	})
 	p.dead = err == nil
 }
