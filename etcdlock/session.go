@@ -217,6 +217,14 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	if ttl.TTL <= 0 {
 		d.log.Warn("the previous etcd session expired; its locks are gone and their holders must have been fenced",
 			"lease", fmt.Sprintf("%x", st.Lease))
+		// etcd deletes an expired lease's keys (the host name's among
+		// them) only when its lessor next looks, up to half a second
+		// later; until then the new session could not claim the host
+		// name. Nobody can renew an expired lease, so revoking it now
+		// changes nothing but that.
+		if _, err := d.cli.Revoke(octx, id); err != nil && !isLeaseNotFound(err) {
+			return false, opError("etcd driver: revoke the expired previous session", err)
+		}
 		return false, nil
 	}
 	t0 := time.Now()

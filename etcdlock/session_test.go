@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vmlock/vmlock/internal/syncbuf"
 )
@@ -42,5 +45,38 @@ func TestSessionFileWithImpossibleLeaseStartsNewSession(t *testing.T) {
 	var got stateFile
 	if err := json.Unmarshal(b, &got); err != nil || got.Lease != int64(st.LeaseID) {
 		t.Fatalf("session file %s after start: %s (%v), want lease %d", path, b, err, st.LeaseID)
+	}
+}
+
+// A driver that starts just after its previous session expired finds the
+// lease expired while etcd has not yet deleted its keys (it does so at its
+// lessor's next look, up to half a second later), the host name's among
+// them. It starts a new session all the same instead of failing on its own
+// host name as taken by another vmlockd.
+func TestStartJustAfterThePreviousSessionExpiredClaimsTheHostName(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	raw := rawClient(t, c.Endpoints())
+	cfg := hostConfig(c.Endpoints(), "host-a")
+	cfg.TTL, cfg.StateDir = 2*time.Second, t.TempDir()
+	old := newDriver(t, cfg)
+	oldLease := old.Status().LeaseID
+	old.Close() // a crash: no more renewals, nothing revoked
+
+	eventually(t, 10*time.Second, "the old lease to expire", func() bool {
+		ttl, err := raw.TimeToLive(ctxT(t, 5*time.Second), clientv3.LeaseID(oldLease))
+		return err == nil && ttl.TTL <= 0
+	})
+	d := newDriver(t, cfg)
+	st := d.Status()
+	if st.Reattached || st.LeaseID == oldLease {
+		t.Fatalf("start after expiry: %+v, want a new session, not lease %x", st, oldLease)
+	}
+	resp, err := raw.Get(ctxT(t, 5*time.Second), keyspace{prefix: DefaultPrefix}.host("host-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 || resp.Kvs[0].Lease != st.LeaseID {
+		t.Fatalf("host name key after the start: %v, want it on the new lease %x", resp.Kvs, st.LeaseID)
 	}
 }
