@@ -203,9 +203,16 @@ type StaleStateError struct {
 	Resource Resource
 	Want     uint64 // the token in the state string
 	Current  uint64 // the resource's current token (0 if unknown)
+	// Reason, if set, says why Want is refused although it is Current: the
+	// driver cannot trust its record of the resource (a crash of the host
+	// may have taken back a later grant).
+	Reason string
 }
 
 func (e *StaleStateError) Error() string {
+	if e.Reason != "" {
+		return fmt.Sprintf("%s: stale state: token %d cannot be trusted to be current: %s", e.Resource, e.Want, e.Reason)
+	}
 	if e.Current == 0 {
 		return fmt.Sprintf("%s: stale state: token %d is no longer current (the resource was granted to someone else since)", e.Resource, e.Want)
 	}

@@ -103,9 +103,10 @@ func (l *lease) readRecord() (lockmgr.Holder, bool) {
 // regrant records an upgrade of l as a new grant to h and returns its
 // token: the record's current token plus one (for a record without one,
 // the lockspace directory's high-water mark's), never less than l's own
-// plus one. An unnamed h (an adopted shared lease, which does not know its
-// holder) keeps the holder recorded. Called with l.mu held and byte 0
-// write-locked, which excludes every other writer of the record.
+// plus one or the epoch's floor plus one (boot.go). An unnamed h (an
+// adopted shared lease, which does not know its holder) keeps the holder
+// recorded. Called with l.mu held and byte 0 write-locked, which excludes
+// every other writer of the record.
 func (l *lease) regrant(h lockmgr.Holder) (uint64, error) {
 	fd, done, err := l.recordFd()
 	if err != nil {
@@ -121,7 +122,7 @@ func (l *lease) regrant(h lockmgr.Holder) (uint64, error) {
 			return 0, fsError(l.res, "read the high-water mark of", filepath.Dir(l.path()), err)
 		}
 	}
-	tok := max(cur, l.token) + 1
+	tok := max(cur, l.token, l.d.floor()) + 1
 	if !isNamed(h) {
 		if rec, named := readHolder(fd); named {
 			h = rec

@@ -130,7 +130,16 @@
 // (byte 1) taken together, in the order of their keys, then checked again,
 // and written before any is let go.
 //
+// # Host crashes
+//
 // Tokens and records are written to the page cache, not synced: they survive
-// a restart or crash of the daemon, not a crash of the host (after which no
-// lock survives either).
+// a restart or crash of the daemon, but a crash of the host can take back
+// the last grants made before it. StateDir/boot (boot.go) makes that safe:
+// a grant in the host's n-th boot since the first start takes a token above
+// n<<40, so tokens granted after a reboot exceed all granted before; and if
+// the last boot ended without Close (which syncs and records a clean end),
+// a state string whose token matches a record of that boot or an earlier
+// one on a local file system is refused as stale, since the record may
+// have lost a later grant. Records on network file systems (unknown types
+// included) are trusted as before. A damaged StateDir/boot fails New.
 package lockspace

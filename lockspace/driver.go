@@ -68,6 +68,8 @@ type Driver struct {
 	leaseDir *handle // LeaseDir, or nil
 	diskDir  *handle // DiskLeaseDir, or nil (direct disk leases)
 
+	boot bootState // StateDir/boot as this Driver's New left it (boot.go)
+
 	mu     sync.Mutex
 	closed bool
 	tokens handleCache // token files, by canonical disk path
@@ -82,8 +84,20 @@ var _ lockmgr.Driver = (*Driver)(nil)
 var _ lockmgr.Adopter = (*Driver)(nil)
 var _ lockmgr.FileLease = (*lease)(nil)
 
-// New returns a driver for cfg, creating its directories if missing.
+// New returns a driver for cfg, creating its directories if missing, and
+// records the start in StateDir/boot (see the package comment, "Host
+// crashes"). One Driver at a time should use a StateDir: its Close marks
+// the epoch as ended cleanly.
 func New(cfg Config) (*Driver, error) {
+	bootID, err := hostBootID()
+	if err != nil {
+		return nil, err
+	}
+	return newDriver(cfg, bootID)
+}
+
+// newDriver is New in the boot bootID of the host.
+func newDriver(cfg Config, bootID string) (*Driver, error) {
 	if cfg.StateDir == "" {
 		return nil, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "lockspace: StateDir is required")
 	}
@@ -106,6 +120,10 @@ func New(cfg Config) (*Driver, error) {
 		dirs:   handleCache{m: make(map[string]*handle), max: maxCachedDirs}}
 	var err error
 	if d.tokDir, err = openConfDir(filepath.Join(cfg.StateDir, "tokens")); err != nil {
+		return nil, err
+	}
+	if d.boot, err = startEpoch(cfg.StateDir, bootID); err != nil {
+		d.tokDir.close()
 		return nil, err
 	}
 	if cfg.LeaseDir != "" {
@@ -142,10 +160,15 @@ func openConfDir(p string) (*handle, error) {
 // Name returns "lockspace".
 func (d *Driver) Name() string { return "lockspace" }
 
-// Close closes the driver's cached descriptors. It releases no lease: the
-// leases it granted stay held until they are released (which still works
-// after Close) or their files are closed everywhere. Acquire and Adopt fail
-// after Close.
+// Close syncs the file systems of the tokens and lease files, records in
+// StateDir/boot that this epoch ended cleanly (see the package comment,
+// "Host crashes"), and closes the driver's cached descriptors. It releases
+// no lease: the leases it granted stay held until they are released (which
+// still works after Close) or their files are closed everywhere. Acquire
+// and Adopt fail after Close; a grant or release still in progress when
+// Close is called may be left unsynced, so Close belongs after the last
+// call returned. An error says the sync or the record failed; the
+// descriptors are closed all the same.
 func (d *Driver) Close() error {
 	d.mu.Lock()
 	if d.closed {
@@ -153,6 +176,9 @@ func (d *Driver) Close() error {
 		return nil
 	}
 	d.closed = true
+	d.mu.Unlock()
+	err := d.syncAndMarkClean()
+	d.mu.Lock()
 	d.images.close()
 	cl := d.tokens.clearLocked()
 	cl = append(cl, d.dirs.clearLocked()...)
@@ -167,7 +193,7 @@ func (d *Driver) Close() error {
 	for _, h := range cl {
 		d.closeHandle(h)
 	}
-	return nil
+	return err
 }
 
 // errClosed is the error of a call about r after Close.
@@ -371,8 +397,8 @@ func (d *Driver) lockOne(l *lease, req *lockmgr.Request) error {
 	if req.Resource.Mode == lockmgr.Exclusive || req.Expect != 0 {
 		// An exclusive lock freezes the token; a shared one does not, so a
 		// sharer's Expect is checked again by commit.
-		if l.token, err = d.current(l, &t, req.Resource.Mode == lockmgr.Shared); err == nil && req.Expect != 0 && req.Expect != l.token {
-			err = &lockmgr.StaleStateError{Resource: req.Resource, Want: req.Expect, Current: l.token}
+		if l.token, err = d.current(l, &t, req.Resource.Mode == lockmgr.Shared); err == nil && req.Expect != 0 {
+			err = d.checkExpect(l, req, l.token)
 		}
 		if err != nil {
 			l.undo()
@@ -420,6 +446,23 @@ func (d *Driver) readCurrent(l *lease, t *target) (uint64, error) {
 	return cur, nil
 }
 
+// checkExpect checks req.Expect against cur, the current token of l's
+// resource, read from l's record; a record that a crash of the host may
+// have taken back is not trusted to match (boot.go).
+func (d *Driver) checkExpect(l *lease, req *lockmgr.Request, cur uint64) error {
+	if req.Expect != cur {
+		return &lockmgr.StaleStateError{Resource: req.Resource, Want: req.Expect, Current: cur}
+	}
+	fd := l.fd
+	if l.tf != nil {
+		fd = l.tf.fd
+	}
+	if d.distrusted(fd, cur) {
+		return staleAfterCrash(req.Resource, req.Expect, cur)
+	}
+	return nil
+}
+
 // commitExpectingSharers commits the shared requests that carry an Expect.
 // lockOne checked their tokens, but other sharers may have been granted
 // since, so each is checked again under its token mutex. All those mutexes
@@ -457,8 +500,8 @@ func (d *Driver) commitExpectingSharers(ls []lease, reqs []lockmgr.Request, now 
 		if err != nil {
 			return err
 		}
-		if cur != r.Expect {
-			return &lockmgr.StaleStateError{Resource: r.Resource, Want: r.Expect, Current: cur}
+		if err := d.checkExpect(l, r, cur); err != nil {
+			return err
 		}
 		l.token = cur
 	}
@@ -490,7 +533,8 @@ func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byt
 	}
 	h := req.Holder
 	h.Mode = r.Mode
-	rec := appendRecord(buf, cur+1, h, now, &d.holders)
+	next := max(cur, d.floor()) + 1
+	rec := appendRecord(buf, next, h, now, &d.holders)
 	var err error
 	if l.tf != nil {
 		err = l.tf.writeRecord(rec)
@@ -502,7 +546,7 @@ func (d *Driver) commit(l *lease, req *lockmgr.Request, now time.Time, buf []byt
 		return fsError(r, "write the token of", d.filePath(&t), err)
 	}
 	h.Since = now
-	l.token, l.committed, l.holder = cur+1, true, h
+	l.token, l.committed, l.holder = next, true, h
 	if l.tf != nil {
 		d.put(l.tf)
 		l.tf = nil

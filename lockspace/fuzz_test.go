@@ -110,3 +110,21 @@ func FuzzTokenRecord(f *testing.F) {
 		}
 	})
 }
+
+// FuzzBootState: StateDir/boot either parses into a state that encodes
+// back to the same bytes, or is refused; nothing panics.
+func FuzzBootState(f *testing.F) {
+	f.Add([]byte("vmlock.boot.v1 1fd0f689-4cac-4f3b-b69e-6424bec19d51 3 2 running\n"))
+	f.Add([]byte("vmlock.boot.v1 b 0 0 clean\n"))
+	f.Add([]byte("vmlock.boot.v1 b +1 0 clean\n"))
+	f.Add([]byte("vmlock.boot.v1  b 01 0 clean \n"))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		s, err := parseBootState(raw)
+		if err != nil {
+			return
+		}
+		if s.String() != string(raw) {
+			t.Fatalf("%q parses as %+v, which encodes as %q", raw, s, s.String())
+		}
+	})
+}

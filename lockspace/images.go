@@ -213,7 +213,8 @@ func (c *imageCache) admit(path string, fd int) *keptImage {
 }
 
 // localFS reports whether a file system's changes are all made on this
-// host, where inotify sees them.
+// host: inotify sees them, and only a crash of this host can take its
+// writes back (boot.go). Unknown types count as shared.
 func localFS(typ int64) bool {
 	switch uint32(typ) {
 	case unix.EXT4_SUPER_MAGIC, unix.XFS_SUPER_MAGIC, unix.BTRFS_SUPER_MAGIC, unix.TMPFS_MAGIC, unix.F2FS_SUPER_MAGIC:

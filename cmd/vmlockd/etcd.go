@@ -109,19 +109,3 @@ func isCluster(drv lockmgr.Driver) bool {
 	_, ok := drv.(*etcdlock.Driver)
 	return ok
 }
-
-// closeCluster stops the etcd driver on a stop or reload without giving up
-// its lease (Close, not Shutdown): a vmlockd that is back within the TTL
-// re-attaches to every lock; the lock-holder fences the holders if it is
-// not back before the fence deadline.
-func closeCluster(drv lockmgr.Driver, log *slog.Logger) {
-	if ed, ok := drv.(*etcdlock.Driver); ok {
-		if st := ed.Status(); !st.Fenced {
-			log.Warn("etcd lease kept for the next start: unless a vmlockd re-attaches to it in time, the lock-holder kills the holders of this host's locks",
-				"in", time.Until(st.FenceDeadline).Round(time.Millisecond), "locks", st.Held)
-		}
-		if err := ed.Close(); err != nil {
-			log.Warn("closing the etcd driver", "err", err)
-		}
-	}
-}

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/daemon"
+	"github.com/vmlock/vmlock/etcdlock"
 	"github.com/vmlock/vmlock/lockholder"
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/lockspace"
@@ -165,6 +166,29 @@ func newDriver(c Config, log *slog.Logger, fencer *daemon.Fencer) (lockmgr.Drive
 	return nil, fmt.Errorf("unknown driver %q", c.Driver)
 }
 
+// closeDriver closes the driver on a stop or reload, keeping every lock.
+// The lockspace driver syncs what it wrote and records a clean end (so
+// state strings stay good across a reboot that follows). The etcd driver
+// keeps its lease (Close, not Shutdown): a vmlockd that is back within the
+// TTL re-attaches to every lock; the lock-holder fences the holders if it
+// is not back before the fence deadline.
+func closeDriver(drv lockmgr.Driver, log *slog.Logger) {
+	switch d := drv.(type) {
+	case *lockspace.Driver:
+		if err := d.Close(); err != nil {
+			log.Error("closing the lockspace driver: after a crash of the host, state strings of grants made until now will be refused as stale", "err", err)
+		}
+	case *etcdlock.Driver:
+		if st := d.Status(); !st.Fenced {
+			log.Warn("etcd lease kept for the next start: unless a vmlockd re-attaches to it in time, the lock-holder kills the holders of this host's locks",
+				"in", time.Until(st.FenceDeadline).Round(time.Millisecond), "locks", st.Held)
+		}
+		if err := d.Close(); err != nil {
+			log.Warn("closing the etcd driver", "err", err)
+		}
+	}
+}
+
 func serve(c Config) error {
 	log := newLogger(c)
 	setMaxProcs(c)
@@ -230,7 +254,7 @@ func serve(c Config) error {
 		d.Reload()
 	}()
 	err = d.Run(ctx)
-	closeCluster(drv, log) // its lease survives, for the next start or image
+	closeDriver(drv, log)
 	if !errors.Is(err, daemon.ErrReload) {
 		return err
 	}
