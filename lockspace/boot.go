@@ -118,7 +118,7 @@ func hostBootID() (string, error) {
 	}
 	id := strings.TrimSpace(string(b))
 	if !validBootID(id) {
-		return "", lockmgr.Errorf(lockmgr.CodeInternal, "lockspace: the host's boot id %q is not a UUID", id)
+		return "", lockmgr.Errorf(lockmgr.CodeInternal, "lockspace: the host's boot id %q (/proc/sys/kernel/random/boot_id) is not one word of letters, digits and dashes", id)
 	}
 	return id, nil
 }
@@ -138,7 +138,6 @@ func startEpoch(stateDir, bootID string) (bootState, error) {
 	p := filepath.Join(stateDir, bootFileName)
 	b, err := os.ReadFile(p)
 	s := bootState{bootID: bootID}
-
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
@@ -241,7 +240,7 @@ func (d *Driver) distrusted(fd int, cur uint64) bool {
 // that distrusted refuses.
 func staleAfterCrash(r lockmgr.Resource, want, cur uint64) error {
 	return &lockmgr.StaleStateError{Resource: r, Want: want, Current: cur,
-		Reason: "the host went down without vmlockd's clean stop after this resource was last granted, and a grant made before that may have been lost with the page cache"}
+		Reason: "the host went down without vmlockd's clean stop after this resource was last granted, so a later grant may have been lost with the page cache"}
 }
 
 // syncAndMarkClean syncs the file systems the Driver writes to and records
