@@ -384,3 +384,39 @@ func TestLockSetImplicitNamesUnderContention(t *testing.T) {
 		t.Fatalf("set stores %v and %d implicit entries after every owner released", linked, implicit)
 	}
 }
+
+// A Remove of an implicit member deletes the lock, then unlinks it. An
+// acquire with Create in between finds the name deleted and links a new
+// lock under it: the deleted one leaves the implicit members there and
+// then, and the acquires that had pinned it (they fail with ErrDeleted)
+// leave the new one alone when they unpin.
+func TestAnImplicitMemberReplacedBeforeItsRemoveEndsIsNoLongerImplicit(t *testing.T) {
+	s := newSet(t)
+	_, err := s.Acquire(bg, "a", create("x"))
+	must(t, err)
+	s.mu.Lock()
+	old := s.locks["x"]
+	s.implicit[old]++ // an acquire that looked "x" up and has not acquired it yet
+	s.mu.Unlock()
+	must(t, s.Release("a"))
+	must(t, old.Delete(bg, "r", 0)) // Remove's first step; its clean-up has not run
+
+	got, err := s.Acquire(bg, "b", create("x"))
+	must(t, err)
+	if !slices.Equal(got, []string{"x"}) || s.locks["x"] == old {
+		t.Fatalf("acquired %v; want x, on a new lock", got)
+	}
+	if err := s.checkImplicit(); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	s.unpinLocked([]string{"x"}, []*SharedLock{old}) // the pinned acquire gives up
+	s.mu.Unlock()
+	if m, held := s.locks["x"].Holds("b"); !held || m != Exclusive {
+		t.Fatalf("b holds x: %v %v after the old lock was unpinned, want exclusive", m, held)
+	}
+	must(t, s.Release("b"))
+	if linked, implicit := s.contents(); len(linked) != 0 || implicit != 0 {
+		t.Fatalf("set stores %v and %d implicit entries after x was released", linked, implicit)
+	}
+}

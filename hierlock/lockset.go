@@ -103,9 +103,14 @@ func (s *LockSet) init() {
 	})
 }
 
-// linkLocked makes lk the member n, replacing a deleted one not yet unlinked.
+// linkLocked makes lk the member n, replacing a deleted one not yet
+// unlinked (a Remove between its Delete and its clean-up). The replaced
+// one leaves the implicit members too: nobody can acquire it any more, and
+// an implicit member is always the one linked under its name.
 func (s *LockSet) linkLocked(n string, lk *SharedLock) {
-	if _, ok := s.locks[n]; !ok {
+	if old, ok := s.locks[n]; ok {
+		delete(s.implicit, old)
+	} else {
 		i, _ := slices.BinarySearchFunc(s.sorted, n, CompareNatural)
 		s.sorted = slices.Insert(s.sorted, i, n)
 	}
