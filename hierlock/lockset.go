@@ -64,7 +64,8 @@ type LockSet struct {
 	// it) checks it under mu afterwards. Looking up and pinning happen
 	// under mu too, so an unlinked lock has nobody left to acquire it, and
 	// an acquire never finds an implicit member removed: it pins it, or
-	// finds the name missing and creates it again.
+	// finds the name missing and creates it again. Every implicit member is
+	// the one linked under its name (linkLocked drops a replaced one).
 	implicit map[*SharedLock]int
 }
 
