@@ -130,11 +130,11 @@ func hostBootID() (string, error) {
 // one fails: the epoch it held is unknown, so a new one might not be
 // greater.
 func startEpoch(stateDir, bootID string) (bootState, error) {
-	unlock, err := lockStateDir(stateDir)
+	dir, err := lockStateDir(stateDir)
 	if err != nil {
 		return bootState{}, err
 	}
-	defer unlock()
+	defer unix.Close(dir)
 	p := filepath.Join(stateDir, bootFileName)
 	b, err := os.ReadFile(p)
 	s := bootState{bootID: bootID}
@@ -158,15 +158,16 @@ func startEpoch(stateDir, bootID string) (bootState, error) {
 		}
 	}
 	s.clean = false
-	if err := writeBootState(stateDir, s); err != nil {
+	if err := writeBootState(stateDir, dir, s); err != nil {
 		return bootState{}, err
 	}
 	return s, nil
 }
 
 // lockStateDir serialises the Drivers (of any process) that read and
-// replace StateDir/boot, with a flock on the directory.
-func lockStateDir(stateDir string) (unlock func(), err error) {
+// replace StateDir/boot, with a flock on the directory, and returns the
+// directory's descriptor: closing it unlocks.
+func lockStateDir(stateDir string) (int, error) {
 	fd, err := unix.Open(stateDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err == nil {
 		for {
@@ -179,14 +180,14 @@ func lockStateDir(stateDir string) (unlock func(), err error) {
 		}
 	}
 	if err != nil {
-		return nil, &lockmgr.Error{Code: codeOfErrno(err), Msg: "lockspace: cannot lock " + stateDir, Err: err}
+		return -1, &lockmgr.Error{Code: codeOfErrno(err), Msg: "lockspace: cannot lock " + stateDir, Err: err}
 	}
-	return func() { _ = unix.Close(fd) }, nil
+	return fd, nil
 }
 
 // writeBootState replaces StateDir/boot with s, durably. Called with the
-// StateDir locked.
-func writeBootState(stateDir string, s bootState) error {
+// StateDir locked through dir, its descriptor.
+func writeBootState(stateDir string, dir int, s bootState) error {
 	p := filepath.Join(stateDir, bootFileName)
 	tmp := p + ".new"
 	fail := func(op string, err error) error {
@@ -209,12 +210,7 @@ func writeBootState(stateDir string, s bootState) error {
 	if err := os.Rename(tmp, p); err != nil {
 		return fail("replace", err)
 	}
-	dir, err := os.Open(stateDir)
-	if err != nil {
-		return fail("sync the directory of", err)
-	}
-	defer dir.Close()
-	if err := dir.Sync(); err != nil {
+	if err := unix.Fsync(dir); err != nil {
 		return fail("sync the directory of", err)
 	}
 	return nil
@@ -240,7 +236,7 @@ func (d *Driver) distrusted(fd int, cur uint64) bool {
 // that distrusted refuses.
 func staleAfterCrash(r lockmgr.Resource, want, cur uint64) error {
 	return &lockmgr.StaleStateError{Resource: r, Want: want, Current: cur,
-		Reason: "the host went down without vmlockd's clean stop after this resource was last granted, so a later grant may have been lost with the page cache"}
+		Reason: "the host went down without vmlockd's clean stop after this resource was last granted, so a later grant may have been lost with the page cache; acquire without the state once you know nobody else used it since"}
 }
 
 // syncAndMarkClean syncs the file systems the Driver writes to and records
@@ -254,12 +250,12 @@ func (d *Driver) syncAndMarkClean() error {
 			return &lockmgr.Error{Code: lockmgr.CodeInternal, Msg: "lockspace: cannot sync the file system of the tokens and lease files", Err: err}
 		}
 	}
-	unlock, err := lockStateDir(d.cfg.StateDir)
+	dir, err := lockStateDir(d.cfg.StateDir)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer unix.Close(dir)
 	s := d.boot
 	s.clean = true
-	return writeBootState(d.cfg.StateDir, s)
+	return writeBootState(d.cfg.StateDir, dir, s)
 }
