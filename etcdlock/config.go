@@ -51,7 +51,7 @@ type Config struct {
 	// so that a restarted daemon re-attaches to its locks.
 	StateDir string
 	// MaxTxnOps is the cluster's --max-txn-ops (default 128). A grant holds
-	// at most (MaxTxnOps−1)/2 resources.
+	// at most (MaxTxnOps−2)/2 resources.
 	MaxTxnOps int
 	// Logger for session events; slog.Default() if nil.
 	Logger *slog.Logger
@@ -112,7 +112,7 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxTxnOps == 0 {
 		c.MaxTxnOps = DefaultMaxTxnOps
 	}
-	if c.MaxTxnOps < 3 {
+	if c.MaxTxnOps < 4 {
 		return c, lockmgr.Errorf(lockmgr.CodeInvalidArgument, "etcd driver: MaxTxnOps %d is too small", c.MaxTxnOps)
 	}
 	if c.Logger == nil {

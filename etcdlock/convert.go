@@ -80,7 +80,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		d.mu.Unlock()
 		return l, nil
 	}
-	id, epoch, oldKey, oldRev, oldMod, token := d.leaseID, d.epoch, l.key, l.rev, l.mod, l.token
+	id, epoch, hostRev, oldKey, oldRev, oldMod, token := d.leaseID, d.epoch, d.hostRev, l.key, l.rev, l.mod, l.token
 	nres := l.res
 	nres.Mode = m
 	k := nres.Key()
@@ -110,7 +110,8 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: nres.String(), Msg: "encode holder", Err: err}
 	}
-	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod)}
+	hk := d.ks.host(d.cfg.Host)
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)}
 	thens := []clientv3.Op{clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))}
 	if m == lockmgr.Exclusive {
 		cmps = append(cmps,
@@ -121,7 +122,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
 	resp, err := d.cli.Txn(octx).If(cmps...).Then(thens...).
-		Else(clientv3.OpGet(oldKey), clientv3.OpGet(base, clientv3.WithPrefix(), clientv3.WithLimit(2))).Commit()
+		Else(clientv3.OpGet(oldKey), clientv3.OpGet(base, clientv3.WithPrefix(), clientv3.WithLimit(2)), clientv3.OpGet(hk)).Commit()
 	applied, newRev := false, int64(0)
 	switch {
 	case err != nil && isLeaseNotFound(err):
@@ -131,7 +132,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		return nil, opError("etcd driver: convert", err)
 	case err != nil:
 		var mod int64
-		applied, newRev, mod, err = d.convertOutcome(ctx, id, oldKey, oldRev, oldMod, newKey, string(val))
+		applied, newRev, mod, err = d.convertOutcome(ctx, id, hostRev, oldKey, oldRev, oldMod, newKey, string(val))
 		if err != nil {
 			d.log.Error("a lock conversion's outcome is unknown", "resource", nres.String(), "err", err)
 			d.fence(epoch, "a lock conversion's outcome could not be settled in etcd")
@@ -149,6 +150,12 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		applied, newRev = true, resp.Header.Revision
 	}
 	if !applied {
+		if len(resp.Responses) != 3 {
+			return nil, lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected conversion reply (%d responses)", len(resp.Responses))
+		}
+		if err := d.takenOver(epoch, hostRev, resp.Responses[2]); err != nil {
+			return nil, err
+		}
 		return nil, convertRefused(resp, nres, oldKey, oldMod)
 	}
 
@@ -185,9 +192,6 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 // failed: the lease's key is gone (CodeNotHeld), or another holder stands
 // in the way of an upgrade (a *lockmgr.BusyError).
 func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey string, oldMod int64) error {
-	if len(resp.Responses) != 2 {
-		return lockmgr.Errorf(lockmgr.CodeInternal, "etcd driver: unexpected conversion reply (%d responses)", len(resp.Responses))
-	}
 	own := resp.Responses[0].GetResponseRange().GetKvs()
 	if len(own) == 0 || own[0].ModRevision != oldMod {
 		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "the lease is no longer in etcd (its session expired)"}
@@ -205,18 +209,23 @@ func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey strin
 // so, or else the old key's ModRevision now. Once it has returned, the
 // conversion's transaction can no longer change anything. It tries until
 // etcd answers, for at most OpTimeout.
-func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
+func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, hostRev int64, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
 	octx, cancel := d.opCtx(context.WithoutCancel(ctx))
 	defer cancel()
+	hk := d.ks.host(d.cfg.Host)
 	for {
 		resp, err := d.cli.Txn(octx).
-			If(clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod)).
+			If(clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)).
 			Then(clientv3.OpPut(oldKey, "", clientv3.WithIgnoreValue(), clientv3.WithIgnoreLease())).
-			Else(clientv3.OpGet(oldKey), clientv3.OpGet(newKey)).Commit()
+			Else(clientv3.OpGet(oldKey), clientv3.OpGet(newKey), clientv3.OpGet(hk)).Commit()
 		switch {
 		case err == nil && resp.Succeeded:
 			return false, 0, resp.Header.Revision, nil
 		case err == nil:
+			// Taken over: the other run owns the keys; leave them be.
+			if kvs := resp.Responses[2].GetResponseRange().GetKvs(); len(kvs) != 1 || kvs[0].ModRevision != hostRev {
+				return false, 0, 0, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "this host's etcd session was taken over: its host key was written again by another run"}
+			}
 			if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 && string(kvs[0].Value) == val {
 				return true, kvs[0].CreateRevision, 0, nil
 			}

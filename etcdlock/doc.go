@@ -40,8 +40,9 @@
 //	      for a shared request       CreateRevision(P res/K/e) == 0                  (no exclusive holder)
 //	      if Request.Expect != 0     ModRevision(P tok/K) == Expect                  (the state is current)
 //	      once                       CreateRevision(P void/HOST.RAND) == 0           (the attempt is not void)
+//	      once                       ModRevision(P hosts/HOST) == the session's       (see Restarts)
 //	Then: Put(holder key, record, lease) and Put(P tok/K) for every request
-//	Else: Get(P res/K/, prefix, limit 1) and Get(P tok/K) for every request
+//	Else: Get(P res/K/, prefix, limit 1) and Get(P tok/K) for every request, and Get(P hosts/HOST)
 //
 // The fencing token of every resource of a grant is the transaction's
 // revision, which the Then branch also makes the token key's ModRevision:
@@ -53,9 +54,9 @@
 // *lockmgr.BusyError naming the first conflicting holder.
 //
 // Each request costs at most two comparisons, two puts and two gets, the
-// attempt one comparison more, and etcd refuses a transaction with more than
-// MaxTxnOps (default 128) operations in any branch, so a grant holds at most
-// (MaxTxnOps−1)/2 = 63 resources. A larger
+// attempt two comparisons and a get more, and etcd refuses a transaction
+// with more than MaxTxnOps (default 128) operations in any branch, so a
+// grant holds at most (MaxTxnOps−2)/2 = 63 resources. A larger
 // grant is refused with an invalid-argument error rather than split, because
 // a split grant is no longer atomic to other hosts; set Config.MaxTxnOps when
 // the cluster runs with a larger --max-txn-ops.
@@ -119,6 +120,23 @@
 // key (see Convert). WaitAlone sleeps on a watch until no other holder of
 // a lease's resource is left: vmlockd's side of a handover that keeps the
 // object waits with it for the other side to release before it upgrades.
+//
+// # Restarts
+//
+// A daemon killed while a grant or conversion of its own was on its way
+// may have that transaction applied after the next run re-attached to the
+// session and read its keys: a lock nobody would know of, refused to every
+// other host until the session ends, or a conversion that moves an adopted
+// lock to a key the next run does not know. So each session writes its host
+// key (P hosts/HOST) when it starts or re-attaches, and every grant and
+// conversion compares the key's ModRevision with the one its session wrote.
+// A re-attach writes the key first and only then lists the session's keys:
+// a transaction of the previous run applied before the write is in the
+// list, and one applied after fails. A run that finds its transaction
+// refused for that reason (the Else branch reads the host key) has had its
+// session taken over, by a daemon started on a copy of its state directory
+// if it is still alive; it fences itself, and leaves the lease alone, since
+// it is the other run's now.
 //
 // # Waiting
 //

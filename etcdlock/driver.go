@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -46,6 +47,7 @@ type Driver struct {
 	leaseID    clientv3.LeaseID
 	ttl        time.Duration // effective TTL of the current session
 	epoch      uint64        // number of the current session; leases of older ones are lost
+	hostRev    int64         // ModRevision of the host key as the current session wrote it
 	fenced     bool
 	fenceCh    chan struct{} // closed when the current session is fenced
 	lastSent   time.Time     // send time of the newest confirmed renewal (monotonic)
@@ -307,8 +309,9 @@ type prep struct {
 }
 
 // maxPerTxn is the number of resources one grant may hold: each costs two
-// comparisons at most, and the attempt's void key one more.
-func (d *Driver) maxPerTxn() int { return (d.cfg.MaxTxnOps - 1) / 2 }
+// comparisons at most, and the attempt's void key and the host key one
+// more each.
+func (d *Driver) maxPerTxn() int { return (d.cfg.MaxTxnOps - 2) / 2 }
 
 func (d *Driver) prepare(reqs []lockmgr.Request) ([]prep, error) {
 	if n := d.maxPerTxn(); len(reqs) > n {
@@ -479,7 +482,7 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 		d.mu.Unlock()
 		return nil, nil, err
 	}
-	id, epoch := d.leaseID, d.epoch
+	id, epoch, hostRev := d.leaseID, d.epoch, d.hostRev
 	keys := make([]string, len(ps))
 	for i, p := range ps {
 		if p.excl {
@@ -504,10 +507,11 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 	nc := nonce()
 	at := attempt{lease: id, epoch: epoch, void: d.ks.void(d.cfg.Host, nc), keys: keys, vals: make([]string, len(ps))}
 	holders := make([]lockmgr.Holder, len(ps))
-	cmps := make([]clientv3.Cmp, 0, 2*len(ps)+1)
-	cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(at.void), "=", 0))
+	hk := d.ks.host(d.cfg.Host)
+	cmps := make([]clientv3.Cmp, 0, 2*len(ps)+2)
+	cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(at.void), "=", 0), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev))
 	thens := make([]clientv3.Op, 0, 2*len(ps))
-	elses := make([]clientv3.Op, 0, 2*len(ps))
+	elses := make([]clientv3.Op, 0, 2*len(ps)+1)
 	for i, p := range ps {
 		if p.excl {
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(p.base), "=", 0).WithPrefix())
@@ -541,6 +545,7 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 		thens = append(thens, clientv3.OpPut(keys[i], at.vals[i], clientv3.WithLease(id)), clientv3.OpPut(p.tok, tr.String()))
 		elses = append(elses, clientv3.OpGet(p.base, clientv3.WithPrefix(), clientv3.WithLimit(1)), clientv3.OpGet(p.tok))
 	}
+	elses = append(elses, clientv3.OpGet(hk))
 	if err := ctx.Err(); err != nil {
 		return nil, nil, opError("etcd driver: acquire", err) // nothing sent, nothing to void
 	}
@@ -579,6 +584,10 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 		}
 	}
 	if !resp.Succeeded {
+		if err := d.takenOver(epoch, hostRev, resp.Responses[len(resp.Responses)-1]); err != nil {
+			return nil, nil, err
+		}
+		resp.Responses = resp.Responses[:len(resp.Responses)-1]
 		return nil, resp, nil
 	}
 	tok := uint64(resp.Header.Revision)
@@ -601,6 +610,28 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 		out[i] = l
 	}
 	return out, nil, nil
+}
+
+// takenOver checks, for a transaction of session epoch refused for a
+// reason its own reply does not show, the host key as that reply read it
+// (hostResp): if it is no longer as the session wrote it (hostRev), another
+// run of the daemon re-attached to the session and owns its locks now (see
+// "Restarts" in the package comment), so this run fences itself and
+// returns the fenced error. It returns nil otherwise.
+func (d *Driver) takenOver(epoch uint64, hostRev int64, hostResp *etcdserverpb.ResponseOp) error {
+	kvs := hostResp.GetResponseRange().GetKvs()
+	if len(kvs) == 1 && kvs[0].ModRevision == hostRev {
+		return nil
+	}
+	reason := "etcd says this host's session key is gone (the lease expired or was revoked)"
+	if len(kvs) == 1 {
+		var hr hostRecord
+		_ = json.Unmarshal(kvs[0].Value, &hr)
+		reason = fmt.Sprintf("this host's etcd session was taken over: its host key was written again at revision %d, by pid %d (lease %s), and no longer by this run (pid %d)",
+			kvs[0].ModRevision, hr.PID, hr.Lease, os.Getpid())
+	}
+	go d.fence(epoch, reason)
+	return fencedError()
 }
 
 // attempt is a grant transaction sent under session epoch (lease) whose

@@ -129,32 +129,44 @@ func (d *Driver) ttlOf(serverTTL int64) time.Duration {
 	return min(d.cfg.TTL, time.Duration(serverTTL)*time.Second)
 }
 
-// claimHost makes the host key point at lease id. It fails if another live
-// session holds the host name.
-func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) error {
+// claimHost makes the host key point at lease id and returns the key's
+// new ModRevision, which every grant and conversion of the session then
+// compares (see "Restarts" in the package comment). It writes the key even
+// when it already points at id (a re-attach), so that a transaction the
+// previous run sent and etcd applies only now fails. It fails if another
+// live session holds the host name.
+func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) (int64, error) {
 	hk := d.ks.host(d.cfg.Host)
 	val, _ := json.Marshal(hostRecord{Host: d.cfg.Host, Lease: strconv.FormatInt(int64(id), 16), PID: os.Getpid()})
+	put := clientv3.OpPut(hk, string(val), clientv3.WithLease(id))
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
 	resp, err := d.cli.Txn(octx).
 		If(clientv3.Compare(clientv3.CreateRevision(hk), "=", 0)).
-		Then(clientv3.OpPut(hk, string(val), clientv3.WithLease(id))).
+		Then(put).
 		Else(clientv3.OpGet(hk)).Commit()
 	if err != nil {
-		return opError("etcd driver: register host", err)
+		return 0, opError("etcd driver: register host", err)
 	}
 	if resp.Succeeded {
-		return nil
+		return resp.Header.Revision, nil
 	}
 	kvs := resp.Responses[0].GetResponseRange().GetKvs()
 	if len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == id {
-		return nil
+		resp, err := d.cli.Txn(octx).If(clientv3.Compare(clientv3.LeaseValue(hk), "=", id)).Then(put).Commit()
+		switch {
+		case err != nil:
+			return 0, opError("etcd driver: register host", err)
+		case !resp.Succeeded:
+			return 0, lockmgr.Errorf(lockmgr.CodeTimeout, "etcd driver: register host: the host name's key left lease %x while it was claimed", int64(id))
+		}
+		return resp.Header.Revision, nil
 	}
 	other := "?"
 	if len(kvs) > 0 {
 		other = strconv.FormatInt(kvs[0].Lease, 16)
 	}
-	return lockmgr.Errorf(lockmgr.CodeBusy,
+	return 0, lockmgr.Errorf(lockmgr.CodeBusy,
 		"etcd driver: host name %q already has a live session (lease %s): another vmlockd uses this name, or a previous one died less than %s ago",
 		d.cfg.Host, other, d.cfg.TTL)
 }
@@ -173,7 +185,8 @@ func (d *Driver) newSession(ctx context.Context) error {
 		defer cancel()
 		_, _ = d.cli.Revoke(rctx, g.ID)
 	}
-	if err := d.claimHost(ctx, g.ID); err != nil {
+	hostRev, err := d.claimHost(ctx, g.ID)
+	if err != nil {
 		revoke()
 		return err
 	}
@@ -185,7 +198,7 @@ func (d *Driver) newSession(ctx context.Context) error {
 	// The deadline is announced before the session can grant anything.
 	d.announce(t0.Add(ttl - d.cfg.FenceMargin))
 	d.mu.Lock()
-	d.leaseID, d.ttl = g.ID, ttl
+	d.leaseID, d.ttl, d.hostRev = g.ID, ttl, hostRev
 	d.epoch++
 	d.fenced = false
 	d.fenceCh = make(chan struct{})
@@ -210,22 +223,12 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	id := clientv3.LeaseID(st.Lease)
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
-	ttl, err := d.cli.TimeToLive(octx, id, clientv3.WithAttachedKeys())
+	ttl, err := d.cli.TimeToLive(octx, id)
 	if err != nil {
 		return false, opError("etcd driver: look up the previous session", err)
 	}
 	if ttl.TTL <= 0 {
-		d.log.Warn("the previous etcd session expired; its locks are gone and their holders must have been fenced",
-			"lease", fmt.Sprintf("%x", st.Lease))
-		// etcd deletes an expired lease's keys (the host name's among
-		// them) only when its lessor next looks, up to half a second
-		// later; until then the new session could not claim the host
-		// name. Nobody can renew an expired lease, so revoking it now
-		// changes nothing but that.
-		if _, err := d.cli.Revoke(octx, id); err != nil && !isLeaseNotFound(err) {
-			return false, opError("etcd driver: revoke the expired previous session", err)
-		}
-		return false, nil
+		return false, d.dropExpired(octx, id)
 	}
 	t0 := time.Now()
 	ka, err := d.cli.KeepAliveOnce(octx, id)
@@ -235,8 +238,21 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 		}
 		return false, opError("etcd driver: renew the previous session", err)
 	}
-	if err := d.claimHost(ctx, id); err != nil {
+	// The host key is rewritten before the session's keys are listed: a
+	// grant or conversion of the previous run that etcd applies later
+	// fails its comparison of the host key, and one applied earlier is in
+	// the list (etcd's leader answers TimeToLive once it has applied all
+	// it committed, the rewrite included).
+	hostRev, err := d.claimHost(ctx, id)
+	if err != nil {
 		return false, err
+	}
+	ttl, err = d.cli.TimeToLive(octx, id, clientv3.WithAttachedKeys())
+	switch {
+	case err != nil && isLeaseNotFound(err), err == nil && ttl.TTL <= 0:
+		return false, d.dropExpired(octx, id) // expired just now
+	case err != nil:
+		return false, opError("etcd driver: list the previous session's locks", err)
 	}
 	rec := make(map[string]recoveredGrant)
 	resPrefix := d.cfg.Prefix + "res/"
@@ -278,7 +294,7 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	effTTL := d.ttlOf(min(ttl.GrantedTTL, ka.TTL))
 	d.announce(t0.Add(effTTL - d.cfg.FenceMargin))
 	d.mu.Lock()
-	d.leaseID, d.ttl = id, effTTL
+	d.leaseID, d.ttl, d.hostRev = id, effTTL, hostRev
 	d.epoch++
 	d.fenced = false
 	d.lastSent, d.deadline = t0, t0.Add(d.ttl-d.cfg.FenceMargin)
@@ -287,6 +303,21 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	d.mu.Unlock()
 	d.log.Info("re-attached to the previous etcd session", "lease", fmt.Sprintf("%x", st.Lease), "locks", len(rec))
 	return true, nil
+}
+
+// dropExpired makes sure the expired session id is gone, keys and all, so
+// that a new session can claim the host name.
+func (d *Driver) dropExpired(ctx context.Context, id clientv3.LeaseID) error {
+	d.log.Warn("the previous etcd session expired; its locks are gone and their holders must have been fenced",
+		"lease", fmt.Sprintf("%x", int64(id)))
+	// etcd deletes an expired lease's keys (the host name's among them)
+	// only when its lessor next looks, up to half a second later; until
+	// then the new session could not claim the host name. Nobody can
+	// renew an expired lease, so revoking it now changes nothing but that.
+	if _, err := d.cli.Revoke(ctx, id); err != nil && !isLeaseNotFound(err) {
+		return opError("etcd driver: revoke the expired previous session", err)
+	}
+	return nil
 }
 
 func (d *Driver) nudge(ch chan struct{}) {
@@ -483,17 +514,29 @@ func (d *Driver) fence(epoch uint64, reason string) {
 }
 
 // recoverSession revokes the fenced session's lease once its holders are
-// dead (OnFence returned) and starts a new one.
+// dead (OnFence returned), unless another run took the session over, and
+// starts a new one.
 func (d *Driver) recoverSession(old clientv3.LeaseID) error {
 	// fence sets d.fenced before it calls OnFence, under fenceMu: wait for
 	// OnFence to return, since revoking the lease frees its resources at once.
 	d.fenceMu.Lock()
 	//lint:ignore SA2001 an empty critical section: it waits for fence
 	d.fenceMu.Unlock()
+	d.mu.Lock()
+	hostRev := d.hostRev
+	d.mu.Unlock()
 	ctx, cancel := d.opCtx(d.ctx)
-	_, err := d.cli.Revoke(ctx, old)
-	cancel()
-	if err != nil && !isLeaseNotFound(err) {
+	defer cancel()
+	// A session that another run re-attached to is that run's now: its
+	// host key is on the lease, written since. It is left alone.
+	hk, err := d.cli.Get(ctx, d.ks.host(d.cfg.Host))
+	if err != nil {
+		return opError("etcd driver: look at the host key of the fenced session", err)
+	}
+	if kvs := hk.Kvs; len(kvs) == 1 && clientv3.LeaseID(kvs[0].Lease) == old && kvs[0].ModRevision != hostRev {
+		return d.newSession(d.ctx)
+	}
+	if _, err := d.cli.Revoke(ctx, old); err != nil && !isLeaseNotFound(err) {
 		return opError("etcd driver: revoke the fenced lease", err)
 	}
 	return d.newSession(d.ctx)
