@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +19,7 @@ import (
 	"github.com/vmlock/vmlock/lockmgr"
 	"github.com/vmlock/vmlock/lockspace"
 	"github.com/vmlock/vmlock/qemu"
+	"github.com/vmlock/vmlock/qemu/qemutest"
 	"github.com/vmlock/vmlock/qmp"
 )
 
@@ -645,37 +644,6 @@ func TestBlockJobArgumentsAreCheckedBeforeAnythingIsDone(t *testing.T) {
 	}
 }
 
-// holdOpen opens image with qemu-io (with opts), keeping QEMU's own image
-// locks on it (bytes 100 and up; vmlock's lock is byte 0), until the
-// returned function (also run at cleanup) closes it.
-func holdOpen(t *testing.T, image string, opts ...string) (release func()) {
-	t.Helper()
-	cmd := exec.Command("qemu-io", append(opts, image)...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	release = sync.OnceFunc(func() {
-		in.Close() // qemu-io quits at the end of its input
-		cmd.Wait()
-	})
-	t.Cleanup(release)
-	// Its answer to a command says the image is open (and locked).
-	io.WriteString(in, "length\n")
-	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || !strings.Contains(line, "MiB") {
-		release()
-		t.Fatalf("qemu-io %v %s: %q, %v", opts, image, line, err)
-	}
-	return release
-}
-
 // A copy into a new target whose job QEMU refuses (here: another process
 // reads the target with force-share, holding QEMU's "consistent read"
 // lock, which a mirror's target must not share) fails saying QEMU refused,
@@ -688,7 +656,7 @@ func TestBlockCopyWhoseJobQEMURefusesRemovesTheTargetItCreated(t *testing.T) {
 	var release func()
 	tv.d.qemu.copyHook = func(step, p string) {
 		if step == "formatted" {
-			release = holdOpen(t, p, "-r", "-U")
+			release = qemutest.HoldOpen(t, p, "-r", "-U")
 		}
 	}
 	_, err := tv.vm.blockCopy(tv.ctx, &vmlockpb.BlockCopyRequest{Disk: "drive0", Dest: dest})

@@ -1,20 +1,17 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vmlock/vmlock/lockmgr"
+	"github.com/vmlock/vmlock/qemu/qemutest"
 )
 
 // QEMU refuses a block job, or to open a copy target, for reasons vmlockd
@@ -25,44 +22,6 @@ import (
 // target it did not create is left as it was; no job is left; the guest
 // runs on; and the same call succeeds once the other process is gone.
 // QEMU's words do not name the image, so vmlockd's do.
-
-// qemuIOHold opens image with qemu-io (with opts) and keeps it open, with
-// QEMU's image locks, until the returned function (also run at cleanup)
-// closes it.
-func qemuIOHold(t *testing.T, image string, opts ...string) (release func()) {
-	t.Helper()
-	cmd := exec.Command("qemu-io", append(opts, image)...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	release = func() {
-		once.Do(func() {
-			in.Close() // qemu-io quits at the end of its input
-			cmd.Wait()
-		})
-	}
-	t.Cleanup(release)
-	// Its answer to a command says the image is open (and locked).
-	if _, err := in.Write([]byte("length\n")); err != nil {
-		t.Fatal(err)
-	}
-	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || !strings.Contains(line, "MiB") {
-		release()
-		t.Fatalf("qemu-io %s %s: %q, %v; stderr: %s", strings.Join(opts, " "), image, line, err, &stderr)
-	}
-	return release
-}
 
 // probeRead reports whether an OFD read lock on byte 0 of path can be
 // taken right now: whether nobody holds it exclusively.
@@ -149,7 +108,7 @@ func TestQEMUCommitQEMURefusesGivesTheBaseBack(t *testing.T) {
 	d := startDaemon(t)
 	ch := makeVChain(t)
 	v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
-	reader := qemuIOHold(t, ch.base, "-r")
+	reader := qemutest.HoldOpen(t, ch.base, "-r")
 	r := d.vmlock("blockcommit", "vm1", "drive0", "--active")
 	if r.code == 0 || !strings.Contains(r.stderr, "QEMU refused the job, a commit of disk drive0 into "+ch.base+": ") || !strings.Contains(r.stderr, `Failed to get "write" lock`) {
 		t.Fatalf("blockcommit while another process reads the base: exit %d, stderr %q; want QEMU's refusal in its words, naming the base", r.code, r.stderr)
@@ -191,7 +150,7 @@ func TestQEMUBlockCopyIntoAnImageAnotherQEMUProcessHoldsLeavesItAlone(t *testing
 			runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", dest, "4M")
 			v := d.startVM("vm1", ch.dir, driveArg(ch.top)...)
 			before := fileSum(t, dest)
-			other := qemuIOHold(t, dest, c.qemuIOOpts...)
+			other := qemutest.HoldOpen(t, dest, c.qemuIOOpts...)
 			r := d.vmlock("blockcopy", "vm1", "drive0", dest, "--reuse-external")
 			if r.code == 0 || !strings.Contains(r.stderr, c.refusal+dest+": ") || !strings.Contains(r.stderr, c.qemuWords) {
 				t.Fatalf("blockcopy into an image another process holds: exit %d, stderr %q; want QEMU's refusal in its words, naming the target", r.code, r.stderr)
