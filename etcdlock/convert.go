@@ -3,6 +3,7 @@ package etcdlock
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -17,9 +18,9 @@ var _ lockmgr.Converter = (*Driver)(nil)
 // holder key of the new mode, so that no other host sees the resource
 // unheld at any revision:
 //
-//	to Shared:    If CreateRevision(key) == rev
+//	to Shared:    If ModRevision(key) == mod, ModRevision(P hosts/HOST) == the session's
 //	              Then: Delete(key), Put(new holder key, record, lease)
-//	to Exclusive: If CreateRevision(key) == rev, and no other key in P res/K/
+//	to Exclusive: If the same, and no other key in P res/K/
 //	              (two range comparisons around our own key)
 //	              Then: Delete(key), Put(new holder key, record, lease), Put(P tok/K)
 //
@@ -33,7 +34,10 @@ var _ lockmgr.Converter = (*Driver)(nil)
 // is stale and one made after it is current. A downgrade never meets a
 // conflict; an upgrade fails with a *lockmgr.BusyError naming another
 // holder while there is one, and the lease stays shared. A lease that is
-// no longer in etcd is a CodeNotHeld error.
+// no longer in etcd is a CodeNotHeld error. A session whose host key is
+// gone (its lease expired) or was written by another run (see Restarts in
+// the package comment) makes the host fence itself, and Convert returns
+// an error wrapping ErrFenced.
 //
 // The transaction compares the old key's ModRevision, not merely its
 // existence, so that its outcome can be settled when etcd's answer is lost
@@ -49,7 +53,9 @@ var _ lockmgr.Converter = (*Driver)(nil)
 //     it): the conversion was applied, and Convert succeeds;
 //   - the old key is still this grant's (an earlier settling rewrite whose
 //     answer was lost moved its ModRevision): not applied, as in the first
-//     case.
+//     case;
+//   - the host key changed: the session was taken over, and the host fences
+//     itself, leaving the keys to the run that took it.
 //
 // The settling transaction is repeated until etcd answers it, for at most
 // OpTimeout; if etcd does not, or the grant is in neither key, the host fences
@@ -132,7 +138,10 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 		return nil, opError("etcd driver: convert", err)
 	case err != nil:
 		var mod int64
-		applied, newRev, mod, err = d.convertOutcome(ctx, id, hostRev, oldKey, oldRev, oldMod, newKey, string(val))
+		applied, newRev, mod, err = d.convertOutcome(ctx, epoch, id, hostRev, oldKey, oldRev, oldMod, newKey, string(val))
+		if errors.Is(err, ErrFenced) {
+			return nil, err // taken over: fenced, saying so
+		}
 		if err != nil {
 			d.log.Error("a lock conversion's outcome is unknown", "resource", nres.String(), "err", err)
 			d.fence(epoch, "a lock conversion's outcome could not be settled in etcd")
@@ -194,7 +203,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey string, oldMod int64) error {
 	own := resp.Responses[0].GetResponseRange().GetKvs()
 	if len(own) == 0 || own[0].ModRevision != oldMod {
-		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "the lease is no longer in etcd (its session expired)"}
+		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: r.String(), Msg: "the lease is no longer in etcd"}
 	}
 	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
 		if string(kv.Key) != oldKey {
@@ -209,7 +218,7 @@ func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey strin
 // so, or else the old key's ModRevision now. Once it has returned, the
 // conversion's transaction can no longer change anything. It tries until
 // etcd answers, for at most OpTimeout.
-func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, hostRev int64, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
+func (d *Driver) convertOutcome(ctx context.Context, epoch uint64, id clientv3.LeaseID, hostRev int64, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
 	octx, cancel := d.opCtx(context.WithoutCancel(ctx))
 	defer cancel()
 	hk := d.ks.host(d.cfg.Host)
@@ -222,9 +231,8 @@ func (d *Driver) convertOutcome(ctx context.Context, id clientv3.LeaseID, hostRe
 		case err == nil && resp.Succeeded:
 			return false, 0, resp.Header.Revision, nil
 		case err == nil:
-			// Taken over: the other run owns the keys; leave them be.
-			if kvs := resp.Responses[2].GetResponseRange().GetKvs(); len(kvs) != 1 || kvs[0].ModRevision != hostRev {
-				return false, 0, 0, &lockmgr.Error{Code: lockmgr.CodeNotHeld, Msg: "this host's etcd session was taken over: its host key was written again by another run"}
+			if err := d.takenOver(epoch, hostRev, resp.Responses[2]); err != nil {
+				return false, 0, 0, err // the keys are the other run's now: leave them be
 			}
 			if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 && string(kvs[0].Value) == val {
 				return true, kvs[0].CreateRevision, 0, nil

@@ -87,7 +87,8 @@
 //
 // Release deletes the holder keys in one transaction of nested transactions,
 // each deleting its key only if its CreateRevision is still the lease's token,
-// so a release never deletes somebody else's later grant.
+// so a release never deletes somebody else's later grant (and the whole only
+// if the session's host key is as its run wrote it: see Restarts).
 //
 // # Migration handover
 //
@@ -123,20 +124,29 @@
 //
 // # Restarts
 //
-// A daemon killed while a grant or conversion of its own was on its way
-// may have that transaction applied after the next run re-attached to the
-// session and read its keys: a lock nobody would know of, refused to every
-// other host until the session ends, or a conversion that moves an adopted
-// lock to a key the next run does not know. So each session writes its host
-// key (P hosts/HOST) when it starts or re-attaches, and every grant and
-// conversion compares the key's ModRevision with the one its session wrote.
-// A re-attach writes the key first and only then lists the session's keys:
-// a transaction of the previous run applied before the write is in the
-// list, and one applied after fails. A run that finds its transaction
-// refused for that reason (the Else branch reads the host key) has had its
-// session taken over, by a daemon started on a copy of its state directory
-// if it is still alive; it fences itself, and leaves the lease alone, since
-// it is the other run's now.
+// A daemon killed while a request of its own was on its way may have that
+// request applied after the next run re-attached to the session and read
+// its keys: a grant would be a lock nobody knows of, refused to every other
+// host until the session ends; a conversion would move an adopted lock to a
+// key the next run does not know; a release would free a lock the next run
+// adopted and believes held. So each run writes its host key (P hosts/HOST)
+// when it starts a session or re-attaches to one, and every grant,
+// conversion, release and clean-up deletion compares the key's ModRevision
+// with the one its run wrote. A re-attach writes the key first and only then
+// lists the session's keys, so a request of the previous run applied before
+// the write is in the list and one applied after it fails. The write itself
+// compares the key's ModRevision with the one its run read, so that the
+// late claim of a run that died while re-attaching changes nothing. etcd's
+// leader answers the listing from its own view once it has applied all it
+// knows committed, which a leader elected just then may not have brought up
+// to date: DropUnadopted therefore lists the session again, and deletes any
+// holder key that no lease of this run accounts for.
+//
+// A run that finds its request refused because the host key changed (the
+// Else branch reads it) has had its session taken over, by a daemon started
+// on a copy of its state directory if it is still alive: it fences itself,
+// and neither revokes the lease nor deletes its keys, which are the other
+// run's now.
 //
 // # Waiting
 //

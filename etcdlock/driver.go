@@ -209,24 +209,27 @@ func (d *Driver) stop() bool {
 // host at once, forgets the session (its state file), and closes the
 // driver. It first stops renewing and watching the session, so that a
 // renewal that meets the revoked lease cannot fence (kill) the holders. A
-// fenced session is not revoked (its lease is lost already). Shutdown after
-// Close or Shutdown does nothing.
+// fenced session is not revoked (its lease is lost already), nor one that
+// another run took over (a CodeBusy error says so). Shutdown after Close or
+// Shutdown does nothing.
 func (d *Driver) Shutdown(ctx context.Context) error {
 	if !d.stop() {
 		return nil
 	}
 	d.mu.Lock()
-	id, fenced := d.leaseID, d.fenced
+	id, fenced, hostRev := d.leaseID, d.fenced, d.hostRev
 	d.mu.Unlock()
 	var err error
 	if !fenced {
 		octx, cancel := d.opCtx(ctx)
-		_, err = d.cli.Revoke(octx, id)
+		var other *mvccpb.KeyValue
+		other, err = d.revokeOwn(octx, id, hostRev)
 		cancel()
-		if err != nil && !isLeaseNotFound(err) {
-			err = opError("etcd driver: revoke lease", err)
-		} else {
-			err = nil
+		switch {
+		case err != nil:
+		case other != nil && clientv3.LeaseID(other.Lease) == id:
+			err = lockmgr.Errorf(lockmgr.CodeBusy, "etcd driver: the session was taken over by another run (%s): left to it", describeHostKey(other))
+		default:
 			d.removeState()
 		}
 	}
@@ -625,10 +628,8 @@ func (d *Driver) takenOver(epoch uint64, hostRev int64, hostResp *etcdserverpb.R
 	}
 	reason := "etcd says this host's session key is gone (the lease expired or was revoked)"
 	if len(kvs) == 1 {
-		var hr hostRecord
-		_ = json.Unmarshal(kvs[0].Value, &hr)
-		reason = fmt.Sprintf("this host's etcd session was taken over: its host key was written again at revision %d, by pid %d (lease %s), and no longer by this run (pid %d)",
-			kvs[0].ModRevision, hr.PID, hr.Lease, os.Getpid())
+		reason = fmt.Sprintf("this host's etcd session was taken over: its host key was written again (%s), no longer by this run (pid %d)",
+			describeHostKey(kvs[0]), os.Getpid())
 	}
 	go d.fence(epoch, reason)
 	return fencedError()
@@ -717,7 +718,7 @@ func (d *Driver) Release(ctx context.Context, ls []lockmgr.Lease) error {
 	}
 	var todo []*lease
 	d.mu.Lock()
-	closed := d.closed
+	closed, epoch, hostRev := d.closed, d.epoch, d.hostRev
 	for _, x := range ls {
 		l, ok := x.(*lease)
 		if !ok || l.d != d {
@@ -747,22 +748,20 @@ func (d *Driver) Release(ctx context.Context, ls []lockmgr.Lease) error {
 		n := min(len(todo), d.cfg.MaxTxnOps)
 		chunk := todo[:n]
 		todo = todo[n:]
-		if err := d.deleteGrants(ctx, chunk); err != nil {
+		if err := d.deleteGrants(ctx, epoch, hostRev, chunk); err != nil {
 			note(err)
 		}
 	}
 	return first
 }
 
-// deleteGrants deletes holder keys whose CreateRevision is still their
-// token, in one transaction.
-func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
-	ops := make([]clientv3.Op, len(ls))
-	for i, l := range ls {
-		ops[i] = clientv3.OpTxn(
-			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev)},
-			[]clientv3.Op{clientv3.OpDelete(l.key)}, nil)
-	}
+// deleteGrants deletes holder keys of session epoch whose CreateRevision
+// is still their token, in one transaction, if the host key is still as
+// the session wrote it (hostRev). Otherwise the session was taken over
+// (see takenOver): its leases are lost, and nothing is deleted.
+func (d *Driver) deleteGrants(ctx context.Context, epoch uint64, hostRev int64, ls []*lease) error {
+	hk := d.ks.host(d.cfg.Host)
+	mine := clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
 	var resp *clientv3.TxnResponse
@@ -770,13 +769,16 @@ func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
 	if len(ls) == 1 {
 		// The common case (one disk unplugged, a hand-off) without nesting.
 		l := ls[0]
-		resp, err = d.cli.Txn(octx).If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev)).
-			Then(clientv3.OpDelete(l.key)).Commit()
-		if err == nil && !resp.Succeeded {
-			return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: fmt.Sprintf("token %d was no longer in etcd", l.token)}
-		}
+		resp, err = d.cli.Txn(octx).If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev), mine).
+			Then(clientv3.OpDelete(l.key)).Else(clientv3.OpGet(hk)).Commit()
 	} else {
-		resp, err = d.cli.Txn(octx).Then(ops...).Commit()
+		ops := make([]clientv3.Op, len(ls))
+		for i, l := range ls {
+			ops[i] = clientv3.OpTxn(
+				[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(l.key), "=", l.rev)},
+				[]clientv3.Op{clientv3.OpDelete(l.key)}, nil)
+		}
+		resp, err = d.cli.Txn(octx).If(mine).Then(ops...).Else(clientv3.OpGet(hk)).Commit()
 	}
 	if err != nil {
 		d.mu.Lock()
@@ -788,8 +790,12 @@ func (d *Driver) deleteGrants(ctx context.Context, ls []*lease) error {
 		d.mu.Unlock()
 		return opError("etcd driver: release (it is retried in the background)", err)
 	}
-	if len(ls) == 1 {
-		return nil
+	if !resp.Succeeded {
+		if d.takenOver(epoch, hostRev, resp.Responses[0]) != nil {
+			return nil // lost with the session, as after any fence
+		}
+		l := ls[0] // only a single release's own comparison can fail
+		return &lockmgr.Error{Code: lockmgr.CodeNotHeld, Resource: l.res.String(), Msg: fmt.Sprintf("token %d was no longer in etcd", l.token)}
 	}
 	var first error
 	for i, r := range resp.Responses {
@@ -855,7 +861,12 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 }
 
 // DropUnadopted releases every recovered grant that was not adopted: the
-// daemon calls it once it has restored every object it knows of.
+// daemon calls it once it has restored every object it knows of. It then
+// lists the session's holder keys again, and deletes in the background any
+// that no lease of this run accounts for: one that the re-attach's listing
+// missed (an etcd leader elected just then may answer from a view that
+// lacks the last writes before it) would otherwise stay, held for nobody,
+// until the session ends.
 func (d *Driver) DropUnadopted(ctx context.Context) error {
 	d.mu.Lock()
 	var ls []lockmgr.Lease
@@ -864,6 +875,35 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 		ls = append(ls, l)
 	}
 	clear(d.recovered)
+	id, epoch, reattached := d.leaseID, d.epoch, d.reattached
 	d.mu.Unlock()
-	return d.Release(ctx, ls)
+	err := d.Release(ctx, ls)
+	if !reattached {
+		return err
+	}
+	octx, cancel := d.opCtx(ctx)
+	keys, lerr := d.keysOf(octx, id)
+	cancel()
+	if lerr != nil {
+		d.log.Warn("cannot list the re-attached session's locks again", "err", lerr)
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.epoch != epoch || d.fenced {
+		return err
+	}
+	n := 0
+	for _, k := range keys {
+		if d.live[k] == nil && d.inflight[k] == 0 {
+			if _, ok := d.sweep[k]; !ok {
+				d.sweep[k], n = 0, n+1 // sweepOne looks at it again before it deletes
+			}
+		}
+	}
+	if n > 0 {
+		d.log.Warn("locks under the re-attached session that its first listing missed; deleting them", "count", n)
+		d.nudge(d.sweepWake)
+	}
+	return err
 }

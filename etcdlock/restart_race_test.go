@@ -50,6 +50,14 @@ func newRestartRig(t *testing.T) *restartRig {
 	return r
 }
 
+// onItsWay waits until the old run's request has left it: the proxy
+// holds it back. (Nothing else is sent meanwhile: the first renewal is due
+// a third of the TTL after the start.)
+func (r *restartRig) onItsWay(t *testing.T) {
+	t.Helper()
+	eventually(t, 10*time.Second, "the old run's request to reach the proxy", func() bool { return r.proxy.Held() > 0 })
+}
+
 // holders returns the holder keys of disk in etcd.
 func (r *restartRig) holders(t *testing.T, disk string) []string {
 	t.Helper()
@@ -100,7 +108,7 @@ func TestAGrantAppliedAfterTheNextRunReattachedIsRefused(t *testing.T) {
 		_, err := r.old.Acquire(context.Background(), []lockmgr.Request{req("/img/late", lockmgr.Exclusive, uuidA)})
 		res <- err
 	}()
-	eventually(t, 10*time.Second, "the old run to send its grant", func() bool { return r.old.attempts.Load() == 1 })
+	r.onItsWay(t)
 
 	next := newDriver(t, r.cfg)
 	if !next.Status().Reattached {
@@ -132,13 +140,11 @@ func TestAConversionAppliedAfterTheNextRunReattachedIsRefused(t *testing.T) {
 	before := r.holders(t, "/img/conv")
 	r.proxy.SetBlocked(true)
 	res := make(chan error, 1)
-	sent := make(chan struct{})
 	go func() {
-		close(sent)
 		_, err := r.old.Convert(context.Background(), l, lockmgr.Shared)
 		res <- err
 	}()
-	<-sent
+	r.onItsWay(t)
 
 	next := newDriver(t, r.cfg)
 	nl, err := next.Adopt(l.Resource(), l.Token(), nil)
@@ -158,5 +164,107 @@ func TestAConversionAppliedAfterTheNextRunReattachedIsRefused(t *testing.T) {
 	r.oldFenced(t, next)
 	if _, err := next.Convert(ctxT(t, 5*time.Second), nl, lockmgr.Shared); err != nil {
 		t.Fatalf("the next run converts its adopted lease: %v", err)
+	}
+}
+
+// A release that a daemon sent just before it was killed, and that etcd
+// applies only after the restarted daemon re-attached and adopted the
+// lock, is refused: the restarted daemon holds the lock until it releases
+// it itself, and no other host is granted it meanwhile.
+func TestAReleaseAppliedAfterTheNextRunReattachedIsRefused(t *testing.T) {
+	t.Parallel()
+	r := newRestartRig(t)
+	l := mustAcquire(t, r.old, req("/img/rel", lockmgr.Exclusive, uuidA))[0]
+	r.proxy.SetBlocked(true)
+	res := make(chan error, 1)
+	go func() { res <- r.old.Release(context.Background(), []lockmgr.Lease{l}) }()
+	r.onItsWay(t)
+
+	next := newDriver(t, r.cfg)
+	nl, err := next.Adopt(l.Resource(), l.Token(), nil)
+	if err != nil {
+		t.Fatalf("the next run adopts the grant: %v", err)
+	}
+	r.proxy.SetBlocked(false)
+	if err := <-res; err != nil {
+		t.Fatalf("the old run's release, refused as taken over: %v, want nil (lost with its session)", err)
+	}
+	if keys := r.holders(t, "/img/rel"); len(keys) != 1 || !next.Holds(nl) {
+		t.Fatalf("holder keys of /img/rel after the refused release: %q, next run holds it: %v; want it held by the next run", keys, next.Holds(nl))
+	}
+	b := newDriver(t, hostConfig(r.cfg.Endpoints, "host-b"))
+	_, err = b.Acquire(ctxT(t, 5*time.Second), []lockmgr.Request{req("/img/rel", lockmgr.Exclusive, uuidB)})
+	wantBusy(t, err, "/img/rel", "host-a", uuidA, lockmgr.Exclusive)
+	r.oldFenced(t, next)
+	mustRelease(t, next, nl)
+	mustRelease(t, b, mustAcquire(t, b, req("/img/rel", lockmgr.Exclusive, uuidB))...)
+}
+
+// A run that started to re-attach and died with its claim of the host
+// name on its way (or whose start timed out) does not take the session
+// from the run that re-attached after it when etcd applies that claim
+// late: a claim rewrites the host key only if it is as the claimant read
+// it. The later run grants on, and nobody fences.
+func TestALateClaimOfTheHostNameFromAnAbortedRestartChangesNothing(t *testing.T) {
+	t.Parallel()
+	r := newRestartRig(t)
+	l := mustAcquire(t, r.old, req("/img/kept", lockmgr.Exclusive, uuidA))[0]
+	id := clientv3.LeaseID(r.old.Status().LeaseID)
+	// The aborted run read the host key, then sent its claim.
+	seen, err := r.raw.Get(ctxT(t, 5*time.Second), r.old.ks.host("host-a"))
+	if err != nil || len(seen.Kvs) != 1 {
+		t.Fatalf("host key: %v %v", seen, err)
+	}
+	late := r.old.hostClaim(id, seen.Kvs[0].ModRevision)
+
+	fenced := make(chan string, 1)
+	r.cfg.OnFence = func(reason string) { fenced <- reason }
+	next := newDriver(t, r.cfg)
+	nl, err := next.Adopt(l.Resource(), l.Token(), nil)
+	if err != nil {
+		t.Fatalf("the next run adopts the grant: %v", err)
+	}
+	resp, err := r.raw.Do(ctxT(t, 5*time.Second), late)
+	if err != nil || resp.Txn().Succeeded {
+		t.Fatalf("the aborted run's late claim: succeeded %v, %v; want it refused", err == nil && resp.Txn().Succeeded, err)
+	}
+	ls := mustAcquire(t, next, req("/img/new", lockmgr.Exclusive, uuidB))
+	if _, err := next.Convert(ctxT(t, 5*time.Second), nl, lockmgr.Shared); err != nil {
+		t.Fatalf("the next run converts its adopted lease after the late claim: %v", err)
+	}
+	mustRelease(t, next, append(ls, nl)...)
+	select {
+	case reason := <-fenced:
+		t.Fatalf("the next run fenced itself: %s", reason)
+	default:
+	}
+}
+
+// A lock under the re-attached session that the re-attach did not list
+// (etcd's leader answers the listing from its own view, which a leader
+// elected just then may not have brought up to date) is deleted once the
+// daemon has adopted what it knows: DropUnadopted lists the session again.
+func TestDropUnadoptedDeletesALockTheReattachListingMissed(t *testing.T) {
+	t.Parallel()
+	r := newRestartRig(t)
+	l := mustAcquire(t, r.old, req("/img/known", lockmgr.Exclusive, uuidA))[0]
+	id := clientv3.LeaseID(r.old.Status().LeaseID)
+	next := newDriver(t, r.cfg)
+	nl, err := next.Adopt(l.Resource(), l.Token(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A grant the listing did not show: written on the lease behind the
+	// driver's back, after the re-attach.
+	missed := next.ks.excl("disk:/img/missed")
+	if _, err := r.raw.Put(ctxT(t, 5*time.Second), missed, `{"resource":{"type":"disk","name":"/img/missed","mode":"exclusive"},"holder":{"uuid":"`+uuidC+`"}}`, clientv3.WithLease(id)); err != nil {
+		t.Fatal(err)
+	}
+	if err := next.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the missed lock to be deleted", func() bool { return len(r.holders(t, "/img/missed")) == 0 })
+	if keys := r.holders(t, "/img/known"); len(keys) != 1 || !next.Holds(nl) {
+		t.Fatalf("the adopted lock after DropUnadopted: keys %q, held %v", keys, next.Holds(nl))
 	}
 }

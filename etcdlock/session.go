@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vmlock/vmlock/lockmgr"
@@ -130,45 +132,52 @@ func (d *Driver) ttlOf(serverTTL int64) time.Duration {
 }
 
 // claimHost makes the host key point at lease id and returns the key's
-// new ModRevision, which every grant and conversion of the session then
-// compares (see "Restarts" in the package comment). It writes the key even
-// when it already points at id (a re-attach), so that a transaction the
-// previous run sent and etcd applies only now fails. It fails if another
-// live session holds the host name.
+// new ModRevision, which every grant, conversion and release of the
+// session then compares (see "Restarts" in the package comment). It writes
+// the key even when it already points at id (a re-attach), so that a
+// transaction the previous run sent and etcd applies only now fails. It
+// fails if another live session holds the host name.
 func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) (int64, error) {
-	hk := d.ks.host(d.cfg.Host)
-	val, _ := json.Marshal(hostRecord{Host: d.cfg.Host, Lease: strconv.FormatInt(int64(id), 16), PID: os.Getpid()})
-	put := clientv3.OpPut(hk, string(val), clientv3.WithLease(id))
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()
-	resp, err := d.cli.Txn(octx).
-		If(clientv3.Compare(clientv3.CreateRevision(hk), "=", 0)).
-		Then(put).
-		Else(clientv3.OpGet(hk)).Commit()
-	if err != nil {
-		return 0, opError("etcd driver: register host", err)
-	}
-	if resp.Succeeded {
-		return resp.Header.Revision, nil
-	}
-	kvs := resp.Responses[0].GetResponseRange().GetKvs()
-	if len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == id {
-		resp, err := d.cli.Txn(octx).If(clientv3.Compare(clientv3.LeaseValue(hk), "=", id)).Then(put).Commit()
-		switch {
-		case err != nil:
+	seen := int64(0)
+	for range 3 {
+		resp, err := d.cli.Do(octx, d.hostClaim(id, seen))
+		if err != nil {
 			return 0, opError("etcd driver: register host", err)
-		case !resp.Succeeded:
-			return 0, lockmgr.Errorf(lockmgr.CodeTimeout, "etcd driver: register host: the host name's key left lease %x while it was claimed", int64(id))
 		}
-		return resp.Header.Revision, nil
+		t := resp.Txn()
+		if t.Succeeded {
+			return t.Header.Revision, nil
+		}
+		kvs := t.Responses[0].GetResponseRange().GetKvs()
+		switch {
+		case len(kvs) == 0:
+			seen = 0
+		case clientv3.LeaseID(kvs[0].Lease) == id:
+			seen = kvs[0].ModRevision
+		default:
+			return 0, lockmgr.Errorf(lockmgr.CodeBusy,
+				"etcd driver: host name %q already has a live session (lease %x): another vmlockd uses this name, or a previous one died less than %s ago",
+				d.cfg.Host, kvs[0].Lease, d.cfg.TTL)
+		}
 	}
-	other := "?"
-	if len(kvs) > 0 {
-		other = strconv.FormatInt(kvs[0].Lease, 16)
+	return 0, lockmgr.Errorf(lockmgr.CodeTimeout, "etcd driver: register host: the host name's key kept changing while it was claimed")
+}
+
+// hostClaim is the transaction that points the host key at lease id: it
+// creates the key if seen is 0, and otherwise rewrites it if it is still
+// on id as it was at revision seen. So a claim that a killed run sent, and
+// that etcd applies after another run's claim, changes nothing. Its Else
+// branch reads the key.
+func (d *Driver) hostClaim(id clientv3.LeaseID, seen int64) clientv3.Op {
+	hk := d.ks.host(d.cfg.Host)
+	val, _ := json.Marshal(hostRecord{Host: d.cfg.Host, Lease: strconv.FormatInt(int64(id), 16), PID: os.Getpid()})
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(hk), "=", 0)}
+	if seen != 0 {
+		cmps = []clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(hk), "=", id), clientv3.Compare(clientv3.ModRevision(hk), "=", seen)}
 	}
-	return 0, lockmgr.Errorf(lockmgr.CodeBusy,
-		"etcd driver: host name %q already has a live session (lease %s): another vmlockd uses this name, or a previous one died less than %s ago",
-		d.cfg.Host, other, d.cfg.TTL)
+	return clientv3.OpTxn(cmps, []clientv3.Op{clientv3.OpPut(hk, string(val), clientv3.WithLease(id))}, []clientv3.Op{clientv3.OpGet(hk)})
 }
 
 // newSession grants a new lease and makes it the current session.
@@ -239,29 +248,22 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 		return false, opError("etcd driver: renew the previous session", err)
 	}
 	// The host key is rewritten before the session's keys are listed: a
-	// grant or conversion of the previous run that etcd applies later
-	// fails its comparison of the host key, and one applied earlier is in
-	// the list (etcd's leader answers TimeToLive once it has applied all
-	// it committed, the rewrite included).
+	// transaction of the previous run that etcd applies later fails its
+	// comparison of the host key, and one applied earlier is in the list
+	// (etcd's leader answers once it has applied what it knows committed;
+	// DropUnadopted looks again, for a leader elected just then).
 	hostRev, err := d.claimHost(ctx, id)
 	if err != nil {
 		return false, err
 	}
-	ttl, err = d.cli.TimeToLive(octx, id, clientv3.WithAttachedKeys())
+	keys, err := d.keysOf(octx, id)
 	switch {
-	case err != nil && isLeaseNotFound(err), err == nil && ttl.TTL <= 0:
+	case isLeaseNotFound(err):
 		return false, d.dropExpired(octx, id) // expired just now
 	case err != nil:
 		return false, opError("etcd driver: list the previous session's locks", err)
 	}
 	rec := make(map[string]recoveredGrant)
-	resPrefix := d.cfg.Prefix + "res/"
-	var keys []string
-	for _, k := range ttl.Keys {
-		if strings.HasPrefix(string(k), resPrefix) {
-			keys = append(keys, string(k))
-		}
-	}
 	for len(keys) > 0 {
 		n := min(len(keys), d.cfg.MaxTxnOps)
 		ops := make([]clientv3.Op, n)
@@ -303,6 +305,26 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	d.mu.Unlock()
 	d.log.Info("re-attached to the previous etcd session", "lease", fmt.Sprintf("%x", st.Lease), "locks", len(rec))
 	return true, nil
+}
+
+// keysOf lists the holder keys attached to lease id. An expired lease is
+// a lease-not-found error.
+func (d *Driver) keysOf(ctx context.Context, id clientv3.LeaseID) ([]string, error) {
+	ttl, err := d.cli.TimeToLive(ctx, id, clientv3.WithAttachedKeys())
+	switch {
+	case err != nil:
+		return nil, err
+	case ttl.TTL <= 0:
+		return nil, rpctypes.ErrLeaseNotFound
+	}
+	resPrefix := d.cfg.Prefix + "res/"
+	var keys []string
+	for _, k := range ttl.Keys {
+		if strings.HasPrefix(string(k), resPrefix) {
+			keys = append(keys, string(k))
+		}
+	}
+	return keys, nil
 }
 
 // dropExpired makes sure the expired session id is gone, keys and all, so
@@ -526,20 +548,48 @@ func (d *Driver) recoverSession(old clientv3.LeaseID) error {
 	hostRev := d.hostRev
 	d.mu.Unlock()
 	ctx, cancel := d.opCtx(d.ctx)
-	defer cancel()
-	// A session that another run re-attached to is that run's now: its
-	// host key is on the lease, written since. It is left alone.
-	hk, err := d.cli.Get(ctx, d.ks.host(d.cfg.Host))
-	if err != nil {
-		return opError("etcd driver: look at the host key of the fenced session", err)
-	}
-	if kvs := hk.Kvs; len(kvs) == 1 && clientv3.LeaseID(kvs[0].Lease) == old && kvs[0].ModRevision != hostRev {
-		return d.newSession(d.ctx)
-	}
-	if _, err := d.cli.Revoke(ctx, old); err != nil && !isLeaseNotFound(err) {
-		return opError("etcd driver: revoke the fenced lease", err)
+	other, err := d.revokeOwn(ctx, old, hostRev)
+	cancel()
+	switch {
+	case err != nil:
+		return err
+	case other != nil:
+		// Granting a lease only to find the name taken would be churn.
+		return lockmgr.Errorf(lockmgr.CodeBusy, "etcd driver: host name %q already has a live session (%s)", d.cfg.Host, describeHostKey(other))
 	}
 	return d.newSession(d.ctx)
+}
+
+// revokeOwn revokes the session's lease id, which frees its locks at once,
+// unless another run took the session over (the host key is on id, but
+// not as this run wrote it at hostRev): then the lease is that run's, and
+// it is left alone. It returns the host key if it is not this run's. etcd
+// has no conditional revoke: a take-over between the look and the revoke
+// goes unseen (only a second vmlockd on a copy of the state directory
+// takes a live session over).
+func (d *Driver) revokeOwn(ctx context.Context, id clientv3.LeaseID, hostRev int64) (*mvccpb.KeyValue, error) {
+	resp, err := d.cli.Get(ctx, d.ks.host(d.cfg.Host))
+	if err != nil {
+		return nil, opError("etcd driver: look at the host key", err)
+	}
+	var other *mvccpb.KeyValue
+	if len(resp.Kvs) == 1 && (clientv3.LeaseID(resp.Kvs[0].Lease) != id || resp.Kvs[0].ModRevision != hostRev) {
+		other = resp.Kvs[0]
+		if clientv3.LeaseID(other.Lease) == id {
+			return other, nil
+		}
+	}
+	if _, err := d.cli.Revoke(ctx, id); err != nil && !isLeaseNotFound(err) {
+		return other, opError("etcd driver: revoke the session's lease", err)
+	}
+	return other, nil
+}
+
+// describeHostKey names the run that wrote a host key.
+func describeHostKey(kv *mvccpb.KeyValue) string {
+	var hr hostRecord
+	_ = json.Unmarshal(kv.Value, &hr)
+	return fmt.Sprintf("lease %s, written at revision %d by pid %d", hr.Lease, kv.ModRevision, hr.PID)
 }
 
 // sweepLoop runs runSweep each time renewLoop confirms a renewal, until
@@ -565,7 +615,7 @@ func (d *Driver) runSweep() {
 		d.mu.Unlock()
 		return
 	}
-	id, epoch := d.leaseID, d.epoch
+	id, epoch, hostRev := d.leaseID, d.epoch, d.hostRev
 	todo := maps.Clone(d.sweep)
 	voids := maps.Clone(d.voids)
 	d.mu.Unlock()
@@ -584,7 +634,7 @@ func (d *Driver) runSweep() {
 	}
 	for key, tok := range todo {
 		ctx, cancel := d.opCtx(d.ctx)
-		done, err := d.sweepOne(ctx, id, epoch, key, tok)
+		done, err := d.sweepOne(ctx, id, epoch, hostRev, key, tok)
 		cancel()
 		if err != nil {
 			d.log.Warn("cleanup of a possibly left-behind lock failed; will retry", "key", key, "err", err)
@@ -600,7 +650,7 @@ func (d *Driver) runSweep() {
 	}
 }
 
-func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64, key string, tok int64) (bool, error) {
+func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64, hostRev int64, key string, tok int64) (bool, error) {
 	resp, err := d.cli.Get(ctx, key)
 	if err != nil {
 		return false, err
@@ -626,12 +676,15 @@ func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64
 		return true, nil
 	}
 	d.mu.Unlock()
-	_, err = d.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", rev), clientv3.Compare(clientv3.LeaseValue(key), "=", id)).
+	del, err := d.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", rev), clientv3.Compare(clientv3.LeaseValue(key), "=", id),
+			clientv3.Compare(clientv3.ModRevision(d.ks.host(d.cfg.Host)), "=", hostRev)). // not taken over
 		Then(clientv3.OpDelete(key)).Commit()
 	if err != nil {
 		return false, err
 	}
-	d.log.Info("deleted a lock left behind by an unconfirmed grant or release", "key", key, "token", rev)
+	if del.Succeeded {
+		d.log.Info("deleted a lock left behind by an unconfirmed grant or release", "key", key, "token", rev)
+	}
 	return true, nil
 }

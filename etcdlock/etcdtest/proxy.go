@@ -19,6 +19,7 @@ type Proxy struct {
 	cond    *sync.Cond
 	blocked bool
 	closed  bool
+	held    int // bytes read and not forwarded, while blocked
 	conns   []net.Conn
 }
 
@@ -67,9 +68,11 @@ func (p *Proxy) pipe(dst, src net.Conn) {
 		n, err := src.Read(buf)
 		if n > 0 {
 			p.mu.Lock()
+			p.held += n
 			for p.blocked && !p.closed {
 				p.cond.Wait()
 			}
+			p.held -= n
 			closed := p.closed
 			p.mu.Unlock()
 			if closed {
@@ -91,6 +94,15 @@ func (p *Proxy) SetBlocked(b bool) {
 	p.blocked = b
 	p.cond.Broadcast()
 	p.mu.Unlock()
+}
+
+// Held returns how many bytes the proxy has read, in either direction,
+// and holds back because it is blocked: a request counted here has left
+// its client and has not reached the server.
+func (p *Proxy) Held() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.held
 }
 
 // Close stops the proxy and closes its connections.
