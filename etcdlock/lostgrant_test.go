@@ -13,7 +13,13 @@ import (
 // holderKeys lists the holder keys in etcd (every host's).
 func holderKeys(t *testing.T, raw *clientv3.Client) []string {
 	t.Helper()
-	resp, err := raw.Get(ctxT(t, 5*time.Second), DefaultPrefix+"res/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	return keysUnder(t, raw, DefaultPrefix+"res/")
+}
+
+// keysUnder lists the keys in etcd that start with prefix.
+func keysUnder(t *testing.T, raw *clientv3.Client, prefix string) []string {
+	t.Helper()
+	resp, err := raw.Get(ctxT(t, 5*time.Second), prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -61,15 +61,7 @@ func (r *restartRig) onItsWay(t *testing.T) {
 // holders returns the holder keys of disk in etcd.
 func (r *restartRig) holders(t *testing.T, disk string) []string {
 	t.Helper()
-	resp, err := r.raw.Get(ctxT(t, 5*time.Second), r.old.ks.base("disk:"+disk), clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var keys []string
-	for _, kv := range resp.Kvs {
-		keys = append(keys, string(kv.Key))
-	}
-	return keys
+	return keysUnder(t, r.raw, r.old.ks.base("disk:"+disk))
 }
 
 // oldFenced checks that the old run, which could not have known its
