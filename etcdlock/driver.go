@@ -863,10 +863,11 @@ func (d *Driver) Adopt(r lockmgr.Resource, token uint64, f *os.File) (lockmgr.Le
 // DropUnadopted releases every recovered grant that was not adopted: the
 // daemon calls it once it has restored every object it knows of. It then
 // lists the session's holder keys again, and deletes in the background any
-// that no lease of this run accounts for: one that the re-attach's listing
-// missed (an etcd leader elected just then may answer from a view that
-// lacks the last writes before it) would otherwise stay, held for nobody,
-// until the session ends.
+// readable one that no lease of this run accounts for: one that the
+// re-attach's listing missed (an etcd leader elected just then may answer
+// from a view that lacks the last writes before it) would otherwise stay,
+// held for nobody, until the session ends. (An unreadable record, a newer
+// daemon's perhaps, is left alone, as at the re-attach.)
 func (d *Driver) DropUnadopted(ctx context.Context) error {
 	d.mu.Lock()
 	var ls []lockmgr.Lease
@@ -882,8 +883,12 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 		return err
 	}
 	octx, cancel := d.opCtx(ctx)
+	defer cancel()
 	keys, lerr := d.keysOf(octx, id)
-	cancel()
+	var kvs []*mvccpb.KeyValue
+	if lerr == nil {
+		kvs, lerr = d.readOwn(octx, id, d.unaccounted(keys))
+	}
 	if lerr != nil {
 		d.log.Warn("cannot list the re-attached session's locks again", "err", lerr)
 		return err
@@ -894,11 +899,15 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 		return err
 	}
 	n := 0
-	for _, k := range keys {
-		if d.live[k] == nil && d.inflight[k] == 0 {
-			if _, ok := d.sweep[k]; !ok {
-				d.sweep[k], n = 0, n+1 // sweepOne looks at it again before it deletes
-			}
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		if _, ok := parseRecord(kv.Value); !ok || d.live[k] != nil || d.inflight[k] > 0 {
+			continue
+		}
+		if _, ok := d.sweep[k]; !ok {
+			// With its CreateRevision, so that only this grant is deleted,
+			// not a later one of this run under the same key.
+			d.sweep[k], n = kv.CreateRevision, n+1
 		}
 	}
 	if n > 0 {
@@ -906,4 +915,18 @@ func (d *Driver) DropUnadopted(ctx context.Context) error {
 		d.nudge(d.sweepWake)
 	}
 	return err
+}
+
+// unaccounted returns the keys that no live lease and no grant in flight
+// accounts for.
+func (d *Driver) unaccounted(keys []string) []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []string
+	for _, k := range keys {
+		if d.live[k] == nil && d.inflight[k] == 0 {
+			out = append(out, k)
+		}
+	}
+	return out
 }

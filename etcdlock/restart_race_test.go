@@ -50,9 +50,11 @@ func newRestartRig(t *testing.T) *restartRig {
 	return r
 }
 
-// onItsWay waits until the old run's request has left it: the proxy
-// holds it back. (Nothing else is sent meanwhile: the first renewal is due
-// a third of the TTL after the start.)
+// onItsWay waits until the proxy holds back traffic of the old run: its
+// request, or (rarely) a ping of its connection sent just before it. Either
+// way the request reaches etcd only after the proxy is unblocked, which the
+// tests do once the next run has re-attached. (No renewal is due: the first
+// comes a third of the TTL after the start.)
 func (r *restartRig) onItsWay(t *testing.T) {
 	t.Helper()
 	eventually(t, 10*time.Second, "the old run's request to reach the proxy", func() bool { return r.proxy.Held() > 0 })
@@ -210,7 +212,12 @@ func TestALateClaimOfTheHostNameFromAnAbortedRestartChangesNothing(t *testing.T)
 	late := r.old.hostClaim(id, seen.Kvs[0].ModRevision)
 
 	fenced := make(chan string, 1)
-	r.cfg.OnFence = func(reason string) { fenced <- reason }
+	r.cfg.OnFence = func(reason string) {
+		select {
+		case fenced <- reason:
+		default:
+		}
+	}
 	next := newDriver(t, r.cfg)
 	nl, err := next.Adopt(l.Resource(), l.Token(), nil)
 	if err != nil {
@@ -252,10 +259,18 @@ func TestDropUnadoptedDeletesALockTheReattachListingMissed(t *testing.T) {
 	if _, err := r.raw.Put(ctxT(t, 5*time.Second), missed, `{"resource":{"type":"disk","name":"/img/missed","mode":"exclusive"},"holder":{"uuid":"`+uuidC+`"}}`, clientv3.WithLease(id)); err != nil {
 		t.Fatal(err)
 	}
+	// A record it cannot read (a newer daemon's, say) is not its to delete.
+	unreadable := next.ks.excl("disk:/img/unreadable")
+	if _, err := r.raw.Put(ctxT(t, 5*time.Second), unreadable, "\x00not json", clientv3.WithLease(id)); err != nil {
+		t.Fatal(err)
+	}
 	if err := next.DropUnadopted(ctxT(t, 5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "the missed lock to be deleted", func() bool { return len(r.holders(t, "/img/missed")) == 0 })
+	if keys := r.holders(t, "/img/unreadable"); len(keys) != 1 {
+		t.Fatalf("the unreadable record after DropUnadopted: %q, want it left alone", keys)
+	}
 	if keys := r.holders(t, "/img/known"); len(keys) != 1 || !next.Holds(nl) {
 		t.Fatalf("the adopted lock after DropUnadopted: keys %q, held %v", keys, next.Holds(nl))
 	}

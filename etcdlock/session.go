@@ -263,35 +263,22 @@ func (d *Driver) reattach(ctx context.Context) (bool, error) {
 	case err != nil:
 		return false, opError("etcd driver: list the previous session's locks", err)
 	}
+	kvs, err := d.readOwn(octx, id, keys)
+	if err != nil {
+		return false, opError("etcd driver: read the previous session's locks", err)
+	}
 	rec := make(map[string]recoveredGrant)
-	for len(keys) > 0 {
-		n := min(len(keys), d.cfg.MaxTxnOps)
-		ops := make([]clientv3.Op, n)
-		for i, k := range keys[:n] {
-			ops[i] = clientv3.OpGet(k)
+	for _, kv := range kvs {
+		r, ok := parseRecord(kv.Value)
+		if !ok {
+			d.log.Warn("unreadable lock record under the previous session; left to expire with it", "key", string(kv.Key))
+			continue
 		}
-		resp, err := d.cli.Txn(octx).Then(ops...).Commit()
-		if err != nil {
-			return false, opError("etcd driver: read the previous session's locks", err)
+		tok := r.Token // set when the grant was converted to another key
+		if tok == 0 {
+			tok = uint64(kv.CreateRevision)
 		}
-		for _, r := range resp.Responses {
-			for _, kv := range r.GetResponseRange().GetKvs() {
-				if clientv3.LeaseID(kv.Lease) != id {
-					continue
-				}
-				r, ok := parseRecord(kv.Value)
-				if !ok {
-					d.log.Warn("unreadable lock record under the previous session; left to expire with it", "key", string(kv.Key))
-					continue
-				}
-				tok := r.Token // set when the grant was converted to another key
-				if tok == 0 {
-					tok = uint64(kv.CreateRevision)
-				}
-				rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: tok, replaced: r.Replaced, rev: kv.CreateRevision, mod: kv.ModRevision, holder: r.Holder}
-			}
-		}
-		keys = keys[n:]
+		rec[string(kv.Key)] = recoveredGrant{res: r.Resource, token: tok, replaced: r.Replaced, rev: kv.CreateRevision, mod: kv.ModRevision, holder: r.Holder}
 	}
 	effTTL := d.ttlOf(min(ttl.GrantedTTL, ka.TTL))
 	d.announce(t0.Add(effTTL - d.cfg.FenceMargin))
@@ -325,6 +312,32 @@ func (d *Driver) keysOf(ctx context.Context, id clientv3.LeaseID) ([]string, err
 		}
 	}
 	return keys, nil
+}
+
+// readOwn reads keys, MaxTxnOps at a time, and returns those still on
+// lease id.
+func (d *Driver) readOwn(ctx context.Context, id clientv3.LeaseID, keys []string) ([]*mvccpb.KeyValue, error) {
+	var out []*mvccpb.KeyValue
+	for len(keys) > 0 {
+		n := min(len(keys), d.cfg.MaxTxnOps)
+		ops := make([]clientv3.Op, n)
+		for i, k := range keys[:n] {
+			ops[i] = clientv3.OpGet(k)
+		}
+		resp, err := d.cli.Txn(ctx).Then(ops...).Commit()
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range resp.Responses {
+			for _, kv := range r.GetResponseRange().GetKvs() {
+				if clientv3.LeaseID(kv.Lease) == id {
+					out = append(out, kv)
+				}
+			}
+		}
+		keys = keys[n:]
+	}
+	return out, nil
 }
 
 // dropExpired makes sure the expired session id is gone, keys and all, so
