@@ -140,7 +140,7 @@
 // leader answers the listing from its own view once it has applied all it
 // knows committed, which a leader elected just then may not have brought up
 // to date: DropUnadopted therefore lists the session again, and deletes any
-// holder key that no lease of this run accounts for.
+// holder key with a readable record that no lease of this run accounts for.
 //
 // A run that finds its request refused because the host key changed (the
 // Else branch reads it) has had its session taken over, by a daemon started
