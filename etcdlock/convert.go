@@ -116,7 +116,7 @@ func (d *Driver) Convert(ctx context.Context, x lockmgr.Lease, m lockmgr.Mode) (
 	if err != nil {
 		return nil, &lockmgr.Error{Code: lockmgr.CodeInternal, Resource: nres.String(), Msg: "encode holder", Err: err}
 	}
-	hk := d.ks.host(d.cfg.Host)
+	hk := d.hostKey
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)}
 	thens := []clientv3.Op{clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, string(val), clientv3.WithLease(id))}
 	if m == lockmgr.Exclusive {
@@ -221,7 +221,7 @@ func convertRefused(resp *clientv3.TxnResponse, r lockmgr.Resource, oldKey strin
 func (d *Driver) convertOutcome(ctx context.Context, epoch uint64, id clientv3.LeaseID, hostRev int64, oldKey string, oldRev, oldMod int64, newKey, val string) (applied bool, newRev, mod int64, err error) {
 	octx, cancel := d.opCtx(context.WithoutCancel(ctx))
 	defer cancel()
-	hk := d.ks.host(d.cfg.Host)
+	hk := d.hostKey
 	for {
 		resp, err := d.cli.Txn(octx).
 			If(clientv3.Compare(clientv3.ModRevision(oldKey), "=", oldMod), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)).

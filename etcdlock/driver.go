@@ -23,10 +23,11 @@ import (
 // Driver is the etcd lock driver. It implements lockmgr.Driver and
 // lockmgr.Adopter; it is safe for concurrent use.
 type Driver struct {
-	cfg Config
-	cli *clientv3.Client
-	ks  keyspace
-	log *slog.Logger
+	cfg     Config
+	cli     *clientv3.Client
+	ks      keyspace
+	hostKey string // ks.host(cfg.Host), which every grant, conversion and release compares
+	log     *slog.Logger
 
 	ctx    context.Context // done when Close is called
 	cancel context.CancelFunc
@@ -130,6 +131,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		cfg:          cfg,
 		cli:          cli,
 		ks:           keyspace{cfg.Prefix},
+		hostKey:      keyspace{cfg.Prefix}.host(cfg.Host),
 		log:          cfg.Logger.With("driver", "etcd", "host", cfg.Host),
 		renewWake:    make(chan struct{}, 1),
 		dogWake:      make(chan struct{}, 1),
@@ -510,7 +512,7 @@ func (d *Driver) grantOnce(ctx context.Context, ps []prep, want []int64) ([]lock
 	nc := nonce()
 	at := attempt{lease: id, epoch: epoch, void: d.ks.void(d.cfg.Host, nc), keys: keys, vals: make([]string, len(ps))}
 	holders := make([]lockmgr.Holder, len(ps))
-	hk := d.ks.host(d.cfg.Host)
+	hk := d.hostKey
 	cmps := make([]clientv3.Cmp, 0, 2*len(ps)+2)
 	cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(at.void), "=", 0), clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev))
 	thens := make([]clientv3.Op, 0, 2*len(ps))
@@ -760,7 +762,7 @@ func (d *Driver) Release(ctx context.Context, ls []lockmgr.Lease) error {
 // the session wrote it (hostRev). Otherwise the session was taken over
 // (see takenOver): its leases are lost, and nothing is deleted.
 func (d *Driver) deleteGrants(ctx context.Context, epoch uint64, hostRev int64, ls []*lease) error {
-	hk := d.ks.host(d.cfg.Host)
+	hk := d.hostKey
 	mine := clientv3.Compare(clientv3.ModRevision(hk), "=", hostRev)
 	octx, cancel := d.opCtx(ctx)
 	defer cancel()

@@ -157,9 +157,7 @@ func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) (int64, err
 		case clientv3.LeaseID(kvs[0].Lease) == id:
 			seen = kvs[0].ModRevision
 		default:
-			return 0, lockmgr.Errorf(lockmgr.CodeBusy,
-				"etcd driver: host name %q already has a live session (lease %x): another vmlockd uses this name, or a previous one died less than %s ago",
-				d.cfg.Host, kvs[0].Lease, d.cfg.TTL)
+			return 0, d.hostTaken(kvs[0])
 		}
 	}
 	return 0, lockmgr.Errorf(lockmgr.CodeTimeout, "etcd driver: register host: the host name's key kept changing while it was claimed")
@@ -171,7 +169,7 @@ func (d *Driver) claimHost(ctx context.Context, id clientv3.LeaseID) (int64, err
 // that etcd applies after another run's claim, changes nothing. Its Else
 // branch reads the key.
 func (d *Driver) hostClaim(id clientv3.LeaseID, seen int64) clientv3.Op {
-	hk := d.ks.host(d.cfg.Host)
+	hk := d.hostKey
 	val, _ := json.Marshal(hostRecord{Host: d.cfg.Host, Lease: strconv.FormatInt(int64(id), 16), PID: os.Getpid()})
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(hk), "=", 0)}
 	if seen != 0 {
@@ -568,7 +566,7 @@ func (d *Driver) recoverSession(old clientv3.LeaseID) error {
 		return err
 	case other != nil:
 		// Granting a lease only to find the name taken would be churn.
-		return lockmgr.Errorf(lockmgr.CodeBusy, "etcd driver: host name %q already has a live session (%s)", d.cfg.Host, describeHostKey(other))
+		return d.hostTaken(other)
 	}
 	return d.newSession(d.ctx)
 }
@@ -581,7 +579,7 @@ func (d *Driver) recoverSession(old clientv3.LeaseID) error {
 // goes unseen (only a second vmlockd on a copy of the state directory
 // takes a live session over).
 func (d *Driver) revokeOwn(ctx context.Context, id clientv3.LeaseID, hostRev int64) (*mvccpb.KeyValue, error) {
-	resp, err := d.cli.Get(ctx, d.ks.host(d.cfg.Host))
+	resp, err := d.cli.Get(ctx, d.hostKey)
 	if err != nil {
 		return nil, opError("etcd driver: look at the host key", err)
 	}
@@ -596,6 +594,14 @@ func (d *Driver) revokeOwn(ctx context.Context, id clientv3.LeaseID, hostRev int
 		return other, opError("etcd driver: revoke the session's lease", err)
 	}
 	return other, nil
+}
+
+// hostTaken is the error for a host name whose key kv is another live
+// session's.
+func (d *Driver) hostTaken(kv *mvccpb.KeyValue) error {
+	return lockmgr.Errorf(lockmgr.CodeBusy,
+		"etcd driver: host name %q already has a live session (%s): another vmlockd uses this name, or a previous one died less than %s ago",
+		d.cfg.Host, describeHostKey(kv), d.cfg.TTL)
 }
 
 // describeHostKey names the run that wrote a host key.
@@ -691,7 +697,7 @@ func (d *Driver) sweepOne(ctx context.Context, id clientv3.LeaseID, epoch uint64
 	d.mu.Unlock()
 	del, err := d.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", rev), clientv3.Compare(clientv3.LeaseValue(key), "=", id),
-			clientv3.Compare(clientv3.ModRevision(d.ks.host(d.cfg.Host)), "=", hostRev)). // not taken over
+			clientv3.Compare(clientv3.ModRevision(d.hostKey), "=", hostRev)). // not taken over
 		Then(clientv3.OpDelete(key)).Commit()
 	if err != nil {
 		return false, err

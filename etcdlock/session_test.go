@@ -1,7 +1,9 @@
 package etcdlock
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -12,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vmlock/vmlock/internal/syncbuf"
+	"github.com/vmlock/vmlock/lockmgr"
 )
 
 // A session file that names a lease etcd cannot have granted (etcd's IDs
@@ -78,5 +81,25 @@ func TestStartJustAfterThePreviousSessionExpiredClaimsTheHostName(t *testing.T) 
 	}
 	if len(resp.Kvs) != 1 || resp.Kvs[0].Lease != st.LeaseID {
 		t.Fatalf("host name key after the start: %v, want it on the new lease %x", resp.Kvs, st.LeaseID)
+	}
+}
+
+// A second driver with a host name that has a live session is refused at
+// its start, busy, naming the session that holds the name: its lease and
+// the pid of the daemon that claimed it.
+func TestAHostNameWithALiveSessionIsRefusedNamingItsHolder(t *testing.T) {
+	t.Parallel()
+	c := fastCluster(t)
+	first := newDriver(t, hostConfig(c.Endpoints(), "host-a"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	second, err := New(ctx, hostConfig(c.Endpoints(), "host-a"))
+	if err == nil {
+		second.Close()
+		t.Fatal("a second driver with host-a's name started")
+	}
+	want := fmt.Sprintf("lease %x, written at revision", first.Status().LeaseID)
+	if lockmgr.CodeOf(err) != lockmgr.CodeBusy || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), fmt.Sprintf("by pid %d", os.Getpid())) {
+		t.Fatalf("second start with host-a's name: %v, want busy naming %q and pid %d", err, want, os.Getpid())
 	}
 }
